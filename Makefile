@@ -1,0 +1,49 @@
+# cryopod task runner. `make help` lists the targets.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+HELM = $(shell hack/ensure-helm.sh)
+CRD_DIR := charts/cryopod/crds
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: demo
+demo: ## Run the demo on a fresh machine (local cluster, operator, a live migration)
+	@echo "make demo: not built yet; it arrives with the Helm chart and the end-to-end tests (issue #6)" >&2; exit 1
+
+.PHONY: test
+test: lint unit ## Run every test tier that exists (what CI runs)
+
+.PHONY: unit
+unit: ## Unit and schema tests (cargo test); includes the CRD freshness and examples tests
+	$(CARGO) test --workspace --locked
+
+.PHONY: lint
+lint: ## cargo fmt --check, cargo clippy -D warnings, helm lint
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(HELM) lint --strict charts/cryopod
+
+.PHONY: crds
+crds: ## Regenerate the CRD YAML from the Rust types
+	$(CARGO) run --quiet --locked -p cryopod-crds --bin crdgen -- $(CRD_DIR) docs/api.md
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: bench
+bench: ## Benchmarks printing ratios against a baseline run side by side
+	@echo "make bench: not built yet (issue #7)" >&2; exit 1
+
+.PHONY: cluster-up
+cluster-up: ## Start the real local cluster (2 nodes, containerd, CRIU, S3)
+	@echo "make cluster-up: not built yet (issue #8)" >&2; exit 1
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster and remove everything it created
+	@echo "make cluster-down: not built yet (issue #8)" >&2; exit 1

@@ -1,0 +1,11 @@
+//! `cryopod.io/v1alpha1`.
+
+mod checkpoint;
+mod migration;
+mod restore;
+mod storage;
+
+pub use checkpoint::*;
+pub use migration::*;
+pub use restore::*;
+pub use storage::*;
