@@ -16,11 +16,16 @@ demo: ## Run the demo on a fresh machine (local cluster, operator, a live migrat
 	@echo "make demo: not built yet; it arrives with the Helm chart and the end-to-end tests (issue #6)" >&2; exit 1
 
 .PHONY: test
-test: lint unit ## Run every test tier that exists (what CI runs)
+test: lint unit e2e ## Run every test tier (what CI runs)
 
 .PHONY: unit
-unit: ## Unit and schema tests (cargo test); includes the CRD freshness and examples tests
-	$(CARGO) test --workspace --locked
+unit: ## Unit and schema tests; includes the CRD freshness and examples tests
+	$(CARGO) test --workspace --locked --exclude cryopod-e2e
+	$(CARGO) test --locked -p cryopod-e2e --lib --bins
+
+.PHONY: e2e
+e2e: ## End-to-end tests: cluster-up, the tests, cluster-down, then a check that nothing is left
+	e2e/run.sh
 
 .PHONY: lint
 lint: ## cargo fmt --check, cargo clippy -D warnings, helm lint
@@ -41,9 +46,9 @@ bench: ## Benchmarks printing ratios against a baseline run side by side
 	@echo "make bench: not built yet (issue #7)" >&2; exit 1
 
 .PHONY: cluster-up
-cluster-up: ## Start the real local cluster (2 nodes, containerd, CRIU, S3)
-	@echo "make cluster-up: not built yet (issue #8)" >&2; exit 1
+cluster-up: ## Start the real local cluster (2 nodes, containerd, CRIU, S3); prints its KUBECONFIG
+	e2e/cluster/up.sh
 
 .PHONY: cluster-down
-cluster-down: ## Stop the local cluster and remove everything it created
-	@echo "make cluster-down: not built yet (issue #8)" >&2; exit 1
+cluster-down: ## Stop the local cluster and remove everything it created (logs stay)
+	e2e/cluster/down.sh

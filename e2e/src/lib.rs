@@ -1,6 +1,7 @@
-//! The end-to-end harness: brings tests onto the real local cluster (`make cluster-up`)
-//! and checks real outcomes there.
-//!
-//! Not built yet; see issues #8 and #6.
+//! The end-to-end harness for the real local cluster (`make cluster-up`): image
+//! building without a registry, and what the end-to-end tests share.
 
 #![forbid(unsafe_code)]
+
+pub mod oci;
+pub mod testbed;

@@ -1,0 +1,33 @@
+# Shared settings of the local cluster. Sourced by the other scripts.
+# shellcheck source=../../hack/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../../hack" && pwd)/lib.sh"
+
+# Everything the cluster writes lives here; `make cluster-down` removes it (logs stay).
+TESTBED="${CRYOPOD_TESTBED:-/var/tmp/cryopod-testbed}"
+PIDS="$TESTBED/pids"
+LOGS="$TESTBED/logs"
+PKI="$TESTBED/pki"
+KUBECONFIG_ADMIN="$TESTBED/admin.kubeconfig"
+
+NODES=(node-1 node-2)
+HUB_NS=cryopod-hub            # holds the bridge, the control plane and the S3 server
+HUB_BRIDGE=cryopod0
+HUB_IP=10.200.0.1
+node_ns()   { echo "cryopod-$1"; }
+node_idx()  { echo "${1#node-}"; }
+node_ip()   { echo "10.200.0.$((10 + $(node_idx "$1")))"; }
+pod_cidr()  { echo "10.244.$(node_idx "$1").0/24"; }
+CLUSTER_CIDR=10.244.0.0/16
+SERVICE_CIDR=10.96.0.0/16
+KUBERNETES_SERVICE_IP=10.96.0.1
+APISERVER_PORT=6443
+S3_PORT=7070
+S3_BUCKET=cryopod
+S3_ACCESS_KEY=cryopod
+S3_SECRET_KEY=cryopod-secret-key
+# The control plane and S3 are reached from the host through loopback forwarders.
+HOST_APISERVER="127.0.0.1:$APISERVER_PORT"
+HOST_S3="127.0.0.1:$S3_PORT"
+# A cgroup of our own in every v1 controller per node; never the machine's.
+cgroup_root() { echo "/cryopod-$1"; }
+CGROUP_CONTROLLERS=(blkio cpu cpuacct cpuset devices freezer memory pids systemd)

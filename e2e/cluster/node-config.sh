@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Writes one node's containerd, CNI, kubelet and kube-proxy configuration.
+# usage: node-config.sh NODE NODE_PACKAGES_PREFIX
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+node=$1 packages=$2
+dir="$TESTBED/$node"
+mkdir -p "$dir/containerd/root" "$dir/containerd/state" "$dir/cni/net.d" "$dir/cni/networks" \
+  "$dir/kubelet" "$dir/pod-logs"
+
+cat > "$dir/containerd.toml" <<TOML
+version = 3
+root = '$dir/containerd/root'
+state = '$dir/containerd/state'
+
+[grpc]
+  address = '$dir/containerd/containerd.sock'
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = 'registry.k8s.io/pause:3.10'
+
+[plugins.'io.containerd.cri.v1.runtime']
+  enable_cdi = false
+  # The machine withholds CAP_SYS_RESOURCE, so no process may lower its OOM score
+  # below containerd's own (the kubelet asks -998 for sandboxes).
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = 'io.containerd.runc.v2'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      BinaryName = '$(command -v runc)'
+      SystemdCgroup = false
+      Root = '$dir/runc'
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['$packages/root/usr/lib/cni']
+    conf_dir = '$dir/cni/net.d'
+
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+TOML
+
+cat > "$dir/cni/net.d/10-cryopod.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "cryopod-testbed",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$dir/cni/networks",
+        "ranges": [[{"subnet": "$(pod_cidr "$node")"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}},
+    {"type": "loopback"}
+  ]
+}
+JSON
+
+cat > "$dir/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+containerRuntimeEndpoint: unix://$dir/containerd/containerd.sock
+cgroupDriver: cgroupfs
+failCgroupV1: false
+cgroupRoot: $(cgroup_root "$node")
+address: $(node_ip "$node")
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+tlsCertFile: $PKI/kubelet-$node-serving.crt
+tlsPrivateKeyFile: $PKI/kubelet-$node-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+podLogsDir: $dir/pod-logs
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+failSwapOn: false
+maxPods: 50
+# Imported images cannot be pulled again: never garbage-collect them, never evict.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+serializeImagePulls: false
+localStorageCapacityIsolation: false
+YAML
+
+cat > "$dir/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $PKI/kube-proxy.kubeconfig}
+mode: iptables
+clusterCIDR: $CLUSTER_CIDR
+bindAddress: $(node_ip "$node")
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# Leave the host-wide conntrack table size and timeouts alone.
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+YAML

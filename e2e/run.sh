@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make e2e`: starts the local cluster, runs the end-to-end tests against it, stops it
+# and checks that nothing is left. The cluster is stopped whatever happens, unless
+# CRYOPOD_KEEP_CLUSTER=1 (for debugging).
+source "$(dirname "${BASH_SOURCE[0]}")/cluster/env.sh"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+export CRYOPOD_TESTBED="$TESTBED"
+export CRYOPOD_NODES="${NODES[*]}"
+export CRYOPOD_S3_ENDPOINT="http://$HOST_S3" CRYOPOD_S3_BUCKET="$S3_BUCKET"
+export CRYOPOD_S3_ACCESS_KEY="$S3_ACCESS_KEY" CRYOPOD_S3_SECRET_KEY="$S3_SECRET_KEY"
+CRYOPOD_NODE_PACKAGES=$("$HACK_DIR/ensure-node-packages.sh")
+CRYOPOD_KUBE_BIN=$("$HACK_DIR/build-kubernetes.sh")
+export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
+
+# Compile before the cluster starts, so its start-up time is not spent building.
+cargo test --locked -p cryopod-e2e --no-run --quiet
+
+down() {
+  [[ ${CRYOPOD_KEEP_CLUSTER:-0} == 1 ]] && { log "keeping the cluster (CRYOPOD_KEEP_CLUSTER=1)"; return; }
+  "$here/cluster/down.sh"
+}
+trap down EXIT
+"$here/cluster/up.sh"
+
+status=0
+cargo test --locked -p cryopod-e2e --test cluster -- --test-threads=2 || status=$?
+
+trap - EXIT
+down
+if [[ ${CRYOPOD_KEEP_CLUSTER:-0} != 1 ]]; then
+  cargo test --locked -p cryopod-e2e --test leftovers || status=$?
+fi
+exit "$status"

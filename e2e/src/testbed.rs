@@ -1,0 +1,285 @@
+//! Access to the running local cluster (`make cluster-up`) for end-to-end tests: its
+//! kubeconfig, binaries and S3 server, a namespace per test with diagnostics on
+//! failure, and waiting on conditions with deadlines.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// A harness step failed.
+#[derive(Debug)]
+pub enum HarnessError {
+    /// A variable that `e2e/run.sh` sets is missing: the test runs outside the tier.
+    MissingEnv { name: &'static str },
+    /// The cluster's kubeconfig could not be read.
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    /// A client could not be built from it.
+    Client { source: kube::Error },
+    /// An API call failed.
+    Api { action: String, source: kube::Error },
+    /// A condition did not hold before its deadline.
+    Timeout { what: String, after: Duration },
+}
+
+impl std::fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MissingEnv { name } => write!(
+                f,
+                "{name} is not set: end-to-end tests run on the local cluster through `make e2e` (e2e/run.sh)"
+            ),
+            Self::Kubeconfig { path, .. } => write!(f, "cannot read the kubeconfig {}", path.display()),
+            Self::Client { .. } => write!(f, "cannot build a Kubernetes client"),
+            Self::Api { action, .. } => write!(f, "cannot {action}"),
+            Self::Timeout { what, after } => write!(f, "{what} did not happen within {after:?}"),
+        }
+    }
+}
+
+impl std::error::Error for HarnessError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Kubeconfig { source, .. } => Some(source),
+            Self::Client { source } | Self::Api { source, .. } => Some(source),
+            Self::MissingEnv { .. } | Self::Timeout { .. } => None,
+        }
+    }
+}
+
+fn env(name: &'static str) -> Result<String, HarnessError> {
+    std::env::var(name).map_err(|_| HarnessError::MissingEnv { name })
+}
+
+/// Settings of the cluster's S3 server, as seen from the host.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// The bucket cluster-up creates.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret access key.
+    pub secret_key: String,
+}
+
+/// The running local cluster.
+#[derive(Debug, Clone)]
+pub struct Testbed {
+    /// State directory of the cluster.
+    pub dir: PathBuf,
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// Directory of kubectl and the other Kubernetes binaries.
+    pub kube_bin: PathBuf,
+    /// Prefix with containerd, CRIU and checkpointctl.
+    pub node_packages: PathBuf,
+    /// The S3 server.
+    pub s3: S3Settings,
+    /// Node names.
+    pub nodes: Vec<String>,
+}
+
+impl Testbed {
+    /// Reads what `e2e/run.sh` exports. Missing variables are an error, never a skip.
+    pub fn from_env() -> Result<Self, HarnessError> {
+        let dir = PathBuf::from(env("CRYOPOD_TESTBED")?);
+        Ok(Self {
+            kubeconfig: dir.join("admin.kubeconfig"),
+            dir,
+            kube_bin: PathBuf::from(env("CRYOPOD_KUBE_BIN")?),
+            node_packages: PathBuf::from(env("CRYOPOD_NODE_PACKAGES")?),
+            s3: S3Settings {
+                endpoint: env("CRYOPOD_S3_ENDPOINT")?,
+                bucket: env("CRYOPOD_S3_BUCKET")?,
+                access_key: env("CRYOPOD_S3_ACCESS_KEY")?,
+                secret_key: env("CRYOPOD_S3_SECRET_KEY")?,
+            },
+            nodes: env("CRYOPOD_NODES")?.split_whitespace().map(str::to_owned).collect(),
+        })
+    }
+
+    /// A client with the admin credentials.
+    pub async fn client(&self) -> Result<kube::Client, HarnessError> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(|source| HarnessError::Kubeconfig {
+            path: self.kubeconfig.clone(),
+            source,
+        })?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|source| HarnessError::Kubeconfig {
+                path: self.kubeconfig.clone(),
+                source,
+            })?;
+        kube::Client::try_from(config).map_err(|source| HarnessError::Client { source })
+    }
+
+    /// `kubectl` against the cluster.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.kube_bin.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// The checkpointctl binary.
+    pub fn checkpointctl(&self) -> PathBuf {
+        self.node_packages.join("bin/checkpointctl")
+    }
+}
+
+/// Polls `probe` until it yields a value or `timeout` passes.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T, HarnessError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HarnessError::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether a pod's `Ready` condition is true.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A namespace of one test. On a failing test it prints the pods, their events and
+/// logs; it is deleted in every case.
+#[derive(Debug)]
+pub struct TestNamespace {
+    /// Namespace name.
+    pub name: String,
+    testbed: Testbed,
+}
+
+impl TestNamespace {
+    /// Creates `<prefix>-<random suffix>`.
+    pub async fn create(testbed: &Testbed, client: &kube::Client, prefix: &str) -> Result<Self, HarnessError> {
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{prefix}-")),
+                labels: Some([("cryopod.io/e2e".to_owned(), "true".to_owned())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let created = api
+            .create(&PostParams::default(), &ns)
+            .await
+            .map_err(|source| HarnessError::Api {
+                action: format!("create a namespace for {prefix}"),
+                source,
+            })?;
+        let name = created.metadata.name.unwrap_or_default();
+        // Pods need the namespace's default service account before they are admitted.
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_until("the default service account", Duration::from_secs(30), || async {
+            sa.get_opt("default").await.ok().flatten()
+        })
+        .await?;
+        Ok(Self {
+            name,
+            testbed: testbed.clone(),
+        })
+    }
+
+    /// Pods of this namespace.
+    pub fn pods(&self, client: &kube::Client) -> Api<Pod> {
+        Api::namespaced(client.clone(), &self.name)
+    }
+
+    /// Waits until the pod is Ready and returns it.
+    pub async fn wait_ready(&self, client: &kube::Client, pod: &str, timeout: Duration) -> Result<Pod, HarnessError> {
+        let api = self.pods(client);
+        wait_until(&format!("pod {}/{pod} Ready", self.name), timeout, || async {
+            api.get_opt(pod).await.ok().flatten().filter(pod_ready)
+        })
+        .await
+    }
+
+    fn dump(&self) {
+        eprintln!("---- diagnostics of namespace {} ----", self.name);
+        let ns = self.name.as_str();
+        for args in [
+            vec!["get", "pods", "-o", "wide", "-n", ns],
+            vec!["describe", "pods", "-n", ns],
+            vec![
+                "logs",
+                "--all-containers",
+                "--prefix",
+                "--tail=50",
+                "-n",
+                ns,
+                "-l",
+                "cryopod.io/e2e-pod",
+            ],
+        ] {
+            if let Ok(out) = self.testbed.kubectl().args(&args).output() {
+                eprintln!(
+                    "$ kubectl {}\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        eprintln!("node logs: {}", self.testbed.dir.join("logs").display());
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        let _ = self
+            .testbed
+            .kubectl()
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .output();
+    }
+}
+
+/// Deletes a pod immediately.
+pub async fn delete_pod_now(api: &Api<Pod>, name: &str) -> Result<(), HarnessError> {
+    api.delete(
+        name,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .map(drop)
+    .map_err(|source| HarnessError::Api {
+        action: format!("delete pod {name}"),
+        source,
+    })
+}
+
+/// The repository root, for reading examples and manifests.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
