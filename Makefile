@@ -19,7 +19,7 @@ demo: ## Run the demo on a fresh machine (local cluster, operator, a live migrat
 test: lint unit e2e ## Run every test tier (what CI runs)
 
 .PHONY: unit
-unit: ## Unit and schema tests; includes the CRD freshness and examples tests
+unit: ## Tests without the cluster: unit, schema (CRD freshness, examples) and host integration (root, real cgroups)
 	$(CARGO) test --workspace --locked --exclude cryopod-e2e
 	$(CARGO) test --locked -p cryopod-e2e --lib --bins
 

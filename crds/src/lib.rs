@@ -13,6 +13,7 @@
 
 pub mod common;
 pub mod crdgen;
+pub mod examples;
 pub mod v1alpha1;
 
 /// The API group of every cryopod resource.

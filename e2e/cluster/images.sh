@@ -8,7 +8,7 @@ out=$1
 mkdir -p "$out"
 # catatonit and busybox-static come with the host packages (hack/ensure-node-packages.sh).
 cargo build --quiet --locked -p cryopod-e2e --bin oci-image --manifest-path "$REPO_ROOT/Cargo.toml"
-oci_image="$REPO_ROOT/target/debug/oci-image"
+oci_image="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/oci-image"
 
 "$oci_image" --name registry.k8s.io/pause:3.10 --out "$out/pause.tar" \
   --file /usr/bin/catatonit:/pause --entrypoint /pause --entrypoint -P >/dev/null

@@ -1,7 +1,13 @@
 //! The cryopod node agent: a privileged DaemonSet that freezes a pod at one instant,
 //! dumps it with CRIU, stores the images, and restores pods.
 //!
-//! Not built yet; see issues #3 and #4 and `docs/design.md`. The crate exists so the
-//! workspace layout, lints and CI are in place from the start.
+//! Built so far: the cgroup freezer ([`cgroup`]), the pod freeze protocol with its
+//! deadline watchdog ([`freeze`]) and the crash journal that thaws after an agent
+//! crash ([`journal`]). Discovery, dump, packaging, storage and the gRPC API follow
+//! (issue #3); `docs/design.md` describes the plan.
 
 #![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod freeze;
+pub mod journal;

@@ -6,66 +6,17 @@
 
 use std::path::{Path, PathBuf};
 
+use cryopod_crds::examples::Manifest;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde::Deserialize;
 use serde_json::Value;
-
-/// A manifest file: its YAML documents and, for invalid ones, what must be reported.
-pub struct Manifest {
-    pub path: PathBuf,
-    pub documents: Vec<Value>,
-    pub expect: Option<Expectation>,
-}
-
-/// From a `# expect: <field path> | <message part>` line.
-pub struct Expectation {
-    pub field: String,
-    pub message: String,
-}
-
-impl Expectation {
-    /// Whether a finding names the field and carries the message part.
-    pub fn matches(&self, finding: &str) -> bool {
-        let names_field =
-            finding.starts_with(&format!("{}: ", self.field)) || finding.contains(&format!("\"{}\"", self.field));
-        names_field && finding.contains(&self.message)
-    }
-}
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Every `*.yaml` directly in `dir`, sorted.
+/// Every manifest in `dir`.
 pub fn manifests(dir: &Path) -> Vec<Manifest> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    paths.sort();
-    paths.into_iter().map(|path| load(&path)).collect()
-}
-
-fn load(path: &Path) -> Manifest {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let expect = text.lines().find_map(|l| l.strip_prefix("# expect:")).map(|rest| {
-        let (field, message) = rest
-            .split_once('|')
-            .unwrap_or_else(|| panic!("{}: bad expect line", path.display()));
-        Expectation {
-            field: field.trim().to_owned(),
-            message: message.trim().to_owned(),
-        }
-    });
-    let documents = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display())))
-        .collect();
-    Manifest {
-        path: path.to_owned(),
-        documents,
-        expect,
-    }
+    cryopod_crds::examples::load_dir(dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The schema of the CRD serving `object`'s kind, or `None` for a foreign kind.

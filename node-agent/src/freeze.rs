@@ -1,0 +1,444 @@
+//! Freezing a whole pod at one instant without hanging CRIU.
+//!
+//! CRIU cannot seize tasks whose parent cgroup is frozen, and freezing containers one
+//! by one is not one instant. So: freeze the pod cgroup (every container stops at
+//! once), freeze each container cgroup (a self-freeze that outlives the parent's),
+//! then thaw the pod cgroup. Every container stays frozen, and CRIU can work on each.
+//!
+//! Before anything is frozen the crash journal records it. A watchdog thaws the pod
+//! when `max_freeze` passes, whatever the caller is doing; a crashed agent thaws on
+//! restart from the journal. Every error path thaws before it returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cgroup::{CgroupError, CgroupPath, Freezer, FreezerState};
+use crate::journal::{Journal, JournalEntry, JournalError};
+
+/// The cgroups of one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCgroups {
+    /// The pod cgroup, parent of every container cgroup.
+    pub pod: CgroupPath,
+    /// One cgroup per running container (the sandbox's included).
+    pub containers: Vec<CgroupPath>,
+}
+
+/// Limits of one freeze.
+#[derive(Clone, Copy, Debug)]
+pub struct FreezeLimits {
+    /// How long the pod may stay frozen before the watchdog thaws it.
+    pub max_freeze: Duration,
+    /// How long the kernel may take to stop every task (tasks in
+    /// uninterruptible sleep can delay it).
+    pub settle: Duration,
+}
+
+/// Freezing failed; the pod was thawed before this was returned.
+#[derive(Debug)]
+pub enum FreezeError {
+    /// The crash journal could not record the freeze, so nothing was frozen.
+    Journal { source: JournalError },
+    /// Asking a cgroup to freeze failed.
+    Freeze { cgroup: CgroupPath, source: CgroupError },
+    /// Asking a cgroup to thaw failed.
+    Thaw { cgroup: CgroupPath, source: CgroupError },
+    /// Reading a cgroup's state failed.
+    State { cgroup: CgroupPath, source: CgroupError },
+    /// The kernel did not report the cgroup frozen in time.
+    NotSettled {
+        cgroup: CgroupPath,
+        state: String,
+        after: Duration,
+    },
+    /// A container was not frozen by itself after the pod cgroup was thawed.
+    NotSelfFrozen { cgroup: CgroupPath },
+}
+
+impl std::fmt::Display for FreezeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Journal { .. } => write!(f, "cannot record the freeze in the crash journal"),
+            Self::Freeze { cgroup, .. } => write!(f, "cannot freeze cgroup {cgroup}"),
+            Self::Thaw { cgroup, .. } => write!(f, "cannot thaw cgroup {cgroup}"),
+            Self::State { cgroup, .. } => write!(f, "cannot read the freezer state of cgroup {cgroup}"),
+            Self::NotSettled { cgroup, state, after } => {
+                write!(
+                    f,
+                    "cgroup {cgroup} was still {state} after {after:?}; some task did not stop"
+                )
+            }
+            Self::NotSelfFrozen { cgroup } => write!(f, "cgroup {cgroup} did not stay frozen on its own"),
+        }
+    }
+}
+
+impl std::error::Error for FreezeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Journal { source } => Some(source),
+            Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::State { source, .. } => Some(source),
+            Self::NotSettled { .. } | Self::NotSelfFrozen { .. } => None,
+        }
+    }
+}
+
+/// How a freeze ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreezeReport {
+    /// From the pod freeze request to the last thaw: the application's pause.
+    pub window: Duration,
+    /// How long the kernel took to stop every task of the pod.
+    pub settle: Duration,
+    /// The watchdog thawed the pod because `max_freeze` passed.
+    pub expired: bool,
+}
+
+fn wait_until_frozen(freezer: &dyn Freezer, cgroup: &CgroupPath, limit: Duration) -> Result<(), FreezeError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(100);
+    loop {
+        let state = freezer.state(cgroup).map_err(|source| FreezeError::State {
+            cgroup: cgroup.clone(),
+            source,
+        })?;
+        if state == FreezerState::Frozen {
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            return Err(FreezeError::NotSettled {
+                cgroup: cgroup.clone(),
+                state: format!("{state:?}"),
+                after: limit,
+            });
+        }
+        // The kernel offers no notification for v1; poll with a short, growing pause.
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// Thaws containers first, then the pod; keeps going past errors and returns the first.
+fn thaw_all(freezer: &dyn Freezer, cgroups: &PodCgroups) -> Result<(), FreezeError> {
+    let mut first = None;
+    for cgroup in cgroups.containers.iter().chain(std::iter::once(&cgroups.pod)) {
+        if let Err(source) = freezer.thaw(cgroup) {
+            first.get_or_insert(FreezeError::Thaw {
+                cgroup: cgroup.clone(),
+                source,
+            });
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// A pod whose containers are frozen. Thaw it with [`FrozenPod::thaw`]; dropping it
+/// thaws too, so no early return leaves it frozen.
+#[derive(Debug)]
+pub struct FrozenPod {
+    freezer: Arc<dyn Freezer>,
+    journal: Journal,
+    operation_id: String,
+    cgroups: PodCgroups,
+    started: Instant,
+    settle: Duration,
+    expired: Arc<AtomicBool>,
+    disarm: Option<mpsc::Sender<()>>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl FrozenPod {
+    /// Whether the watchdog has already thawed the pod.
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::SeqCst)
+    }
+
+    /// The cgroups held frozen.
+    pub fn cgroups(&self) -> &PodCgroups {
+        &self.cgroups
+    }
+
+    /// Thaws every container and removes the journal entry.
+    pub fn thaw(mut self) -> Result<FreezeReport, FreezeError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<FreezeReport, FreezeError> {
+        if let Some(disarm) = self.disarm.take() {
+            let _ = disarm.send(());
+        }
+        if let Some(watchdog) = self.watchdog.take() {
+            let _ = watchdog.join();
+        }
+        let thawed = thaw_all(self.freezer.as_ref(), &self.cgroups);
+        let window = self.started.elapsed();
+        // The entry goes only once the thaw went through, so a restart retries it.
+        if thawed.is_ok() {
+            self.journal
+                .clear(&self.operation_id)
+                .map_err(|source| FreezeError::Journal { source })?;
+        }
+        thawed.map(|()| FreezeReport {
+            window,
+            settle: self.settle,
+            expired: self.expired(),
+        })
+    }
+}
+
+impl Drop for FrozenPod {
+    fn drop(&mut self) {
+        if self.disarm.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
+
+/// Freezes every container of the pod at one instant and leaves them frozen, the pod
+/// cgroup thawed, so CRIU can dump each container.
+pub fn freeze_pod(
+    freezer: Arc<dyn Freezer>,
+    journal: &Journal,
+    operation_id: &str,
+    cgroups: &PodCgroups,
+    limits: FreezeLimits,
+) -> Result<FrozenPod, FreezeError> {
+    let deadline = SystemTime::now() + limits.max_freeze;
+    let entry = JournalEntry {
+        operation_id: operation_id.to_owned(),
+        version: freezer.version(),
+        root: freezer.root().to_path_buf(),
+        pod: cgroups.pod.clone(),
+        containers: cgroups.containers.clone(),
+        deadline_unix_millis: deadline
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    journal
+        .record(&entry)
+        .map_err(|source| FreezeError::Journal { source })?;
+
+    let started = Instant::now();
+    let expired = Arc::new(AtomicBool::new(false));
+    let (disarm, disarmed) = mpsc::channel::<()>();
+    let watchdog = {
+        let (freezer, cgroups, expired) = (freezer.clone(), cgroups.clone(), expired.clone());
+        std::thread::Builder::new()
+            .name(format!("thaw-{operation_id}"))
+            .spawn(move || {
+                // Either the owner disarms (or goes away) or the deadline passes.
+                if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limits.max_freeze) {
+                    expired.store(true, Ordering::SeqCst);
+                    let _ = thaw_all(freezer.as_ref(), &cgroups);
+                }
+            })
+            .ok()
+    };
+    let mut frozen = FrozenPod {
+        freezer: freezer.clone(),
+        journal: journal.clone(),
+        operation_id: operation_id.to_owned(),
+        cgroups: cgroups.clone(),
+        started,
+        settle: Duration::ZERO,
+        expired,
+        disarm: Some(disarm),
+        watchdog,
+    };
+
+    // From here on, any error returns through `frozen`'s drop, which thaws.
+    let pod = &cgroups.pod;
+    freezer.freeze(pod).map_err(|source| FreezeError::Freeze {
+        cgroup: pod.clone(),
+        source,
+    })?;
+    wait_until_frozen(freezer.as_ref(), pod, limits.settle)?;
+    frozen.settle = started.elapsed();
+    for cgroup in &cgroups.containers {
+        freezer.freeze(cgroup).map_err(|source| FreezeError::Freeze {
+            cgroup: cgroup.clone(),
+            source,
+        })?;
+    }
+    freezer.thaw(pod).map_err(|source| FreezeError::Thaw {
+        cgroup: pod.clone(),
+        source,
+    })?;
+    for cgroup in &cgroups.containers {
+        let own = freezer.self_frozen(cgroup).map_err(|source| FreezeError::State {
+            cgroup: cgroup.clone(),
+            source,
+        })?;
+        if !own {
+            return Err(FreezeError::NotSelfFrozen { cgroup: cgroup.clone() });
+        }
+        wait_until_frozen(freezer.as_ref(), cgroup, limits.settle)?;
+    }
+    Ok(frozen)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::cgroup::CgroupVersion;
+
+    /// Models the kernel: a cgroup is effectively frozen when it or an ancestor asked.
+    #[derive(Debug, Default)]
+    struct FakeFreezer {
+        own: Mutex<HashMap<String, bool>>,
+        calls: Mutex<Vec<String>>,
+        fail_freeze: Option<String>,
+        root: PathBuf,
+    }
+
+    impl FakeFreezer {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn effective(&self, cgroup: &CgroupPath) -> bool {
+            let own = self.own.lock().unwrap();
+            own.iter().any(|(path, &frozen)| {
+                frozen && (cgroup.as_str() == path || cgroup.as_str().starts_with(&format!("{path}/")))
+            })
+        }
+    }
+
+    impl Freezer for FakeFreezer {
+        fn freeze(&self, cgroup: &CgroupPath) -> Result<(), CgroupError> {
+            self.calls.lock().unwrap().push(format!("freeze {cgroup}"));
+            if self.fail_freeze.as_deref() == Some(cgroup.as_str()) {
+                return Err(CgroupError::Write {
+                    path: cgroup.under(Path::new("/fake")),
+                    source: std::io::ErrorKind::PermissionDenied.into(),
+                });
+            }
+            self.own.lock().unwrap().insert(cgroup.as_str().to_owned(), true);
+            Ok(())
+        }
+        fn thaw(&self, cgroup: &CgroupPath) -> Result<(), CgroupError> {
+            self.calls.lock().unwrap().push(format!("thaw {cgroup}"));
+            self.own.lock().unwrap().insert(cgroup.as_str().to_owned(), false);
+            Ok(())
+        }
+        fn state(&self, cgroup: &CgroupPath) -> Result<FreezerState, CgroupError> {
+            Ok(if self.effective(cgroup) {
+                FreezerState::Frozen
+            } else {
+                FreezerState::Thawed
+            })
+        }
+        fn self_frozen(&self, cgroup: &CgroupPath) -> Result<bool, CgroupError> {
+            Ok(*self.own.lock().unwrap().get(cgroup.as_str()).unwrap_or(&false))
+        }
+        fn version(&self) -> CgroupVersion {
+            CgroupVersion::V1
+        }
+        fn root(&self) -> &Path {
+            &self.root
+        }
+    }
+
+    fn pod() -> PodCgroups {
+        PodCgroups {
+            pod: CgroupPath::new("/p"),
+            containers: vec![CgroupPath::new("/p/a"), CgroupPath::new("/p/b")],
+        }
+    }
+
+    const LIMITS: FreezeLimits = FreezeLimits {
+        max_freeze: Duration::from_secs(30),
+        settle: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn freezes_the_pod_at_once_then_hands_over_to_the_containers() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let frozen = freeze_pod(freezer.clone(), &journal, "op-1", &pod(), LIMITS).unwrap();
+        assert_eq!(freezer.calls(), ["freeze /p", "freeze /p/a", "freeze /p/b", "thaw /p"]);
+        assert!(freezer.effective(&CgroupPath::new("/p/a")) && freezer.effective(&CgroupPath::new("/p/b")));
+        assert!(
+            !freezer.effective(&CgroupPath::new("/p")),
+            "the pod cgroup is thawed so CRIU can seize the tasks"
+        );
+        assert_eq!(
+            journal.entries().unwrap().len(),
+            1,
+            "the freeze is journaled while it lasts"
+        );
+
+        let report = frozen.thaw().unwrap();
+        assert!(!report.expired);
+        assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
+        assert!(journal.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_container_freeze_thaws_everything() {
+        let freezer = Arc::new(FakeFreezer {
+            fail_freeze: Some("/p/b".into()),
+            ..Default::default()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let err = freeze_pod(freezer.clone(), &journal, "op-2", &pod(), LIMITS).unwrap_err();
+        assert!(
+            matches!(&err, FreezeError::Freeze { cgroup, .. } if cgroup.as_str() == "/p/b"),
+            "{err}"
+        );
+        for cg in ["/p", "/p/a", "/p/b"] {
+            assert!(!freezer.effective(&CgroupPath::new(cg)), "{cg} left frozen");
+        }
+        assert!(journal.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn dropping_a_frozen_pod_thaws_it() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        drop(freeze_pod(freezer.clone(), &journal, "op-3", &pod(), LIMITS).unwrap());
+        assert!(!freezer.effective(&CgroupPath::new("/p/a")));
+        assert!(journal.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_watchdog_thaws_at_the_deadline() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let limits = FreezeLimits {
+            max_freeze: Duration::from_millis(50),
+            ..LIMITS
+        };
+        let frozen = freeze_pod(freezer.clone(), &journal, "op-4", &pod(), limits).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !frozen.expired() {
+            assert!(Instant::now() < deadline, "the watchdog did not fire");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
+        assert!(frozen.thaw().unwrap().expired);
+    }
+
+    #[test]
+    fn a_bad_operation_id_freezes_nothing() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let err = freeze_pod(freezer.clone(), &journal, "../escape", &pod(), LIMITS).unwrap_err();
+        assert!(matches!(err, FreezeError::Journal { .. }));
+        assert!(freezer.calls().is_empty());
+    }
+}
