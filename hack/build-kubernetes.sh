@@ -22,7 +22,7 @@ work="$out.work"
 rm -rf "$work" && mkdir -p "$work"
 cd "$work"
 
-log "building Kubernetes $version from its Go module (about 15-25 minutes on 2 cores; cached in $out)"
+log "building Kubernetes $version from its Go module (about 5 minutes on 2 cores; cached in $out)"
 upstream_mod=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
 [[ -f "$upstream_mod" ]] || die "cannot download k8s.io/kubernetes@$version"
 go_line=$(grep -m1 '^go ' "$upstream_mod")

@@ -226,16 +226,12 @@ async fn printer_columns_short_names_category_and_status_work() {
 
     // The cluster-scoped storage shows which one is the default.
     let name = format!("{}-s3", ns.name);
-    let mut storage: Value = serde_json::to_value(
-        cryopod_crds::examples::load_dir(&repo_root().join("examples"))
-            .unwrap()
-            .into_iter()
-            .find(|m| m.path.ends_with("checkpointstorage.yaml"))
-            .unwrap()
-            .documents[0]
-            .clone(),
-    )
-    .unwrap();
+    let path = repo_root().join("examples/checkpointstorage.yaml");
+    let text_of_example = std::fs::read_to_string(&path).unwrap();
+    let mut storage = cryopod_crds::examples::parse(&path, &text_of_example)
+        .unwrap()
+        .documents
+        .remove(0);
     storage["metadata"]["name"] = Value::String(name.clone());
     let scratch = tempfile::tempdir().unwrap();
     let file = write_doc(scratch.path(), "storage.json", &storage);
