@@ -9,5 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod cri;
+pub mod discovery;
 pub mod freeze;
 pub mod journal;

@@ -1,0 +1,177 @@
+//! The node agent's pieces on real pods of the local cluster: discovery through the
+//! node's CRI socket, and the freeze protocol on the kubelet's own cgroups (v1): every
+//! container of a pod stops at once, stays stopped with the pod cgroup thawed, and
+//! counts on after the thaw, with the pod never leaving Ready.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+use cryopod_node_agent::cgroup::{Freezer, FreezerState, V1Freezer};
+use cryopod_node_agent::cri::CriClient;
+use cryopod_node_agent::discovery::{DiscoveryError, discover};
+use cryopod_node_agent::freeze::{FreezeLimits, freeze_pod};
+use cryopod_node_agent::journal::Journal;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use serde_json::json;
+
+const BUSYBOX: &str = "cryopod.local/busybox:e2e";
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn cri_socket(tb: &Testbed, node: &str) -> PathBuf {
+    tb.dir.join(node).join("containerd/containerd.sock")
+}
+
+fn counting_pod(node: &str) -> Pod {
+    let containers: Vec<serde_json::Value> = NAMES
+        .iter()
+        .map(|n| {
+            json!({"name": n, "image": BUSYBOX, "imagePullPolicy": "Never",
+                   "command": ["sh", "-c", format!("i=0; while :; do i=$((i+1)); echo $i > /data/{n}.tmp && mv /data/{n}.tmp /data/{n}; sleep 0.05; done")],
+                   "volumeMounts": [{"name": "data", "mountPath": "/data"}]})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "trio", "labels": {"cryopod.io/e2e-pod": "trio"}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": containers,
+                 "volumes": [{"name": "data", "emptyDir": {}}]}
+    }))
+    .unwrap()
+}
+
+/// The counters, read from the emptyDir on the node's disk.
+fn counts(dir: &std::path::Path) -> Vec<u64> {
+    NAMES
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(dir.join(n))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_real_pod_is_discovered_and_frozen_at_one_instant() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-freeze").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let pods = ns.pods(&client);
+    pods.create(&PostParams::default(), &counting_pod(&node)).await.unwrap();
+    let pod = ns.wait_ready(&client, "trio", Duration::from_secs(90)).await.unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let data = tb
+        .dir
+        .join(&node)
+        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
+    wait_until("all counters to count", Duration::from_secs(30), || async {
+        counts(&data).iter().all(|&c| c > 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let cri = CriClient::connect(&cri_socket(&tb, &node)).await.unwrap();
+    let runtime = discover(&cri, &uid).await.unwrap();
+    let names: Vec<&str> = runtime.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, NAMES);
+    let freezer_root = PathBuf::from("/sys/fs/cgroup/freezer");
+    for c in &runtime.containers {
+        let procs = std::fs::read_to_string(c.cgroup.under(&freezer_root).join("cgroup.procs")).unwrap();
+        assert!(
+            procs.split_whitespace().any(|p| p == c.pid.to_string()),
+            "{} runs in {}",
+            c.name,
+            c.cgroup
+        );
+        assert_eq!(c.image, BUSYBOX);
+    }
+    assert!(
+        runtime.runc_root.exists(),
+        "runc root {} exists",
+        runtime.runc_root.display()
+    );
+
+    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new(&freezer_root));
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(journal_dir.path()).unwrap();
+    let limits = FreezeLimits {
+        max_freeze: Duration::from_secs(30),
+        settle: Duration::from_secs(5),
+    };
+    let frozen = freeze_pod(
+        freezer.clone(),
+        &journal,
+        "e2e-freeze",
+        &runtime.freeze_targets(),
+        limits,
+    )
+    .unwrap();
+    for cg in &frozen.cgroups().containers {
+        assert_eq!(freezer.state(cg).unwrap(), FreezerState::Frozen, "{cg}");
+    }
+    assert_eq!(
+        freezer.state(&runtime.pod_cgroup).unwrap(),
+        FreezerState::Thawed,
+        "the pod cgroup is thawed for CRIU"
+    );
+    let at_freeze = counts(&data);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counts(&data), at_freeze, "no container moved while the pod was frozen");
+    let report = frozen.thaw().unwrap();
+    assert!(!report.expired);
+    println!("freeze settle {:?}, window {:?}", report.settle, report.window);
+
+    wait_until(
+        "every counter to move on after the thaw",
+        Duration::from_secs(20),
+        || async {
+            counts(&data)
+                .iter()
+                .zip(&at_freeze)
+                .all(|(now, then)| now > then)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let pod = pods.get("trio").await.unwrap();
+    let statuses = pod.status.unwrap().container_statuses.unwrap();
+    assert!(
+        statuses.iter().all(|s| s.ready && s.restart_count == 0),
+        "the pod stayed Ready without restarts"
+    );
+}
+
+#[tokio::test]
+async fn a_host_network_pod_is_refused_with_the_reason() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-hostnet").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hostnet", "labels": {"cryopod.io/e2e-pod": "hostnet"}},
+        "spec": {"nodeName": node, "hostNetwork": true, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "main", "image": BUSYBOX, "imagePullPolicy": "Never", "command": ["sleep", "100000"]}]}
+    }))
+    .unwrap();
+    let pods = ns.pods(&client);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pod = ns
+        .wait_ready(&client, "hostnet", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let cri = CriClient::connect(&cri_socket(&tb, &node)).await.unwrap();
+    let err = discover(&cri, pod.metadata.uid.as_deref().unwrap()).await.unwrap_err();
+    assert!(
+        matches!(err, DiscoveryError::Unsupported { .. }) && err.to_string().contains("hostNetwork"),
+        "{err}"
+    );
+}
