@@ -175,3 +175,224 @@ async fn a_host_network_pod_is_refused_with_the_reason() {
         "{err}"
     );
 }
+
+/// Runs node programs as the agent would on that node: in its mount namespace.
+fn node_exec(tb: &Testbed, node: &str) -> cryopod_node_agent::dump::NodeExec {
+    let launcher = std::fs::read_to_string(tb.dir.join(format!("pids/{node}.pid"))).unwrap();
+    cryopod_node_agent::dump::NodeExec {
+        prefix: ["nsenter", "-t", launcher.trim(), "-m", "--"]
+            .iter()
+            .map(Into::into)
+            .collect(),
+        path_dirs: vec![tb.node_packages.join("bin")],
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_pod_is_dumped_in_parallel_and_keeps_running() {
+    use cryopod_node_agent::dump::{DumpOptions, dump_containers};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-dump").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let pods = ns.pods(&client);
+    pods.create(&PostParams::default(), &counting_pod(&node)).await.unwrap();
+    let pod = ns.wait_ready(&client, "trio", Duration::from_secs(90)).await.unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let data = tb
+        .dir
+        .join(&node)
+        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
+    wait_until("all counters to count", Duration::from_secs(30), || async {
+        counts(&data).iter().all(|&c| c > 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let runtime = discover(&CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(), &uid)
+        .await
+        .unwrap();
+    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer"));
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(journal_dir.path()).unwrap();
+    let limits = FreezeLimits {
+        max_freeze: Duration::from_secs(60),
+        settle: Duration::from_secs(5),
+    };
+    let out = tb.dir.join(format!("e2e-dump-{}", ns.name));
+    let options = DumpOptions {
+        leave_running: true,
+        tcp_established: true,
+        file_locks: true,
+    };
+
+    let frozen = freeze_pod(freezer.clone(), &journal, "e2e-dump", &runtime.freeze_targets(), limits).unwrap();
+    let at_freeze = counts(&data);
+    let dumps = dump_containers(
+        &node_exec(&tb, &node),
+        &runtime.runc_binary,
+        &runtime.runc_root,
+        &runtime.containers,
+        &out,
+        options,
+        limits.max_freeze,
+    )
+    .await
+    .unwrap();
+    // CRIU leaves cgroups it found frozen as they were: the pod stays at its instant.
+    for c in &runtime.containers {
+        assert_eq!(
+            freezer.state(&c.cgroup).unwrap(),
+            FreezerState::Frozen,
+            "{} is still frozen after its dump",
+            c.name
+        );
+    }
+    assert_eq!(counts(&data), at_freeze, "nothing moved during the dumps");
+    let report = frozen.thaw().unwrap();
+    assert!(!report.expired);
+    println!(
+        "freeze window {:?} (settle {:?}); dumps: {:?}",
+        report.window,
+        report.settle,
+        dumps.iter().map(|d| (d.name.as_str(), d.took)).collect::<Vec<_>>()
+    );
+
+    assert_eq!(dumps.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), NAMES);
+    for d in &dumps {
+        let files: Vec<String> = std::fs::read_dir(&d.images)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for wanted in ["inventory.img", "pstree.img"] {
+            assert!(files.iter().any(|f| f == wanted), "{} has {wanted}: {files:?}", d.name);
+        }
+        assert!(
+            files.iter().any(|f| f.starts_with("pages-")),
+            "{} has memory pages: {files:?}",
+            d.name
+        );
+    }
+    wait_until(
+        "every counter to move on after the dump",
+        Duration::from_secs(20),
+        || async {
+            counts(&data)
+                .iter()
+                .zip(&at_freeze)
+                .all(|(now, then)| now > then)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let statuses = pods
+        .get("trio")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .container_statuses
+        .unwrap();
+    assert!(
+        statuses.iter().all(|s| s.ready && s.restart_count == 0),
+        "the pod kept running"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// CRIU refuses an established TCP connection unless asked to keep it. The error
+/// names the container and quotes CRIU's log, and the pod runs on.
+#[tokio::test]
+async fn a_criu_failure_names_the_container_quotes_the_log_and_thaws() {
+    use cryopod_node_agent::dump::{DumpError, DumpOptions, dump_containers};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-criufail").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "talker", "labels": {"cryopod.io/e2e-pod": "talker"}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "talk", "image": BUSYBOX, "imagePullPolicy": "Never",
+            "command": ["sh", "-c", "sleep 100000 | nc -l -p 9000 > /tmp/heard & until (while :; do echo hello; sleep 0.1; done | nc 127.0.0.1 9000); do sleep 0.1; done"],
+            "readinessProbe": {"exec": {"command": ["sh", "-c", "test -s /tmp/heard"]}, "periodSeconds": 1}
+        }]}
+    }))
+    .unwrap();
+    let pods = ns.pods(&client);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pod = ns.wait_ready(&client, "talker", Duration::from_secs(90)).await.unwrap();
+    let runtime = discover(
+        &CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
+        pod.metadata.uid.as_deref().unwrap(),
+    )
+    .await
+    .unwrap();
+    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer"));
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(journal_dir.path()).unwrap();
+    let limits = FreezeLimits {
+        max_freeze: Duration::from_secs(60),
+        settle: Duration::from_secs(5),
+    };
+    let out = tb.dir.join(format!("e2e-dump-{}", ns.name));
+    let options = DumpOptions {
+        leave_running: true,
+        tcp_established: false,
+        file_locks: true,
+    };
+
+    let frozen = freeze_pod(
+        freezer.clone(),
+        &journal,
+        "e2e-criufail",
+        &runtime.freeze_targets(),
+        limits,
+    )
+    .unwrap();
+    let err = dump_containers(
+        &node_exec(&tb, &node),
+        &runtime.runc_binary,
+        &runtime.runc_root,
+        &runtime.containers,
+        &out,
+        options,
+        limits.max_freeze,
+    )
+    .await
+    .unwrap_err();
+    drop(frozen); // the error path: dropping the handle thaws
+    let message = err.to_string();
+    println!("refusal: {message}");
+    assert!(
+        matches!(&err, DumpError::Criu { container, .. } if container == "talk"),
+        "{message}"
+    );
+    assert!(
+        message.contains("container talk") && message.contains("TCP"),
+        "names the container and quotes CRIU: {message}"
+    );
+    for c in &runtime.containers {
+        assert_eq!(
+            freezer.state(&c.cgroup).unwrap(),
+            FreezerState::Thawed,
+            "{} thawed",
+            c.name
+        );
+    }
+    assert!(journal.entries().unwrap().is_empty());
+    let statuses = pods
+        .get("talker")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .container_statuses
+        .unwrap();
+    assert!(
+        statuses.iter().all(|s| s.ready && s.restart_count == 0),
+        "the pod runs on"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -185,6 +185,18 @@ fn check_container(name: &str, info: &Info) -> Result<(), DiscoveryError> {
     Ok(())
 }
 
+/// containerd's runc shim keeps runc state in `<root>/<containerd namespace>`; CRI
+/// containers live in the `k8s.io` namespace, and the root defaults to
+/// `/run/containerd/runc`.
+fn runc_root(configured: &str) -> PathBuf {
+    let root = if configured.is_empty() {
+        "/run/containerd/runc"
+    } else {
+        configured
+    };
+    PathBuf::from(root).join("k8s.io")
+}
+
 /// Builds the pod's runtime facts from the runtime's answers.
 pub fn pod_runtime(
     pod_uid: &str,
@@ -260,7 +272,7 @@ pub fn pod_runtime(
         sandbox_pid: sandbox_info.pid,
         pod_cgroup,
         sandbox_cgroup,
-        runc_root: PathBuf::from(sandbox_info.runtime_options.root),
+        runc_root: runc_root(&sandbox_info.runtime_options.root),
         runc_binary: PathBuf::from(sandbox_info.runtime_options.binary_name),
         containers: running.into_iter().map(|(_, c)| c).collect(),
     })
@@ -381,7 +393,7 @@ mod tests {
         let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["a", "b"], "running ones only, oldest first");
         assert_eq!(pod.pod_cgroup.as_str(), POD);
-        assert_eq!(pod.runc_root, PathBuf::from("/run/runc-k8s"));
+        assert_eq!(pod.runc_root, PathBuf::from("/run/runc-k8s/k8s.io"));
         assert_eq!(pod.sandbox_pid, 100);
         let targets = pod.freeze_targets();
         let cgroups: Vec<&str> = targets.containers.iter().map(CgroupPath::as_str).collect();

@@ -11,5 +11,6 @@
 pub mod cgroup;
 pub mod cri;
 pub mod discovery;
+pub mod dump;
 pub mod freeze;
 pub mod journal;

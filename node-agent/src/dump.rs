@@ -1,0 +1,286 @@
+//! Dumping a frozen pod's containers with CRIU, through runc.
+//!
+//! runc, not CRIU's RPC directly: runc already knows each container's state (its
+//! bundle, namespaces, cgroups, external mounts and the joined sandbox namespaces it
+//! must mark external) and writes it as the checkpoint needs. Calling CRIU ourselves
+//! would mean re-deriving all of that from runc's private state files.
+//!
+//! runc must see the container's mounts, so it runs in the node's mount namespace
+//! ([`NodeExec`]). The containers are dumped in parallel while the pod is frozen.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::discovery::RunningContainer;
+
+/// How node programs are started: directly, or through a prefix such as
+/// `nsenter --mount=/proc/1/ns/mnt --` when the agent runs in a container.
+#[derive(Clone, Debug, Default)]
+pub struct NodeExec {
+    /// Words put before every command.
+    pub prefix: Vec<OsString>,
+    /// Directories put first in PATH (where `criu` is).
+    pub path_dirs: Vec<PathBuf>,
+}
+
+impl NodeExec {
+    fn command(&self, program: &Path) -> tokio::process::Command {
+        let mut words = self.prefix.iter();
+        let mut cmd = match words.next() {
+            Some(first) => {
+                let mut cmd = tokio::process::Command::new(first);
+                cmd.args(words).arg(program);
+                cmd
+            }
+            None => tokio::process::Command::new(program),
+        };
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = self.path_dirs.iter().cloned().chain(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(dirs) {
+            cmd.env("PATH", joined);
+        }
+        cmd
+    }
+}
+
+/// What a dump keeps or does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DumpOptions {
+    /// Leave the processes alive after the dump (else CRIU kills them).
+    pub leave_running: bool,
+    /// Dump established TCP connections (else CRIU refuses a pod that has any).
+    pub tcp_established: bool,
+    /// Dump file locks.
+    pub file_locks: bool,
+}
+
+/// Where one container's dump went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerDump {
+    /// Container name.
+    pub name: String,
+    /// CRIU images.
+    pub images: PathBuf,
+    /// How long its dump took.
+    pub took: Duration,
+}
+
+/// A dump failed. The caller thaws the pod.
+#[derive(Debug)]
+pub enum DumpError {
+    /// The dump directories could not be created.
+    Prepare {
+        container: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// runc could not be started.
+    Spawn { container: String, source: std::io::Error },
+    /// runc (CRIU) failed; `criu_log` quotes the relevant lines of its log.
+    Criu {
+        container: String,
+        status: String,
+        stderr: String,
+        criu_log: String,
+    },
+    /// The dump did not finish before the freeze deadline.
+    Timeout { container: String, after: Duration },
+}
+
+impl std::fmt::Display for DumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Prepare { container, path, .. } => {
+                write!(f, "cannot prepare {} for container {container}", path.display())
+            }
+            Self::Spawn { container, .. } => write!(f, "cannot start runc to dump container {container}"),
+            Self::Criu {
+                container,
+                status,
+                stderr,
+                criu_log,
+            } => write!(
+                f,
+                "CRIU failed to dump container {container} ({status}): {}; CRIU log: {criu_log}",
+                stderr.trim()
+            ),
+            Self::Timeout { container, after } => write!(f, "dumping container {container} took over {after:?}"),
+        }
+    }
+}
+
+impl std::error::Error for DumpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Prepare { source, .. } | Self::Spawn { source, .. } => Some(source),
+            Self::Criu { .. } | Self::Timeout { .. } => None,
+        }
+    }
+}
+
+/// The lines of a CRIU log worth quoting: its errors, else its last lines.
+pub fn criu_log_excerpt(log: &str) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let lines: Vec<&str> = if errors.is_empty() {
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(5)..].to_vec()
+    } else {
+        errors[errors.len().saturating_sub(8)..].to_vec()
+    };
+    lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | ")
+}
+
+/// The runc arguments of one container's dump.
+pub fn runc_checkpoint_args(
+    runc_root: &Path,
+    container_id: &str,
+    images: &Path,
+    work: &Path,
+    options: DumpOptions,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--root".into(),
+        runc_root.into(),
+        "checkpoint".into(),
+        "--image-path".into(),
+        images.into(),
+        "--work-path".into(),
+        work.into(),
+    ];
+    if options.leave_running {
+        args.push("--leave-running".into());
+    }
+    if options.tcp_established {
+        args.push("--tcp-established".into());
+    }
+    if options.file_locks {
+        args.push("--file-locks".into());
+    }
+    args.push(container_id.into());
+    args
+}
+
+async fn dump_one(
+    exec: &NodeExec,
+    runc: &Path,
+    runc_root: &Path,
+    container: &RunningContainer,
+    dir: &Path,
+    options: DumpOptions,
+    limit: Duration,
+) -> Result<ContainerDump, DumpError> {
+    let images = dir.join(&container.name).join("checkpoint");
+    let work = dir.join(&container.name).join("work");
+    for path in [&images, &work] {
+        tokio::fs::create_dir_all(path)
+            .await
+            .map_err(|source| DumpError::Prepare {
+                container: container.name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+    }
+    let started = Instant::now();
+    let child = exec
+        .command(runc)
+        .args(runc_checkpoint_args(runc_root, &container.id, &images, &work, options))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| DumpError::Spawn {
+            container: container.name.clone(),
+            source,
+        })?;
+    let output = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(source)) => {
+            return Err(DumpError::Spawn {
+                container: container.name.clone(),
+                source,
+            });
+        }
+        Err(_) => {
+            return Err(DumpError::Timeout {
+                container: container.name.clone(),
+                after: limit,
+            });
+        }
+    };
+    if !output.status.success() {
+        let log = tokio::fs::read_to_string(work.join("dump.log"))
+            .await
+            .unwrap_or_default();
+        return Err(DumpError::Criu {
+            container: container.name.clone(),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            criu_log: criu_log_excerpt(&log),
+        });
+    }
+    Ok(ContainerDump {
+        name: container.name.clone(),
+        images,
+        took: started.elapsed(),
+    })
+}
+
+/// Dumps every container in parallel into `<dir>/<name>/checkpoint`; all must succeed.
+pub async fn dump_containers(
+    exec: &NodeExec,
+    runc: &Path,
+    runc_root: &Path,
+    containers: &[RunningContainer],
+    dir: &Path,
+    options: DumpOptions,
+    limit: Duration,
+) -> Result<Vec<ContainerDump>, DumpError> {
+    let dumps = containers
+        .iter()
+        .map(|c| dump_one(exec, runc, runc_root, c, dir, options, limit));
+    futures::future::join_all(dumps).await.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_arguments_follow_the_options() {
+        let opts = DumpOptions {
+            leave_running: true,
+            tcp_established: true,
+            file_locks: false,
+        };
+        let args = runc_checkpoint_args(Path::new("/run/runc"), "abc", Path::new("/i"), Path::new("/w"), opts);
+        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args,
+            [
+                "--root",
+                "/run/runc",
+                "checkpoint",
+                "--image-path",
+                "/i",
+                "--work-path",
+                "/w",
+                "--leave-running",
+                "--tcp-established",
+                "abc"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_excerpt_quotes_criu_errors() {
+        let log = "(00.001) Dumping\n(00.002) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established option.\n(00.003) Unlock\n";
+        assert!(criu_log_excerpt(log).contains("Connected TCP socket"));
+        assert_eq!(criu_log_excerpt("a\nb\n"), "a | b");
+    }
+}
