@@ -219,6 +219,16 @@ impl TestNamespace {
         .await
     }
 
+    /// Whether every container of the pod is ready and has never restarted.
+    pub async fn ready_without_restarts(&self, client: &kube::Client, pod: &str) -> Result<bool, HarnessError> {
+        let pod = self.pods(client).get(pod).await.map_err(|source| HarnessError::Api {
+            action: format!("read pod {pod}"),
+            source,
+        })?;
+        let statuses = pod.status.and_then(|s| s.container_statuses).unwrap_or_default();
+        Ok(!statuses.is_empty() && statuses.iter().all(|s| s.ready && s.restart_count == 0))
+    }
+
     fn dump(&self) {
         eprintln!("---- diagnostics of namespace {} ----", self.name);
         let ns = self.name.as_str();

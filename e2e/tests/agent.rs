@@ -57,28 +57,55 @@ fn counts(dir: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_real_pod_is_discovered_and_frozen_at_one_instant() {
-    let tb = Testbed::from_env().unwrap();
-    let client = tb.client().await.unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-freeze").await.unwrap();
-    let node = tb.nodes[0].clone();
-    let pods = ns.pods(&client);
-    pods.create(&PostParams::default(), &counting_pod(&node)).await.unwrap();
-    let pod = ns.wait_ready(&client, "trio", Duration::from_secs(90)).await.unwrap();
+/// A running "trio" pod: its UID, its emptyDir on the node's disk and its runtime facts.
+struct Trio {
+    data: PathBuf,
+    runtime: cryopod_node_agent::discovery::PodRuntime,
+}
+
+/// Starts the counting pod on `node`, waits until every counter counts, discovers it.
+async fn start_trio(tb: &Testbed, client: &kube::Client, ns: &TestNamespace, node: &str) -> Trio {
+    ns.pods(client)
+        .create(&PostParams::default(), &counting_pod(node))
+        .await
+        .unwrap();
+    let pod = ns.wait_ready(client, "trio", Duration::from_secs(90)).await.unwrap();
     let uid = pod.metadata.uid.clone().unwrap();
     let data = tb
         .dir
-        .join(&node)
+        .join(node)
         .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
     wait_until("all counters to count", Duration::from_secs(30), || async {
         counts(&data).iter().all(|&c| c > 2).then_some(())
     })
     .await
     .unwrap();
+    let runtime = discover(&CriClient::connect(&cri_socket(tb, node)).await.unwrap(), &uid)
+        .await
+        .unwrap();
+    Trio { data, runtime }
+}
 
-    let cri = CriClient::connect(&cri_socket(&tb, &node)).await.unwrap();
-    let runtime = discover(&cri, &uid).await.unwrap();
+/// The kubelet's v1 freezer hierarchy and a journal in a fresh directory.
+fn freeze_tools() -> (Arc<dyn Freezer>, tempfile::TempDir, Journal) {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path()).unwrap();
+    (Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer")), dir, journal)
+}
+
+const LIMITS: FreezeLimits = FreezeLimits {
+    max_freeze: Duration::from_secs(60),
+    settle: Duration::from_secs(5),
+};
+
+#[tokio::test]
+async fn a_real_pod_is_discovered_and_frozen_at_one_instant() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-freeze").await.unwrap();
+    let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let (runtime, data) = (&trio.runtime, &trio.data);
+
     let names: Vec<&str> = runtime.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, NAMES);
     let freezer_root = PathBuf::from("/sys/fs/cgroup/freezer");
@@ -98,19 +125,13 @@ async fn a_real_pod_is_discovered_and_frozen_at_one_instant() {
         runtime.runc_root.display()
     );
 
-    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new(&freezer_root));
-    let journal_dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(journal_dir.path()).unwrap();
-    let limits = FreezeLimits {
-        max_freeze: Duration::from_secs(30),
-        settle: Duration::from_secs(5),
-    };
+    let (freezer, _journal_dir, journal) = freeze_tools();
     let frozen = freeze_pod(
         freezer.clone(),
         &journal,
         "e2e-freeze",
         &runtime.freeze_targets(),
-        limits,
+        LIMITS,
     )
     .unwrap();
     for cg in &frozen.cgroups().containers {
@@ -121,30 +142,32 @@ async fn a_real_pod_is_discovered_and_frozen_at_one_instant() {
         FreezerState::Thawed,
         "the pod cgroup is thawed for CRIU"
     );
-    let at_freeze = counts(&data);
+    let at_freeze = counts(data);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counts(&data), at_freeze, "no container moved while the pod was frozen");
+    assert_eq!(counts(data), at_freeze, "no container moved while the pod was frozen");
     let report = frozen.thaw().unwrap();
     assert!(!report.expired);
     println!("freeze settle {:?}, window {:?}", report.settle, report.window);
+    assert_counting_on(&ns, &client, data, &at_freeze).await;
+}
 
+/// Every counter moves past `then`, and the pod stayed Ready without restarts.
+async fn assert_counting_on(ns: &TestNamespace, client: &kube::Client, data: &std::path::Path, then: &[u64]) {
     wait_until(
         "every counter to move on after the thaw",
         Duration::from_secs(20),
         || async {
-            counts(&data)
+            counts(data)
                 .iter()
-                .zip(&at_freeze)
+                .zip(then)
                 .all(|(now, then)| now > then)
                 .then_some(())
         },
     )
     .await
     .unwrap();
-    let pod = pods.get("trio").await.unwrap();
-    let statuses = pod.status.unwrap().container_statuses.unwrap();
     assert!(
-        statuses.iter().all(|s| s.ready && s.restart_count == 0),
+        ns.ready_without_restarts(client, "trio").await.unwrap(),
         "the pod stayed Ready without restarts"
     );
 }
@@ -195,30 +218,10 @@ async fn a_frozen_pod_is_dumped_in_parallel_and_keeps_running() {
     let client = tb.client().await.unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-dump").await.unwrap();
     let node = tb.nodes[0].clone();
-    let pods = ns.pods(&client);
-    pods.create(&PostParams::default(), &counting_pod(&node)).await.unwrap();
-    let pod = ns.wait_ready(&client, "trio", Duration::from_secs(90)).await.unwrap();
-    let uid = pod.metadata.uid.clone().unwrap();
-    let data = tb
-        .dir
-        .join(&node)
-        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
-    wait_until("all counters to count", Duration::from_secs(30), || async {
-        counts(&data).iter().all(|&c| c > 2).then_some(())
-    })
-    .await
-    .unwrap();
-
-    let runtime = discover(&CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(), &uid)
-        .await
-        .unwrap();
-    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer"));
-    let journal_dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(journal_dir.path()).unwrap();
-    let limits = FreezeLimits {
-        max_freeze: Duration::from_secs(60),
-        settle: Duration::from_secs(5),
-    };
+    let trio = start_trio(&tb, &client, &ns, &node).await;
+    let (runtime, data) = (&trio.runtime, &trio.data);
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    let limits = LIMITS;
     let out = tb.dir.join(format!("e2e-dump-{}", ns.name));
     let options = DumpOptions {
         leave_running: true,
@@ -227,7 +230,7 @@ async fn a_frozen_pod_is_dumped_in_parallel_and_keeps_running() {
     };
 
     let frozen = freeze_pod(freezer.clone(), &journal, "e2e-dump", &runtime.freeze_targets(), limits).unwrap();
-    let at_freeze = counts(&data);
+    let at_freeze = counts(data);
     let dumps = dump_containers(
         &node_exec(&tb, &node),
         &runtime.runc_binary,
@@ -248,7 +251,7 @@ async fn a_frozen_pod_is_dumped_in_parallel_and_keeps_running() {
             c.name
         );
     }
-    assert_eq!(counts(&data), at_freeze, "nothing moved during the dumps");
+    assert_eq!(counts(data), at_freeze, "nothing moved during the dumps");
     let report = frozen.thaw().unwrap();
     assert!(!report.expired);
     println!(
@@ -273,31 +276,7 @@ async fn a_frozen_pod_is_dumped_in_parallel_and_keeps_running() {
             d.name
         );
     }
-    wait_until(
-        "every counter to move on after the dump",
-        Duration::from_secs(20),
-        || async {
-            counts(&data)
-                .iter()
-                .zip(&at_freeze)
-                .all(|(now, then)| now > then)
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap();
-    let statuses = pods
-        .get("trio")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .container_statuses
-        .unwrap();
-    assert!(
-        statuses.iter().all(|s| s.ready && s.restart_count == 0),
-        "the pod kept running"
-    );
+    assert_counting_on(&ns, &client, data, &at_freeze).await;
     std::fs::remove_dir_all(&out).unwrap();
 }
 
@@ -329,13 +308,8 @@ async fn a_criu_failure_names_the_container_quotes_the_log_and_thaws() {
     )
     .await
     .unwrap();
-    let freezer: Arc<dyn Freezer> = Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer"));
-    let journal_dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(journal_dir.path()).unwrap();
-    let limits = FreezeLimits {
-        max_freeze: Duration::from_secs(60),
-        settle: Duration::from_secs(5),
-    };
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    let limits = LIMITS;
     let out = tb.dir.join(format!("e2e-dump-{}", ns.name));
     let options = DumpOptions {
         leave_running: true,
@@ -382,16 +356,8 @@ async fn a_criu_failure_names_the_container_quotes_the_log_and_thaws() {
         );
     }
     assert!(journal.entries().unwrap().is_empty());
-    let statuses = pods
-        .get("talker")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .container_statuses
-        .unwrap();
     assert!(
-        statuses.iter().all(|s| s.ready && s.restart_count == 0),
+        ns.ready_without_restarts(&client, "talker").await.unwrap(),
         "the pod runs on"
     );
     let _ = std::fs::remove_dir_all(&out);
