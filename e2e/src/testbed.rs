@@ -5,11 +5,14 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
 
 /// A harness step failed.
 #[derive(Debug)]
@@ -25,6 +28,8 @@ pub enum HarnessError {
     Client { source: kube::Error },
     /// An API call failed.
     Api { action: String, source: kube::Error },
+    /// An object store client could not be built.
+    Store { source: object_store::Error },
     /// A condition did not hold before its deadline.
     Timeout { what: String, after: Duration },
 }
@@ -39,6 +44,7 @@ impl std::fmt::Display for HarnessError {
             Self::Kubeconfig { path, .. } => write!(f, "cannot read the kubeconfig {}", path.display()),
             Self::Client { .. } => write!(f, "cannot build a Kubernetes client"),
             Self::Api { action, .. } => write!(f, "cannot {action}"),
+            Self::Store { .. } => write!(f, "cannot build the S3 client"),
             Self::Timeout { what, after } => write!(f, "{what} did not happen within {after:?}"),
         }
     }
@@ -49,6 +55,7 @@ impl std::error::Error for HarnessError {
         match self {
             Self::Kubeconfig { source, .. } => Some(source),
             Self::Client { source } | Self::Api { source, .. } => Some(source),
+            Self::Store { source } => Some(source),
             Self::MissingEnv { .. } | Self::Timeout { .. } => None,
         }
     }
@@ -129,9 +136,38 @@ impl Testbed {
         cmd
     }
 
-    /// The checkpointctl binary.
-    pub fn checkpointctl(&self) -> PathBuf {
-        self.node_packages.join("bin/checkpointctl")
+    /// A client of the S3 server at `endpoint` (the testbed's own, or another to
+    /// simulate an outage) with the given secret. It retries once, so a store that
+    /// is down fails fast.
+    pub fn s3_store(&self, endpoint: &str, secret: &str) -> Result<Arc<dyn ObjectStore>, HarnessError> {
+        let store = AmazonS3Builder::new()
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&self.s3.bucket)
+            .with_access_key_id(&self.s3.access_key)
+            .with_secret_access_key(secret)
+            .with_region("us-east-1")
+            .with_retry(object_store::RetryConfig {
+                max_retries: 1,
+                ..Default::default()
+            })
+            .build()
+            .map_err(|source| HarnessError::Store { source })?;
+        Ok(Arc::new(store))
+    }
+
+    /// `checkpointctl show <archive>`: its output, or why it failed.
+    pub fn checkpointctl_show(&self, archive: &Path) -> Result<String, String> {
+        let out = Command::new(self.node_packages.join("bin/checkpointctl"))
+            .arg("show")
+            .arg(archive)
+            .output()
+            .map_err(|e| format!("cannot run checkpointctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 }
 

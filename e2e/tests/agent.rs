@@ -26,12 +26,22 @@ fn cri_socket(tb: &Testbed, node: &str) -> PathBuf {
     tb.dir.join(node).join("containerd/containerd.sock")
 }
 
+/// What container `a` leaves in the shared `/dev/shm` before it starts counting.
+const SHM_TOKEN: &str = "shared-memory-token";
+
+/// Three containers counting into a shared emptyDir. Container `a` also writes a
+/// token into `/dev/shm`, creates `/tmp/marker` and deletes `/bin/true` in its rootfs.
 fn counting_pod(node: &str) -> Pod {
     let containers: Vec<serde_json::Value> = NAMES
         .iter()
         .map(|n| {
+            let setup = if *n == "a" {
+                format!("echo {SHM_TOKEN} > /dev/shm/token && echo marker > /tmp/marker && rm /bin/true && ")
+            } else {
+                String::new()
+            };
             json!({"name": n, "image": BUSYBOX, "imagePullPolicy": "Never",
-                   "command": ["sh", "-c", format!("i=0; while :; do i=$((i+1)); echo $i > /data/{n}.tmp && mv /data/{n}.tmp /data/{n}; sleep 0.05; done")],
+                   "command": ["sh", "-c", format!("{setup}i=0; while :; do i=$((i+1)); echo $i > /data/{n}.tmp && mv /data/{n}.tmp /data/{n}; sleep 0.05; done")],
                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]})
         })
         .collect();
@@ -361,4 +371,253 @@ async fn a_criu_failure_names_the_container_quotes_the_log_and_thaws() {
         "the pod runs on"
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+fn node_agent(
+    tb: &Testbed,
+    node: &str,
+    cri: CriClient,
+    store: Arc<dyn object_store::ObjectStore>,
+    journal: Journal,
+    freezer: Arc<dyn Freezer>,
+) -> cryopod_node_agent::checkpoint::NodeAgent<CriClient> {
+    cryopod_node_agent::checkpoint::NodeAgent {
+        runtime: cri,
+        freezer,
+        journal,
+        exec: node_exec(tb, node),
+        store,
+        work_dir: tb.dir.join("e2e-agent-work"),
+        node: cryopod_node_agent::package::NodeFacts {
+            name: node.to_owned(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap()
+                .trim()
+                .to_owned(),
+            criu_version: "4.2.1".to_owned(),
+            cgroup_version: "V1".to_owned(),
+            cpu_flags: vec![],
+        },
+    }
+}
+
+/// A running-after checkpoint of the trio pod, keeping TCP connections.
+fn trio_request(
+    ns: &TestNamespace,
+    pod_uid: &str,
+    operation_id: String,
+    prefix: String,
+) -> cryopod_node_agent::checkpoint::CheckpointRequest {
+    cryopod_node_agent::checkpoint::CheckpointRequest {
+        operation_id,
+        pod: cryopod_node_agent::package::PodRef {
+            namespace: ns.name.clone(),
+            name: "trio".into(),
+            uid: pod_uid.to_owned(),
+        },
+        prefix,
+        after: cryopod_node_agent::checkpoint::AfterDump::Running,
+        tcp_established: true,
+        limits: LIMITS,
+    }
+}
+
+fn unzstd(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut zstd::Decoder::new(bytes).unwrap(), &mut out).unwrap();
+    out
+}
+
+/// The members of a tar: path and contents.
+fn tar_members(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(bytes);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().display().to_string();
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut body).unwrap();
+            (path, body)
+        })
+        .collect()
+}
+
+/// The whole checkpoint of a three-container pod into the testbed's S3 server: the
+/// pod keeps counting, every object matches the manifest's digest, checkpointctl reads
+/// every container archive, and /dev/shm, the emptyDir and the rootfs changes are in.
+#[tokio::test]
+async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
+    use cryopod_node_agent::package::Manifest;
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path as ObjectPath;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-ckpt").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let trio = start_trio(&tb, &client, &ns, &node).await;
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let agent = node_agent(
+        &tb,
+        &node,
+        CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
+        store.clone(),
+        journal,
+        freezer,
+    );
+    let uid = trio.runtime.sandbox_id.clone();
+    let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
+    let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
+    let request = trio_request(&ns, &pod_uid, format!("e2e-{}", &uid[..12]), prefix.clone());
+    let at_start = counts(&trio.data);
+    let outcome = agent.checkpoint(&request).await.unwrap();
+    println!(
+        "freeze window {:?} (settle {:?}), captures+dumps {:?}, package+upload+verify {:?}, manifest {}",
+        outcome.freeze.window, outcome.freeze.settle, outcome.dump, outcome.upload, outcome.manifest_digest
+    );
+    assert!(!outcome.freeze.expired);
+    assert_counting_on(&ns, &client, &trio.data, &at_start).await;
+
+    // The manifest is in the store and every object it lists matches its digest.
+    let manifest_bytes = store
+        .get(&ObjectPath::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes).unwrap();
+    assert_eq!(manifest, outcome.manifest);
+    assert_eq!(
+        manifest.containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        NAMES
+    );
+    let mut fetched = std::collections::HashMap::new();
+    for object in &manifest.objects {
+        let bytes = store
+            .get(&ObjectPath::from(format!("{prefix}{}", object.key)))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(bytes.len() as u64, object.size, "{}", object.key);
+        assert_eq!(
+            cryopod_node_agent::package::sha256_hex(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            object.sha256,
+            "{}",
+            object.key
+        );
+        fetched.insert(object.key.clone(), unzstd(&bytes));
+    }
+
+    // checkpointctl reads every container archive.
+    let scratch = tempfile::tempdir().unwrap();
+    for c in &manifest.containers {
+        let tar = scratch.path().join(format!("{}.tar", c.name));
+        std::fs::write(&tar, &fetched[&c.archive]).unwrap();
+        let out = tb
+            .checkpointctl_show(&tar)
+            .unwrap_or_else(|e| panic!("checkpointctl show {}: {e}", c.name));
+        assert!(out.contains(BUSYBOX) && out.contains(&c.name), "{out}");
+    }
+
+    // The shared state was captured once: /dev/shm and the emptyDir.
+    let shm = tar_members(&fetched["pod/shm.tar.zst"]);
+    let shm_inner = tar_members(&shm[0].1);
+    assert!(
+        shm_inner
+            .iter()
+            .any(|(p, body)| p.ends_with("token") && String::from_utf8_lossy(body).trim() == SHM_TOKEN),
+        "{:?}",
+        shm_inner.iter().map(|m| &m.0).collect::<Vec<_>>()
+    );
+    let volume = tar_members(&fetched["pod/volume/data.tar.zst"]);
+    let volume_inner = tar_members(&volume[0].1);
+    for n in NAMES {
+        assert!(
+            volume_inner
+                .iter()
+                .any(|(p, _)| p.ends_with(&format!("/{n}")) || p == n),
+            "emptyDir holds counter {n}"
+        );
+    }
+    let mut shared = manifest.shared.clone();
+    shared.sort();
+    assert_eq!(shared, ["pod/shm.tar.zst", "pod/volume/data.tar.zst"]);
+
+    // Container a's rootfs changes: the new file, and the deleted one as a whiteout.
+    let archive_a = tar_members(&fetched["containers/a.tar.zst"]);
+    let diff = tar_members(&archive_a.iter().find(|(p, _)| p == "rootfs-diff.tar").unwrap().1);
+    let diff_paths: Vec<&str> = diff.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(
+        diff_paths.contains(&"tmp/marker") && diff_paths.contains(&"bin/.wh.true"),
+        "{diff_paths:?}"
+    );
+    let deleted = &archive_a.iter().find(|(p, _)| p == "deleted.files").unwrap().1;
+    assert!(String::from_utf8_lossy(deleted).contains("/bin/true"));
+
+    for object in &manifest.objects {
+        store
+            .delete(&ObjectPath::from(format!("{prefix}{}", object.key)))
+            .await
+            .unwrap();
+    }
+    store
+        .delete(&ObjectPath::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap();
+}
+
+/// With the store down the checkpoint fails after the thaw, says why, and the pod
+/// runs on; no manifest exists.
+#[tokio::test]
+async fn with_the_store_down_the_checkpoint_fails_cleanly() {
+    use cryopod_node_agent::checkpoint::CheckpointError;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-storedown").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let trio = start_trio(&tb, &client, &ns, &node).await;
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    // Nothing listens on port 1 of the loopback.
+    let store = tb.s3_store("http://127.0.0.1:1", &tb.s3.secret_key).unwrap();
+    let agent = node_agent(
+        &tb,
+        &node,
+        CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
+        store,
+        journal.clone(),
+        freezer.clone(),
+    );
+    let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
+    let request = trio_request(
+        &ns,
+        &pod_uid,
+        format!("e2e-down-{}", &trio.runtime.sandbox_id[..12]),
+        format!("e2e/{}/trio/", ns.name),
+    );
+    let at_start = counts(&trio.data);
+    let err = agent.checkpoint(&request).await.unwrap_err();
+    println!("store down: {err}");
+    assert!(matches!(err, CheckpointError::Store { .. }), "{err}");
+    for c in &trio.runtime.containers {
+        assert_eq!(freezer.state(&c.cgroup).unwrap(), FreezerState::Thawed);
+    }
+    assert!(journal.entries().unwrap().is_empty());
+    assert!(
+        !tb.dir.join("e2e-agent-work").join(&request.operation_id).exists(),
+        "the work directory is gone"
+    );
+    assert_counting_on(&ns, &client, &trio.data, &at_start).await;
+    let real = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let left: Vec<_> = futures::StreamExt::collect::<Vec<_>>(
+        real.list(Some(&object_store::path::Path::from(request.prefix.as_str()))),
+    )
+    .await;
+    assert!(left.is_empty(), "nothing was stored: {left:?}");
 }

@@ -9,9 +9,8 @@ use std::time::Duration;
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, LogParams, PostParams};
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{ObjectStoreExt, WriteMultipart};
 use serde_json::json;
 
 const BUSYBOX: &str = "cryopod.local/busybox:e2e";
@@ -161,16 +160,9 @@ async fn kubelet_checkpoint_api_writes_an_archive_checkpointctl_reads() {
         "{archive} lies in the node's kubelet directory"
     );
 
-    let show = std::process::Command::new(tb.checkpointctl())
-        .args(["show", &archive])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        show.status.success(),
-        "checkpointctl show failed: {}",
-        String::from_utf8_lossy(&show.stderr)
-    );
+    let stdout = tb
+        .checkpointctl_show(std::path::Path::new(&archive))
+        .unwrap_or_else(|e| panic!("checkpointctl show failed: {e}"));
     assert!(
         stdout.contains("count") && stdout.contains(BUSYBOX),
         "checkpointctl shows the container: {stdout}"
@@ -202,24 +194,12 @@ async fn kubelet_checkpoint_api_writes_an_archive_checkpointctl_reads() {
     .unwrap();
 }
 
-fn s3(tb: &Testbed, secret: &str) -> impl ObjectStore {
-    AmazonS3Builder::new()
-        .with_endpoint(&tb.s3.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&tb.s3.bucket)
-        .with_access_key_id(&tb.s3.access_key)
-        .with_secret_access_key(secret)
-        .with_region("us-east-1")
-        .build()
-        .unwrap()
-}
-
 /// A multipart upload of 13 MiB in parts of 5 MiB reads back byte for byte; a wrong
 /// secret is refused.
 #[tokio::test]
 async fn s3_multipart_upload_returns_identical_bytes() {
     let tb = Testbed::from_env().unwrap();
-    let store = s3(&tb, &tb.s3.secret_key);
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
     let data: Vec<u8> = (0..13 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -240,6 +220,6 @@ async fn s3_multipart_upload_returns_identical_bytes() {
     );
     store.delete(&key).await.unwrap();
 
-    let wrong = s3(&tb, "not-the-secret");
+    let wrong = tb.s3_store(&tb.s3.endpoint, "not-the-secret").unwrap();
     assert!(wrong.get(&key).await.is_err(), "a wrong secret must be refused");
 }

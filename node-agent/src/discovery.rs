@@ -27,6 +27,25 @@ pub struct RunningContainer {
     pub image: String,
     /// Image digest reference the container runs.
     pub image_ref: String,
+    /// When the runtime created it, in nanoseconds since the epoch.
+    pub created_at: i64,
+    /// Its mounts as the runtime set them up.
+    pub mounts: Vec<Mount>,
+    /// Its OCI runtime spec, as the runtime wrote it (kept as `spec.dump`).
+    pub spec: serde_json::Value,
+}
+
+/// One mount of a container.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Mount {
+    /// Where it appears in the container.
+    pub destination: String,
+    /// What is mounted (a node path for bind mounts).
+    #[serde(default)]
+    pub source: String,
+    /// Filesystem type (`bind`, `tmpfs`, ...).
+    #[serde(default, rename = "type")]
+    pub kind: String,
 }
 
 /// What the runtime knows of a pod.
@@ -120,6 +139,8 @@ struct RuntimeOptions {
 #[serde(rename_all = "camelCase")]
 struct RuntimeSpec {
     linux: RuntimeLinux,
+    #[serde(default)]
+    mounts: Vec<Mount>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,14 +150,25 @@ struct RuntimeLinux {
 }
 
 fn info_of(object: &str, info: &std::collections::HashMap<String, String>) -> Result<Info, DiscoveryError> {
+    Ok(info_and_spec(object, info)?.0)
+}
+
+/// The parsed info and the raw runtime spec it carries.
+fn info_and_spec(
+    object: &str,
+    info: &std::collections::HashMap<String, String>,
+) -> Result<(Info, serde_json::Value), DiscoveryError> {
     let raw = info.get("info").ok_or_else(|| DiscoveryError::RuntimeInfo {
         object: object.to_owned(),
         detail: "no verbose `info` (is the runtime containerd?)".to_owned(),
     })?;
-    serde_json::from_str(raw).map_err(|e| DiscoveryError::RuntimeInfo {
+    let bad = |e: serde_json::Error| DiscoveryError::RuntimeInfo {
         object: object.to_owned(),
         detail: e.to_string(),
-    })
+    };
+    let value: serde_json::Value = serde_json::from_str(raw).map_err(bad)?;
+    let spec = value.get("runtimeSpec").cloned().unwrap_or_default();
+    Ok((serde_json::from_value(value).map_err(bad)?, spec))
 }
 
 fn unsupported(reason: impl Into<String>) -> DiscoveryError {
@@ -240,7 +272,7 @@ pub fn pod_runtime(
         if view.status.state != ContainerState::ContainerRunning as i32 {
             continue;
         }
-        let info = info_of(&format!("container {name}"), &view.info)?;
+        let (info, spec) = info_and_spec(&format!("container {name}"), &view.info)?;
         check_container(&name, &info)?;
         let cgroup = CgroupPath::new(&info.runtime_spec.linux.cgroups_path);
         if !cgroup.as_str().starts_with(&format!("{}/", pod_cgroup.as_str())) {
@@ -258,6 +290,9 @@ pub fn pod_runtime(
                 cgroup,
                 image: view.status.image.as_ref().map(|i| i.image.clone()).unwrap_or_default(),
                 image_ref: view.status.image_ref.clone(),
+                created_at: view.status.created_at,
+                mounts: info.runtime_spec.mounts.clone(),
+                spec,
             },
         ));
     }

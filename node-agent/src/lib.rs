@@ -8,9 +8,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod cri;
 pub mod discovery;
 pub mod dump;
 pub mod freeze;
 pub mod journal;
+pub mod package;
+pub mod store;

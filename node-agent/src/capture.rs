@@ -1,0 +1,202 @@
+//! What a pod's containers share, captured once while the pod is frozen: `/dev/shm`
+//! and the emptyDir volumes, read through a container's `/proc/<pid>/root` so the
+//! agent sees them whatever mount namespace it runs in; and each container's rootfs
+//! changes (its overlay upper directory), with deletions as OCI whiteouts.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::discovery::RunningContainer;
+
+/// Where kubelet keeps emptyDir volumes; the last path component is the volume name.
+const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
+
+/// A capture step failed.
+#[derive(Debug)]
+pub enum CaptureError {
+    /// Reading the source or writing the tar failed.
+    Archive {
+        what: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The container's root filesystem is not an overlay with an upper directory.
+    NoUpperDir { container: String },
+}
+
+impl std::fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Archive { what, path, .. } => write!(f, "cannot capture {what} from {}", path.display()),
+            Self::NoUpperDir { container } => {
+                write!(
+                    f,
+                    "container {container} has no overlay upper directory to take its rootfs changes from"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for CaptureError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Archive { source, .. } => Some(source),
+            Self::NoUpperDir { .. } => None,
+        }
+    }
+}
+
+/// One captured piece of shared state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedState {
+    /// `shm` or `volume/<name>`.
+    pub name: String,
+    /// Tar file written.
+    pub tar: PathBuf,
+}
+
+fn tar_dir(what: &str, source: &Path, out: &Path) -> Result<(), CaptureError> {
+    let err = |path: &Path| {
+        let (what, path) = (what.to_owned(), path.to_path_buf());
+        move |source| CaptureError::Archive { what, path, source }
+    };
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(err(parent))?;
+    }
+    let mut builder = tar::Builder::new(File::create(out).map_err(err(out))?);
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", source).map_err(err(source))?;
+    builder.into_inner().and_then(|f| f.sync_all()).map_err(err(out))
+}
+
+/// Captures `/dev/shm` and every emptyDir once, into `<out>/pod/`.
+pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Result<Vec<SharedState>, CaptureError> {
+    let mut seen = BTreeSet::new();
+    let mut captured = Vec::new();
+    for container in containers {
+        let root = PathBuf::from(format!("/proc/{}/root", container.pid));
+        for mount in &container.mounts {
+            let name = if mount.destination == "/dev/shm" {
+                "shm".to_owned()
+            } else if let Some((_, volume)) = mount.source.split_once(EMPTY_DIR_MARKER) {
+                format!("volume/{}", volume.trim_end_matches('/'))
+            } else {
+                continue;
+            };
+            // Shared by several containers, captured once.
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let tar = out.join("pod").join(format!("{name}.tar"));
+            tar_dir(&name, &root.join(mount.destination.trim_start_matches('/')), &tar)?;
+            captured.push(SharedState { name, tar });
+        }
+    }
+    Ok(captured)
+}
+
+/// The upper directory of the overlay mounted at `/` in a process's mount namespace.
+pub fn overlay_upper_dir(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        let mut right = right.split_whitespace();
+        let (fs_type, _source, options) = (right.next()?, right.next()?, right.next()?);
+        if mount_point != "/" || fs_type != "overlay" {
+            return None;
+        }
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from)
+    })
+}
+
+/// A container's rootfs changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootfsDiff {
+    /// `rootfs-diff.tar`: changed files, deletions as `.wh.<name>` entries.
+    pub tar: PathBuf,
+    /// Deleted paths, for `deleted.files`.
+    pub deleted: Vec<String>,
+}
+
+/// Tars a container's overlay upper directory into `out`.
+pub fn rootfs_diff(container: &RunningContainer, out: &Path) -> Result<RootfsDiff, CaptureError> {
+    let mountinfo_path = PathBuf::from(format!("/proc/{}/mountinfo", container.pid));
+    let mountinfo = std::fs::read_to_string(&mountinfo_path).map_err(|source| CaptureError::Archive {
+        what: format!("the mounts of container {}", container.name),
+        path: mountinfo_path.clone(),
+        source,
+    })?;
+    let upper = overlay_upper_dir(&mountinfo).ok_or_else(|| CaptureError::NoUpperDir {
+        container: container.name.clone(),
+    })?;
+    let what = format!("the rootfs changes of container {}", container.name);
+    let err = |path: PathBuf| {
+        let what = what.clone();
+        move |source| CaptureError::Archive { what, path, source }
+    };
+    let mut builder = tar::Builder::new(File::create(out).map_err(err(out.to_path_buf()))?);
+    builder.follow_symlinks(false);
+    let mut deleted = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let dir = upper.join(&rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(err(dir.clone()))?
+            .collect::<Result<_, _>>()
+            .map_err(err(dir.clone()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = rel.join(entry.file_name());
+            let meta = entry.metadata().map_err(err(entry.path()))?;
+            // overlayfs marks a deleted lower file with a 0:0 character device.
+            if meta.file_type().is_char_device() && meta.rdev() == 0 {
+                let name = format!(".wh.{}", entry.file_name().to_string_lossy());
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(0);
+                header.set_mode(0);
+                builder
+                    .append_data(&mut header, rel.join(name), std::io::empty())
+                    .map_err(err(entry.path()))?;
+                deleted.push(format!("/{}", path.display()));
+                continue;
+            }
+            builder
+                .append_path_with_name(entry.path(), &path)
+                .map_err(err(entry.path()))?;
+            if meta.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    builder
+        .into_inner()
+        .and_then(|f| f.sync_all())
+        .map_err(err(out.to_path_buf()))?;
+    Ok(RootfsDiff {
+        tar: out.to_path_buf(),
+        deleted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn finds_the_root_overlay_upper_dir() {
+        let mountinfo = "\
+1 0 0:1 / / rw - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/snap/5/fs,workdir=/snap/5/work
+2 1 0:2 / /proc rw - proc proc rw
+";
+        assert_eq!(overlay_upper_dir(mountinfo), Some(PathBuf::from("/snap/5/fs")));
+        assert_eq!(overlay_upper_dir("2 1 0:2 / /proc rw - proc proc rw\n"), None);
+    }
+}

@@ -1,0 +1,370 @@
+//! Packaging a dumped pod: one archive per container in the Kubernetes checkpoint
+//! archive layout (`checkpoint/`, `config.dump`, `spec.dump`, `rootfs-diff.tar`,
+//! `deleted.files`, `dump.log`), so `checkpointctl show` reads it once decompressed;
+//! the shared state as tars; everything zstd-compressed and hashed as it is written.
+//! The manifest lists every object with its size and sha256.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::discovery::RunningContainer;
+
+/// Version of the manifest format.
+pub const MANIFEST_API_VERSION: &str = "cryopod.io/v1alpha1";
+/// Kind of the manifest document.
+pub const MANIFEST_KIND: &str = "PodCheckpointManifest";
+
+/// A packaging step failed.
+#[derive(Debug)]
+pub enum PackageError {
+    /// Writing an archive failed.
+    Write { object: String, source: io::Error },
+    /// A piece of the dump could not be read.
+    Read {
+        object: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl std::fmt::Display for PackageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Write { object, .. } => write!(f, "cannot write the archive {object}"),
+            Self::Read { object, path, .. } => write!(f, "cannot read {} for the archive {object}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for PackageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Write { source, .. } | Self::Read { source, .. } => Some(source),
+        }
+    }
+}
+
+/// `sha256:<hex>`.
+pub fn sha256_hex(digest: impl AsRef<[u8]>) -> String {
+    let mut out = String::from("sha256:");
+    for b in digest.as_ref() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Hashes and counts what passes through to the inner writer.
+#[derive(Debug)]
+struct Tally<W> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Tally<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// An object ready to upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectEntry {
+    /// Key relative to the checkpoint's prefix.
+    pub key: String,
+    /// Stored (compressed) size.
+    pub size: u64,
+    /// sha256 of the stored bytes.
+    pub sha256: String,
+    /// Size before compression.
+    pub raw_size: u64,
+}
+
+/// A packaged object on local disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalObject {
+    /// What the manifest says of it.
+    pub entry: ObjectEntry,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+/// Writes a tar stream through zstd into `dir/key`, hashing the stored bytes.
+fn write_object(
+    dir: &Path,
+    key: &str,
+    fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<(), PackageError>,
+) -> Result<LocalObject, PackageError> {
+    let werr = |source| PackageError::Write {
+        object: key.to_owned(),
+        source,
+    };
+    let path = dir.join(key);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(werr)?;
+    }
+    let file = File::create(&path).map_err(werr)?;
+    let stored = Tally {
+        inner: io::BufWriter::new(file),
+        hash: Sha256::new(),
+        bytes: 0,
+    };
+    let encoder = zstd::Encoder::new(stored, 3).map_err(werr)?;
+    let mut raw = Tally {
+        inner: encoder,
+        hash: Sha256::new(),
+        bytes: 0,
+    };
+    {
+        let writer: &mut dyn Write = &mut raw;
+        let mut builder = tar::Builder::new(writer);
+        builder.follow_symlinks(false);
+        fill(&mut builder)?;
+        builder.finish().map_err(werr)?;
+    }
+    let raw_size = raw.bytes;
+    let mut stored = raw.inner.finish().map_err(werr)?;
+    stored.flush().map_err(werr)?;
+    stored
+        .inner
+        .into_inner()
+        .map_err(|e| werr(e.into_error()))?
+        .sync_all()
+        .map_err(werr)?;
+    Ok(LocalObject {
+        entry: ObjectEntry {
+            key: key.to_owned(),
+            size: stored.bytes,
+            sha256: sha256_hex(stored.hash.finalize()),
+            raw_size,
+        },
+        path,
+    })
+}
+
+fn add_bytes(
+    builder: &mut tar::Builder<&mut dyn Write>,
+    object: &str,
+    name: &str,
+    data: &[u8],
+) -> Result<(), PackageError> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o600);
+    builder
+        .append_data(&mut header, name, data)
+        .map_err(|source| PackageError::Write {
+            object: object.to_owned(),
+            source,
+        })
+}
+
+/// What goes into one container's archive.
+#[derive(Debug)]
+pub struct ContainerParts<'a> {
+    /// The container.
+    pub container: &'a RunningContainer,
+    /// CRIU images.
+    pub images: &'a Path,
+    /// CRIU's work directory (holds `dump.log`).
+    pub work: &'a Path,
+    /// `rootfs-diff.tar`.
+    pub rootfs_diff: &'a Path,
+    /// Deleted paths.
+    pub deleted: &'a [String],
+    /// Runtime name for `config.dump`.
+    pub runtime: &'a str,
+    /// When the pod was frozen, RFC 3339.
+    pub checkpointed_at: &'a str,
+}
+
+/// Writes `containers/<name>.tar.zst` in the checkpoint archive layout.
+pub fn write_container_archive(dir: &Path, parts: &ContainerParts<'_>) -> Result<LocalObject, PackageError> {
+    let c = parts.container;
+    let key = format!("containers/{}.tar.zst", c.name);
+    let object = key.clone();
+    let rerr = |path: &Path| {
+        let (object, path) = (object.clone(), path.to_path_buf());
+        move |source| PackageError::Read { object, path, source }
+    };
+    write_object(dir, &key, |b| {
+        let config = serde_json::json!({
+            "id": c.id,
+            "name": c.name,
+            "rootfsImage": c.image,
+            "rootfsImageRef": c.image_ref,
+            "rootfsImageName": c.image,
+            "runtime": parts.runtime,
+            "createdTime": crate::package::rfc3339_from_nanos(c.created_at),
+            "checkpointedTime": parts.checkpointed_at,
+            "restoredTime": "0001-01-01T00:00:00Z",
+            "restored": false,
+        });
+        let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+        add_bytes(b, &object, "config.dump", &json(&config))?;
+        add_bytes(b, &object, "spec.dump", &json(&c.spec))?;
+        add_bytes(b, &object, "deleted.files", &json(&serde_json::json!(parts.deleted)))?;
+        b.append_dir_all("checkpoint", parts.images)
+            .map_err(rerr(parts.images))?;
+        b.append_path_with_name(parts.rootfs_diff, "rootfs-diff.tar")
+            .map_err(rerr(parts.rootfs_diff))?;
+        let log = parts.work.join("dump.log");
+        if log.exists() {
+            b.append_path_with_name(&log, "dump.log").map_err(rerr(&log))?;
+        }
+        let stats = parts.images.join("stats-dump");
+        if stats.exists() {
+            b.append_path_with_name(&stats, "stats-dump").map_err(rerr(&stats))?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `pod/<name>.tar.zst` from a captured tar, unchanged inside.
+pub fn write_shared_state(dir: &Path, name: &str, tar: &Path) -> Result<LocalObject, PackageError> {
+    let key = format!("pod/{name}.tar.zst");
+    let object = key.clone();
+    write_object(dir, &key, |b| {
+        // The captured tar is stored as the archive's only member, `<name>.tar`.
+        let file_name = format!("{}.tar", name.rsplit('/').next().unwrap_or(name));
+        b.append_path_with_name(tar, file_name)
+            .map_err(|source| PackageError::Read {
+                object,
+                path: tar.to_path_buf(),
+                source,
+            })
+    })
+}
+
+/// Days-from-civil conversion, so timestamps need no date library.
+pub fn rfc3339_from_nanos(nanos: i64) -> String {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// The pod a manifest describes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+}
+
+/// Facts of the node that took the checkpoint, for the restore side's compatibility check.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFacts {
+    /// Node name.
+    pub name: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// `criu --version`.
+    pub criu_version: String,
+    /// `V1` or `V2`.
+    pub cgroup_version: String,
+    /// CPU feature flags.
+    pub cpu_flags: Vec<String>,
+}
+
+/// One container in the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestContainer {
+    /// Name.
+    pub name: String,
+    /// Image as in the pod spec.
+    pub image: String,
+    /// Image digest.
+    pub image_ref: String,
+    /// Key of its archive.
+    pub archive: String,
+}
+
+/// The manifest, written last: a checkpoint exists only once it does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    /// [`MANIFEST_API_VERSION`].
+    pub api_version: String,
+    /// [`MANIFEST_KIND`].
+    pub kind: String,
+    /// The pod.
+    pub pod: PodRef,
+    /// The node.
+    pub node: NodeFacts,
+    /// When the pod was frozen, RFC 3339.
+    pub checkpointed_at: String,
+    /// From freeze to thaw, in milliseconds.
+    pub freeze_window_millis: u64,
+    /// Containers in pod order.
+    pub containers: Vec<ManifestContainer>,
+    /// Keys of the shared-state objects (`pod/shm.tar.zst`, `pod/volume/<name>.tar.zst`).
+    pub shared: Vec<String>,
+    /// Every object with its size and digest.
+    pub objects: Vec<ObjectEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339_from_nanos(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_from_nanos(1_795_945_548_380_470_728), "2026-11-29T09:45:48Z");
+        assert_eq!(rfc3339_from_nanos(951_782_400_000_000_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn objects_hash_what_is_stored_and_decompress_to_the_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("state.tar");
+        std::fs::write(&src, b"not really a tar").unwrap();
+        let object = write_shared_state(dir.path(), "shm", &src).unwrap();
+        let stored = std::fs::read(&object.path).unwrap();
+        assert_eq!(object.entry.size, stored.len() as u64);
+        assert_eq!(object.entry.sha256, sha256_hex(Sha256::digest(&stored)));
+        let mut raw = Vec::new();
+        zstd::Decoder::new(stored.as_slice())
+            .unwrap()
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(object.entry.raw_size, raw.len() as u64);
+        let mut archive = tar::Archive::new(raw.as_slice());
+        let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(entry.path().unwrap().to_str(), Some("shm.tar"));
+        let mut body = Vec::new();
+        entry.read_to_end(&mut body).unwrap();
+        assert_eq!(body, b"not really a tar");
+    }
+}

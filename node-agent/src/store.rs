@@ -1,0 +1,230 @@
+//! Storing a packaged checkpoint in object storage (S3-compatible, GCS, Azure or the
+//! local filesystem, through `object_store`): multipart uploads, each object read
+//! back and its sha256 compared, the manifest written last. If anything fails, the
+//! objects already written are removed: parts without a manifest are no checkpoint.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::package::{LocalObject, Manifest, sha256_hex};
+
+/// Upload parts of this size.
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// Storing failed; what was written is removed again.
+#[derive(Debug)]
+pub enum StoreError {
+    /// A local object could not be read.
+    ReadLocal { key: String, source: std::io::Error },
+    /// The store refused or failed an upload.
+    Upload { key: String, source: object_store::Error },
+    /// Reading an object back failed.
+    ReadBack { key: String, source: object_store::Error },
+    /// An object read back differs from what was written.
+    DigestMismatch {
+        key: String,
+        expected: String,
+        found: String,
+    },
+    /// The manifest could not be encoded.
+    Manifest { source: serde_json::Error },
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ReadLocal { key, .. } => write!(f, "cannot read the packaged object {key}"),
+            Self::Upload { key, .. } => write!(f, "cannot upload {key} to the checkpoint storage"),
+            Self::ReadBack { key, .. } => write!(f, "cannot read {key} back from the checkpoint storage"),
+            Self::DigestMismatch { key, expected, found } => {
+                write!(f, "{key} was stored as {found}, not {expected}")
+            }
+            Self::Manifest { .. } => write!(f, "cannot encode the manifest"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::ReadLocal { source, .. } => Some(source),
+            Self::Upload { source, .. } | Self::ReadBack { source, .. } => Some(source),
+            Self::Manifest { source } => Some(source),
+            Self::DigestMismatch { .. } => None,
+        }
+    }
+}
+
+async fn upload(store: &Arc<dyn ObjectStore>, key: &ObjectPath, object: &LocalObject) -> Result<(), StoreError> {
+    let name = object.entry.key.clone();
+    let mut file = tokio::fs::File::open(&object.path)
+        .await
+        .map_err(|source| StoreError::ReadLocal {
+            key: name.clone(),
+            source,
+        })?;
+    let upload = store.put_multipart(key).await.map_err(|source| StoreError::Upload {
+        key: name.clone(),
+        source,
+    })?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buf).await.map_err(|source| StoreError::ReadLocal {
+            key: name.clone(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        writer.wait_for_capacity(4).await.map_err(|source| StoreError::Upload {
+            key: name.clone(),
+            source,
+        })?;
+        writer.write(&buf[..n]);
+    }
+    writer
+        .finish()
+        .await
+        .map_err(|source| StoreError::Upload { key: name, source })?;
+    Ok(())
+}
+
+/// Reads an object back and returns its sha256.
+pub async fn stored_digest(store: &Arc<dyn ObjectStore>, key: &ObjectPath) -> Result<String, object_store::Error> {
+    let mut stream = store.get(key).await?.into_stream();
+    let mut hash = Sha256::new();
+    while let Some(chunk) = stream.next().await {
+        hash.update(chunk?);
+    }
+    Ok(sha256_hex(hash.finalize()))
+}
+
+/// Uploads every object under `prefix`, verifies each, then writes the manifest and
+/// returns its sha256. On failure, removes what it wrote.
+pub async fn store_checkpoint(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    objects: &[LocalObject],
+    manifest: &Manifest,
+) -> Result<String, StoreError> {
+    let mut written = Vec::new();
+    let result = async {
+        for object in objects {
+            let key = ObjectPath::from(format!("{prefix}{}", object.entry.key));
+            written.push(key.clone());
+            upload(store, &key, object).await?;
+            let found = stored_digest(store, &key)
+                .await
+                .map_err(|source| StoreError::ReadBack {
+                    key: object.entry.key.clone(),
+                    source,
+                })?;
+            if found != object.entry.sha256 {
+                return Err(StoreError::DigestMismatch {
+                    key: object.entry.key.clone(),
+                    expected: object.entry.sha256.clone(),
+                    found,
+                });
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Manifest { source })?;
+        let digest = sha256_hex(Sha256::digest(&bytes));
+        let key = ObjectPath::from(format!("{prefix}manifest.json"));
+        written.push(key.clone());
+        store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map_err(|source| StoreError::Upload {
+                key: "manifest.json".to_owned(),
+                source,
+            })?;
+        Ok(digest)
+    }
+    .await;
+    if result.is_err() {
+        for key in written.iter().rev() {
+            let _ = store.delete(key).await;
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::package::{NodeFacts, ObjectEntry, PodRef};
+
+    fn manifest(objects: Vec<ObjectEntry>) -> Manifest {
+        Manifest {
+            api_version: crate::package::MANIFEST_API_VERSION.into(),
+            kind: crate::package::MANIFEST_KIND.into(),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+            },
+            node: NodeFacts::default(),
+            checkpointed_at: "2026-01-01T00:00:00Z".into(),
+            freeze_window_millis: 1,
+            containers: vec![],
+            shared: vec![],
+            objects,
+        }
+    }
+
+    fn local(dir: &std::path::Path, key: &str, data: &[u8], sha256: Option<String>) -> LocalObject {
+        let path = dir.join(key.replace('/', "_"));
+        std::fs::write(&path, data).unwrap();
+        let entry = ObjectEntry {
+            key: key.into(),
+            size: data.len() as u64,
+            sha256: sha256.unwrap_or_else(|| sha256_hex(Sha256::digest(data))),
+            raw_size: data.len() as u64,
+        };
+        LocalObject { entry, path }
+    }
+
+    #[tokio::test]
+    async fn stores_verifies_and_writes_the_manifest_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let objects = vec![
+            local(dir.path(), "containers/a.tar.zst", b"aaaa", None),
+            local(dir.path(), "pod/shm.tar.zst", b"s", None),
+        ];
+        let m = manifest(objects.iter().map(|o| o.entry.clone()).collect());
+        let digest = store_checkpoint(&store, "ns/p/u/", &objects, &m).await.unwrap();
+        let stored = store
+            .get(&ObjectPath::from("ns/p/u/manifest.json"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest, sha256_hex(Sha256::digest(&stored)));
+        let back: Manifest = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let good = local(dir.path(), "a", b"aaaa", None);
+        let bad = local(dir.path(), "b", b"bbbb", Some("sha256:00".into()));
+        let m = manifest(vec![good.entry.clone(), bad.entry.clone()]);
+        let err = store_checkpoint(&store, "x/", &[good, bad], &m).await.unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let left: Vec<_> = store.list(None).collect().await;
+        assert!(left.is_empty(), "objects without a manifest are removed: {left:?}");
+    }
+}
