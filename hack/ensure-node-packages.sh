@@ -22,6 +22,16 @@ if ((${#missing[@]})); then
 fi
 
 prefix="$CRYOPOD_CACHE/node-packages-$NODE_PACKAGES_SUITE-$NODE_PACKAGES_GEN"
+
+version_at_least() { [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" == "$2" ]]; }
+# check_prefix: CRIU runs and is recent enough, containerd is 2.x.
+check_prefix() {
+  local criu_version containerd_version
+  criu_version=$("$prefix/bin/criu" --version | awk '/^Version:/ {print $2}')
+  version_at_least "$criu_version" "$CRIU_MIN_VERSION" || { log "criu '$criu_version' is older than $CRIU_MIN_VERSION or does not run"; return 1; }
+  containerd_version=$(cat "$prefix/containerd.version")
+  version_at_least "$containerd_version" "$CONTAINERD_MIN_VERSION" || { log "containerd $containerd_version is older than $CONTAINERD_MIN_VERSION"; return 1; }
+}
 if [[ ! -f "$prefix/.complete" ]]; then
   log "fetching ${suite_packages[*]} from Debian $NODE_PACKAGES_SUITE into $prefix"
   apt_dir="$CRYOPOD_CACHE/apt-$NODE_PACKAGES_SUITE"
@@ -64,12 +74,10 @@ WRAPPER
     ln -s "$r/usr/bin/$b" "$prefix.tmp/bin/$b"
   done
   ln -s "$r/usr/lib/cni" "$prefix.tmp/cni-bin"
-  rm -rf "$prefix" && mv "$prefix.tmp" "$prefix" && touch "$prefix/.complete"
+  # The wrappers point at the final prefix: move it there, check it, then mark it complete.
+  rm -rf "$prefix" && mv "$prefix.tmp" "$prefix"
+  check_prefix || { rm -rf "$prefix"; exit 1; }
+  touch "$prefix/.complete"
 fi
-
-version_at_least() { [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" == "$2" ]]; }
-criu_version=$("$prefix/bin/criu" --version | awk '/^Version:/ {print $2}')
-version_at_least "$criu_version" "$CRIU_MIN_VERSION" || die "criu $criu_version is older than $CRIU_MIN_VERSION"
-containerd_version=$(cat "$prefix/containerd.version")
-version_at_least "$containerd_version" "$CONTAINERD_MIN_VERSION" || die "containerd $containerd_version is older than $CONTAINERD_MIN_VERSION"
+check_prefix
 printf '%s\n' "$prefix"

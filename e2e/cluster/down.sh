@@ -6,25 +6,43 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 [[ -d $TESTBED ]] || exit 0
 
-# stop_pid FILE: TERM the recorded process group, wait up to 30s, then KILL it.
+# stop_pid NAME: TERM the recorded process group, wait up to 30s, then KILL it. A
+# recycled PID (its start time differs from the recorded one) is left alone; a group
+# whose leader died is still stopped.
 stop_pid() {
-  local file=$1 pid
-  pid=$(cat "$file" 2>/dev/null) || return 0
+  local name=$1 pid
+  pid=$(cat "$PIDS/$name.pid" 2>/dev/null) || return 0
   [[ $pid =~ ^[0-9]+$ ]] || return 0
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null && [[ $(start_time "$pid") != "$(cat "$PIDS/$name.start" 2>/dev/null)" ]]; then
+    log "PID $pid of $name belongs to another process now; leaving it"
+    return 0
+  fi
+  kill -0 -- "-$pid" 2>/dev/null || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || true
   local deadline=$((SECONDS + 30))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 -- "-$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
 }
 
-# kill_node_leftovers NODE: processes in the node's cgroups or mount namespace.
+# thaw_node NODE: frozen tasks ignore SIGKILL, so thaw every cgroup of the node first.
+thaw_node() {
+  local root=/sys/fs/cgroup/freezer$(cgroup_root "$1") f
+  [[ -d $root ]] && find "$root" -name freezer.state | while read -r f; do echo THAWED > "$f" 2>/dev/null || true; done
+  root=/sys/fs/cgroup/unified$(cgroup_root "$1")
+  [[ -d $root ]] && find "$root" -name cgroup.freeze | while read -r f; do echo 0 > "$f" 2>/dev/null || true; done
+  return 0
+}
+
+# kill_node_leftovers NODE: processes in the node's cgroups, or in its mount
+# namespace while up.sh's bind mount pins it (so its inode cannot be another's).
 kill_node_leftovers() {
-  local node=$1 mntns pid
+  local node=$1 ref="$PIDS/$1.mnt-ref" mntns pid
+  thaw_node "$node"
   for procs in $(find "/sys/fs/cgroup/pids$(cgroup_root "$node")" -name cgroup.procs 2>/dev/null); do
     for pid in $(cat "$procs" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   done
-  mntns=$(cat "$PIDS/$node.mntns" 2>/dev/null) || return 0
+  mountpoint -q "$ref" || return 0
+  mntns="mnt:[$(stat -L -c %i "$ref")]"
   # Never the host's own mount namespace.
   [[ $mntns != "$(readlink /proc/1/ns/mnt)" && $mntns != "$(readlink /proc/self/ns/mnt)" ]] || return 0
   for p in /proc/[0-9]*; do
@@ -33,12 +51,13 @@ kill_node_leftovers() {
 }
 
 # Nodes first (they stop their containers), then the control plane and forwarders.
-for node in "${NODES[@]}"; do stop_pid "$PIDS/$node.pid"; done
+for node in "${NODES[@]}"; do thaw_node "$node"; stop_pid "$node"; done
 for node in "${NODES[@]}"; do kill_node_leftovers "$node"; done
 for name in kube-scheduler kube-controller-manager s3 kube-apiserver etcd apiserver-forward s3-forward; do
-  stop_pid "$PIDS/$name.pid"
+  stop_pid "$name"
 done
 
+failed=0
 # Our cgroups in every hierarchy (runc also mirrors them into the unified one),
 # deepest first; a cgroup empties a moment after its last process dies.
 for node in "${NODES[@]}"; do
@@ -47,7 +66,7 @@ for node in "${NODES[@]}"; do
     [[ -d $root ]] || continue
     deadline=$((SECONDS + 20))
     until find "$root" -depth -type d -exec rmdir {} + 2>/dev/null; [[ ! -d $root ]]; do
-      ((SECONDS < deadline)) || { log "cannot remove cgroup $root"; break; }
+      ((SECONDS < deadline)) || { log "cannot remove cgroup $root"; failed=1; break; }
       kill_node_leftovers "$node"
       sleep 0.2
     done
@@ -60,11 +79,15 @@ done
 
 # Mounts should have died with the node mount namespaces; anything left under the
 # testbed (from an interrupted start) is unmounted, deepest first.
-awk -v t="$TESTBED" 'index($5, t) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+for node in "${NODES[@]}"; do
+  mountpoint -q "$PIDS/$node.mnt-ref" && umount "$PIDS/$node.mnt-ref"
+done
+awk -v t="$TESTBED" '$5 == t || index($5, t "/") == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
   umount -l "$m" || true
 done
 
 # node.sh made this mount point for its private tmpfs; an empty one goes.
 rmdir /run/containerd 2>/dev/null || true
 find "$TESTBED" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
+((failed == 0)) || die "some cgroups could not be removed; see above"
 log "cluster down"

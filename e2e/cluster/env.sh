@@ -31,3 +31,7 @@ HOST_S3="127.0.0.1:$S3_PORT"
 # A cgroup of our own in every v1 controller per node; never the machine's.
 cgroup_root() { echo "/cryopod-$1"; }
 CGROUP_CONTROLLERS=(blkio cpu cpuacct cpuset devices freezer memory pids systemd)
+
+# start_time PID: the process's start time in clock ticks since boot (field 22 of
+# /proc/PID/stat, counted after the parenthesised command name).
+start_time() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }

@@ -17,12 +17,16 @@ kube_bin=$("$HACK_DIR/build-kubernetes.sh")
 s3_server=$("$HACK_DIR/ensure-s3.sh")
 kubectl=(env KUBECONFIG="$KUBECONFIG_ADMIN" "$kube_bin/kubectl")
 
-healthy() {
+# all_nodes_ready: every node of the testbed has registered and is Ready.
+all_nodes_ready() {
   [[ -f $KUBECONFIG_ADMIN ]] || return 1
   local ready
   ready=$("${kubectl[@]}" get nodes --request-timeout=5s \
     -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null | grep -c True) || return 1
-  ((ready == ${#NODES[@]})) && curl -s "http://$HOST_S3/" -o /dev/null --max-time 5
+  ((ready == ${#NODES[@]}))
+}
+healthy() {
+  all_nodes_ready && curl -s "http://$HOST_S3/" -o /dev/null --max-time 5
 }
 if healthy; then
   log "cluster is already up"
@@ -36,15 +40,20 @@ mkdir -p "$PIDS" "$LOGS" "$TESTBED/images"
 trap 'status=$?; if ((status)); then log "cluster-up failed; logs in $LOGS"; "$here/down.sh" --keep-logs; fi' EXIT
 "$here/pki.sh"
 
+# Bridged pod traffic must pass the node's iptables (kube-proxy); built in on most
+# kernels, a module on others.
+modprobe br_netfilter 2>/dev/null || true
 # Several kubelets and containerds need more inotify instances than the default 128.
 (( $(sysctl -n fs.inotify.max_user_instances) >= 1024 )) || sysctl -qw fs.inotify.max_user_instances=1024
 
-# spawn NAME CMD...: starts CMD detached, logging to $LOGS/NAME.log; records its PID.
+# spawn NAME CMD...: starts CMD detached, logging to $LOGS/NAME.log; records its PID
+# and its start time, so teardown never signals a recycled PID.
 spawn() {
   local name=$1; shift
   setsid bash -c 'echo $$ > "$0"; exec "$@"' "$PIDS/$name.pid" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   local deadline=$((SECONDS + 10))
   until [[ -s $PIDS/$name.pid ]]; do ((SECONDS < deadline)) || die "$name did not start"; sleep 0.1; done
+  start_time "$(cat "$PIDS/$name.pid")" > "$PIDS/$name.start"
 }
 in_hub=(nsenter "--net=/run/netns/$HUB_NS")
 
@@ -134,8 +143,13 @@ for node in "${NODES[@]}"; do
   "$here/node-config.sh" "$node" "$packages"
   spawn "$node" unshare --mount --propagation private \
     nsenter "--net=/run/netns/$(node_ns "$node")" "$here/node.sh" "$node" "$kube_bin" "$packages" "$TESTBED/images"
+  # Pin the node's mount namespace with a bind mount: teardown recognises the node's
+  # leftover processes by it, and a pinned namespace's inode is never reused.
+  wait_for "$node's mount namespace" 30 test -s "$PIDS/$node.mntns"
+  touch "$PIDS/$node.mnt-ref"
+  mount --bind "/proc/$(cat "$PIDS/$node.pid")/ns/mnt" "$PIDS/$node.mnt-ref"
 done
-wait_for "nodes" 180 "${kubectl[@]}" wait --for=condition=Ready node --all --timeout=5s
+wait_for "all ${#NODES[@]} nodes Ready" 180 all_nodes_ready
 wait_for "default service account" 60 "${kubectl[@]}" get serviceaccount default -n default
 wait_for "S3 server" 30 curl -s "http://$HOST_S3/" -o /dev/null --max-time 2
 

@@ -416,7 +416,6 @@ fn trio_request(
             uid: pod_uid.to_owned(),
         },
         prefix,
-        after: cryopod_node_agent::checkpoint::AfterDump::Running,
         tcp_established: true,
         limits: LIMITS,
     }

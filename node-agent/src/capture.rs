@@ -58,18 +58,86 @@ pub struct SharedState {
     pub tar: PathBuf,
 }
 
-fn tar_dir(what: &str, source: &Path, out: &Path) -> Result<(), CaptureError> {
-    let err = |path: &Path| {
-        let (what, path) = (what.to_owned(), path.to_path_buf());
-        move |source| CaptureError::Archive { what, path, source }
+/// Walks `root` into `builder` under relative names, in a stable order. Sockets are
+/// left out (a bound unix socket is recreated by its owner's CRIU restore). With
+/// `whiteouts`, overlay deletion markers (0:0 character devices) become OCI `.wh.`
+/// entries and are returned as deleted paths.
+fn append_tree<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    whiteouts: bool,
+) -> Result<Vec<String>, (PathBuf, std::io::Error)> {
+    let mut deleted = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let dir = root.join(&rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .and_then(|d| d.collect::<Result<_, _>>())
+            .map_err(|e| (dir.clone(), e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = rel.join(entry.file_name());
+            let source = entry.path();
+            let meta = std::fs::symlink_metadata(&source).map_err(|e| (source.clone(), e))?;
+            let kind = meta.file_type();
+            let special = |entry_type: tar::EntryType| {
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                header.set_entry_type(entry_type);
+                header.set_size(0);
+                let rdev = meta.rdev();
+                let _ = header.set_device_major(((rdev >> 8) & 0xfff) as u32);
+                let _ = header.set_device_minor(((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32);
+                header
+            };
+            let added = if whiteouts && kind.is_char_device() && meta.rdev() == 0 {
+                let name = rel.join(format!(".wh.{}", entry.file_name().to_string_lossy()));
+                deleted.push(format!("/{}", path.display()));
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(0);
+                header.set_mode(0);
+                builder.append_data(&mut header, name, std::io::empty())
+            } else if kind.is_socket() {
+                continue;
+            } else if kind.is_fifo() {
+                builder.append_data(&mut special(tar::EntryType::Fifo), &path, std::io::empty())
+            } else if kind.is_char_device() {
+                builder.append_data(&mut special(tar::EntryType::Char), &path, std::io::empty())
+            } else if kind.is_block_device() {
+                builder.append_data(&mut special(tar::EntryType::Block), &path, std::io::empty())
+            } else {
+                // Directories, regular files and symlinks (not followed).
+                builder.append_path_with_name(&source, &path)
+            };
+            added.map_err(|e| (source.clone(), e))?;
+            if kind.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Tars the tree at `source` into `out`; returns the deleted paths with `whiteouts`.
+fn tar_tree(what: &str, source: &Path, out: &Path, whiteouts: bool) -> Result<Vec<String>, CaptureError> {
+    let err = |(path, source): (PathBuf, std::io::Error)| CaptureError::Archive {
+        what: what.to_owned(),
+        path,
+        source,
     };
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(err(parent))?;
+        std::fs::create_dir_all(parent).map_err(|e| err((parent.to_path_buf(), e)))?;
     }
-    let mut builder = tar::Builder::new(File::create(out).map_err(err(out))?);
+    let file = File::create(out).map_err(|e| err((out.to_path_buf(), e)))?;
+    let mut builder = tar::Builder::new(file);
     builder.follow_symlinks(false);
-    builder.append_dir_all(".", source).map_err(err(source))?;
-    builder.into_inner().and_then(|f| f.sync_all()).map_err(err(out))
+    let deleted = append_tree(&mut builder, source, whiteouts).map_err(err)?;
+    builder
+        .into_inner()
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err((out.to_path_buf(), e)))?;
+    Ok(deleted)
 }
 
 /// Captures `/dev/shm` and every emptyDir once, into `<out>/pod/`.
@@ -91,7 +159,12 @@ pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Resu
                 continue;
             }
             let tar = out.join("pod").join(format!("{name}.tar"));
-            tar_dir(&name, &root.join(mount.destination.trim_start_matches('/')), &tar)?;
+            tar_tree(
+                &name,
+                &root.join(mount.destination.trim_start_matches('/')),
+                &tar,
+                false,
+            )?;
             captured.push(SharedState { name, tar });
         }
     }
@@ -136,49 +209,7 @@ pub fn rootfs_diff(container: &RunningContainer, out: &Path) -> Result<RootfsDif
         container: container.name.clone(),
     })?;
     let what = format!("the rootfs changes of container {}", container.name);
-    let err = |path: PathBuf| {
-        let what = what.clone();
-        move |source| CaptureError::Archive { what, path, source }
-    };
-    let mut builder = tar::Builder::new(File::create(out).map_err(err(out.to_path_buf()))?);
-    builder.follow_symlinks(false);
-    let mut deleted = Vec::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        let dir = upper.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(err(dir.clone()))?
-            .collect::<Result<_, _>>()
-            .map_err(err(dir.clone()))?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = rel.join(entry.file_name());
-            let meta = entry.metadata().map_err(err(entry.path()))?;
-            // overlayfs marks a deleted lower file with a 0:0 character device.
-            if meta.file_type().is_char_device() && meta.rdev() == 0 {
-                let name = format!(".wh.{}", entry.file_name().to_string_lossy());
-                let mut header = tar::Header::new_gnu();
-                header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(0);
-                header.set_mode(0);
-                builder
-                    .append_data(&mut header, rel.join(name), std::io::empty())
-                    .map_err(err(entry.path()))?;
-                deleted.push(format!("/{}", path.display()));
-                continue;
-            }
-            builder
-                .append_path_with_name(entry.path(), &path)
-                .map_err(err(entry.path()))?;
-            if meta.is_dir() {
-                pending.push(path);
-            }
-        }
-    }
-    builder
-        .into_inner()
-        .and_then(|f| f.sync_all())
-        .map_err(err(out.to_path_buf()))?;
+    let deleted = tar_tree(&what, &upper, out, true)?;
     Ok(RootfsDiff {
         tar: out.to_path_buf(),
         deleted,
@@ -189,6 +220,45 @@ pub fn rootfs_diff(container: &RunningContainer, out: &Path) -> Result<RootfsDif
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn trees_keep_fifos_and_links_and_skip_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/file"), b"data").unwrap();
+        std::os::unix::fs::symlink("sub/file", src.join("link")).unwrap();
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(src.join("pipe"))
+                .status()
+                .unwrap()
+                .success()
+        );
+        let _socket = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+        let out = dir.path().join("out.tar");
+        assert!(tar_tree("test", &src, &out, false).unwrap().is_empty());
+        let bytes = std::fs::read(&out).unwrap();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut kinds: Vec<(String, tar::EntryType)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path().unwrap().display().to_string(), e.header().entry_type())
+            })
+            .collect();
+        kinds.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            kinds,
+            vec![
+                ("link".into(), tar::EntryType::Symlink),
+                ("pipe".into(), tar::EntryType::Fifo),
+                ("sub".into(), tar::EntryType::Directory),
+                ("sub/file".into(), tar::EntryType::Regular),
+            ]
+        );
+    }
 
     #[test]
     fn finds_the_root_overlay_upper_dir() {

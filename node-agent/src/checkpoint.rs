@@ -22,15 +22,6 @@ use crate::package::{
 };
 use crate::store::{StoreError, store_checkpoint};
 
-/// What the pod does after the dump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfterDump {
-    /// Thawed; it carries on.
-    Running,
-    /// CRIU stops its processes.
-    Stopped,
-}
-
 /// One checkpoint to take.
 #[derive(Clone, Debug)]
 pub struct CheckpointRequest {
@@ -40,8 +31,6 @@ pub struct CheckpointRequest {
     pub pod: PodRef,
     /// Key prefix in the store, ending in `/`.
     pub prefix: String,
-    /// Running or stopped afterwards.
-    pub after: AfterDump,
     /// Keep established TCP connections.
     pub tcp_established: bool,
     /// Freeze limits.
@@ -101,6 +90,10 @@ pub enum CheckpointError {
     Package { source: PackageError },
     /// Storing failed; nothing was left in the store.
     Store { source: StoreError },
+    /// The operation id cannot name a work directory and journal entry.
+    BadOperationId { id: String },
+    /// An operation with this id is already running on this node.
+    AlreadyRunning { id: String },
     /// A background task died.
     Task { step: &'static str },
 }
@@ -117,6 +110,8 @@ impl std::fmt::Display for CheckpointError {
             Self::Package { source } => write!(f, "{source}"),
             Self::Store { source } => write!(f, "{source}"),
             Self::Task { step } => write!(f, "the {step} task died"),
+            Self::BadOperationId { id } => write!(f, "operation id {id:?} is not usable"),
+            Self::AlreadyRunning { id } => write!(f, "operation {id} is already running on this node"),
         }
     }
 }
@@ -131,15 +126,44 @@ impl std::error::Error for CheckpointError {
             Self::Package { source } => source.source(),
             Self::Store { source } => source.source(),
             Self::Workspace { source, .. } => Some(source),
-            Self::FreezeExpired { .. } | Self::Task { .. } => None,
+            Self::FreezeExpired { .. }
+            | Self::Task { .. }
+            | Self::BadOperationId { .. }
+            | Self::AlreadyRunning { .. } => None,
         }
     }
 }
 
 impl<R: ContainerRuntime> NodeAgent<R> {
-    /// Takes the checkpoint. The work directory is removed whatever happens.
+    /// Takes the checkpoint. The pod keeps running. Its work directory (created
+    /// here, so a second operation with the same id is refused) is removed whatever
+    /// happens.
     pub async fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointOutcome, CheckpointError> {
+        Journal::check_operation_id(&req.operation_id).map_err(|_| CheckpointError::BadOperationId {
+            id: req.operation_id.clone(),
+        })?;
         let work = self.work_dir.join(&req.operation_id);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let werr = |source| CheckpointError::Workspace {
+                path: self.work_dir.clone(),
+                source,
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.work_dir)
+                .map_err(werr)?;
+            match std::fs::DirBuilder::new().mode(0o700).create(&work) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(CheckpointError::AlreadyRunning {
+                        id: req.operation_id.clone(),
+                    });
+                }
+                Err(source) => return Err(CheckpointError::Workspace { path: work, source }),
+            }
+        }
         let result = self.checkpoint_in(req, &work).await;
         let _ = tokio::fs::remove_dir_all(&work).await;
         result
@@ -169,18 +193,22 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        let frozen = freeze_pod(
+        // Freezing polls sysfs; keep it off the async workers.
+        let (freezer, journal, op, targets, limits) = (
             self.freezer.clone(),
-            &self.journal,
-            &req.operation_id,
-            &pod.freeze_targets(),
+            self.journal.clone(),
+            req.operation_id.clone(),
+            pod.freeze_targets(),
             req.limits,
-        )
-        .map_err(|source| CheckpointError::Freeze { source })?;
+        );
+        let frozen = tokio::task::spawn_blocking(move || freeze_pod(freezer, &journal, &op, &targets, limits))
+            .await
+            .map_err(|_| CheckpointError::Task { step: "freeze" })?
+            .map_err(|source| CheckpointError::Freeze { source })?;
         let dump_started = Instant::now();
 
-        // Shared state and rootfs changes first: CRIU may stop the processes whose
-        // /proc entries they are read through.
+        // Shared state and rootfs changes first, while the processes whose /proc
+        // entries they are read through are frozen.
         let (containers, state_dir) = (pod.containers.clone(), work.to_path_buf());
         let captured = tokio::task::spawn_blocking(move || {
             let shared = capture_shared_state(&containers, &state_dir)?;
@@ -203,7 +231,9 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         .map_err(|source| CheckpointError::Capture { source })?;
 
         let options = DumpOptions {
-            leave_running: req.after == AfterDump::Running,
+            // The pod always runs on. Stopping it for a migration happens only once
+            // the checkpoint is stored, so a failed upload never loses the pod.
+            leave_running: true,
             tcp_established: req.tcp_established,
             file_locks: true,
         };
@@ -214,17 +244,21 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             &pod.containers,
             work,
             options,
-            req.limits.max_freeze,
+            frozen.remaining(),
         )
-        .await
-        .map_err(|source| CheckpointError::Dump { source })?;
+        .await;
+        // A dump cut short by the watchdog is reported as the expired freeze it is.
         if frozen.expired() {
             return Err(CheckpointError::FreezeExpired {
                 after: req.limits.max_freeze,
             });
         }
+        let dumps = dumps.map_err(|source| CheckpointError::Dump { source })?;
         let dump = dump_started.elapsed();
-        let freeze = frozen.thaw().map_err(|source| CheckpointError::Freeze { source })?;
+        let freeze = tokio::task::spawn_blocking(move || frozen.thaw())
+            .await
+            .map_err(|_| CheckpointError::Task { step: "thaw" })?
+            .map_err(|source| CheckpointError::Freeze { source })?;
 
         // Outside the freeze window from here on.
         let upload_started = Instant::now();
@@ -288,5 +322,80 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             dump,
             upload: upload_started.elapsed(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::cgroup::V1Freezer;
+    use crate::cri::{ContainerView, CriError, SandboxView};
+
+    /// A runtime that knows no pods.
+    #[derive(Debug)]
+    struct NoPods;
+
+    impl ContainerRuntime for NoPods {
+        async fn sandboxes_of_pod(&self, _: &str) -> Result<Vec<SandboxView>, CriError> {
+            Ok(vec![])
+        }
+        async fn containers_of_sandbox(&self, _: &str) -> Result<Vec<ContainerView>, CriError> {
+            Ok(vec![])
+        }
+    }
+
+    fn agent(dir: &std::path::Path) -> NodeAgent<NoPods> {
+        NodeAgent {
+            runtime: NoPods,
+            freezer: Arc::new(V1Freezer::new(dir.join("cgroup"))),
+            journal: Journal::open(dir.join("journal")).unwrap(),
+            exec: NodeExec::default(),
+            store: Arc::new(InMemory::new()),
+            work_dir: dir.join("work"),
+            node: NodeFacts::default(),
+        }
+    }
+
+    fn request(id: &str) -> CheckpointRequest {
+        CheckpointRequest {
+            operation_id: id.into(),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "uid".into(),
+            },
+            prefix: "ns/p/".into(),
+            tcp_established: true,
+            limits: FreezeLimits {
+                max_freeze: Duration::from_secs(5),
+                settle: Duration::from_secs(1),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn operation_ids_cannot_escape_or_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent(dir.path());
+        for bad in ["", "../x", "/", ".hidden", "a/b"] {
+            let err = agent.checkpoint(&request(bad)).await.unwrap_err();
+            assert!(matches!(err, CheckpointError::BadOperationId { .. }), "{bad:?}: {err}");
+        }
+        // An operation already running owns its work directory; a second one is refused
+        // and leaves it alone.
+        let busy = dir.path().join("work/op-1");
+        std::fs::create_dir_all(&busy).unwrap();
+        std::fs::write(busy.join("keep"), b"x").unwrap();
+        let err = agent.checkpoint(&request("op-1")).await.unwrap_err();
+        assert!(matches!(err, CheckpointError::AlreadyRunning { .. }), "{err}");
+        assert!(busy.join("keep").exists());
+        // A pod the runtime does not know fails discovery and leaves no work directory.
+        let err = agent.checkpoint(&request("op-2")).await.unwrap_err();
+        assert!(matches!(err, CheckpointError::Discovery { .. }), "{err}");
+        assert!(!dir.path().join("work/op-2").exists());
     }
 }

@@ -78,6 +78,8 @@ pub enum DumpError {
     },
     /// runc could not be started.
     Spawn { container: String, source: std::io::Error },
+    /// Waiting for runc failed.
+    Wait { container: String, source: std::io::Error },
     /// runc (CRIU) failed; `criu_log` quotes the relevant lines of its log.
     Criu {
         container: String,
@@ -96,6 +98,7 @@ impl std::fmt::Display for DumpError {
                 write!(f, "cannot prepare {} for container {container}", path.display())
             }
             Self::Spawn { container, .. } => write!(f, "cannot start runc to dump container {container}"),
+            Self::Wait { container, .. } => write!(f, "lost track of runc dumping container {container}"),
             Self::Criu {
                 container,
                 status,
@@ -114,7 +117,7 @@ impl std::fmt::Display for DumpError {
 impl std::error::Error for DumpError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Prepare { source, .. } | Self::Spawn { source, .. } => Some(source),
+            Self::Prepare { source, .. } | Self::Spawn { source, .. } | Self::Wait { source, .. } => Some(source),
             Self::Criu { .. } | Self::Timeout { .. } => None,
         }
     }

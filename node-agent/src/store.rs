@@ -75,17 +75,21 @@ async fn upload(store: &Arc<dyn ObjectStore>, key: &ObjectPath, object: &LocalOb
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
-        let n = file.read(&mut buf).await.map_err(|source| StoreError::ReadLocal {
-            key: name.clone(),
-            source,
-        })?;
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(source) => {
+                // An abandoned multipart upload would keep its parts in the store.
+                let _ = writer.abort().await;
+                return Err(StoreError::ReadLocal { key: name, source });
+            }
+        };
         if n == 0 {
             break;
         }
-        writer.wait_for_capacity(4).await.map_err(|source| StoreError::Upload {
-            key: name.clone(),
-            source,
-        })?;
+        if let Err(source) = writer.wait_for_capacity(4).await {
+            let _ = writer.abort().await;
+            return Err(StoreError::Upload { key: name, source });
+        }
         writer.write(&buf[..n]);
     }
     writer
