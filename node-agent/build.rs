@@ -1,13 +1,18 @@
-//! Compiles the vendored CRI API into a tonic client in OUT_DIR, with protox (pure
-//! Rust, so no `protoc` is needed on the machine).
+//! Compiles the vendored CRI API (client) and cryopod's agent API (client and server)
+//! into OUT_DIR with protox, which is pure Rust: no `protoc` is needed on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/cri-api/api.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let descriptors = protox::compile([proto], ["proto/cri-api"])?;
+    for proto in ["proto/cri-api/api.proto", "proto/cryopod/agent.proto"] {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let cri = protox::compile(["proto/cri-api/api.proto"], ["proto/cri-api"])?;
     tonic_prost_build::configure()
         .build_server(false)
         .build_transport(false)
-        .compile_fds(descriptors)?;
+        .compile_fds(cri)?;
+    let agent = protox::compile(["proto/cryopod/agent.proto"], ["proto/cryopod"])?;
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(agent)?;
     Ok(())
 }

@@ -377,7 +377,6 @@ fn node_agent(
     tb: &Testbed,
     node: &str,
     cri: CriClient,
-    store: Arc<dyn object_store::ObjectStore>,
     journal: Journal,
     freezer: Arc<dyn Freezer>,
 ) -> cryopod_node_agent::checkpoint::NodeAgent<CriClient> {
@@ -386,7 +385,6 @@ fn node_agent(
         freezer,
         journal,
         exec: node_exec(tb, node),
-        store,
         work_dir: tb.dir.join("e2e-agent-work"),
         node: cryopod_node_agent::package::NodeFacts {
             name: node.to_owned(),
@@ -463,7 +461,6 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
         &tb,
         &node,
         CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
-        store.clone(),
         journal,
         freezer,
     );
@@ -472,7 +469,22 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
     let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
     let request = trio_request(&ns, &pod_uid, format!("e2e-{}", &uid[..12]), prefix.clone());
     let at_start = counts(&trio.data);
-    let outcome = agent.checkpoint(&request).await.unwrap();
+    let stages = std::sync::Mutex::new(Vec::new());
+    let outcome = agent
+        .checkpoint(&request, store.clone(), &|stage| stages.lock().unwrap().push(stage))
+        .await
+        .unwrap();
+    {
+        use cryopod_node_agent::checkpoint::Stage;
+        let expected = [
+            Stage::Discovering,
+            Stage::Freezing,
+            Stage::Dumping,
+            Stage::Thawed,
+            Stage::Storing,
+        ];
+        assert_eq!(*stages.lock().unwrap(), expected, "progress is reported stage by stage");
+    }
     println!(
         "freeze window {:?} (settle {:?}), captures+dumps {:?}, package+upload+verify {:?}, manifest {}",
         outcome.freeze.window, outcome.freeze.settle, outcome.dump, outcome.upload, outcome.manifest_digest
@@ -589,7 +601,6 @@ async fn with_the_store_down_the_checkpoint_fails_cleanly() {
         &tb,
         &node,
         CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
-        store,
         journal.clone(),
         freezer.clone(),
     );
@@ -601,7 +612,7 @@ async fn with_the_store_down_the_checkpoint_fails_cleanly() {
         format!("e2e/{}/trio/", ns.name),
     );
     let at_start = counts(&trio.data);
-    let err = agent.checkpoint(&request).await.unwrap_err();
+    let err = agent.checkpoint(&request, store, &|_| {}).await.unwrap_err();
     println!("store down: {err}");
     assert!(matches!(err, CheckpointError::Store { .. }), "{err}");
     for c in &trio.runtime.containers {

@@ -22,6 +22,21 @@ use crate::package::{
 };
 use crate::store::{StoreError, store_checkpoint};
 
+/// Where a checkpoint is, for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Asking the runtime about the pod.
+    Discovering,
+    /// Freezing the pod.
+    Freezing,
+    /// Capturing shared state and dumping containers (the pod is frozen).
+    Dumping,
+    /// The pod is thawed; nothing more happens to it.
+    Thawed,
+    /// Packaging, uploading and verifying.
+    Storing,
+}
+
 /// One checkpoint to take.
 #[derive(Clone, Debug)]
 pub struct CheckpointRequest {
@@ -48,8 +63,6 @@ pub struct NodeAgent<R> {
     pub journal: Journal,
     /// How runc is started.
     pub exec: NodeExec,
-    /// Where checkpoints go.
-    pub store: Arc<dyn ObjectStore>,
     /// Private scratch space (0700), one directory per operation.
     pub work_dir: PathBuf,
     /// Facts of this node.
@@ -138,7 +151,12 @@ impl<R: ContainerRuntime> NodeAgent<R> {
     /// Takes the checkpoint. The pod keeps running. Its work directory (created
     /// here, so a second operation with the same id is refused) is removed whatever
     /// happens.
-    pub async fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointOutcome, CheckpointError> {
+    pub async fn checkpoint(
+        &self,
+        req: &CheckpointRequest,
+        store: Arc<dyn ObjectStore>,
+        progress: &(dyn Fn(Stage) + Send + Sync),
+    ) -> Result<CheckpointOutcome, CheckpointError> {
         Journal::check_operation_id(&req.operation_id).map_err(|_| CheckpointError::BadOperationId {
             id: req.operation_id.clone(),
         })?;
@@ -164,7 +182,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 Err(source) => return Err(CheckpointError::Workspace { path: work, source }),
             }
         }
-        let result = self.checkpoint_in(req, &work).await;
+        let result = self.checkpoint_in(req, &work, store, progress).await;
         let _ = tokio::fs::remove_dir_all(&work).await;
         result
     }
@@ -173,7 +191,10 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         &self,
         req: &CheckpointRequest,
         work: &std::path::Path,
+        store: Arc<dyn ObjectStore>,
+        progress: &(dyn Fn(Stage) + Send + Sync),
     ) -> Result<CheckpointOutcome, CheckpointError> {
+        progress(Stage::Discovering);
         let pod = discover(&self.runtime, &req.pod.uid)
             .await
             .map_err(|source| CheckpointError::Discovery { source })?;
@@ -201,6 +222,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             pod.freeze_targets(),
             req.limits,
         );
+        progress(Stage::Freezing);
         let frozen = tokio::task::spawn_blocking(move || freeze_pod(freezer, &journal, &op, &targets, limits))
             .await
             .map_err(|_| CheckpointError::Task { step: "freeze" })?
@@ -210,6 +232,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         // Shared state and rootfs changes first, while the processes whose /proc
         // entries they are read through are frozen.
         let (containers, state_dir) = (pod.containers.clone(), work.to_path_buf());
+        progress(Stage::Dumping);
         let captured = tokio::task::spawn_blocking(move || {
             let shared = capture_shared_state(&containers, &state_dir)?;
             let diffs = containers
@@ -261,6 +284,8 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             .map_err(|source| CheckpointError::Freeze { source })?;
 
         // Outside the freeze window from here on.
+        progress(Stage::Thawed);
+        progress(Stage::Storing);
         let upload_started = Instant::now();
         let checkpointed_at = rfc3339_from_nanos(frozen_at);
         let (shared, diffs) = captured;
@@ -312,7 +337,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 .collect(),
             objects: objects.iter().map(|o| o.entry.clone()).collect(),
         };
-        let manifest_digest = store_checkpoint(&self.store, &req.prefix, &objects, &manifest)
+        let manifest_digest = store_checkpoint(&store, &req.prefix, &objects, &manifest)
             .await
             .map_err(|source| CheckpointError::Store { source })?;
         Ok(CheckpointOutcome {
@@ -354,7 +379,6 @@ mod tests {
             freezer: Arc::new(V1Freezer::new(dir.join("cgroup"))),
             journal: Journal::open(dir.join("journal")).unwrap(),
             exec: NodeExec::default(),
-            store: Arc::new(InMemory::new()),
             work_dir: dir.join("work"),
             node: NodeFacts::default(),
         }
@@ -382,7 +406,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agent = agent(dir.path());
         for bad in ["", "../x", "/", ".hidden", "a/b"] {
-            let err = agent.checkpoint(&request(bad)).await.unwrap_err();
+            let err = agent
+                .checkpoint(&request(bad), Arc::new(InMemory::new()), &|_| {})
+                .await
+                .unwrap_err();
             assert!(matches!(err, CheckpointError::BadOperationId { .. }), "{bad:?}: {err}");
         }
         // An operation already running owns its work directory; a second one is refused
@@ -390,11 +417,17 @@ mod tests {
         let busy = dir.path().join("work/op-1");
         std::fs::create_dir_all(&busy).unwrap();
         std::fs::write(busy.join("keep"), b"x").unwrap();
-        let err = agent.checkpoint(&request("op-1")).await.unwrap_err();
+        let err = agent
+            .checkpoint(&request("op-1"), Arc::new(InMemory::new()), &|_| {})
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckpointError::AlreadyRunning { .. }), "{err}");
         assert!(busy.join("keep").exists());
         // A pod the runtime does not know fails discovery and leaves no work directory.
-        let err = agent.checkpoint(&request("op-2")).await.unwrap_err();
+        let err = agent
+            .checkpoint(&request("op-2"), Arc::new(InMemory::new()), &|_| {})
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckpointError::Discovery { .. }), "{err}");
         assert!(!dir.path().join("work/op-2").exists());
     }

@@ -17,4 +17,5 @@ pub mod dump;
 pub mod freeze;
 pub mod journal;
 pub mod package;
+pub mod server;
 pub mod store;

@@ -1,0 +1,327 @@
+//! The gRPC face of the agent: Checkpoint (streamed progress, idempotent by
+//! operation id, so an operator that restarts re-attaches), GetOperation, Cancel
+//! and NodeInfo. Errors map to gRPC codes by an exhaustive match.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use tokio::sync::watch;
+use tonic::{Code, Request, Response, Status};
+
+use crate::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, NodeAgent, Stage};
+use crate::cri::ContainerRuntime;
+use crate::discovery::DiscoveryError;
+use crate::dump::DumpError;
+use crate::freeze::{FreezeError, FreezeLimits};
+use crate::package::{NodeFacts, PodRef};
+use crate::store::StoreError;
+
+/// Generated messages, client and server of `cryopod.agent.v1alpha1`.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("cryopod.agent.v1alpha1");
+}
+
+/// How long the kernel may take to stop a pod's tasks.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// What the service needs of the agent; a trait so the service is tested without a node.
+pub trait Checkpointer: Send + Sync + 'static {
+    /// Takes a checkpoint, reporting each stage.
+    fn checkpoint(
+        &self,
+        req: CheckpointRequest,
+        store: Arc<dyn ObjectStore>,
+        progress: Box<dyn Fn(Stage) + Send + Sync>,
+    ) -> impl Future<Output = Result<CheckpointOutcome, CheckpointError>> + Send;
+    /// Facts of this node.
+    fn node_facts(&self) -> NodeFacts;
+}
+
+impl<R: ContainerRuntime + 'static> Checkpointer for NodeAgent<R> {
+    async fn checkpoint(
+        &self,
+        req: CheckpointRequest,
+        store: Arc<dyn ObjectStore>,
+        progress: Box<dyn Fn(Stage) + Send + Sync>,
+    ) -> Result<CheckpointOutcome, CheckpointError> {
+        NodeAgent::checkpoint(self, &req, store, progress.as_ref()).await
+    }
+
+    fn node_facts(&self) -> NodeFacts {
+        self.node.clone()
+    }
+}
+
+/// The gRPC code of each failure: what the caller can do about it.
+pub fn code_of(err: &CheckpointError) -> Code {
+    match err {
+        CheckpointError::Discovery { source } => match source {
+            DiscoveryError::PodNotRunning { .. } => Code::NotFound,
+            DiscoveryError::Unsupported { .. } | DiscoveryError::AmbiguousSandbox { .. } => Code::FailedPrecondition,
+            DiscoveryError::Runtime { .. } => Code::Unavailable,
+            DiscoveryError::RuntimeInfo { .. } => Code::Internal,
+        },
+        CheckpointError::BadOperationId { .. } => Code::InvalidArgument,
+        CheckpointError::AlreadyRunning { .. } => Code::AlreadyExists,
+        CheckpointError::FreezeExpired { .. } => Code::DeadlineExceeded,
+        CheckpointError::Freeze { source } => match source {
+            FreezeError::NotSettled { .. } | FreezeError::Expired { .. } => Code::DeadlineExceeded,
+            FreezeError::Journal { .. }
+            | FreezeError::JournalClear { .. }
+            | FreezeError::Freeze { .. }
+            | FreezeError::Thaw { .. }
+            | FreezeError::State { .. }
+            | FreezeError::NotSelfFrozen { .. }
+            | FreezeError::Watchdog { .. } => Code::Internal,
+        },
+        CheckpointError::Dump { source } => match source {
+            // CRIU refused something the pod does: not retryable as is.
+            DumpError::Criu { .. } => Code::FailedPrecondition,
+            DumpError::Timeout { .. } => Code::DeadlineExceeded,
+            DumpError::Prepare { .. } | DumpError::Spawn { .. } | DumpError::Wait { .. } => Code::Internal,
+        },
+        CheckpointError::Store { source } => match source {
+            StoreError::Upload { .. } | StoreError::ReadBack { .. } => Code::Unavailable,
+            StoreError::DigestMismatch { .. } => Code::DataLoss,
+            StoreError::ReadLocal { .. } | StoreError::Manifest { .. } => Code::Internal,
+        },
+        CheckpointError::Capture { .. }
+        | CheckpointError::Workspace { .. }
+        | CheckpointError::Package { .. }
+        | CheckpointError::Task { .. } => Code::Internal,
+    }
+}
+
+fn stage_of(stage: Stage) -> pb::Stage {
+    match stage {
+        Stage::Discovering => pb::Stage::Discovering,
+        Stage::Freezing => pb::Stage::Freezing,
+        Stage::Dumping => pb::Stage::Dumping,
+        Stage::Thawed => pb::Stage::Thawed,
+        Stage::Storing => pb::Stage::Storing,
+    }
+}
+
+/// Builds the store a request names.
+pub fn store_for(storage: &pb::Storage) -> Result<Arc<dyn ObjectStore>, Status> {
+    match &storage.backend {
+        Some(pb::storage::Backend::S3(s3)) => {
+            let mut builder = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(&s3.bucket)
+                .with_region(if s3.region.is_empty() { "us-east-1" } else { &s3.region })
+                .with_virtual_hosted_style_request(!s3.force_path_style);
+            if !s3.endpoint.is_empty() {
+                builder = builder
+                    .with_endpoint(&s3.endpoint)
+                    .with_allow_http(s3.endpoint.starts_with("http://"));
+            }
+            if !s3.access_key_id.is_empty() {
+                builder = builder
+                    .with_access_key_id(&s3.access_key_id)
+                    .with_secret_access_key(&s3.secret_access_key);
+            }
+            let store = builder
+                .build()
+                .map_err(|e| Status::invalid_argument(format!("storage.s3: {e}")))?;
+            Ok(Arc::new(store))
+        }
+        Some(pb::storage::Backend::Local(local)) => {
+            std::fs::create_dir_all(&local.path)
+                .map_err(|e| Status::failed_precondition(format!("storage.local.path {}: {e}", local.path)))?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&local.path)
+                .map_err(|e| Status::invalid_argument(format!("storage.local.path: {e}")))?;
+            Ok(Arc::new(store))
+        }
+        None => Err(Status::invalid_argument("storage: one backend is required")),
+    }
+}
+
+struct Tracked {
+    state: watch::Sender<pb::Operation>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// The service. Operations are kept in memory for the agent's lifetime so callers can
+/// re-attach; the crash journal, not this table, is what survives a restart.
+pub struct AgentService<C> {
+    agent: Arc<C>,
+    operations: Arc<Mutex<HashMap<String, Tracked>>>,
+}
+
+impl<C> std::fmt::Debug for AgentService<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService").finish_non_exhaustive()
+    }
+}
+
+impl<C: Checkpointer> AgentService<C> {
+    /// Serves `agent`.
+    pub fn new(agent: C) -> Self {
+        Self {
+            agent: Arc::new(agent),
+            operations: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Tracked>>, Status> {
+        self.operations
+            .lock()
+            .map_err(|_| Status::internal("operation table poisoned"))
+    }
+
+    fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
+        let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
+        if pod.uid.is_empty() {
+            return Err(Status::invalid_argument("pod.uid is required"));
+        }
+        let storage = req
+            .storage
+            .ok_or_else(|| Status::invalid_argument("storage is required"))?;
+        let store = store_for(&storage)?;
+        let max_freeze = Duration::from_secs(u64::from(req.max_freeze_seconds.clamp(1, 600)));
+        let request = CheckpointRequest {
+            operation_id: req.operation_id.clone(),
+            pod: PodRef {
+                namespace: pod.namespace,
+                name: pod.name,
+                uid: pod.uid,
+            },
+            prefix: req.prefix,
+            tcp_established: req.tcp_established,
+            limits: FreezeLimits {
+                max_freeze,
+                settle: SETTLE,
+            },
+        };
+        let initial = pb::Operation {
+            operation_id: req.operation_id.clone(),
+            state: pb::State::Running as i32,
+            stage: pb::Stage::Discovering as i32,
+            ..Default::default()
+        };
+        let (tx, rx) = watch::channel(initial);
+        let progress_tx = tx.clone();
+        let done_tx = tx.clone();
+        let agent = self.agent.clone();
+        let progress: Box<dyn Fn(Stage) + Send + Sync> =
+            Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
+        let handle = tokio::spawn(async move {
+            let result = agent.checkpoint(request, store, progress).await;
+            done_tx.send_modify(|op| match result {
+                Ok(outcome) => {
+                    op.state = pb::State::Succeeded as i32;
+                    op.stage = pb::Stage::Done as i32;
+                    op.result = Some(pb::CheckpointResult {
+                        manifest_digest: outcome.manifest_digest,
+                        freeze_window_millis: outcome.freeze.window.as_millis() as u64,
+                        dump_millis: outcome.dump.as_millis() as u64,
+                        upload_millis: outcome.upload.as_millis() as u64,
+                        stored_bytes: outcome.manifest.objects.iter().map(|o| o.size).sum(),
+                        captured_bytes: outcome.manifest.objects.iter().map(|o| o.raw_size).sum(),
+                        objects: outcome.manifest.objects.len() as u32 + 1,
+                        containers: outcome.manifest.containers.iter().map(|c| c.name.clone()).collect(),
+                    });
+                }
+                Err(err) => {
+                    op.state = pb::State::Failed as i32;
+                    op.error_code = code_of(&err) as i32;
+                    op.error_message = err.to_string();
+                }
+            });
+        });
+        self.lock()?.insert(
+            req.operation_id,
+            Tracked {
+                state: tx,
+                task: Some(handle.abort_handle()),
+            },
+        );
+        Ok(rx)
+    }
+}
+
+fn terminal(op: &pb::Operation) -> bool {
+    op.state != pb::State::Running as i32
+}
+
+type OperationStream = Pin<Box<dyn futures::Stream<Item = Result<pb::Operation, Status>> + Send>>;
+
+/// Streams every change of the operation, ending after its final state.
+fn follow(rx: watch::Receiver<pb::Operation>) -> OperationStream {
+    Box::pin(futures::stream::unfold(Some((rx, true)), |state| async move {
+        let (mut rx, first) = state?;
+        if !first && rx.changed().await.is_err() {
+            return None;
+        }
+        let op = rx.borrow_and_update().clone();
+        let next = if terminal(&op) { None } else { Some((rx, false)) };
+        Some((Ok(op), next))
+    }))
+}
+
+#[tonic::async_trait]
+impl<C: Checkpointer> pb::node_agent_server::NodeAgent for AgentService<C> {
+    type CheckpointStream = OperationStream;
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<Self::CheckpointStream>, Status> {
+        let req = request.into_inner();
+        crate::journal::Journal::check_operation_id(&req.operation_id)
+            .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
+        // The same id re-attaches to the operation instead of starting it again.
+        let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
+        let rx = match existing {
+            Some(rx) => rx,
+            None => self.start(req)?,
+        };
+        Ok(Response::new(follow(rx)))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let id = request.into_inner().operation_id;
+        let op = self.lock()?.get(&id).map(|t| t.state.borrow().clone());
+        op.map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no operation {id} on this agent")))
+    }
+
+    async fn cancel(&self, request: Request<pb::CancelRequest>) -> Result<Response<pb::Operation>, Status> {
+        let id = request.into_inner().operation_id;
+        let mut ops = self.lock()?;
+        let tracked = ops
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found(format!("no operation {id} on this agent")))?;
+        if !terminal(&tracked.state.borrow()) {
+            // Dropping the checkpoint's future drops its frozen pod, which thaws it.
+            if let Some(task) = tracked.task.take() {
+                task.abort();
+            }
+            tracked.state.send_modify(|op| {
+                op.state = pb::State::Cancelled as i32;
+                op.error_code = Code::Cancelled as i32;
+                op.error_message = "cancelled by the caller".to_owned();
+            });
+        }
+        Ok(Response::new(tracked.state.borrow().clone()))
+    }
+
+    async fn node_info(&self, _: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeFacts>, Status> {
+        let facts = self.agent.node_facts();
+        Ok(Response::new(pb::NodeFacts {
+            name: facts.name,
+            kernel: facts.kernel,
+            criu_version: facts.criu_version,
+            cgroup_version: facts.cgroup_version,
+            cpu_flags: facts.cpu_flags,
+        }))
+    }
+}

@@ -1,0 +1,340 @@
+//! The agent's gRPC service over mutual TLS, with a stand-in checkpointer: progress
+//! streams to the final state, a repeated call re-attaches instead of running again,
+//! errors carry the right code and a message naming the cause, cancel stops the
+//! operation, and clients without a certificate from the cluster's CA are refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cryopod_node_agent::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, Stage};
+use cryopod_node_agent::discovery::DiscoveryError;
+use cryopod_node_agent::freeze::FreezeReport;
+use cryopod_node_agent::package::{MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts};
+use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
+use cryopod_node_agent::server::pb::node_agent_server::NodeAgentServer;
+use cryopod_node_agent::server::{AgentService, Checkpointer, pb};
+use futures::StreamExt;
+use object_store::ObjectStore;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+
+/// Behaves as told: succeed, fail as the pod is missing, or wait until cancelled.
+struct Stand {
+    calls: AtomicUsize,
+    mode: &'static str,
+    dropped_while_running: Arc<AtomicBool>,
+}
+
+struct DropFlag(Arc<AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Checkpointer for Stand {
+    async fn checkpoint(
+        &self,
+        req: CheckpointRequest,
+        _store: Arc<dyn ObjectStore>,
+        progress: Box<dyn Fn(Stage) + Send + Sync>,
+    ) -> Result<CheckpointOutcome, CheckpointError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        progress(Stage::Discovering);
+        match self.mode {
+            "missing" => Err(CheckpointError::Discovery {
+                source: DiscoveryError::PodNotRunning { pod_uid: req.pod.uid },
+            }),
+            "hang" => {
+                let _guard = DropFlag(self.dropped_while_running.clone());
+                progress(Stage::Freezing);
+                futures::future::pending::<()>().await;
+                unreachable!()
+            }
+            _ => {
+                for stage in [Stage::Freezing, Stage::Dumping, Stage::Thawed, Stage::Storing] {
+                    progress(stage);
+                }
+                Ok(CheckpointOutcome {
+                    manifest: Manifest {
+                        api_version: MANIFEST_API_VERSION.into(),
+                        kind: MANIFEST_KIND.into(),
+                        pod: req.pod,
+                        node: self.node_facts(),
+                        checkpointed_at: "2026-01-01T00:00:00Z".into(),
+                        freeze_window_millis: 42,
+                        containers: vec![],
+                        shared: vec![],
+                        objects: vec![],
+                    },
+                    manifest_digest: "sha256:abc".into(),
+                    freeze: FreezeReport {
+                        window: Duration::from_millis(42),
+                        settle: Duration::ZERO,
+                        expired: false,
+                    },
+                    dump: Duration::from_millis(30),
+                    upload: Duration::from_millis(20),
+                })
+            }
+        }
+    }
+
+    fn node_facts(&self) -> NodeFacts {
+        NodeFacts {
+            name: "node-1".into(),
+            kernel: "6.18".into(),
+            criu_version: "4.2.1".into(),
+            ..Default::default()
+        }
+    }
+}
+
+struct Pki {
+    ca: String,
+    server: Identity,
+    client: Identity,
+    stranger: Identity,
+}
+
+fn pki() -> Pki {
+    let issuer = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let (ca, other_ca) = (issuer("cryopod-ca"), issuer("someone-else"));
+    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, issuer).unwrap();
+        Identity::from_pem(cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca.pem(),
+        server: leaf(&ca, vec!["localhost".into()]),
+        client: leaf(&ca, vec!["cryopod-operator".into()]),
+        stranger: leaf(&other_ca, vec!["cryopod-operator".into()]),
+    }
+}
+
+async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>) {
+    let stand = Arc::new(stand);
+    struct Shared(Arc<Stand>);
+    impl Checkpointer for Shared {
+        fn checkpoint(
+            &self,
+            req: CheckpointRequest,
+            store: Arc<dyn ObjectStore>,
+            progress: Box<dyn Fn(Stage) + Send + Sync>,
+        ) -> impl std::future::Future<Output = Result<CheckpointOutcome, CheckpointError>> + Send {
+            let inner = self.0.clone();
+            async move { inner.checkpoint(req, store, progress).await }
+        }
+        fn node_facts(&self) -> NodeFacts {
+            self.0.node_facts()
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(pki.server.clone())
+        .client_ca_root(Certificate::from_pem(&pki.ca));
+    let service = NodeAgentServer::new(AgentService::new(Shared(stand.clone())));
+    tokio::spawn(
+        Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (format!("https://localhost:{}", addr.port()), stand)
+}
+
+async fn client(
+    url: &str,
+    pki: &Pki,
+    identity: Option<&Identity>,
+) -> Result<NodeAgentClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if let Some(identity) = identity {
+        tls = tls.identity(identity.clone());
+    }
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(NodeAgentClient::new(channel))
+}
+
+fn request(id: &str) -> pb::CheckpointRequest {
+    pb::CheckpointRequest {
+        operation_id: id.into(),
+        pod: Some(pb::PodRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: "uid-1".into(),
+        }),
+        storage: Some(pb::Storage {
+            backend: Some(pb::storage::Backend::S3(pb::S3Storage {
+                bucket: "b".into(),
+                endpoint: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            })),
+        }),
+        prefix: "ns/p/".into(),
+        tcp_established: true,
+        max_freeze_seconds: 30,
+    }
+}
+
+fn stand(mode: &'static str) -> Stand {
+    Stand {
+        calls: AtomicUsize::new(0),
+        mode,
+        dropped_while_running: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+#[tokio::test]
+async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
+    let pki = pki();
+    let (url, stand) = serve(stand("ok"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let ops: Vec<pb::Operation> = agent
+        .checkpoint(request("op-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|o| o.unwrap())
+        .collect()
+        .await;
+    let last = ops.last().unwrap();
+    assert_eq!(last.state, pb::State::Succeeded as i32);
+    assert_eq!(last.stage, pb::Stage::Done as i32);
+    assert_eq!(last.result.as_ref().unwrap().manifest_digest, "sha256:abc");
+    assert_eq!(last.result.as_ref().unwrap().freeze_window_millis, 42);
+
+    let again: Vec<pb::Operation> = agent
+        .checkpoint(request("op-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|o| o.unwrap())
+        .collect()
+        .await;
+    assert_eq!(
+        again,
+        vec![last.clone()],
+        "the same id re-attaches to the finished operation"
+    );
+    assert_eq!(stand.calls.load(Ordering::SeqCst), 1, "and does not run it again");
+    let got = agent
+        .get_operation(pb::GetOperationRequest {
+            operation_id: "op-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&got, last);
+    let facts = agent.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((facts.name.as_str(), facts.criu_version.as_str()), ("node-1", "4.2.1"));
+}
+
+#[tokio::test]
+async fn failures_carry_a_code_and_the_cause() {
+    let pki = pki();
+    let (url, _) = serve(stand("missing"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let ops: Vec<pb::Operation> = agent
+        .checkpoint(request("op-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|o| o.unwrap())
+        .collect()
+        .await;
+    let last = ops.last().unwrap();
+    assert_eq!(last.state, pb::State::Failed as i32);
+    assert_eq!(last.error_code, tonic::Code::NotFound as i32);
+    assert!(last.error_message.contains("uid-1"), "{}", last.error_message);
+
+    let mut bad = request("op-3");
+    bad.storage = None;
+    let status = agent.checkpoint(bad).await.err().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("storage"), "{}", status.message());
+    let status = agent.checkpoint(request("../escape")).await.err().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = agent
+        .get_operation(pb::GetOperationRequest {
+            operation_id: "nope".into(),
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_operation() {
+    let pki = pki();
+    let (url, stand) = serve(stand("hang"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let mut stream = agent.checkpoint(request("op-4")).await.unwrap().into_inner();
+    // Wait until it reports freezing, then cancel.
+    while let Some(op) = stream.next().await {
+        if op.unwrap().stage == pb::Stage::Freezing as i32 {
+            break;
+        }
+    }
+    let cancelled = agent
+        .cancel(pb::CancelRequest {
+            operation_id: "op-4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, pb::State::Cancelled as i32);
+    let last = stream.map(|o| o.unwrap()).collect::<Vec<_>>().await.pop().unwrap();
+    assert_eq!(
+        last.state,
+        pb::State::Cancelled as i32,
+        "the stream ends with the cancellation"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !stand.dropped_while_running.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the running checkpoint was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn clients_need_a_certificate_from_the_cluster_ca() {
+    let pki = pki();
+    let (url, _) = serve(stand("ok"), &pki).await;
+    for identity in [None, Some(&pki.stranger)] {
+        let refused = match client(&url, &pki, identity).await {
+            Err(_) => true,
+            Ok(mut agent) => agent.node_info(pb::NodeInfoRequest {}).await.is_err(),
+        };
+        assert!(
+            refused,
+            "a client {} was served",
+            if identity.is_some() {
+                "with a foreign certificate"
+            } else {
+                "without a certificate"
+            }
+        );
+    }
+}
