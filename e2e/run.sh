@@ -15,6 +15,8 @@ export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
 
 # Compile before the cluster starts, so its start-up time is not spent building.
 cargo test --locked -p cryopod-e2e --no-run --quiet
+cargo build --locked -p cryopod-node-agent --bin cryopod-node-agent --quiet
+export CRYOPOD_AGENT_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-node-agent"
 
 down() {
   [[ ${CRYOPOD_KEEP_CLUSTER:-0} == 1 ]] && { log "keeping the cluster (CRYOPOD_KEEP_CLUSTER=1)"; return; }

@@ -631,3 +631,262 @@ async fn with_the_store_down_the_checkpoint_fails_cleanly() {
     .await;
     assert!(left.is_empty(), "nothing was stored: {left:?}");
 }
+
+/// The agent binary, killed when the test ends.
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// TLS material of one test: the cryopod CA, the agent's serving pair (in `dir`, as
+/// the agent reads it) and the operator's client identity.
+struct AgentTls {
+    dir: tempfile::TempDir,
+    ca: String,
+    client: tonic::transport::Identity,
+}
+
+fn agent_tls() -> AgentTls {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (client_cert, client_key) = leaf("cryopod-operator");
+    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), server_cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), server_key).unwrap();
+    AgentTls {
+        dir,
+        ca: ca.pem(),
+        client: tonic::transport::Identity::from_pem(client_cert, client_key),
+    }
+}
+
+/// Starts the agent binary for `node` on a loopback port and connects to it over mTLS.
+async fn start_agent(
+    tb: &Testbed,
+    node: &str,
+    tls: &AgentTls,
+    state: &std::path::Path,
+) -> (
+    AgentProcess,
+    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+) {
+    use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let launcher = std::fs::read_to_string(tb.dir.join(format!("pids/{node}.pid"))).unwrap();
+    let process = AgentProcess(
+        std::process::Command::new(agent_bin)
+            .env("CRYOPOD_NODE_NAME", node)
+            .env("CRYOPOD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CRYOPOD_TLS_DIR", tls.dir.path())
+            .env("CRYOPOD_CRI_SOCKET", cri_socket(tb, node))
+            .env("CRYOPOD_CGROUP", "v1:/sys/fs/cgroup/freezer")
+            .env("CRYOPOD_STATE_DIR", state)
+            .env("CRYOPOD_NODE_EXEC", format!("nsenter -t {} -m --", launcher.trim()))
+            .env("CRYOPOD_CRIU_DIR", tb.node_packages.join("bin"))
+            .spawn()
+            .unwrap(),
+    );
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca))
+        .identity(tls.client.clone())
+        .domain_name("localhost");
+    let url = format!("https://localhost:{port}");
+    let client = wait_until("the agent to serve", Duration::from_secs(30), || async {
+        let channel = Channel::from_shared(url.clone())
+            .ok()?
+            .tls_config(config.clone())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        Some(NodeAgentClient::new(channel))
+    })
+    .await
+    .unwrap();
+    (process, client)
+}
+
+/// What the operator would send for the trio pod, storing into the testbed's S3 server.
+fn grpc_request(
+    tb: &Testbed,
+    ns: &TestNamespace,
+    trio: &Trio,
+    pod_uid: &str,
+    prefix: &str,
+) -> cryopod_node_agent::server::pb::CheckpointRequest {
+    use cryopod_node_agent::server::pb;
+    pb::CheckpointRequest {
+        operation_id: format!("grpc-{}", &trio.runtime.sandbox_id[..12]),
+        pod: Some(pb::PodRef {
+            namespace: ns.name.clone(),
+            name: "trio".into(),
+            uid: pod_uid.to_owned(),
+        }),
+        storage: Some(pb::Storage {
+            backend: Some(pb::storage::Backend::S3(pb::S3Storage {
+                endpoint: tb.s3.endpoint.clone(),
+                bucket: tb.s3.bucket.clone(),
+                region: "us-east-1".into(),
+                force_path_style: true,
+                access_key_id: tb.s3.access_key.clone(),
+                secret_access_key: tb.s3.secret_key.clone(),
+            })),
+        }),
+        prefix: prefix.to_owned(),
+        tcp_established: true,
+        max_freeze_seconds: 30,
+    }
+}
+
+/// The agent binary on node-1, serving mutual TLS on a loopback port; the operator's
+/// side of the conversation over gRPC: NodeInfo, then a whole checkpoint into S3.
+#[tokio::test]
+async fn the_agent_binary_checkpoints_a_pod_over_mtls() {
+    use cryopod_node_agent::server::pb;
+    use object_store::ObjectStoreExt;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-grpc").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let trio = start_trio(&tb, &client, &ns, &node).await;
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (_process, mut agent) = start_agent(&tb, &node, &tls, &state).await;
+
+    let facts = agent.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            facts.name.as_str(),
+            facts.criu_version.as_str(),
+            facts.cgroup_version.as_str()
+        ),
+        (node.as_str(), "4.2.1", "V1")
+    );
+    assert!(!facts.kernel.is_empty() && !facts.cpu_flags.is_empty());
+
+    let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
+    let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
+    let at_start = counts(&trio.data);
+    let mut stream = agent
+        .checkpoint(grpc_request(&tb, &ns, &trio, &pod_uid, &prefix))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stages = Vec::new();
+    let mut last = None;
+    while let Some(op) = futures::StreamExt::next(&mut stream).await {
+        let op = op.unwrap();
+        stages.push(op.stage);
+        last = Some(op);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, pb::State::Succeeded as i32, "{}", last.error_message);
+    assert!(
+        stages.contains(&(pb::Stage::Storing as i32)) && stages.last() == Some(&(pb::Stage::Done as i32)),
+        "{stages:?}"
+    );
+    let result = last.result.unwrap();
+    println!(
+        "over gRPC: freeze window {} ms, dump {} ms, upload {} ms, {} bytes stored in {} objects",
+        result.freeze_window_millis, result.dump_millis, result.upload_millis, result.stored_bytes, result.objects
+    );
+    assert_eq!(result.containers, NAMES);
+    assert_counting_on(&ns, &client, &trio.data, &at_start).await;
+
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let manifest = store
+        .get(&object_store::path::Path::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let digest = cryopod_node_agent::package::sha256_hex(<sha2::Sha256 as sha2::Digest>::digest(&manifest));
+    assert_eq!(
+        digest, result.manifest_digest,
+        "the stored manifest is the one reported"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The agent killed with SIGKILL while the pod is frozen: its restart thaws the pod
+/// (from the crash journal) before it serves, well within the freeze deadline.
+#[tokio::test]
+async fn an_agent_killed_during_the_freeze_thaws_the_pod_on_restart() {
+    use cryopod_node_agent::server::pb;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-crash").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let trio = start_trio(&tb, &client, &ns, &node).await;
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (mut process, mut agent) = start_agent(&tb, &node, &tls, &state).await;
+    let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
+    let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
+
+    let mut stream = agent
+        .checkpoint(grpc_request(&tb, &ns, &trio, &pod_uid, &prefix))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(op) = futures::StreamExt::next(&mut stream).await {
+        if op.unwrap().stage == pb::Stage::Dumping as i32 {
+            break;
+        }
+    }
+    process.0.kill().unwrap(); // SIGKILL while the pod is frozen
+    process.0.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let freezer = V1Freezer::new("/sys/fs/cgroup/freezer");
+    let frozen: Vec<_> = trio
+        .runtime
+        .containers
+        .iter()
+        .filter(|c| freezer.state(&c.cgroup).ok() == Some(FreezerState::Frozen))
+        .collect();
+    assert!(!frozen.is_empty(), "the pod is still frozen after the agent died");
+    let at_kill = counts(&trio.data);
+
+    let (_restarted, _) = start_agent(&tb, &node, &tls, &state).await;
+    for c in &trio.runtime.containers {
+        assert_eq!(
+            freezer.state(&c.cgroup).unwrap(),
+            FreezerState::Thawed,
+            "{} thawed by the restarted agent",
+            c.name
+        );
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "thawed within the 30 s freeze deadline"
+    );
+    assert_counting_on(&ns, &client, &trio.data, &at_kill).await;
+    let journal = Journal::open(state.join("journal")).unwrap();
+    assert!(journal.entries().unwrap().is_empty(), "the journal is clean");
+    let _ = std::fs::remove_dir_all(&state);
+}

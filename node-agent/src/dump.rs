@@ -26,7 +26,7 @@ pub struct NodeExec {
 }
 
 impl NodeExec {
-    fn command(&self, program: &Path) -> tokio::process::Command {
+    pub(crate) fn command(&self, program: &Path) -> tokio::process::Command {
         let mut words = self.prefix.iter();
         let mut cmd = match words.next() {
             Some(first) => {

@@ -17,5 +17,6 @@ pub mod dump;
 pub mod freeze;
 pub mod journal;
 pub mod package;
+pub mod run;
 pub mod server;
 pub mod store;

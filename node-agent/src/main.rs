@@ -1,0 +1,26 @@
+//! `cryopod-node-agent`: reads its settings from the environment and runs the agent.
+//! Fatal errors go to stderr and to /dev/termination-log, where Kubernetes shows them.
+
+use std::process::ExitCode;
+
+use cryopod_node_agent::run::{AgentConfig, run};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match AgentConfig::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(config) => run(config).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            let message = format!("cryopod-node-agent: {e}{cause}");
+            eprintln!("{message}");
+            let _ = std::fs::write("/dev/termination-log", &message);
+            ExitCode::FAILURE
+        }
+    }
+}

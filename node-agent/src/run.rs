@@ -1,0 +1,242 @@
+//! The agent process: configuration from the environment (the DaemonSet sets it,
+//! the node name from the downward API), crash recovery before serving, then the gRPC
+//! service over mutual TLS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::cgroup::{CgroupVersion, Freezer, freezer_for};
+use crate::checkpoint::NodeAgent;
+use crate::cri::CriClient;
+use crate::dump::NodeExec;
+use crate::journal::{Journal, recover};
+use crate::package::NodeFacts;
+use crate::server::AgentService;
+use crate::server::pb::node_agent_server::NodeAgentServer;
+
+/// Settings of the agent process.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `CRYOPOD_NODE_NAME` (required; the downward API's `spec.nodeName`).
+    pub node_name: String,
+    /// `CRYOPOD_LISTEN`, default `0.0.0.0:9443`.
+    pub listen: SocketAddr,
+    /// `CRYOPOD_TLS_DIR` (required): `tls.crt`, `tls.key` and the client CA `ca.crt`.
+    pub tls_dir: PathBuf,
+    /// `CRYOPOD_CRI_SOCKET`, default `/run/containerd/containerd.sock`.
+    pub cri_socket: PathBuf,
+    /// `CRYOPOD_CGROUP`: `v1:<freezer mount>` or `v2:<unified mount>`; detected if unset.
+    pub cgroup: (CgroupVersion, PathBuf),
+    /// `CRYOPOD_STATE_DIR`, default `/var/lib/cryopod`: `journal/` and `work/`.
+    pub state_dir: PathBuf,
+    /// `CRYOPOD_NODE_EXEC`: words put before node commands, e.g. `nsenter -t 1 -m --`.
+    pub node_exec: Vec<String>,
+    /// `CRYOPOD_CRIU_DIR`: a directory put first in PATH for runc to find `criu`.
+    pub criu_dir: Option<PathBuf>,
+}
+
+/// Starting or running the agent failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// A setting is missing or malformed.
+    Config { variable: &'static str, problem: String },
+    /// A TLS file could not be read.
+    Tls { path: PathBuf, source: std::io::Error },
+    /// The crash journal could not be read.
+    Journal { source: crate::journal::JournalError },
+    /// The container runtime could not be reached.
+    Runtime { source: crate::cri::CriError },
+    /// The server failed.
+    Serve { source: tonic::transport::Error },
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Config { variable, problem } => write!(f, "{variable}: {problem}"),
+            Self::Tls { path, .. } => write!(f, "cannot read {}", path.display()),
+            Self::Journal { .. } => write!(f, "cannot recover from the crash journal"),
+            Self::Runtime { .. } => write!(f, "cannot reach the container runtime"),
+            Self::Serve { .. } => write!(f, "the gRPC server failed"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Config { .. } => None,
+            Self::Tls { source, .. } => Some(source),
+            Self::Journal { source } => Some(source),
+            Self::Runtime { source } => Some(source),
+            Self::Serve { source } => Some(source),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads the settings from a lookup (the environment in production).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, RunError> {
+        let required = |variable: &'static str| {
+            get(variable).filter(|v| !v.is_empty()).ok_or(RunError::Config {
+                variable,
+                problem: "is required".into(),
+            })
+        };
+        let listen = get("CRYOPOD_LISTEN").unwrap_or_else(|| "0.0.0.0:9443".into());
+        let listen = listen.parse().map_err(|e| RunError::Config {
+            variable: "CRYOPOD_LISTEN",
+            problem: format!("{listen:?}: {e}"),
+        })?;
+        let cgroup = match get("CRYOPOD_CGROUP") {
+            Some(spec) => match spec.split_once(':') {
+                Some(("v1", root)) => (CgroupVersion::V1, PathBuf::from(root)),
+                Some(("v2", root)) => (CgroupVersion::V2, PathBuf::from(root)),
+                _ => {
+                    return Err(RunError::Config {
+                        variable: "CRYOPOD_CGROUP",
+                        problem: format!("{spec:?} is not v1:<path> or v2:<path>"),
+                    });
+                }
+            },
+            None if Path::new("/sys/fs/cgroup/freezer/freezer.state").exists()
+                || Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists() =>
+            {
+                (CgroupVersion::V1, PathBuf::from("/sys/fs/cgroup/freezer"))
+            }
+            None => (CgroupVersion::V2, PathBuf::from("/sys/fs/cgroup")),
+        };
+        Ok(Self {
+            node_name: required("CRYOPOD_NODE_NAME")?,
+            listen,
+            tls_dir: PathBuf::from(required("CRYOPOD_TLS_DIR")?),
+            cri_socket: PathBuf::from(
+                get("CRYOPOD_CRI_SOCKET").unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+            ),
+            cgroup,
+            state_dir: PathBuf::from(get("CRYOPOD_STATE_DIR").unwrap_or_else(|| "/var/lib/cryopod".into())),
+            node_exec: get("CRYOPOD_NODE_EXEC")
+                .map(|v| v.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
+        })
+    }
+}
+
+/// Facts of this node: kernel, CRIU version, cgroup interface, CPU flags.
+pub async fn node_facts(config: &AgentConfig, exec: &NodeExec) -> NodeFacts {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let criu_version = match exec.command(Path::new("criu")).arg("--version").output().await {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_owned()))
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("flags")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, f)| f.to_owned())
+        })
+        .map(|f| f.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    NodeFacts {
+        name: config.node_name.clone(),
+        kernel,
+        criu_version,
+        cgroup_version: format!("{:?}", config.cgroup.0),
+        cpu_flags,
+    }
+}
+
+/// Recovers from the journal, then serves until the server fails.
+pub async fn run(config: AgentConfig) -> Result<(), RunError> {
+    let journal = Journal::open(config.state_dir.join("journal")).map_err(|source| RunError::Journal { source })?;
+    // Before serving anything: thaw whatever a crashed predecessor left frozen.
+    for recovered in recover(&journal).map_err(|source| RunError::Journal { source })? {
+        let id = recovered
+            .entry
+            .as_ref()
+            .map_or("unreadable entry", |e| e.operation_id.as_str());
+        if recovered.failures.is_empty() {
+            eprintln!(
+                "recovered: thawed the pod of operation {id} ({})",
+                recovered.path.display()
+            );
+        } else {
+            eprintln!("recovery of {id} incomplete: {:?}", recovered.failures);
+        }
+    }
+    let read = |name: &str| {
+        let path = config.tls_dir.join(name);
+        std::fs::read(&path).map_err(|source| RunError::Tls { path, source })
+    };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
+        .client_ca_root(Certificate::from_pem(read("ca.crt")?));
+    let exec = NodeExec {
+        prefix: config.node_exec.iter().map(Into::into).collect(),
+        path_dirs: config.criu_dir.iter().cloned().collect(),
+    };
+    let node = node_facts(&config, &exec).await;
+    let freezer: Arc<dyn Freezer> = Arc::from(freezer_for(config.cgroup.0, &config.cgroup.1));
+    let runtime = CriClient::connect(&config.cri_socket)
+        .await
+        .map_err(|source| RunError::Runtime { source })?;
+    let agent = NodeAgent {
+        runtime,
+        freezer,
+        journal,
+        exec,
+        work_dir: config.state_dir.join("work"),
+        node,
+    };
+    eprintln!("serving on {} for node {}", config.listen, config.node_name);
+    Server::builder()
+        .tls_config(tls)
+        .map_err(|source| RunError::Serve { source })?
+        .add_service(NodeAgentServer::new(AgentService::new(agent)))
+        .serve(config.listen)
+        .await
+        .map_err(|source| RunError::Serve { source })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn settings_name_the_variable_at_fault() {
+        let env: HashMap<&str, &str> = HashMap::from([("CRYOPOD_TLS_DIR", "/tls")]);
+        let err = AgentConfig::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
+        assert_eq!(err.to_string(), "CRYOPOD_NODE_NAME: is required");
+        let env: HashMap<&str, &str> = HashMap::from([
+            ("CRYOPOD_NODE_NAME", "node-1"),
+            ("CRYOPOD_TLS_DIR", "/tls"),
+            ("CRYOPOD_CGROUP", "v3:/x"),
+        ]);
+        let err = AgentConfig::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
+        assert!(err.to_string().starts_with("CRYOPOD_CGROUP:"), "{err}");
+        let env: HashMap<&str, &str> = HashMap::from([
+            ("CRYOPOD_NODE_NAME", "node-1"),
+            ("CRYOPOD_TLS_DIR", "/tls"),
+            ("CRYOPOD_CGROUP", "v1:/sys/fs/cgroup/freezer"),
+            ("CRYOPOD_NODE_EXEC", "nsenter -t 1 -m --"),
+        ]);
+        let config = AgentConfig::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap();
+        assert_eq!(config.node_exec, ["nsenter", "-t", "1", "-m", "--"]);
+        assert_eq!(config.listen.port(), 9443);
+    }
+}
