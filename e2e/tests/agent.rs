@@ -441,6 +441,54 @@ fn tar_members(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A checkpoint of the trio pod into the testbed's S3 server, by the agent library.
+struct TrioCheckpoint {
+    trio: Trio,
+    outcome: cryopod_node_agent::checkpoint::CheckpointOutcome,
+    stages: Vec<cryopod_node_agent::checkpoint::Stage>,
+    prefix: String,
+    store: Arc<dyn object_store::ObjectStore>,
+    at_start: Vec<u64>,
+}
+
+/// Starts the trio pod in `ns` on the first node and checkpoints it.
+async fn checkpoint_trio(tb: &Testbed, client: &kube::Client, ns: &TestNamespace, op: &str) -> TrioCheckpoint {
+    let node = tb.nodes[0].clone();
+    let trio = start_trio(tb, client, ns, &node).await;
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let agent = node_agent(
+        tb,
+        &node,
+        CriClient::connect(&cri_socket(tb, &node)).await.unwrap(),
+        journal,
+        freezer,
+    );
+    let pod_uid = ns.pods(client).get("trio").await.unwrap().metadata.uid.unwrap();
+    let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
+    let request = trio_request(
+        ns,
+        &pod_uid,
+        format!("{op}-{}", &trio.runtime.sandbox_id[..12]),
+        prefix.clone(),
+    );
+    let at_start = counts(&trio.data);
+    let stages = std::sync::Mutex::new(Vec::new());
+    let outcome = agent
+        .checkpoint(&request, store.clone(), &|stage| stages.lock().unwrap().push(stage))
+        .await
+        .unwrap();
+    let stages = stages.into_inner().unwrap();
+    TrioCheckpoint {
+        trio,
+        outcome,
+        stages,
+        prefix,
+        store,
+        at_start,
+    }
+}
+
 /// The whole checkpoint of a three-container pod into the testbed's S3 server: the
 /// pod keeps counting, every object matches the manifest's digest, checkpointctl reads
 /// every container archive, and /dev/shm, the emptyDir and the rootfs changes are in.
@@ -453,27 +501,14 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-ckpt").await.unwrap();
-    let node = tb.nodes[0].clone();
-    let trio = start_trio(&tb, &client, &ns, &node).await;
-    let (freezer, _journal_dir, journal) = freeze_tools();
-    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
-    let agent = node_agent(
-        &tb,
-        &node,
-        CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
-        journal,
-        freezer,
-    );
-    let uid = trio.runtime.sandbox_id.clone();
-    let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
-    let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
-    let request = trio_request(&ns, &pod_uid, format!("e2e-{}", &uid[..12]), prefix.clone());
-    let at_start = counts(&trio.data);
-    let stages = std::sync::Mutex::new(Vec::new());
-    let outcome = agent
-        .checkpoint(&request, store.clone(), &|stage| stages.lock().unwrap().push(stage))
-        .await
-        .unwrap();
+    let TrioCheckpoint {
+        trio,
+        outcome,
+        stages,
+        prefix,
+        store,
+        at_start,
+    } = checkpoint_trio(&tb, &client, &ns, "e2e").await;
     {
         use cryopod_node_agent::checkpoint::Stage;
         let expected = [
@@ -483,7 +518,7 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
             Stage::Thawed,
             Stage::Storing,
         ];
-        assert_eq!(*stages.lock().unwrap(), expected, "progress is reported stage by stage");
+        assert_eq!(stages, expected, "progress is reported stage by stage");
     }
     println!(
         "freeze window {:?} (settle {:?}), captures+dumps {:?}, package+upload+verify {:?}, manifest {}",
@@ -889,4 +924,332 @@ async fn an_agent_killed_during_the_freeze_thaws_the_pod_on_restart() {
     let journal = Journal::open(state.join("journal")).unwrap();
     assert!(journal.entries().unwrap().is_empty(), "the journal is clean");
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Restored containers and their sandbox, run by runc outside Kubernetes; removed
+/// (processes, runc state, cgroups, files) when dropped.
+struct PlainRestore {
+    runc_root: PathBuf,
+    ids: Vec<String>,
+    cgroup: String,
+    dir: PathBuf,
+}
+
+impl Drop for PlainRestore {
+    fn drop(&mut self) {
+        for id in self.ids.iter().rev() {
+            let runc = |args: &[&str]| {
+                std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.runc_root)
+                    .args(args)
+                    .output()
+            };
+            let _ = runc(&["kill", id, "KILL"]);
+            let _ = runc(&["delete", "-f", id]);
+        }
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let root = hierarchy.path().join(self.cgroup.trim_start_matches('/'));
+            let mut dirs: Vec<PathBuf> = std::iter::once(root.clone())
+                .chain(
+                    std::fs::read_dir(&root)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir()),
+                )
+                .collect();
+            dirs.reverse();
+            for dir in dirs {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a command that leaves a detached process behind: its output goes to `log`
+/// (a pipe would be held open by the detached process forever).
+fn run_detached(cmd: &mut std::process::Command, log: &std::path::Path) {
+    let file = std::fs::File::create(log).unwrap();
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{cmd:?} failed: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Unpacks the single layer of an OCI archive built by `oci-image` into `rootfs`.
+fn unpack_image(archive: &std::path::Path, rootfs: &std::path::Path) {
+    let members: std::collections::HashMap<String, Vec<u8>> =
+        tar_members(&std::fs::read(archive).unwrap()).into_iter().collect();
+    let index: serde_json::Value = serde_json::from_slice(&members["index.json"]).unwrap();
+    let blob = |digest: &serde_json::Value| {
+        &members[&format!(
+            "blobs/sha256/{}",
+            digest.as_str().unwrap().trim_start_matches("sha256:")
+        )]
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(blob(&index["manifests"][0]["digest"])).unwrap();
+    tar::Archive::new(blob(&manifest["layers"][0]["digest"]).as_slice())
+        .unpack(rootfs)
+        .unwrap();
+}
+
+/// Checkpoint → plain runc restore into a new sandbox: the pod's containers continue
+/// from where they were frozen, with /dev/shm, the emptyDir and their rootfs changes.
+#[tokio::test]
+async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path as ObjectPath;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-restore").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let TrioCheckpoint {
+        outcome, prefix, store, ..
+    } = checkpoint_trio(&tb, &client, &ns, "restore").await;
+    let mut objects = std::collections::HashMap::new();
+    for object in &outcome.manifest.objects {
+        let key = ObjectPath::from(format!("{prefix}{}", object.key));
+        objects.insert(
+            object.key.clone(),
+            unzstd(&store.get(&key).await.unwrap().bytes().await.unwrap()),
+        );
+        store.delete(&key).await.unwrap();
+    }
+    store
+        .delete(&ObjectPath::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap();
+
+    // The new sandbox: a pause process owning fresh net, IPC and UTS namespaces.
+    let dir = tb.dir.join(format!("e2e-restore-{}", ns.name));
+    let runc_root = dir.join("runc");
+    let cgroup = format!("/cryopod-{node}/e2e-restore-{}", ns.name);
+    let mut restore = PlainRestore {
+        runc_root: runc_root.clone(),
+        ids: vec![],
+        cgroup: cgroup.clone(),
+        dir: dir.clone(),
+    };
+    let sandbox = dir.join("sandbox");
+    std::fs::create_dir_all(sandbox.join("rootfs")).unwrap();
+    std::fs::copy("/usr/bin/catatonit", sandbox.join("rootfs/pause")).unwrap();
+    run_ok(
+        std::process::Command::new("runc")
+            .args(["spec", "--bundle"])
+            .arg(&sandbox),
+    );
+    let spec_path = sandbox.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&spec_path).unwrap()).unwrap();
+    spec["process"]["args"] = json!(["/pause", "-P"]);
+    spec["process"]["terminal"] = json!(false);
+    spec["root"] = json!({"path": "rootfs", "readonly": false});
+    spec["linux"]["namespaces"] =
+        json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
+    spec["linux"]["cgroupsPath"] = json!(format!("{cgroup}/sandbox"));
+    std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let sandbox_id = format!("{}-sandbox", ns.name);
+    run_detached(
+        std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&sandbox)
+            .arg(&sandbox_id),
+        &dir.join("sandbox.log"),
+    );
+    restore.ids.push(sandbox_id.clone());
+    let state: serde_json::Value = serde_json::from_str(&run_ok(
+        std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["state", &sandbox_id]),
+    ))
+    .unwrap();
+    let sandbox_pid = state["pid"].as_u64().unwrap();
+    run_ok(std::process::Command::new("nsenter").args([
+        "-t",
+        &sandbox_pid.to_string(),
+        "-n",
+        "ip",
+        "link",
+        "set",
+        "lo",
+        "up",
+    ]));
+
+    // Pod-level state first: /dev/shm and the emptyDir, from their captures.
+    let shm = dir.join("shm");
+    let volume = dir.join("volumes/data");
+    for (key, target) in [("pod/shm.tar.zst", &shm), ("pod/volume/data.tar.zst", &volume)] {
+        std::fs::create_dir_all(target).unwrap();
+        let inner = &tar_members(&objects[key])[0].1;
+        tar::Archive::new(inner.as_slice()).unpack(target).unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(shm.join("token")).unwrap().trim(), SHM_TOKEN);
+    let at_checkpoint = counts(&volume);
+    assert!(
+        at_checkpoint.iter().all(|&c| c > 2),
+        "the emptyDir holds the counters at the checkpoint: {at_checkpoint:?}"
+    );
+
+    // Stock CRIU 4.2's mount engine cannot restore the host's named cgroup hierarchy
+    // (mount-v2 "Failed to copy sharing"); its compatibility mode can.
+    let criu_conf = dir.join("criu.conf");
+    std::fs::write(&criu_conf, "mntns-compat-mode\n").unwrap();
+    for c in &outcome.manifest.containers {
+        let members = tar_members(&objects[&c.archive]);
+        let bundle = dir.join(&c.name);
+        let (rootfs, images) = (bundle.join("rootfs"), bundle.join("images"));
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::create_dir_all(&images).unwrap();
+        unpack_image(&tb.dir.join("images/busybox.tar"), &rootfs);
+        let mut spec: serde_json::Value = serde_json::Value::Null;
+        for (path, body) in &members {
+            if let Some(name) = path.strip_prefix("checkpoint/").filter(|n| !n.is_empty()) {
+                std::fs::write(images.join(name), body).unwrap();
+            } else if path == "spec.dump" {
+                spec = serde_json::from_slice(body).unwrap();
+            } else if path == "rootfs-diff.tar" {
+                // Changes over the image: entries as they are, `.wh.` markers as deletions.
+                let mut diff = tar::Archive::new(body.as_slice());
+                diff.set_overwrite(true);
+                for entry in diff.entries().unwrap() {
+                    let mut entry = entry.unwrap();
+                    let entry_path = entry.path().unwrap().into_owned();
+                    match entry_path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix(".wh."))
+                    {
+                        Some(deleted) => {
+                            let _ = std::fs::remove_file(rootfs.join(&entry_path).with_file_name(deleted));
+                        }
+                        None => {
+                            entry.unpack_in(&rootfs).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            c.name != "a" || (rootfs.join("tmp/marker").exists() && !rootfs.join("bin/true").exists()),
+            "a's rootfs changes are applied"
+        );
+
+        // The container joins the new sandbox; its mounts point at the restored state.
+        spec["root"] = json!({"path": rootfs, "readonly": false});
+        spec["process"]["terminal"] = json!(false);
+        for namespace in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+            if namespace.get("path").is_some() {
+                let kind = match namespace["type"].as_str().unwrap() {
+                    "network" => "net",
+                    other => other,
+                }
+                .to_owned();
+                namespace["path"] = json!(format!("/proc/{sandbox_pid}/ns/{kind}"));
+            }
+        }
+        spec["linux"]["cgroupsPath"] = json!(format!("{cgroup}/{}", c.name));
+        let scratch = bundle.join("mounts");
+        for (i, mount) in spec["mounts"].as_array_mut().unwrap().iter_mut().enumerate() {
+            if mount["type"] != "bind" {
+                continue;
+            }
+            let (destination, source) = (
+                mount["destination"].as_str().unwrap().to_owned(),
+                mount["source"].as_str().unwrap().to_owned(),
+            );
+            let replacement = if destination == "/dev/shm" {
+                shm.clone()
+            } else if source.contains("kubernetes.io~empty-dir/") {
+                volume.clone()
+            } else {
+                let path = scratch.join(i.to_string());
+                if std::path::Path::new(&source).is_dir() {
+                    std::fs::create_dir_all(&path).unwrap();
+                } else {
+                    std::fs::create_dir_all(&scratch).unwrap();
+                    std::fs::write(&path, b"").unwrap();
+                }
+                path
+            };
+            mount["source"] = json!(replacement);
+        }
+        spec["annotations"]["org.criu.config"] = json!(criu_conf);
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+        let id = format!("{}-{}", ns.name, c.name);
+        let path = format!(
+            "{}:{}",
+            tb.node_packages.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = bundle.join("runc.log");
+        let status = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["restore", "--detach", "--image-path"])
+            .arg(&images)
+            .arg("--work-path")
+            .arg(bundle.join("work"))
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(&id)
+            .env("PATH", path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(bundle.join("runc.err")).unwrap())
+            .status()
+            .unwrap();
+        let criu_log = std::fs::read_to_string(bundle.join("work/restore.log")).unwrap_or_default();
+        assert!(
+            status.success(),
+            "restoring {} failed: {}\n{}",
+            c.name,
+            std::fs::read_to_string(bundle.join("runc.err")).unwrap_or_default(),
+            cryopod_node_agent::dump::criu_log_excerpt(&criu_log)
+        );
+        restore.ids.push(id);
+    }
+
+    // Every restored counter goes on from its checkpointed value: its first writes are
+    // just above it (a counter started afresh would write 1, 2, ...).
+    let moved = wait_until("the restored counters to write", Duration::from_secs(20), || async {
+        let now = counts(&volume);
+        now.iter()
+            .zip(&at_checkpoint)
+            .all(|(now, then)| now != then)
+            .then_some(now)
+    })
+    .await
+    .unwrap();
+    println!("restored counters: at checkpoint {at_checkpoint:?}, first seen after restore {moved:?}");
+    for ((name, now), then) in NAMES.iter().zip(&moved).zip(&at_checkpoint) {
+        assert!(
+            now > then && *now < then + 100,
+            "counter {name} continued from {then}, saw {now}"
+        );
+    }
+    drop(restore);
 }
