@@ -202,33 +202,31 @@ fn stand(mode: &'static str) -> Stand {
     }
 }
 
-#[tokio::test]
-async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
-    let pki = pki();
-    let (url, stand) = serve(stand("ok"), &pki).await;
-    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
-    let ops: Vec<pb::Operation> = agent
-        .checkpoint(request("op-1"))
+/// Every state a Checkpoint call streams, to the end.
+async fn run_to_end(agent: &mut NodeAgentClient<Channel>, id: &str) -> Vec<pb::Operation> {
+    agent
+        .checkpoint(request(id))
         .await
         .unwrap()
         .into_inner()
         .map(|o| o.unwrap())
         .collect()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
+    let pki = pki();
+    let (url, stand) = serve(stand("ok"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let ops: Vec<pb::Operation> = run_to_end(&mut agent, "op-1").await;
     let last = ops.last().unwrap();
     assert_eq!(last.state, pb::State::Succeeded as i32);
     assert_eq!(last.stage, pb::Stage::Done as i32);
     assert_eq!(last.result.as_ref().unwrap().manifest_digest, "sha256:abc");
     assert_eq!(last.result.as_ref().unwrap().freeze_window_millis, 42);
 
-    let again: Vec<pb::Operation> = agent
-        .checkpoint(request("op-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|o| o.unwrap())
-        .collect()
-        .await;
+    let again: Vec<pb::Operation> = run_to_end(&mut agent, "op-1").await;
     assert_eq!(
         again,
         vec![last.clone()],
@@ -252,14 +250,7 @@ async fn failures_carry_a_code_and_the_cause() {
     let pki = pki();
     let (url, _) = serve(stand("missing"), &pki).await;
     let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
-    let ops: Vec<pb::Operation> = agent
-        .checkpoint(request("op-2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|o| o.unwrap())
-        .collect()
-        .await;
+    let ops: Vec<pb::Operation> = run_to_end(&mut agent, "op-2").await;
     let last = ops.last().unwrap();
     assert_eq!(last.state, pb::State::Failed as i32);
     assert_eq!(last.error_code, tonic::Code::NotFound as i32);
