@@ -1014,38 +1014,25 @@ fn unpack_image(archive: &std::path::Path, rootfs: &std::path::Path) {
         .unwrap();
 }
 
-/// Checkpoint → plain runc restore into a new sandbox: the pod's containers continue
-/// from where they were frozen, with /dev/shm, the emptyDir and their rootfs changes.
-#[tokio::test]
-async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
-    use object_store::ObjectStoreExt;
-    use object_store::path::Path as ObjectPath;
+/// A new sandbox beside the cluster (a pause process owning fresh net, IPC and UTS
+/// namespaces) with the checkpoint's shared state restored into `dir`.
+struct NewSandbox {
+    restore: PlainRestore,
+    pid: u64,
+    shm: PathBuf,
+}
 
-    let tb = Testbed::from_env().unwrap();
-    let client = tb.client().await.unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-restore").await.unwrap();
-    let node = tb.nodes[0].clone();
-    let TrioCheckpoint {
-        outcome, prefix, store, ..
-    } = checkpoint_trio(&tb, &client, &ns, "restore").await;
-    let mut objects = std::collections::HashMap::new();
-    for object in &outcome.manifest.objects {
-        let key = ObjectPath::from(format!("{prefix}{}", object.key));
-        objects.insert(
-            object.key.clone(),
-            unzstd(&store.get(&key).await.unwrap().bytes().await.unwrap()),
-        );
-        store.delete(&key).await.unwrap();
-    }
-    store
-        .delete(&ObjectPath::from(format!("{prefix}manifest.json")))
-        .await
-        .unwrap();
-
+fn new_sandbox(
+    tb: &Testbed,
+    ns_name: &str,
+    node: &str,
+    manifest: &cryopod_node_agent::package::Manifest,
+    objects: &std::collections::HashMap<String, Vec<u8>>,
+) -> NewSandbox {
     // The new sandbox: a pause process owning fresh net, IPC and UTS namespaces.
-    let dir = tb.dir.join(format!("e2e-restore-{}", ns.name));
+    let dir = tb.dir.join(format!("e2e-restore-{}", ns_name));
     let runc_root = dir.join("runc");
-    let cgroup = format!("/cryopod-{node}/e2e-restore-{}", ns.name);
+    let cgroup = format!("/cryopod-{node}/e2e-restore-{}", ns_name);
     let mut restore = PlainRestore {
         runc_root: runc_root.clone(),
         ids: vec![],
@@ -1069,7 +1056,7 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
     spec["linux"]["cgroupsPath"] = json!(format!("{cgroup}/sandbox"));
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
-    let sandbox_id = format!("{}-sandbox", ns.name);
+    let sandbox_id = format!("{}-sandbox", ns_name);
     run_detached(
         std::process::Command::new("runc")
             .arg("--root")
@@ -1099,26 +1086,66 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         "up",
     ]));
 
-    // Pod-level state first: /dev/shm and the emptyDir, from their captures.
+    // Pod-level state first: /dev/shm and the emptyDirs, from their captures.
     let shm = dir.join("shm");
-    let volume = dir.join("volumes/data");
-    for (key, target) in [("pod/shm.tar.zst", &shm), ("pod/volume/data.tar.zst", &volume)] {
-        std::fs::create_dir_all(target).unwrap();
+    for key in &manifest.shared {
+        let target = match key.strip_prefix("pod/volume/").and_then(|k| k.strip_suffix(".tar.zst")) {
+            Some(volume) => dir.join("volumes").join(volume),
+            None => shm.clone(),
+        };
+        std::fs::create_dir_all(&target).unwrap();
         let inner = &tar_members(&objects[key])[0].1;
-        tar::Archive::new(inner.as_slice()).unpack(target).unwrap();
+        tar::Archive::new(inner.as_slice()).unpack(&target).unwrap();
     }
-    assert_eq!(std::fs::read_to_string(shm.join("token")).unwrap().trim(), SHM_TOKEN);
-    let at_checkpoint = counts(&volume);
-    assert!(
-        at_checkpoint.iter().all(|&c| c > 2),
-        "the emptyDir holds the counters at the checkpoint: {at_checkpoint:?}"
-    );
+    NewSandbox {
+        restore,
+        pid: sandbox_pid,
+        shm,
+    }
+}
 
+/// Restores every container of the checkpoint into the sandbox. With `hold_network`,
+/// the sandbox's loopback drops every packet until the last container is back, so
+/// TCP peers inside the pod never see the other end missing.
+fn restore_containers(
+    tb: &Testbed,
+    sandbox: &mut NewSandbox,
+    ns_name: &str,
+    manifest: &cryopod_node_agent::package::Manifest,
+    objects: &std::collections::HashMap<String, Vec<u8>>,
+    hold_network: bool,
+) {
+    let (dir, runc_root, cgroup, sandbox_pid, shm) = (
+        sandbox.restore.dir.clone(),
+        sandbox.restore.runc_root.clone(),
+        sandbox.restore.cgroup.clone(),
+        sandbox.pid,
+        sandbox.shm.clone(),
+    );
+    let restore = &mut sandbox.restore;
+    let iptables = |op: &str, chain: &str, dev: &str| {
+        run_ok(std::process::Command::new("nsenter").args([
+            "-t",
+            &sandbox_pid.to_string(),
+            "-n",
+            "iptables",
+            op,
+            chain,
+            dev,
+            "lo",
+            "-j",
+            "DROP",
+        ]));
+    };
+    if hold_network {
+        iptables("-I", "INPUT", "-i");
+        iptables("-I", "OUTPUT", "-o");
+    }
     // Stock CRIU 4.2's mount engine cannot restore the host's named cgroup hierarchy
     // (mount-v2 "Failed to copy sharing"); its compatibility mode can.
     let criu_conf = dir.join("criu.conf");
     std::fs::write(&criu_conf, "mntns-compat-mode\n").unwrap();
-    for c in &outcome.manifest.containers {
+    for c in &manifest.containers {
         let members = tar_members(&objects[&c.archive]);
         let bundle = dir.join(&c.name);
         let (rootfs, images) = (bundle.join("rootfs"), bundle.join("images"));
@@ -1153,10 +1180,6 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
                 }
             }
         }
-        assert!(
-            c.name != "a" || (rootfs.join("tmp/marker").exists() && !rootfs.join("bin/true").exists()),
-            "a's rootfs changes are applied"
-        );
 
         // The container joins the new sandbox; its mounts point at the restored state.
         spec["root"] = json!({"path": rootfs, "readonly": false});
@@ -1183,8 +1206,8 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
             );
             let replacement = if destination == "/dev/shm" {
                 shm.clone()
-            } else if source.contains("kubernetes.io~empty-dir/") {
-                volume.clone()
+            } else if let Some((_, volume)) = source.split_once("kubernetes.io~empty-dir/") {
+                dir.join("volumes").join(volume.trim_end_matches('/'))
             } else {
                 let path = scratch.join(i.to_string());
                 if std::path::Path::new(&source).is_dir() {
@@ -1199,7 +1222,7 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         }
         spec["annotations"]["org.criu.config"] = json!(criu_conf);
         std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
-        let id = format!("{}-{}", ns.name, c.name);
+        let id = format!("{}-{}", ns_name, c.name);
         let path = format!(
             "{}:{}",
             tb.node_packages.join("bin").display(),
@@ -1209,7 +1232,7 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         let status = std::process::Command::new("runc")
             .arg("--root")
             .arg(&runc_root)
-            .args(["restore", "--detach", "--image-path"])
+            .args(["restore", "--detach", "--tcp-established", "--image-path"])
             .arg(&images)
             .arg("--work-path")
             .arg(bundle.join("work"))
@@ -1233,6 +1256,43 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         restore.ids.push(id);
     }
 
+    if hold_network {
+        iptables("-D", "INPUT", "-i");
+        iptables("-D", "OUTPUT", "-o");
+    }
+}
+
+/// Checkpoint → plain runc restore into a new sandbox: the pod's containers continue
+/// from where they were frozen, with /dev/shm, the emptyDir and their rootfs changes.
+#[tokio::test]
+async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-restore").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let TrioCheckpoint {
+        outcome, prefix, store, ..
+    } = checkpoint_trio(&tb, &client, &ns, "restore").await;
+    let objects = fetch_and_remove(&store, &prefix, &outcome.manifest).await;
+    let mut sandbox = new_sandbox(&tb, &ns.name, &node, &outcome.manifest, &objects);
+    let dir = sandbox.restore.dir.clone();
+    let volume = dir.join("volumes/data");
+    assert_eq!(
+        std::fs::read_to_string(sandbox.shm.join("token")).unwrap().trim(),
+        SHM_TOKEN
+    );
+    let at_checkpoint = counts(&volume);
+    assert!(
+        at_checkpoint.iter().all(|&c| c > 2),
+        "the emptyDir holds the counters at the checkpoint: {at_checkpoint:?}"
+    );
+    restore_containers(&tb, &mut sandbox, &ns.name, &outcome.manifest, &objects, false);
+    let rootfs_a = dir.join("a/rootfs");
+    assert!(
+        rootfs_a.join("tmp/marker").exists() && !rootfs_a.join("bin/true").exists(),
+        "a's rootfs changes are applied"
+    );
+
     // Every restored counter goes on from its checkpointed value: its first writes are
     // just above it (a counter started afresh would write 1, 2, ...).
     let moved = wait_until("the restored counters to write", Duration::from_secs(20), || async {
@@ -1251,5 +1311,129 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
             "counter {name} continued from {then}, saw {now}"
         );
     }
-    drop(restore);
+    drop(sandbox);
+}
+
+/// Downloads every object of a checkpoint (decompressed) and removes them from the store.
+async fn fetch_and_remove(
+    store: &Arc<dyn object_store::ObjectStore>,
+    prefix: &str,
+    manifest: &cryopod_node_agent::package::Manifest,
+) -> std::collections::HashMap<String, Vec<u8>> {
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path as ObjectPath;
+    let mut objects = std::collections::HashMap::new();
+    for object in &manifest.objects {
+        let key = ObjectPath::from(format!("{prefix}{}", object.key));
+        objects.insert(
+            object.key.clone(),
+            unzstd(&store.get(&key).await.unwrap().bytes().await.unwrap()),
+        );
+        store.delete(&key).await.unwrap();
+    }
+    store
+        .delete(&ObjectPath::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap();
+    objects
+}
+
+/// The numbers the server heard, in order.
+fn heard(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Two containers talking TCP over 127.0.0.1: after checkpoint and restore into a new
+/// sandbox (its loopback held until both are back), the conversation goes on where it
+/// was, without a reset or a new connection.
+#[tokio::test]
+async fn a_loopback_tcp_conversation_survives_checkpoint_and_restore() {
+    use cryopod_node_agent::checkpoint::CheckpointRequest;
+    use cryopod_node_agent::package::PodRef;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-tcp").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "talkers", "labels": {"cryopod.io/e2e-pod": "talkers"}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [
+                {"name": "server", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "sleep 1000000 | nc -l -p 9000 > /data/heard"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "client", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "until (i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 9000); do sleep 0.2; done"],
+                 "readinessProbe": {"exec": {"command": ["sh", "-c", "test -s /data/heard"]}, "periodSeconds": 1},
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+            ]}
+    }))
+    .unwrap();
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    let pod = ns
+        .wait_ready(&client, "talkers", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let pod_uid = pod.metadata.uid.clone().unwrap();
+
+    let (freezer, _journal_dir, journal) = freeze_tools();
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let agent = node_agent(
+        &tb,
+        &node,
+        CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(),
+        journal,
+        freezer,
+    );
+    let prefix = format!("e2e/{}/talkers/{pod_uid}/", ns.name);
+    let request = CheckpointRequest {
+        operation_id: format!("tcp-{}", &pod_uid[..8]),
+        pod: PodRef {
+            namespace: ns.name.clone(),
+            name: "talkers".into(),
+            uid: pod_uid,
+        },
+        prefix: prefix.clone(),
+        tcp_established: true,
+        limits: LIMITS,
+    };
+    let outcome = agent.checkpoint(&request, store.clone(), &|_| {}).await.unwrap();
+    let objects = fetch_and_remove(&store, &prefix, &outcome.manifest).await;
+
+    let mut sandbox = new_sandbox(&tb, &ns.name, &node, &outcome.manifest, &objects);
+    let heard_file = sandbox.restore.dir.join("volumes/data/heard");
+    let at_checkpoint = heard(&heard_file);
+    let last = *at_checkpoint
+        .last()
+        .expect("the server heard something before the checkpoint");
+    restore_containers(&tb, &mut sandbox, &ns.name, &outcome.manifest, &objects, true);
+
+    let after = wait_until(
+        "the restored conversation to go on",
+        Duration::from_secs(20),
+        || async {
+            let now = heard(&heard_file);
+            (now.len() >= at_checkpoint.len() + 10).then_some(now)
+        },
+    )
+    .await
+    .unwrap();
+    let continued = &after[at_checkpoint.len()..];
+    println!(
+        "tcp: last number before the checkpoint {last}, heard after the restore {:?}...",
+        &continued[..5]
+    );
+    let expected: Vec<u64> = (last + 1..=last + continued.len() as u64).collect();
+    assert_eq!(
+        continued,
+        expected.as_slice(),
+        "the same connection carried on, number after number"
+    );
+    drop(sandbox);
 }
