@@ -416,6 +416,10 @@ fn trio_request(
         prefix,
         tcp_established: true,
         limits: LIMITS,
+        hooks: vec![],
+        after: cryopod_node_agent::checkpoint::AfterDump::Running,
+        pod_ip_connections: cryopod_node_agent::checkpoint::PodIpPolicy::Close,
+        seal: cryopod_node_agent::package::Seal::Clear,
     }
 }
 
@@ -792,6 +796,7 @@ fn grpc_request(
         prefix: prefix.to_owned(),
         tcp_established: true,
         max_freeze_seconds: 30,
+        ..Default::default()
     }
 }
 
@@ -1402,6 +1407,10 @@ async fn a_loopback_tcp_conversation_survives_checkpoint_and_restore() {
         prefix: prefix.clone(),
         tcp_established: true,
         limits: LIMITS,
+        hooks: vec![],
+        after: cryopod_node_agent::checkpoint::AfterDump::Running,
+        pod_ip_connections: cryopod_node_agent::checkpoint::PodIpPolicy::Close,
+        seal: cryopod_node_agent::package::Seal::Clear,
     };
     let outcome = agent.checkpoint(&request, store.clone(), &|_| {}).await.unwrap();
     let objects = fetch_and_remove(&store, &prefix, &outcome.manifest).await;

@@ -112,11 +112,34 @@ fn append_tree<W: std::io::Write>(
             };
             added.map_err(|e| (source.clone(), e))?;
             if kind.is_dir() {
+                // An opaque directory hides everything below it in the image: the OCI
+                // marker comes right after the directory, before what it holds now.
+                if whiteouts && is_opaque(&source) {
+                    let mut header = tar::Header::new_gnu();
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(0);
+                    header.set_mode(0);
+                    builder
+                        .append_data(&mut header, path.join(OPAQUE_MARKER), std::io::empty())
+                        .map_err(|e| (source.clone(), e))?;
+                }
                 pending.push(path);
             }
         }
     }
     Ok(deleted)
+}
+
+/// The OCI layer entry marking a directory opaque.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Whether overlayfs marked this upper directory opaque (`trusted.` as root, `user.`
+/// with the `userxattr` mount option).
+fn is_opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"].iter().any(|name| {
+        let mut value = [0u8; 4];
+        matches!(rustix::fs::lgetxattr(dir, *name, &mut value[..]), Ok(n) if value[..n] == *b"y")
+    })
 }
 
 /// Tars the tree at `source` into `out`; returns the deleted paths with `whiteouts`.
@@ -258,6 +281,31 @@ mod tests {
                 ("sub/file".into(), tar::EntryType::Regular),
             ]
         );
+    }
+
+    #[test]
+    fn opaque_directories_get_the_oci_marker_before_their_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(upper.join("etc/app")).unwrap();
+        std::fs::write(upper.join("etc/app/new.conf"), b"x").unwrap();
+        // What overlayfs does when a directory of the image is removed and made anew.
+        rustix::fs::setxattr(
+            upper.join("etc/app").as_path(),
+            "trusted.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let out = dir.path().join("diff.tar");
+        assert!(tar_tree("test", &upper, &out, true).unwrap().is_empty());
+        let bytes = std::fs::read(&out).unwrap();
+        let names: Vec<String> = tar::Archive::new(bytes.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["etc", "etc/app", "etc/app/.wh..wh..opq", "etc/app/new.conf"]);
     }
 
     #[test]

@@ -12,15 +12,18 @@ use object_store::ObjectStore;
 use crate::capture::{CaptureError, capture_shared_state, rootfs_diff};
 use crate::cgroup::Freezer;
 use crate::cri::ContainerRuntime;
-use crate::discovery::{DiscoveryError, discover};
+use crate::discovery::{DiscoveryError, PodRuntime, discover};
 use crate::dump::{DumpError, DumpOptions, NodeExec, dump_containers};
-use crate::freeze::{FreezeError, FreezeLimits, FreezeReport, freeze_pod};
+use crate::freeze::{FreezeError, FreezeLimits, FreezeReport, FrozenPod, freeze_pod};
+use crate::hooks::{Hook, HookError, run_hooks};
+use crate::inspect::PodIpConnection;
+use crate::inspect::{cgroup_pids, pod_ip_connections_of, shared_sysv_segments};
 use crate::journal::Journal;
 use crate::package::{
     ContainerParts, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, ManifestContainer, NodeFacts, PackageError, PodRef,
-    rfc3339_from_nanos, write_container_archive, write_shared_state,
+    Seal, rfc3339_from_nanos, write_container_archive, write_shared_state,
 };
-use crate::store::{StoreError, store_checkpoint};
+use crate::store::{StoreError, delete_checkpoint, store_checkpoint};
 
 /// Where a checkpoint is, for progress reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +40,27 @@ pub enum Stage {
     Storing,
 }
 
+/// What the pod does once it is dumped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AfterDump {
+    /// Thawed at once; it carries on while the checkpoint is stored.
+    #[default]
+    Running,
+    /// Held frozen until the checkpoint is stored, then its containers are killed
+    /// (a migration's source). If storing fails it is thawed and carries on.
+    Stopped,
+}
+
+/// What to do about established TCP connections bound to the pod IP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodIpPolicy {
+    /// Record them; a restore brings them back closed.
+    #[default]
+    Close,
+    /// Fail the checkpoint, naming them.
+    Refuse,
+}
+
 /// One checkpoint to take.
 #[derive(Clone, Debug)]
 pub struct CheckpointRequest {
@@ -48,8 +72,16 @@ pub struct CheckpointRequest {
     pub prefix: String,
     /// Keep established TCP connections.
     pub tcp_established: bool,
-    /// Freeze limits.
+    /// Freeze limits. With [`AfterDump::Stopped`], `max_freeze` must cover storing.
     pub limits: FreezeLimits,
+    /// Hooks run before the freeze.
+    pub hooks: Vec<Hook>,
+    /// What the pod does after the dump.
+    pub after: AfterDump,
+    /// Connections bound to the pod IP.
+    pub pod_ip_connections: PodIpPolicy,
+    /// Encryption of the stored objects.
+    pub seal: Seal,
 }
 
 /// What the agent works with on its node.
@@ -84,6 +116,13 @@ pub struct CheckpointOutcome {
     pub upload: Duration,
 }
 
+impl CheckpointOutcome {
+    /// Bytes stored, manifest aside.
+    pub fn stored_bytes(&self) -> u64 {
+        self.manifest.objects.iter().map(|o| o.size).sum()
+    }
+}
+
 /// A checkpoint failed; the pod was thawed (or left stopped as asked) first.
 #[derive(Debug)]
 pub enum CheckpointError {
@@ -109,6 +148,10 @@ pub enum CheckpointError {
     AlreadyRunning { id: String },
     /// A background task died.
     Task { step: &'static str },
+    /// A pre-checkpoint hook failed; nothing was frozen.
+    Hook { source: HookError },
+    /// Something seen while frozen cannot be checkpointed; the pod was thawed.
+    Unsupported { reason: String },
 }
 
 impl std::fmt::Display for CheckpointError {
@@ -125,6 +168,8 @@ impl std::fmt::Display for CheckpointError {
             Self::Task { step } => write!(f, "the {step} task died"),
             Self::BadOperationId { id } => write!(f, "operation id {id:?} is not usable"),
             Self::AlreadyRunning { id } => write!(f, "operation {id} is already running on this node"),
+            Self::Hook { source } => write!(f, "{source}"),
+            Self::Unsupported { reason } => write!(f, "the pod cannot be checkpointed: {reason}"),
         }
     }
 }
@@ -140,6 +185,8 @@ impl std::error::Error for CheckpointError {
             Self::Store { source } => source.source(),
             Self::Workspace { source, .. } => Some(source),
             Self::FreezeExpired { .. }
+            | Self::Hook { .. }
+            | Self::Unsupported { .. }
             | Self::Task { .. }
             | Self::BadOperationId { .. }
             | Self::AlreadyRunning { .. } => None,
@@ -198,17 +245,9 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         let pod = discover(&self.runtime, &req.pod.uid)
             .await
             .map_err(|source| CheckpointError::Discovery { source })?;
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(work)
-                .map_err(|source| CheckpointError::Workspace {
-                    path: work.to_path_buf(),
-                    source,
-                })?;
-        }
+        let mut warnings = run_hooks(&req.hooks, &pod, &self.runtime)
+            .await
+            .map_err(|source| CheckpointError::Hook { source })?;
 
         let frozen_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -228,6 +267,10 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             .map_err(|_| CheckpointError::Task { step: "freeze" })?
             .map_err(|source| CheckpointError::Freeze { source })?;
         let dump_started = Instant::now();
+        tracing::info!(containers = pod.containers.len(), "pod frozen");
+
+        // Held still now: what CRIU cannot bring back is refused before any work.
+        let pod_ip_connections = self.inspect_frozen(&pod, req.pod_ip_connections)?;
 
         // Shared state and rootfs changes first, while the processes whose /proc
         // entries they are read through are frozen.
@@ -254,8 +297,8 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         .map_err(|source| CheckpointError::Capture { source })?;
 
         let options = DumpOptions {
-            // The pod always runs on. Stopping it for a migration happens only once
-            // the checkpoint is stored, so a failed upload never loses the pod.
+            // CRIU always leaves the processes alive: a stopped pod is killed only
+            // once its checkpoint is stored, so a failed upload never loses it.
             leave_running: true,
             tcp_established: req.tcp_established,
             file_locks: true,
@@ -278,18 +321,34 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         }
         let dumps = dumps.map_err(|source| CheckpointError::Dump { source })?;
         let dump = dump_started.elapsed();
-        let freeze = tokio::task::spawn_blocking(move || frozen.thaw())
-            .await
-            .map_err(|_| CheckpointError::Task { step: "thaw" })?
-            .map_err(|source| CheckpointError::Freeze { source })?;
+        tracing::info!(dump_ms = dump.as_millis() as u64, "containers dumped");
 
-        // Outside the freeze window from here on.
-        progress(Stage::Thawed);
+        // With `Running`, outside the freeze window from here on; with `Stopped` the
+        // pod stays frozen until the checkpoint is stored.
+        let (held, freeze_window) = match req.after {
+            AfterDump::Running => {
+                let report = tokio::task::spawn_blocking(move || frozen.thaw())
+                    .await
+                    .map_err(|_| CheckpointError::Task { step: "thaw" })?
+                    .map_err(|source| CheckpointError::Freeze { source })?;
+                progress(Stage::Thawed);
+                (Held::Thawed(report), report.window)
+            }
+            AfterDump::Stopped => {
+                let window = frozen.elapsed();
+                (Held::Frozen(frozen), window)
+            }
+        };
         progress(Stage::Storing);
         let upload_started = Instant::now();
         let checkpointed_at = rfc3339_from_nanos(frozen_at);
         let (shared, diffs) = captured;
-        let (containers, dir, at) = (pod.containers.clone(), work.to_path_buf(), checkpointed_at.clone());
+        let (containers, dir, at, seal) = (
+            pod.containers.clone(),
+            work.to_path_buf(),
+            checkpointed_at.clone(),
+            req.seal.clone(),
+        );
         let objects = tokio::task::spawn_blocking(move || {
             let mut objects = Vec::new();
             for ((c, d), diff) in containers.iter().zip(&dumps).zip(&diffs) {
@@ -302,10 +361,10 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                     runtime: "io.containerd.runc.v2",
                     checkpointed_at: &at,
                 };
-                objects.push(write_container_archive(&dir.join("objects"), &parts)?);
+                objects.push(write_container_archive(&dir.join("objects"), &seal, &parts)?);
             }
             for s in &shared {
-                objects.push(write_shared_state(&dir.join("objects"), &s.name, &s.tar)?);
+                objects.push(write_shared_state(&dir.join("objects"), &seal, &s.name, &s.tar)?);
             }
             Ok::<_, PackageError>(objects)
         })
@@ -313,13 +372,19 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         .map_err(|_| CheckpointError::Task { step: "package" })?
         .map_err(|source| CheckpointError::Package { source })?;
 
+        if !pod_ip_connections.is_empty() {
+            warnings.push(format!(
+                "{} TCP connection(s) bound to the pod IP will be restored closed",
+                pod_ip_connections.len()
+            ));
+        }
         let manifest = Manifest {
             api_version: MANIFEST_API_VERSION.to_owned(),
             kind: MANIFEST_KIND.to_owned(),
             pod: req.pod.clone(),
             node: self.node.clone(),
             checkpointed_at,
-            freeze_window_millis: freeze.window.as_millis() as u64,
+            freeze_window_millis: freeze_window.as_millis() as u64,
             containers: pod
                 .containers
                 .iter()
@@ -336,18 +401,93 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 .map(|o| o.entry.key.clone())
                 .collect(),
             objects: objects.iter().map(|o| o.entry.clone()).collect(),
+            encryption: req.seal.manifest_entry(),
+            post_checkpoint_state: match req.after {
+                AfterDump::Running => "Running",
+                AfterDump::Stopped => "Stopped",
+            }
+            .to_owned(),
+            pod_ip_connections: pod_ip_connections.iter().map(ToString::to_string).collect(),
+            warnings,
         };
         let manifest_digest = store_checkpoint(&store, &req.prefix, &objects, &manifest)
             .await
             .map_err(|source| CheckpointError::Store { source })?;
+        let upload = upload_started.elapsed();
+        tracing::info!(upload_ms = upload.as_millis() as u64, %manifest_digest, "checkpoint stored");
+
+        let freeze = match held {
+            Held::Thawed(report) => report,
+            Held::Frozen(frozen) => {
+                // The pod must not have run on past its checkpoint; if the watchdog
+                // thawed it, the stored checkpoint is stale and goes.
+                if frozen.expired() {
+                    let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
+                    return Err(CheckpointError::FreezeExpired {
+                        after: req.limits.max_freeze,
+                    });
+                }
+                let containers: Vec<_> = pod.containers.iter().map(|c| c.cgroup.clone()).collect();
+                let stopped = tokio::task::spawn_blocking(move || frozen.stop(&containers))
+                    .await
+                    .map_err(|_| CheckpointError::Task { step: "stop" })?;
+                let report = stopped.map_err(|source| CheckpointError::Freeze { source })?;
+                tracing::info!("pod stopped after its checkpoint was stored");
+                progress(Stage::Thawed);
+                report
+            }
+        };
         Ok(CheckpointOutcome {
             manifest,
             manifest_digest,
             freeze,
             dump,
-            upload: upload_started.elapsed(),
+            upload,
         })
     }
+
+    /// SysV segments shared across containers and TCP connections on the pod IP,
+    /// read while the pod is frozen.
+    fn inspect_frozen(&self, pod: &PodRuntime, policy: PodIpPolicy) -> Result<Vec<PodIpConnection>, CheckpointError> {
+        let proc_root = std::path::Path::new("/proc");
+        let processes: Vec<(String, Vec<u32>)> = pod
+            .containers
+            .iter()
+            .map(|c| {
+                let pids = cgroup_pids(&c.cgroup.under(self.freezer.root())).unwrap_or_else(|_| vec![c.pid]);
+                (c.name.clone(), pids)
+            })
+            .collect();
+        if let Some(shared) = shared_sysv_segments(proc_root, &processes).first() {
+            return Err(CheckpointError::Unsupported {
+                reason: format!(
+                    "SysV shared memory segment {} is attached by containers {}; CRIU restores a segment into one container only",
+                    shared.shmid,
+                    shared.containers.join(" and ")
+                ),
+            });
+        }
+        let connections =
+            pod_ip_connections_of(proc_root, pod.sandbox_pid).map_err(|e| CheckpointError::Unsupported {
+                reason: format!("cannot read the pod's TCP connections: {e}"),
+            })?;
+        if policy == PodIpPolicy::Refuse && !connections.is_empty() {
+            let list: Vec<String> = connections.iter().map(ToString::to_string).collect();
+            return Err(CheckpointError::Unsupported {
+                reason: format!(
+                    "tcp.podIPConnections is Refuse and the pod has established connections on its IP: {}",
+                    list.join(", ")
+                ),
+            });
+        }
+        Ok(connections)
+    }
+}
+
+/// The pod after the dump.
+enum Held {
+    Thawed(FreezeReport),
+    Frozen(FrozenPod),
 }
 
 #[cfg(test)]
@@ -358,7 +498,7 @@ mod tests {
 
     use super::*;
     use crate::cgroup::V1Freezer;
-    use crate::cri::{ContainerView, CriError, SandboxView};
+    use crate::cri::{ContainerView, CriError, ExecOutput, SandboxView};
 
     /// A runtime that knows no pods.
     #[derive(Debug)]
@@ -370,6 +510,9 @@ mod tests {
         }
         async fn containers_of_sandbox(&self, _: &str) -> Result<Vec<ContainerView>, CriError> {
             Ok(vec![])
+        }
+        async fn exec_sync(&self, _: &str, _: &[String], _: Duration) -> Result<ExecOutput, CriError> {
+            Ok(ExecOutput::default())
         }
     }
 
@@ -398,6 +541,10 @@ mod tests {
                 max_freeze: Duration::from_secs(5),
                 settle: Duration::from_secs(1),
             },
+            hooks: vec![],
+            after: AfterDump::Running,
+            pod_ip_connections: PodIpPolicy::Close,
+            seal: Seal::Clear,
         }
     }
 

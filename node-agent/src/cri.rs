@@ -78,6 +78,24 @@ pub trait ContainerRuntime: Send + Sync {
         &self,
         sandbox_id: &str,
     ) -> impl std::future::Future<Output = Result<Vec<ContainerView>, CriError>> + Send;
+    /// Runs a command in a container and waits for it (at most `timeout`).
+    fn exec_sync(
+        &self,
+        container_id: &str,
+        command: &[String],
+        timeout: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<ExecOutput, CriError>> + Send;
+}
+
+/// What a command run in a container returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code; 0 is success.
+    pub exit_code: i32,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
 }
 
 /// A CRI client on a unix socket.
@@ -178,5 +196,29 @@ impl ContainerRuntime for CriClient {
             }
         }
         Ok(views)
+    }
+
+    async fn exec_sync(
+        &self,
+        container_id: &str,
+        command: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<ExecOutput, CriError> {
+        let mut client = self.client.clone();
+        let reply = client
+            .exec_sync(api::ExecSyncRequest {
+                container_id: container_id.to_owned(),
+                cmd: command.to_vec(),
+                // The runtime counts whole seconds; round up so a short deadline is not 0 (none).
+                timeout: timeout.as_secs().max(1) as i64,
+            })
+            .await
+            .map_err(call_error("ExecSync"))?
+            .into_inner();
+        Ok(ExecOutput {
+            exit_code: reply.exit_code,
+            stdout: reply.stdout,
+            stderr: reply.stderr,
+        })
     }
 }

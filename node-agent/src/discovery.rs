@@ -55,6 +55,8 @@ pub struct PodRuntime {
     pub sandbox_id: String,
     /// PID of the sandbox (pause) process, owner of the pod's namespaces.
     pub sandbox_pid: u32,
+    /// The pod's IP, empty when the runtime reports none.
+    pub pod_ip: String,
     /// The pod cgroup, parent of the sandbox's and every container's cgroup.
     pub pod_cgroup: CgroupPath,
     /// The sandbox's own cgroup.
@@ -305,6 +307,12 @@ pub fn pod_runtime(
     Ok(PodRuntime {
         sandbox_id: sandbox.status.id.clone(),
         sandbox_pid: sandbox_info.pid,
+        pod_ip: sandbox
+            .status
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default(),
         pod_cgroup,
         sandbox_cgroup,
         runc_root: runc_root(&sandbox_info.runtime_options.root),

@@ -63,6 +63,8 @@ pub enum FreezeError {
     /// The pod was thawed, but its journal entry could not be removed (a restarted
     /// agent would thaw it once more, which is harmless).
     JournalClear { source: JournalError },
+    /// Stopping the containers failed; the pod was thawed, possibly partly killed.
+    Kill { cgroup: CgroupPath, source: std::io::Error },
 }
 
 impl std::fmt::Display for FreezeError {
@@ -82,6 +84,7 @@ impl std::fmt::Display for FreezeError {
             Self::Watchdog { .. } => write!(f, "cannot start the thaw watchdog"),
             Self::Expired { after } => write!(f, "the pod reached its freeze deadline of {after:?} and was thawed"),
             Self::JournalClear { .. } => write!(f, "the pod was thawed but its crash-journal entry remains"),
+            Self::Kill { cgroup, .. } => write!(f, "cannot kill the processes of cgroup {cgroup}"),
         }
     }
 }
@@ -90,7 +93,7 @@ impl std::error::Error for FreezeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Journal { source } | Self::JournalClear { source } => Some(source),
-            Self::Watchdog { source } => Some(source),
+            Self::Watchdog { source } | Self::Kill { source, .. } => Some(source),
             Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::State { source, .. } => Some(source),
             Self::NotSettled { .. } | Self::NotSelfFrozen { .. } | Self::Expired { .. } => None,
         }
@@ -189,6 +192,11 @@ impl FrozenPod {
         &self.cgroups
     }
 
+    /// Time since the freeze began.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Time left before the watchdog thaws the pod.
     pub fn remaining(&self) -> Duration {
         self.max_freeze.saturating_sub(self.started.elapsed())
@@ -197,6 +205,23 @@ impl FrozenPod {
     /// Thaws every container and removes the journal entry.
     pub fn thaw(mut self) -> Result<FreezeReport, FreezeError> {
         self.finish()
+    }
+
+    /// Stops these containers for good: SIGKILL to each of their processes while
+    /// frozen, then the thaw, on which they die without running another
+    /// instruction. Other cgroups (the sandbox's) just thaw.
+    pub fn stop(mut self, containers: &[CgroupPath]) -> Result<FreezeReport, FreezeError> {
+        let mut first = None;
+        for cgroup in containers {
+            if let Err(source) = kill_all(&cgroup.under(self.freezer.root())) {
+                first.get_or_insert(FreezeError::Kill {
+                    cgroup: cgroup.clone(),
+                    source,
+                });
+            }
+        }
+        let report = self.finish()?;
+        first.map_or(Ok(report), Err)
     }
 
     fn finish(&mut self) -> Result<FreezeReport, FreezeError> {
@@ -230,6 +255,19 @@ impl Drop for FrozenPod {
             let _ = self.finish();
         }
     }
+}
+
+fn kill_all(cgroup_dir: &std::path::Path) -> std::io::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    for pid in crate::inspect::cgroup_pids(cgroup_dir)? {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(std::io::Error::other)?);
+        match kill(pid, Signal::SIGKILL) {
+            // Gone already.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Freezes every container of the pod at one instant and leaves them frozen, the pod

@@ -7,6 +7,16 @@ use cryopod_node_agent::run::{AgentConfig, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // JSON lines with the operation id on every event of an operation; RUST_LOG filters.
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match AgentConfig::from_lookup(|k| std::env::var(k).ok()) {
         Ok(config) => run(config).await,
         Err(e) => Err(e),

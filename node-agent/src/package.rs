@@ -100,10 +100,110 @@ pub struct LocalObject {
     pub path: PathBuf,
 }
 
-/// Writes a tar stream through zstd into `dir/key`, hashing the stored bytes.
+/// How stored objects are sealed.
+#[derive(Clone, Default)]
+pub enum Seal {
+    /// Compressed only.
+    #[default]
+    Clear,
+    /// Compressed, then encrypted with age to these X25519 recipients.
+    Age(Vec<age::x25519::Recipient>),
+}
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Clear => write!(f, "Clear"),
+            Self::Age(recipients) => write!(f, "Age({} recipients)", recipients.len()),
+        }
+    }
+}
+
+impl Seal {
+    /// Parses age public keys, one a line (`#` comments and blank lines skipped);
+    /// the error names the line.
+    pub fn age_from_lines(text: &str) -> Result<Self, String> {
+        let mut recipients = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            recipients.push(
+                line.parse::<age::x25519::Recipient>()
+                    .map_err(|e| format!("line {} is not an age X25519 public key: {e}", n + 1))?,
+            );
+        }
+        if recipients.is_empty() {
+            return Err("no age public key".to_owned());
+        }
+        Ok(Self::Age(recipients))
+    }
+
+    /// What the manifest records.
+    pub fn manifest_entry(&self) -> Option<Encryption> {
+        match self {
+            Self::Clear => None,
+            Self::Age(recipients) => Some(Encryption {
+                scheme: AGE_SCHEME.to_owned(),
+                recipients: recipients.iter().map(ToString::to_string).collect(),
+            }),
+        }
+    }
+}
+
+/// The `encryption.scheme` of age-encrypted checkpoints.
+pub const AGE_SCHEME: &str = "age-x25519";
+
+/// How a checkpoint's objects are encrypted (the manifest itself stays readable, so
+/// digests verify before anything is decrypted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// [`AGE_SCHEME`].
+    pub scheme: String,
+    /// The recipients' public keys.
+    pub recipients: Vec<String>,
+}
+
+type StoredFile = Tally<io::BufWriter<File>>;
+
+/// The stored end of the chain: the file, or age in front of it.
+enum Sink {
+    Clear(StoredFile),
+    Age(age::stream::StreamWriter<StoredFile>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Clear(w) => w.write(buf),
+            Self::Age(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Clear(w) => w.flush(),
+            Self::Age(w) => w.flush(),
+        }
+    }
+}
+
+impl Sink {
+    fn finish(self) -> io::Result<StoredFile> {
+        match self {
+            Self::Clear(w) => Ok(w),
+            Self::Age(w) => w.finish(),
+        }
+    }
+}
+
+/// Writes a tar stream through zstd (and age, when sealed) into `dir/key`, hashing
+/// the stored bytes.
 fn write_object(
     dir: &Path,
     key: &str,
+    seal: &Seal,
     fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> Result<(), PackageError>,
 ) -> Result<LocalObject, PackageError> {
     let werr = |source| PackageError::Write {
@@ -120,7 +220,15 @@ fn write_object(
         hash: Sha256::new(),
         bytes: 0,
     };
-    let encoder = zstd::Encoder::new(stored, 3).map_err(werr)?;
+    let sink = match seal {
+        Seal::Clear => Sink::Clear(stored),
+        Seal::Age(recipients) => {
+            let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| werr(io::Error::other(e.to_string())))?;
+            Sink::Age(encryptor.wrap_output(stored).map_err(werr)?)
+        }
+    };
+    let encoder = zstd::Encoder::new(sink, 3).map_err(werr)?;
     let mut raw = Tally {
         inner: encoder,
         hash: Sha256::new(),
@@ -134,7 +242,7 @@ fn write_object(
         builder.finish().map_err(werr)?;
     }
     let raw_size = raw.bytes;
-    let mut stored = raw.inner.finish().map_err(werr)?;
+    let mut stored = raw.inner.finish().map_err(werr)?.finish().map_err(werr)?;
     stored.flush().map_err(werr)?;
     stored
         .inner
@@ -190,7 +298,11 @@ pub struct ContainerParts<'a> {
 }
 
 /// Writes `containers/<name>.tar.zst` in the checkpoint archive layout.
-pub fn write_container_archive(dir: &Path, parts: &ContainerParts<'_>) -> Result<LocalObject, PackageError> {
+pub fn write_container_archive(
+    dir: &Path,
+    seal: &Seal,
+    parts: &ContainerParts<'_>,
+) -> Result<LocalObject, PackageError> {
     let c = parts.container;
     let key = format!("containers/{}.tar.zst", c.name);
     let object = key.clone();
@@ -198,7 +310,7 @@ pub fn write_container_archive(dir: &Path, parts: &ContainerParts<'_>) -> Result
         let (object, path) = (object.clone(), path.to_path_buf());
         move |source| PackageError::Read { object, path, source }
     };
-    write_object(dir, &key, |b| {
+    write_object(dir, &key, seal, |b| {
         let config = serde_json::json!({
             "id": c.id,
             "name": c.name,
@@ -232,10 +344,10 @@ pub fn write_container_archive(dir: &Path, parts: &ContainerParts<'_>) -> Result
 }
 
 /// Writes `pod/<name>.tar.zst` from a captured tar, unchanged inside.
-pub fn write_shared_state(dir: &Path, name: &str, tar: &Path) -> Result<LocalObject, PackageError> {
+pub fn write_shared_state(dir: &Path, seal: &Seal, name: &str, tar: &Path) -> Result<LocalObject, PackageError> {
     let key = format!("pod/{name}.tar.zst");
     let object = key.clone();
-    write_object(dir, &key, |b| {
+    write_object(dir, &key, seal, |b| {
         // The captured tar is stored as the archive's only member, `<name>.tar`.
         let file_name = format!("{}.tar", name.rsplit('/').next().unwrap_or(name));
         b.append_path_with_name(tar, file_name)
@@ -329,6 +441,23 @@ pub struct Manifest {
     pub shared: Vec<String>,
     /// Every object with its size and digest.
     pub objects: Vec<ObjectEntry>,
+    /// How the objects are encrypted; absent when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+    /// What happened to the pod after the dump: `Running` or `Stopped`.
+    #[serde(default = "running")]
+    pub post_checkpoint_state: String,
+    /// Established TCP connections bound to the pod IP when it was frozen; a
+    /// restore brings them back closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_ip_connections: Vec<String>,
+    /// Ignored hook failures and similar notes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+fn running() -> String {
+    "Running".to_owned()
 }
 
 #[cfg(test)]
@@ -350,7 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("state.tar");
         std::fs::write(&src, b"not really a tar").unwrap();
-        let object = write_shared_state(dir.path(), "shm", &src).unwrap();
+        let object = write_shared_state(dir.path(), &Seal::Clear, "shm", &src).unwrap();
         let stored = std::fs::read(&object.path).unwrap();
         assert_eq!(object.entry.size, stored.len() as u64);
         assert_eq!(object.entry.sha256, sha256_hex(Sha256::digest(&stored)));
@@ -366,5 +495,38 @@ mod tests {
         let mut body = Vec::new();
         entry.read_to_end(&mut body).unwrap();
         assert_eq!(body, b"not really a tar");
+    }
+
+    #[test]
+    fn sealed_objects_decrypt_with_the_identity_and_hash_the_ciphertext() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("state.tar");
+        std::fs::write(&src, b"secret state").unwrap();
+        let identity = age::x25519::Identity::generate();
+        let seal = Seal::age_from_lines(&format!("# the operator's key\n{}\n", identity.to_public())).unwrap();
+        let object = write_shared_state(dir.path(), &seal, "shm", &src).unwrap();
+        let stored = std::fs::read(&object.path).unwrap();
+        assert!(stored.starts_with(b"age-encryption.org/v1"), "an age file");
+        assert_eq!(object.entry.sha256, sha256_hex(Sha256::digest(&stored)));
+        let decryptor = age::Decryptor::new(stored.as_slice()).unwrap();
+        let mut plain = decryptor
+            .decrypt(std::iter::once(&identity as &dyn age::Identity))
+            .unwrap();
+        let mut compressed = Vec::new();
+        plain.read_to_end(&mut compressed).unwrap();
+        let raw = zstd::decode_all(compressed.as_slice()).unwrap();
+        assert_eq!(object.entry.raw_size, raw.len() as u64);
+        assert!(raw.windows(12).any(|w| w == b"secret state"));
+        assert_eq!(
+            seal.manifest_entry().unwrap().recipients,
+            vec![identity.to_public().to_string()]
+        );
+    }
+
+    #[test]
+    fn bad_recipients_name_the_line() {
+        let err = Seal::age_from_lines("\n# keys\nage1notakey\n").unwrap_err();
+        assert!(err.starts_with("line 3 is not an age X25519 public key"), "{err}");
+        assert_eq!(Seal::age_from_lines("# none\n").unwrap_err(), "no age public key");
     }
 }

@@ -13,6 +13,7 @@ use crate::checkpoint::NodeAgent;
 use crate::cri::CriClient;
 use crate::dump::NodeExec;
 use crate::journal::{Journal, recover};
+use crate::metrics::AgentMetrics;
 use crate::package::NodeFacts;
 use crate::server::AgentService;
 use crate::server::pb::node_agent_server::NodeAgentServer;
@@ -24,6 +25,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// `CRYOPOD_LISTEN`, default `0.0.0.0:9443`.
     pub listen: SocketAddr,
+    /// `CRYOPOD_METRICS_LISTEN`, default `0.0.0.0:9090`: Prometheus `/metrics`, plain HTTP.
+    pub metrics_listen: SocketAddr,
     /// `CRYOPOD_TLS_DIR` (required): `tls.crt`, `tls.key` and the client CA `ca.crt`.
     pub tls_dir: PathBuf,
     /// `CRYOPOD_CRI_SOCKET`, default `/run/containerd/containerd.sock`.
@@ -51,6 +54,8 @@ pub enum RunError {
     Runtime { source: crate::cri::CriError },
     /// The server failed.
     Serve { source: tonic::transport::Error },
+    /// The metrics port could not be opened.
+    Metrics { source: std::io::Error },
 }
 
 impl std::fmt::Display for RunError {
@@ -61,6 +66,7 @@ impl std::fmt::Display for RunError {
             Self::Journal { .. } => write!(f, "cannot recover from the crash journal"),
             Self::Runtime { .. } => write!(f, "cannot reach the container runtime"),
             Self::Serve { .. } => write!(f, "the gRPC server failed"),
+            Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
         }
     }
 }
@@ -73,6 +79,7 @@ impl std::error::Error for RunError {
             Self::Journal { source } => Some(source),
             Self::Runtime { source } => Some(source),
             Self::Serve { source } => Some(source),
+            Self::Metrics { source } => Some(source),
         }
     }
 }
@@ -90,6 +97,11 @@ impl AgentConfig {
         let listen = listen.parse().map_err(|e| RunError::Config {
             variable: "CRYOPOD_LISTEN",
             problem: format!("{listen:?}: {e}"),
+        })?;
+        let metrics_listen = get("CRYOPOD_METRICS_LISTEN").unwrap_or_else(|| "0.0.0.0:9090".into());
+        let metrics_listen = metrics_listen.parse().map_err(|e| RunError::Config {
+            variable: "CRYOPOD_METRICS_LISTEN",
+            problem: format!("{metrics_listen:?}: {e}"),
         })?;
         let cgroup = match get("CRYOPOD_CGROUP") {
             Some(spec) => match spec.split_once(':') {
@@ -112,6 +124,7 @@ impl AgentConfig {
         Ok(Self {
             node_name: required("CRYOPOD_NODE_NAME")?,
             listen,
+            metrics_listen,
             tls_dir: PathBuf::from(required("CRYOPOD_TLS_DIR")?),
             cri_socket: PathBuf::from(
                 get("CRYOPOD_CRI_SOCKET").unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
@@ -168,12 +181,9 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
             .as_ref()
             .map_or("unreadable entry", |e| e.operation_id.as_str());
         if recovered.failures.is_empty() {
-            eprintln!(
-                "recovered: thawed the pod of operation {id} ({})",
-                recovered.path.display()
-            );
+            tracing::info!(operation_id = id, entry = %recovered.path.display(), "recovered: thawed the pod a crashed agent left frozen");
         } else {
-            eprintln!("recovery of {id} incomplete: {:?}", recovered.failures);
+            tracing::error!(operation_id = id, failures = ?recovered.failures, "recovery incomplete");
         }
     }
     let read = |name: &str| {
@@ -200,14 +210,21 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         work_dir: config.state_dir.join("work"),
         node,
     };
-    eprintln!("serving on {} for node {}", config.listen, config.node_name);
-    Server::builder()
+    let metrics = Arc::new(AgentMetrics::new());
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| RunError::Metrics { source })?;
+    let metrics_server = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
+    tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
+    let served = Server::builder()
         .tls_config(tls)
         .map_err(|source| RunError::Serve { source })?
-        .add_service(NodeAgentServer::new(AgentService::new(agent)))
+        .add_service(NodeAgentServer::new(AgentService::new(agent, metrics)))
         .serve(config.listen)
         .await
-        .map_err(|source| RunError::Serve { source })
+        .map_err(|source| RunError::Serve { source });
+    metrics_server.abort();
+    served
 }
 
 #[cfg(test)]

@@ -12,12 +12,18 @@ use object_store::ObjectStore;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
-use crate::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, NodeAgent, Stage};
+use tracing::Instrument;
+
+use crate::checkpoint::{
+    AfterDump, CheckpointError, CheckpointOutcome, CheckpointRequest, NodeAgent, PodIpPolicy, Stage,
+};
 use crate::cri::ContainerRuntime;
 use crate::discovery::DiscoveryError;
 use crate::dump::DumpError;
 use crate::freeze::{FreezeError, FreezeLimits};
-use crate::package::{NodeFacts, PodRef};
+use crate::hooks::{Hook, HookAction};
+use crate::metrics::AgentMetrics;
+use crate::package::{NodeFacts, PodRef, Seal};
 use crate::store::StoreError;
 
 /// Generated messages, client and server of `cryopod.agent.v1alpha1`.
@@ -77,7 +83,8 @@ pub fn code_of(err: &CheckpointError) -> Code {
             | FreezeError::Thaw { .. }
             | FreezeError::State { .. }
             | FreezeError::NotSelfFrozen { .. }
-            | FreezeError::Watchdog { .. } => Code::Internal,
+            | FreezeError::Watchdog { .. }
+            | FreezeError::Kill { .. } => Code::Internal,
         },
         CheckpointError::Dump { source } => match source {
             // CRIU refused something the pod does: not retryable as is.
@@ -89,7 +96,9 @@ pub fn code_of(err: &CheckpointError) -> Code {
             StoreError::Upload { .. } | StoreError::ReadBack { .. } => Code::Unavailable,
             StoreError::DigestMismatch { .. } => Code::DataLoss,
             StoreError::ReadLocal { .. } | StoreError::Manifest { .. } => Code::Internal,
+            StoreError::Delete { .. } => Code::Unavailable,
         },
+        CheckpointError::Hook { .. } | CheckpointError::Unsupported { .. } => Code::FailedPrecondition,
         CheckpointError::Capture { .. }
         | CheckpointError::Workspace { .. }
         | CheckpointError::Package { .. }
@@ -137,8 +146,137 @@ pub fn store_for(storage: &pb::Storage) -> Result<Arc<dyn ObjectStore>, Status> 
                 .map_err(|e| Status::invalid_argument(format!("storage.local.path: {e}")))?;
             Ok(Arc::new(store))
         }
+        Some(pb::storage::Backend::Gcs(gcs)) => {
+            let store = object_store::gcp::GoogleCloudStorageBuilder::new()
+                .with_bucket_name(&gcs.bucket)
+                .with_service_account_key(&gcs.service_account_key)
+                .build()
+                .map_err(|e| Status::invalid_argument(format!("storage.gcs: {e}")))?;
+            Ok(Arc::new(store))
+        }
+        Some(pb::storage::Backend::Azure(azure)) => {
+            let mut builder = object_store::azure::MicrosoftAzureBuilder::new()
+                .with_account(&azure.account)
+                .with_container_name(&azure.container)
+                .with_access_key(&azure.access_key);
+            if !azure.endpoint.is_empty() {
+                builder = builder
+                    .with_endpoint(azure.endpoint.clone())
+                    .with_allow_http(azure.endpoint.starts_with("http://"));
+            }
+            let store = builder
+                .build()
+                .map_err(|e| Status::invalid_argument(format!("storage.azure: {e}")))?;
+            Ok(Arc::new(store))
+        }
         None => Err(Status::invalid_argument("storage: one backend is required")),
     }
+}
+
+/// The hooks of a request, each error naming the field.
+pub fn hooks_of(hooks: &[pb::Hook]) -> Result<Vec<Hook>, Status> {
+    use nix::sys::signal::Signal;
+    hooks
+        .iter()
+        .enumerate()
+        .map(|(i, hook)| {
+            let field = |name: &str| format!("hooks[{i}].{name}");
+            if hook.container.is_empty() {
+                return Err(Status::invalid_argument(format!("{} is required", field("container"))));
+            }
+            let action = match &hook.action {
+                Some(pb::hook::Action::Exec(exec)) if !exec.command.is_empty() => HookAction::Exec {
+                    command: exec.command.clone(),
+                },
+                Some(pb::hook::Action::Exec(_)) => {
+                    return Err(Status::invalid_argument(format!("{} is empty", field("exec.command"))));
+                }
+                Some(pb::hook::Action::HttpGet(http)) => HookAction::HttpGet {
+                    port: u16::try_from(http.port).ok().filter(|p| *p > 0).ok_or_else(|| {
+                        Status::invalid_argument(format!("{} must be 1-65535", field("httpGet.port")))
+                    })?,
+                    path: if http.path.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        http.path.clone()
+                    },
+                    https: http.https,
+                },
+                Some(pb::hook::Action::Signal(name)) => HookAction::Signal {
+                    signal: match name.as_str() {
+                        "SIGHUP" => Signal::SIGHUP,
+                        "SIGUSR1" => Signal::SIGUSR1,
+                        "SIGUSR2" => Signal::SIGUSR2,
+                        "SIGWINCH" => Signal::SIGWINCH,
+                        other => {
+                            return Err(Status::invalid_argument(format!(
+                                "{}: {other:?} is not one of SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH",
+                                field("signal")
+                            )));
+                        }
+                    },
+                },
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "hooks[{i}] needs one of exec, httpGet and signal"
+                    )));
+                }
+            };
+            Ok(Hook {
+                container: hook.container.clone(),
+                action,
+                timeout: Duration::from_secs(u64::from(hook.timeout_seconds.clamp(1, 300))),
+                ignore_failure: hook.ignore_failure,
+            })
+        })
+        .collect()
+}
+
+/// Turns the wire request into the agent's, naming the field of any error.
+pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointRequest, Arc<dyn ObjectStore>), Status> {
+    let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
+    if pod.uid.is_empty() {
+        return Err(Status::invalid_argument("pod.uid is required"));
+    }
+    let storage = req
+        .storage
+        .ok_or_else(|| Status::invalid_argument("storage is required"))?;
+    let store = store_for(&storage)?;
+    let seal = if req.age_recipients.is_empty() {
+        Seal::Clear
+    } else {
+        Seal::age_from_lines(&req.age_recipients.join("\n"))
+            .map_err(|e| Status::invalid_argument(format!("age_recipients: {e}")))?
+    };
+    let after = match pb::PostCheckpointState::try_from(req.post_checkpoint_state) {
+        Ok(pb::PostCheckpointState::Running) => AfterDump::Running,
+        Ok(pb::PostCheckpointState::Stopped) => AfterDump::Stopped,
+        Err(_) => return Err(Status::invalid_argument("post_checkpoint_state: unknown value")),
+    };
+    let pod_ip_connections = match pb::PodIpConnections::try_from(req.pod_ip_connections) {
+        Ok(pb::PodIpConnections::Close) => PodIpPolicy::Close,
+        Ok(pb::PodIpConnections::Refuse) => PodIpPolicy::Refuse,
+        Err(_) => return Err(Status::invalid_argument("pod_ip_connections: unknown value")),
+    };
+    let request = CheckpointRequest {
+        operation_id: req.operation_id,
+        pod: PodRef {
+            namespace: pod.namespace,
+            name: pod.name,
+            uid: pod.uid,
+        },
+        prefix: req.prefix,
+        tcp_established: req.tcp_established,
+        limits: FreezeLimits {
+            max_freeze: Duration::from_secs(u64::from(req.max_freeze_seconds.clamp(1, 3600))),
+            settle: SETTLE,
+        },
+        hooks: hooks_of(&req.hooks)?,
+        after,
+        pod_ip_connections,
+        seal,
+    };
+    Ok((request, store))
 }
 
 struct Tracked {
@@ -151,6 +289,7 @@ struct Tracked {
 pub struct AgentService<C> {
     agent: Arc<C>,
     operations: Arc<Mutex<HashMap<String, Tracked>>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl<C> std::fmt::Debug for AgentService<C> {
@@ -160,11 +299,12 @@ impl<C> std::fmt::Debug for AgentService<C> {
 }
 
 impl<C: Checkpointer> AgentService<C> {
-    /// Serves `agent`.
-    pub fn new(agent: C) -> Self {
+    /// Serves `agent`, counting into `metrics`.
+    pub fn new(agent: C, metrics: Arc<AgentMetrics>) -> Self {
         Self {
             agent: Arc::new(agent),
             operations: Arc::default(),
+            metrics,
         }
     }
 
@@ -175,31 +315,16 @@ impl<C: Checkpointer> AgentService<C> {
     }
 
     fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
-        let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
-        if pod.uid.is_empty() {
-            return Err(Status::invalid_argument("pod.uid is required"));
-        }
-        let storage = req
-            .storage
-            .ok_or_else(|| Status::invalid_argument("storage is required"))?;
-        let store = store_for(&storage)?;
-        let max_freeze = Duration::from_secs(u64::from(req.max_freeze_seconds.clamp(1, 600)));
-        let request = CheckpointRequest {
-            operation_id: req.operation_id.clone(),
-            pod: PodRef {
-                namespace: pod.namespace,
-                name: pod.name,
-                uid: pod.uid,
-            },
-            prefix: req.prefix,
-            tcp_established: req.tcp_established,
-            limits: FreezeLimits {
-                max_freeze,
-                settle: SETTLE,
-            },
-        };
+        let (request, store) = checkpoint_request(req)?;
+        let span = tracing::info_span!(
+            "checkpoint",
+            operation_id = %request.operation_id,
+            pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
+            pod_uid = %request.pod.uid,
+        );
+        let operation_id = request.operation_id.clone();
         let initial = pb::Operation {
-            operation_id: req.operation_id.clone(),
+            operation_id: operation_id.clone(),
             state: pb::State::Running as i32,
             stage: pb::Stage::Discovering as i32,
             ..Default::default()
@@ -207,11 +332,28 @@ impl<C: Checkpointer> AgentService<C> {
         let (tx, rx) = watch::channel(initial);
         let progress_tx = tx.clone();
         let done_tx = tx.clone();
-        let agent = self.agent.clone();
+        let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
         let progress: Box<dyn Fn(Stage) + Send + Sync> =
             Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
-        let handle = tokio::spawn(async move {
+        let handle = tokio::spawn(
+            async move {
+            tracing::info!("checkpoint started");
             let result = agent.checkpoint(request, store, progress).await;
+            match &result {
+                Ok(outcome) => {
+                    metrics.checkpoint_stored(outcome);
+                    metrics.finished("checkpoint", "succeeded");
+                    tracing::info!(
+                        freeze_window_ms = outcome.manifest.freeze_window_millis,
+                        stored_bytes = outcome.stored_bytes(),
+                        "checkpoint succeeded"
+                    );
+                }
+                Err(err) => {
+                    metrics.finished("checkpoint", "failed");
+                    tracing::warn!(error = %err, cause = ?std::error::Error::source(err).map(ToString::to_string), "checkpoint failed");
+                }
+            }
             done_tx.send_modify(|op| match result {
                 Ok(outcome) => {
                     op.state = pb::State::Succeeded as i32;
@@ -225,6 +367,8 @@ impl<C: Checkpointer> AgentService<C> {
                         captured_bytes: outcome.manifest.objects.iter().map(|o| o.raw_size).sum(),
                         objects: outcome.manifest.objects.len() as u32 + 1,
                         containers: outcome.manifest.containers.iter().map(|c| c.name.clone()).collect(),
+                        warnings: outcome.manifest.warnings.clone(),
+                        pod_ip_connections: outcome.manifest.pod_ip_connections.clone(),
                     });
                 }
                 Err(err) => {
@@ -233,9 +377,11 @@ impl<C: Checkpointer> AgentService<C> {
                     op.error_message = err.to_string();
                 }
             });
-        });
+            }
+            .instrument(span),
+        );
         self.lock()?.insert(
-            req.operation_id,
+            operation_id,
             Tracked {
                 state: tx,
                 task: Some(handle.abort_handle()),
@@ -305,6 +451,8 @@ impl<C: Checkpointer> pb::node_agent_server::NodeAgent for AgentService<C> {
             if let Some(task) = tracked.task.take() {
                 task.abort();
             }
+            self.metrics.finished("checkpoint", "cancelled");
+            tracing::info!(operation_id = %id, "checkpoint cancelled; the pod is thawed");
             tracked.state.send_modify(|op| {
                 op.state = pb::State::Cancelled as i32;
                 op.error_code = Code::Cancelled as i32;

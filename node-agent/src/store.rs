@@ -33,6 +33,8 @@ pub enum StoreError {
     },
     /// The manifest could not be encoded.
     Manifest { source: serde_json::Error },
+    /// An object could not be deleted.
+    Delete { key: String, source: object_store::Error },
 }
 
 impl std::fmt::Display for StoreError {
@@ -45,6 +47,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "{key} was stored as {found}, not {expected}")
             }
             Self::Manifest { .. } => write!(f, "cannot encode the manifest"),
+            Self::Delete { key, .. } => write!(f, "cannot delete {key} from the checkpoint storage"),
         }
     }
 }
@@ -53,7 +56,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::ReadLocal { source, .. } => Some(source),
-            Self::Upload { source, .. } | Self::ReadBack { source, .. } => Some(source),
+            Self::Upload { source, .. } | Self::ReadBack { source, .. } | Self::Delete { source, .. } => Some(source),
             Self::Manifest { source } => Some(source),
             Self::DigestMismatch { .. } => None,
         }
@@ -159,6 +162,23 @@ pub async fn store_checkpoint(
     result
 }
 
+/// Removes a stored checkpoint: the manifest first, so a half-removed checkpoint is
+/// never taken for a whole one, then every object. Missing objects are fine.
+pub async fn delete_checkpoint(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    manifest: &Manifest,
+) -> Result<(), StoreError> {
+    let keys = std::iter::once("manifest.json".to_owned()).chain(manifest.objects.iter().map(|o| o.key.clone()));
+    for key in keys {
+        match store.delete(&ObjectPath::from(format!("{prefix}{key}"))).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => return Err(StoreError::Delete { key, source }),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -182,6 +202,10 @@ mod tests {
             containers: vec![],
             shared: vec![],
             objects,
+            encryption: None,
+            post_checkpoint_state: "Running".into(),
+            pod_ip_connections: vec![],
+            warnings: vec![],
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use cryopod_node_agent::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, Stage};
 use cryopod_node_agent::discovery::DiscoveryError;
 use cryopod_node_agent::freeze::FreezeReport;
+use cryopod_node_agent::metrics::AgentMetrics;
 use cryopod_node_agent::package::{MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts};
 use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
 use cryopod_node_agent::server::pb::node_agent_server::NodeAgentServer;
@@ -69,6 +70,10 @@ impl Checkpointer for Stand {
                         containers: vec![],
                         shared: vec![],
                         objects: vec![],
+                        encryption: None,
+                        post_checkpoint_state: "Running".into(),
+                        pod_ip_connections: vec![],
+                        warnings: vec![],
                     },
                     manifest_digest: "sha256:abc".into(),
                     freeze: FreezeReport {
@@ -121,7 +126,7 @@ fn pki() -> Pki {
     }
 }
 
-async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>) {
+async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics>) {
     let stand = Arc::new(stand);
     struct Shared(Arc<Stand>);
     impl Checkpointer for Shared {
@@ -143,7 +148,8 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>) {
     let tls = ServerTlsConfig::new()
         .identity(pki.server.clone())
         .client_ca_root(Certificate::from_pem(&pki.ca));
-    let service = NodeAgentServer::new(AgentService::new(Shared(stand.clone())));
+    let metrics = Arc::new(AgentMetrics::new());
+    let service = NodeAgentServer::new(AgentService::new(Shared(stand.clone()), metrics.clone()));
     tokio::spawn(
         Server::builder()
             .tls_config(tls)
@@ -151,7 +157,7 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>) {
             .add_service(service)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    (format!("https://localhost:{}", addr.port()), stand)
+    (format!("https://localhost:{}", addr.port()), stand, metrics)
 }
 
 async fn client(
@@ -191,6 +197,7 @@ fn request(id: &str) -> pb::CheckpointRequest {
         prefix: "ns/p/".into(),
         tcp_established: true,
         max_freeze_seconds: 30,
+        ..Default::default()
     }
 }
 
@@ -217,7 +224,7 @@ async fn run_to_end(agent: &mut NodeAgentClient<Channel>, id: &str) -> Vec<pb::O
 #[tokio::test]
 async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
     let pki = pki();
-    let (url, stand) = serve(stand("ok"), &pki).await;
+    let (url, stand, metrics) = serve(stand("ok"), &pki).await;
     let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
     let ops: Vec<pb::Operation> = run_to_end(&mut agent, "op-1").await;
     let last = ops.last().unwrap();
@@ -243,12 +250,18 @@ async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
     assert_eq!(&got, last);
     let facts = agent.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
     assert_eq!((facts.name.as_str(), facts.criu_version.as_str()), ("node-1", "4.2.1"));
+    let text = metrics.encode();
+    assert!(
+        text.contains(r#"cryopod_agent_operations_total{kind="checkpoint",result="succeeded"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("cryopod_agent_freeze_window_seconds_count 1"), "{text}");
 }
 
 #[tokio::test]
 async fn failures_carry_a_code_and_the_cause() {
     let pki = pki();
-    let (url, _) = serve(stand("missing"), &pki).await;
+    let (url, _, _) = serve(stand("missing"), &pki).await;
     let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
     let ops: Vec<pb::Operation> = run_to_end(&mut agent, "op-2").await;
     let last = ops.last().unwrap();
@@ -263,6 +276,29 @@ async fn failures_carry_a_code_and_the_cause() {
     assert!(status.message().contains("storage"), "{}", status.message());
     let status = agent.checkpoint(request("../escape")).await.err().unwrap();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Bad hooks and keys are refused up front, naming the field.
+    let mut bad = request("op-4");
+    bad.hooks = vec![pb::Hook {
+        container: "app".into(),
+        action: Some(pb::hook::Action::Signal("SIGKILL".into())),
+        ..Default::default()
+    }];
+    let status = agent.checkpoint(bad).await.err().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        r#"hooks[0].signal: "SIGKILL" is not one of SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH"#
+    );
+    let mut bad = request("op-5");
+    bad.age_recipients = vec!["ssh-ed25519 AAAA".into()];
+    let status = agent.checkpoint(bad).await.err().unwrap();
+    assert!(
+        status
+            .message()
+            .starts_with("age_recipients: line 1 is not an age X25519 public key"),
+        "{}",
+        status.message()
+    );
     let status = agent
         .get_operation(pb::GetOperationRequest {
             operation_id: "nope".into(),
@@ -276,7 +312,7 @@ async fn failures_carry_a_code_and_the_cause() {
 #[tokio::test]
 async fn cancel_stops_a_running_operation() {
     let pki = pki();
-    let (url, stand) = serve(stand("hang"), &pki).await;
+    let (url, stand, _) = serve(stand("hang"), &pki).await;
     let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
     let mut stream = agent.checkpoint(request("op-4")).await.unwrap().into_inner();
     // Wait until it reports freezing, then cancel.
@@ -312,7 +348,7 @@ async fn cancel_stops_a_running_operation() {
 #[tokio::test]
 async fn clients_need_a_certificate_from_the_cluster_ca() {
     let pki = pki();
-    let (url, _) = serve(stand("ok"), &pki).await;
+    let (url, _, _) = serve(stand("ok"), &pki).await;
     for identity in [None, Some(&pki.stranger)] {
         let refused = match client(&url, &pki, identity).await {
             Err(_) => true,
