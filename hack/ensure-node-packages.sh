@@ -8,7 +8,7 @@
 # wrapper that runs CRIU through the prefix's own ld.so and libraries.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-host_packages=(runc iptables conntrack iproute2 util-linux catatonit busybox-static socat kmod procps curl openssl perl)
+host_packages=(runc iptables conntrack iproute2 util-linux catatonit busybox-static socat kmod procps curl openssl perl age)
 suite_packages=(containerd etcd-server containernetworking-plugins checkpointctl criu)
 
 missing=()
