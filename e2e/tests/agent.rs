@@ -597,12 +597,31 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-restore").await.unwrap();
-    let node = tb.nodes[0].clone();
+    restore_and_count_on(&tb, &client, &ns, counting_pod(&tb.nodes[0])).await;
+}
+
+/// The same with `shareProcessNamespace`: the containers' processes live in the
+/// sandbox's PID namespace, and are restored into the new sandbox's.
+#[tokio::test]
+async fn a_pod_sharing_its_pid_namespace_restores_into_a_new_sandbox() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sharedpid").await.unwrap();
+    let mut pod = counting_pod(&tb.nodes[0]);
+    pod.spec.as_mut().unwrap().share_process_namespace = Some(true);
+    restore_and_count_on(&tb, &client, &ns, pod).await;
+}
+
+/// Checkpoints `pod`, restores it with runc into a new sandbox and checks that every
+/// counter goes on from its checkpointed value, in the PID namespace the pod asked for.
+async fn restore_and_count_on(tb: &Testbed, client: &kube::Client, ns: &TestNamespace, pod: Pod) {
+    let shared_pid = pod.spec.as_ref().and_then(|s| s.share_process_namespace) == Some(true);
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
     let TrioCheckpoint {
         outcome, prefix, store, ..
-    } = checkpoint_trio(&tb, &client, &ns, "restore").await;
+    } = checkpoint_counting(tb, client, ns, "restore", pod).await;
     let objects = fetch_and_remove(&store, &prefix, &outcome.manifest).await;
-    let mut sandbox = new_sandbox(&tb, &ns.name, &node, &outcome.manifest, &objects);
+    let mut sandbox = new_sandbox(tb, &ns.name, &node, &outcome.manifest, &objects);
     let dir = sandbox.restore.dir.clone();
     let volume = dir.join("volumes/data");
     assert_eq!(
@@ -614,7 +633,7 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
         at_checkpoint.iter().all(|&c| c > 2),
         "the emptyDir holds the counters at the checkpoint: {at_checkpoint:?}"
     );
-    restore_containers(&tb, &mut sandbox, &ns.name, &outcome.manifest, &objects, false);
+    restore_containers(tb, &mut sandbox, &ns.name, &outcome.manifest, &objects, false);
     let rootfs_a = dir.join("a/rootfs");
     assert!(
         rootfs_a.join("tmp/marker").exists() && !rootfs_a.join("bin/true").exists(),
@@ -622,7 +641,8 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
     );
 
     // Every restored counter goes on from its checkpointed value: its first writes are
-    // just above it (a counter started afresh would write 1, 2, ...).
+    // just above it (a counter started afresh would write 1, 2, ...). `d` counts only
+    // through /dev/shm, so it shows the restored shared memory is shared.
     let moved = wait_until("the restored counters to write", Duration::from_secs(20), || async {
         let now = counts(&volume);
         now.iter()
@@ -639,7 +659,22 @@ async fn a_checkpoint_restores_with_runc_into_a_new_sandbox_and_continues() {
             "counter {name} continued from {then}, saw {now}"
         );
     }
-    drop(sandbox);
+    let pid_ns = |pid: u64| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    for id in &sandbox.restore.ids[1..] {
+        let state: serde_json::Value = serde_json::from_str(&run_ok(
+            std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&sandbox.restore.runc_root)
+                .args(["state", id]),
+        ))
+        .unwrap();
+        let pid = state["pid"].as_u64().unwrap();
+        assert_eq!(
+            pid_ns(pid) == pid_ns(sandbox.pid),
+            shared_pid,
+            "{id}: in the sandbox's PID namespace exactly when the pod shares it"
+        );
+    }
 }
 
 /// Two containers talking TCP over 127.0.0.1: after checkpoint and restore into a new

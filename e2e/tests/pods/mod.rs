@@ -246,8 +246,19 @@ pub struct TrioCheckpoint {
 
 /// Starts the trio pod in `ns` on the first node and checkpoints it.
 pub async fn checkpoint_trio(tb: &Testbed, client: &kube::Client, ns: &TestNamespace, op: &str) -> TrioCheckpoint {
-    let node = tb.nodes[0].clone();
-    let trio = start_trio(tb, client, ns, &node).await;
+    checkpoint_counting(tb, client, ns, op, counting_pod(&tb.nodes[0])).await
+}
+
+/// Starts a variant of the counting pod on its node and checkpoints it.
+pub async fn checkpoint_counting(
+    tb: &Testbed,
+    client: &kube::Client,
+    ns: &TestNamespace,
+    op: &str,
+    pod: Pod,
+) -> TrioCheckpoint {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+    let trio = start_counting(tb, client, ns, pod).await;
     let (freezer, _journal_dir, journal) = freeze_tools();
     let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
     let agent = node_agent(
