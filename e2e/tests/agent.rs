@@ -466,11 +466,11 @@ async fn the_agent_binary_checkpoints_a_pod_over_mtls() {
     let pod_uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
     let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
     let at_start = counts(&trio.data);
-    let mut stream = agent
-        .checkpoint(grpc_request(&tb, &ns, &trio, &pod_uid, &prefix))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut request = grpc_request(&tb, &ns, &trio, &pod_uid, &prefix);
+    let live = ns.pods(&client).get("trio").await.unwrap();
+    request.pod_template_json =
+        serde_json::to_vec(&cryopod_operator::template::checkpointed_pod_template(&live)).unwrap();
+    let mut stream = agent.checkpoint(request).await.unwrap().into_inner();
     let mut stages = Vec::new();
     let mut last = None;
     while let Some(op) = futures::StreamExt::next(&mut stream).await {
@@ -504,6 +504,14 @@ async fn the_agent_binary_checkpoints_a_pod_over_mtls() {
     assert_eq!(
         digest, result.manifest_digest,
         "the stored manifest is the one reported"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let template = &manifest["checkpointedPodTemplate"];
+    assert_eq!(template["metadata"]["name"], "trio");
+    assert_eq!(template["spec"]["containers"].as_array().unwrap().len(), NAMES.len());
+    assert!(
+        template["spec"].get("nodeName").is_none() && template["metadata"].get("uid").is_none(),
+        "{template}"
     );
 
     // Prometheus figures of the operation, and JSON logs carrying its id.

@@ -82,6 +82,8 @@ pub struct CheckpointRequest {
     pub pod_ip_connections: PodIpPolicy,
     /// Encryption of the stored objects.
     pub seal: Seal,
+    /// The sanitized pod (a `PodTemplateSpec`), kept in the manifest.
+    pub pod_template: Option<serde_json::Value>,
 }
 
 /// What the agent works with on its node.
@@ -409,6 +411,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             .to_owned(),
             pod_ip_connections: pod_ip_connections.iter().map(ToString::to_string).collect(),
             warnings,
+            checkpointed_pod_template: req.pod_template.clone(),
         };
         let manifest_digest = store_checkpoint(&store, &req.prefix, &objects, &manifest)
             .await
@@ -545,6 +548,7 @@ mod tests {
             after: AfterDump::Running,
             pod_ip_connections: PodIpPolicy::Close,
             seal: Seal::Clear,
+            pod_template: None,
         }
     }
 

@@ -454,6 +454,10 @@ pub struct Manifest {
     /// Ignored hook failures and similar notes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The pod as checkpointed, sanitized (a `PodTemplateSpec`), when the caller
+    /// gave it; a restore creates its pod from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed_pod_template: Option<serde_json::Value>,
 }
 
 fn running() -> String {

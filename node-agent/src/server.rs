@@ -258,6 +258,15 @@ pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointReque
         Ok(pb::PodIpConnections::Refuse) => PodIpPolicy::Refuse,
         Err(_) => return Err(Status::invalid_argument("pod_ip_connections: unknown value")),
     };
+    let pod_template = if req.pod_template_json.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&req.pod_template_json) {
+            Ok(value @ serde_json::Value::Object(_)) => Some(value),
+            Ok(_) => return Err(Status::invalid_argument("pod_template_json: not a JSON object")),
+            Err(e) => return Err(Status::invalid_argument(format!("pod_template_json: {e}"))),
+        }
+    };
     let request = CheckpointRequest {
         operation_id: req.operation_id,
         pod: PodRef {
@@ -275,6 +284,7 @@ pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointReque
         after,
         pod_ip_connections,
         seal,
+        pod_template,
     };
     Ok((request, store))
 }

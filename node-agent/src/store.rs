@@ -206,6 +206,7 @@ mod tests {
             post_checkpoint_state: "Running".into(),
             pod_ip_connections: vec![],
             warnings: vec![],
+            checkpointed_pod_template: None,
         }
     }
 

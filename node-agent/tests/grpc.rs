@@ -74,6 +74,7 @@ impl Checkpointer for Stand {
                         post_checkpoint_state: "Running".into(),
                         pod_ip_connections: vec![],
                         warnings: vec![],
+                        checkpointed_pod_template: None,
                     },
                     manifest_digest: "sha256:abc".into(),
                     freeze: FreezeReport {

@@ -209,6 +209,7 @@ pub fn pod_request(
         after: cryopod_node_agent::checkpoint::AfterDump::Running,
         pod_ip_connections: cryopod_node_agent::checkpoint::PodIpPolicy::Close,
         seal: cryopod_node_agent::package::Seal::Clear,
+        pod_template: None,
     }
 }
 
