@@ -1,10 +1,13 @@
 //! The cryopod node agent: a privileged DaemonSet that freezes a pod at one instant,
 //! dumps it with CRIU, stores the images, and restores pods.
 //!
-//! Built so far: the cgroup freezer ([`cgroup`]), the pod freeze protocol with its
-//! deadline watchdog ([`freeze`]) and the crash journal that thaws after an agent
-//! crash ([`journal`]). Discovery, dump, packaging, storage and the gRPC API follow
-//! (issue #3); `docs/design.md` describes the plan.
+//! A checkpoint ([`checkpoint::NodeAgent::checkpoint`]): discovery through CRI
+//! ([`discovery`]), hooks ([`hooks`]), the one-instant freeze with its watchdog and
+//! crash journal ([`freeze`], [`journal`]), checks of the frozen pod ([`inspect`]),
+//! capture of shared state and rootfs changes ([`capture`]), parallel CRIU dumps
+//! through runc ([`dump`]), packaging and encryption ([`package`]) and verified
+//! storage ([`store`]); served over gRPC ([`server`]) by the process in [`run`], with
+//! [`metrics`]. Restore is issue #4; `docs/design.md` describes the whole.
 
 #![forbid(unsafe_code)]
 
