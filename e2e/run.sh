@@ -26,7 +26,7 @@ trap down EXIT
 "$here/cluster/up.sh"
 
 status=0
-cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options -- --test-threads=2 || status=$?
+cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore -- --test-threads=2 || status=$?
 
 trap - EXIT
 down

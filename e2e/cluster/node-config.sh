@@ -9,6 +9,7 @@ mkdir -p "$dir/containerd/root" "$dir/containerd/state" "$dir/cni/net.d" "$dir/c
 
 cat > "$dir/containerd.toml" <<TOML
 version = 3
+imports = ['$dir/containerd/conf.d/*.toml']
 root = '$dir/containerd/root'
 state = '$dir/containerd/state'
 
@@ -38,6 +39,13 @@ state = '$dir/containerd/state'
 [plugins.'io.containerd.grpc.v1.cri']
   stream_server_address = '127.0.0.1'
 TOML
+
+# cryopod's runtime handler, installed the way the agent DaemonSet does it.
+CRYOPOD_HOST_ROOT=/ CRYOPOD_HANDLER_DIR="$dir/cryopod/bin" \
+  CRYOPOD_CONTAINERD_DROPIN="$dir/containerd/conf.d/cryopod.toml" \
+  CRYOPOD_RUNC="$(command -v runc)" CRYOPOD_RUNC_ROOT="$dir/runc" CRYOPOD_STATE_DIR="$dir/cryopod" \
+  CRYOPOD_CRIU_DIR="$packages/bin" CRYOPOD_IPTABLES="$(command -v iptables)" CRYOPOD_NSENTER="$(command -v nsenter)" \
+  RUST_LOG=warn "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-node-agent" install-handler
 
 cat > "$dir/cni/net.d/10-cryopod.conflist" <<JSON
 {

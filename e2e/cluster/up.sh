@@ -137,6 +137,8 @@ spawn s3-forward socat "TCP-LISTEN:$S3_PORT,bind=127.0.0.1,reuseaddr,fork" \
 
 log "images"
 "$here/images.sh" "$TESTBED/images"
+# The agent binary installs cryopod's runtime handler on each node (node-config.sh).
+cargo build --quiet --locked -p cryopod-node-agent --bins --manifest-path "$REPO_ROOT/Cargo.toml"
 
 log "nodes"
 for node in "${NODES[@]}"; do
@@ -151,6 +153,13 @@ for node in "${NODES[@]}"; do
 done
 wait_for "all ${#NODES[@]} nodes Ready" 180 all_nodes_ready
 wait_for "default service account" 60 "${kubectl[@]}" get serviceaccount default -n default
+# The RuntimeClass of restored pods; every node has the handler (node-config.sh).
+"${kubectl[@]}" apply -f - >/dev/null <<YAML
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: cryopod}
+handler: cryopod
+YAML
 wait_for "S3 server" 30 curl -s "http://$HOST_S3/" -o /dev/null --max-time 2
 
 trap - EXIT

@@ -699,15 +699,7 @@ async fn a_loopback_tcp_conversation_survives_checkpoint_and_restore() {
         "metadata": {"name": "talkers", "labels": {"cryopod.io/e2e-pod": "talkers"}},
         "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "restartPolicy": "Never",
             "volumes": [{"name": "data", "emptyDir": {}}],
-            "containers": [
-                {"name": "server", "image": BUSYBOX, "imagePullPolicy": "Never",
-                 "command": ["sh", "-c", "sleep 1000000 | nc -l -p 9000 > /data/heard"],
-                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
-                {"name": "client", "image": BUSYBOX, "imagePullPolicy": "Never",
-                 "command": ["sh", "-c", "until (i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 9000); do sleep 0.2; done"],
-                 "readinessProbe": {"exec": {"command": ["sh", "-c", "test -s /data/heard"]}, "periodSeconds": 1},
-                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
-            ]}
+            "containers": talkers()}
     }))
     .unwrap();
     ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::discovery::RunningContainer;
 
 /// Where kubelet keeps emptyDir volumes; the last path component is the volume name.
-const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
+pub const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
 
 /// A capture step failed.
 #[derive(Debug)]

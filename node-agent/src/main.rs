@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use cryopod_node_agent::run::{AgentConfig, run};
+use cryopod_node_agent::run::{AgentConfig, RunError, handler_install_from_lookup, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -17,9 +17,14 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match AgentConfig::from_lookup(|k| std::env::var(k).ok()) {
-        Ok(config) => run(config).await,
-        Err(e) => Err(e),
+    let env = |k: &str| std::env::var(k).ok();
+    let result = if std::env::args().nth(1).as_deref() == Some("install-handler") {
+        install_handler(env)
+    } else {
+        match AgentConfig::from_lookup(env) {
+            Ok(config) => run(config).await,
+            Err(e) => Err(e),
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -33,4 +38,14 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Installs the runtime handler (opt-in; the DaemonSet runs it in an init container).
+fn install_handler(env: impl Fn(&str) -> Option<String>) -> Result<(), RunError> {
+    let this = std::env::current_exe().map_err(|source| RunError::Install { source })?;
+    let install = handler_install_from_lookup(env, &this)?;
+    for path in cryopod_node_agent::install::install_handler(&install).map_err(|source| RunError::Install { source })? {
+        tracing::info!(path = %path.display(), "installed");
+    }
+    Ok(())
 }

@@ -56,6 +56,8 @@ pub enum RunError {
     Serve { source: tonic::transport::Error },
     /// The metrics port could not be opened.
     Metrics { source: std::io::Error },
+    /// Installing the runtime handler failed.
+    Install { source: std::io::Error },
 }
 
 impl std::fmt::Display for RunError {
@@ -67,6 +69,7 @@ impl std::fmt::Display for RunError {
             Self::Runtime { .. } => write!(f, "cannot reach the container runtime"),
             Self::Serve { .. } => write!(f, "the gRPC server failed"),
             Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
+            Self::Install { .. } => write!(f, "cannot install the runtime handler"),
         }
     }
 }
@@ -79,7 +82,7 @@ impl std::error::Error for RunError {
             Self::Journal { source } => Some(source),
             Self::Runtime { source } => Some(source),
             Self::Serve { source } => Some(source),
-            Self::Metrics { source } => Some(source),
+            Self::Metrics { source } | Self::Install { source } => Some(source),
         }
     }
 }
@@ -137,6 +140,50 @@ impl AgentConfig {
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
         })
     }
+}
+
+/// `install-handler`: the runtime handler's install from the environment.
+/// `CRYOPOD_HOST_ROOT` (default `/`), `CRYOPOD_HANDLER_DIR` (`/opt/cryopod/bin`),
+/// `CRYOPOD_CONTAINERD_DROPIN` (`/etc/containerd/conf.d/cryopod.toml`), `CRYOPOD_RUNC`
+/// (`/usr/sbin/runc`), `CRYOPOD_RUNC_ROOT`, `CRYOPOD_SYSTEMD_CGROUP` (`true`/`false`),
+/// `CRYOPOD_STATE_DIR` (`/var/lib/cryopod`) and `CRYOPOD_CRIU_DIR`. The binary
+/// installed is `cryopod-runc` beside this one.
+pub fn handler_install_from_lookup(
+    get: impl Fn(&str) -> Option<String>,
+    this_binary: &Path,
+) -> Result<crate::install::HandlerInstall, RunError> {
+    let path = |variable: &str, default: &str| {
+        PathBuf::from(
+            get(variable)
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_owned()),
+        )
+    };
+    let systemd_cgroup = match get("CRYOPOD_SYSTEMD_CGROUP").as_deref() {
+        None | Some("") | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(RunError::Config {
+                variable: "CRYOPOD_SYSTEMD_CGROUP",
+                problem: format!("{other:?} is not true or false"),
+            });
+        }
+    };
+    Ok(crate::install::HandlerInstall {
+        source: this_binary.with_file_name("cryopod-runc"),
+        host_root: path("CRYOPOD_HOST_ROOT", "/"),
+        bin_dir: path("CRYOPOD_HANDLER_DIR", "/opt/cryopod/bin"),
+        dropin: path("CRYOPOD_CONTAINERD_DROPIN", "/etc/containerd/conf.d/cryopod.toml"),
+        config: crate::handler::HandlerConfig {
+            runc: path("CRYOPOD_RUNC", "/usr/sbin/runc"),
+            restores: path("CRYOPOD_STATE_DIR", "/var/lib/cryopod").join("restores"),
+            criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
+            iptables: path("CRYOPOD_IPTABLES", "iptables"),
+            nsenter: path("CRYOPOD_NSENTER", "nsenter"),
+        },
+        runc_root: get("CRYOPOD_RUNC_ROOT").filter(|v| !v.is_empty()).map(PathBuf::from),
+        systemd_cgroup,
+    })
 }
 
 /// Facts of this node: kernel, CRIU version, cgroup interface, CPU flags.

@@ -150,6 +150,31 @@ pub fn node_exec(tb: &Testbed, node: &str) -> cryopod_node_agent::dump::NodeExec
     }
 }
 
+/// The agent library on `node`, talking to its containerd, with a fresh journal (kept
+/// in the returned directory).
+pub async fn library_agent(
+    tb: &Testbed,
+    node: &str,
+) -> (cryopod_node_agent::checkpoint::NodeAgent<CriClient>, tempfile::TempDir) {
+    let (freezer, journal_dir, journal) = freeze_tools();
+    let cri = CriClient::connect(&cri_socket(tb, node)).await.unwrap();
+    (node_agent(tb, node, cri, journal, freezer), journal_dir)
+}
+
+/// The two containers of a loopback TCP conversation: `client` sends 1, 2, 3, ... over
+/// 127.0.0.1 to `server`, which writes what it hears to `/data/heard`.
+pub fn talkers() -> [serde_json::Value; 2] {
+    [
+        json!({"name": "server", "image": BUSYBOX, "imagePullPolicy": "Never",
+               "command": ["sh", "-c", "sleep 1000000 | nc -l -p 9000 > /data/heard"],
+               "volumeMounts": [{"name": "data", "mountPath": "/data"}]}),
+        json!({"name": "client", "image": BUSYBOX, "imagePullPolicy": "Never",
+               "command": ["sh", "-c", "until (i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 9000); do sleep 0.2; done"],
+               "readinessProbe": {"exec": {"command": ["sh", "-c", "test -s /data/heard"]}, "periodSeconds": 1},
+               "volumeMounts": [{"name": "data", "mountPath": "/data"}]}),
+    ]
+}
+
 pub fn node_agent(
     tb: &Testbed,
     node: &str,
@@ -260,15 +285,8 @@ pub async fn checkpoint_counting(
 ) -> TrioCheckpoint {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
     let trio = start_counting(tb, client, ns, pod).await;
-    let (freezer, _journal_dir, journal) = freeze_tools();
     let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
-    let agent = node_agent(
-        tb,
-        &node,
-        CriClient::connect(&cri_socket(tb, &node)).await.unwrap(),
-        journal,
-        freezer,
-    );
+    let (agent, _journal_dir) = library_agent(tb, &node).await;
     let pod_uid = ns.pods(client).get("trio").await.unwrap().metadata.uid.unwrap();
     let prefix = format!("e2e/{}/trio/{pod_uid}/", ns.name);
     let request = trio_request(

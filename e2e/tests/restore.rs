@@ -1,0 +1,363 @@
+//! Restore through Kubernetes on the real local cluster: a pod checkpointed on one
+//! node comes back as a new pod on the other, created by the kubelet with the
+//! `cryopod` RuntimeClass, whose handler restores each container instead of starting
+//! it. And what must never start: tampered, truncated or foreign checkpoints.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod pods;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+use cryopod_node_agent::checkpoint::{AfterDump, CheckpointOutcome};
+use cryopod_node_agent::handler::RESTORE_ANNOTATION;
+use cryopod_node_agent::restore::{RestoreError, RestoreRequest, prepare_restore};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use kube::api::{DeleteParams, PostParams};
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+use pods::*;
+use serde_json::json;
+
+/// Four containers: `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
+/// a's count from `/dev/shm`; `client` sends numbers over 127.0.0.1 to `server`,
+/// which writes what it hears into the emptyDir. `a` also says what it counts on stdout.
+fn stateful_pod(node: &str) -> Pod {
+    let counter = format!(
+        "echo {SHM_TOKEN} > /dev/shm/token; i=0; while :; do i=$((i+1)); echo $i > /data/a.tmp && mv /data/a.tmp /data/a; \
+         echo $i > /dev/shm/a.tmp && mv /dev/shm/a.tmp /dev/shm/a; [ $((i % 20)) = 0 ] && echo counted $i; sleep 0.05; done"
+    );
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "stateful", "labels": {"cryopod.io/e2e-pod": "stateful"}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [
+                {"name": "a", "image": BUSYBOX, "imagePullPolicy": "Never", "command": ["sh", "-c", counter],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "d", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "while :; do cat /dev/shm/a > /data/d.tmp 2>/dev/null && mv /data/d.tmp /data/d; sleep 0.05; done"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                talkers()[0], talkers()[1]
+            ]}
+    }))
+    .unwrap()
+}
+
+/// The emptyDir `data` of a pod on its node's disk.
+fn empty_dir(tb: &Testbed, node: &str, uid: &str) -> std::path::PathBuf {
+    tb.dir
+        .join(node)
+        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"))
+}
+
+fn number(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The restored pod: the checkpointed template on `node`, with the cryopod
+/// RuntimeClass and the annotation naming the prepared restore.
+fn restored_pod(template: &serde_json::Value, name: &str, node: &str, restore_id: &str) -> Pod {
+    let template: PodTemplateSpec = serde_json::from_value(template.clone()).unwrap();
+    let mut metadata = template.metadata.unwrap_or_default();
+    metadata.name = Some(name.to_owned());
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(RESTORE_ANNOTATION.to_owned(), restore_id.to_owned());
+    let mut spec = template.spec.unwrap();
+    spec.node_name = Some(node.to_owned());
+    spec.runtime_class_name = Some("cryopod".to_owned());
+    Pod {
+        metadata,
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// Checkpoints the running stateful pod on the first node, stopped after storing.
+/// Returns the outcome, the prefix and when the checkpoint began (an upper bound of
+/// the freeze's start).
+async fn checkpoint_stateful(
+    tb: &Testbed,
+    client: &kube::Client,
+    ns: &TestNamespace,
+) -> (CheckpointOutcome, String, Instant) {
+    let node = tb.nodes[0].clone();
+    let pods = ns.pods(client);
+    pods.create(&PostParams::default(), &stateful_pod(&node)).await.unwrap();
+    let live = ns
+        .wait_ready(client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let uid = live.metadata.uid.clone().unwrap();
+    let data = empty_dir(tb, &node, &uid);
+    wait_until("the source to count", Duration::from_secs(30), || async {
+        (number(&data.join("a")) > 5 && number(&data.join("d")) > 5).then_some(())
+    })
+    .await
+    .unwrap();
+    let (agent, _journal_dir) = library_agent(tb, &node).await;
+    let prefix = format!("e2e/{}/stateful/{uid}/", ns.name);
+    let mut request = pod_request(ns, "stateful", &uid, format!("mig-{}", &uid[..8]), prefix.clone());
+    request.after = AfterDump::Stopped;
+    request.pod_template =
+        Some(serde_json::to_value(cryopod_operator::template::checkpointed_pod_template(&live)).unwrap());
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let started = Instant::now();
+    let outcome = agent.checkpoint(&request, store, &|_| {}).await.unwrap();
+    (outcome, prefix, started)
+}
+
+/// The facts of the target node as its agent reports them.
+async fn target_facts(tb: &Testbed, node: &str) -> cryopod_node_agent::package::NodeFacts {
+    library_agent(tb, node).await.0.node
+}
+
+fn restores_dir(tb: &Testbed, node: &str) -> std::path::PathBuf {
+    tb.dir.join(node).join("cryopod/restores")
+}
+
+/// The migration of a stateful pod from node 1 to node 2 as a new pod, and its
+/// figures: counters, the loopback conversation, `/dev/shm` and the emptyDir carry on;
+/// the kubelet shows every container Running and Ready; logs and exec work.
+#[tokio::test]
+async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-restore-k8s").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let (outcome, prefix, frozen_at) = checkpoint_stateful(&tb, &client, &ns).await;
+    ns.pods(&client)
+        .delete("stateful", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let restore_id = format!("r-{}", &outcome.manifest.pod.uid[..8]);
+    let prepare_started = Instant::now();
+    let prepared = prepare_restore(
+        &store,
+        &RestoreRequest {
+            restore_id: restore_id.clone(),
+            prefix: prefix.clone(),
+            manifest_digest: Some(outcome.manifest_digest.clone()),
+            identities: vec![],
+        },
+        &target_facts(&tb, &target).await,
+        &restores_dir(&tb, &target),
+    )
+    .await
+    .unwrap();
+    let prepare = prepare_started.elapsed();
+    let checkpointed = |name: &str| -> u64 {
+        let volume = std::fs::File::open(prepared.dir.join("pod/volume/data.tar")).unwrap();
+        let mut archive = tar::Archive::new(volume);
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap().file_name().and_then(|n| n.to_str()) == Some(name) {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+                return text.trim().parse().unwrap_or(0);
+            }
+        }
+        0
+    };
+    let (a_then, d_then) = (checkpointed("a"), checkpointed("d"));
+
+    let template = outcome.manifest.checkpointed_pod_template.clone().unwrap();
+    let pod = restored_pod(&template, "stateful-restored", &target, &restore_id);
+    let created = Instant::now();
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    let ready = ns
+        .wait_ready(&client, "stateful-restored", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let (restore_time, downtime) = (created.elapsed(), frozen_at.elapsed());
+    let uid = ready.metadata.uid.clone().unwrap();
+    let data = empty_dir(&tb, &target, &uid);
+
+    // The in-memory counter and the shm mirror go on from their checkpointed values.
+    let (a_now, d_now) = wait_until("the restored counters to move", Duration::from_secs(20), || async {
+        let (a, d) = (number(&data.join("a")), number(&data.join("d")));
+        (a > a_then && d > d_then).then_some((a, d))
+    })
+    .await
+    .unwrap();
+    assert!(a_now < a_then + 200, "a continued from {a_then}, not afresh: {a_now}");
+    assert!(
+        d_now < d_then + 200 && d_now > a_then / 2,
+        "d follows a through /dev/shm: {d_now}"
+    );
+    // The loopback conversation goes on, in order, without a new connection.
+    let heard = |path: &std::path::Path| -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let after = wait_until("the conversation to go on", Duration::from_secs(20), || async {
+        let all = heard(&data.join("heard"));
+        (all.len() > 5 && all.windows(2).all(|w| w[1] == w[0] + 1) && *all.last().unwrap() > 10).then_some(all)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        after[0],
+        1,
+        "one conversation from its start, no reconnect: {:?}",
+        &after[..5]
+    );
+
+    // The kubelet's view, logs and exec.
+    let statuses = ready.status.unwrap().container_statuses.unwrap();
+    assert_eq!(statuses.len(), 4);
+    for status in &statuses {
+        assert!(
+            status.ready && status.restart_count == 0 && status.state.as_ref().unwrap().running.is_some(),
+            "{status:?}"
+        );
+    }
+    let exec = tb
+        .kubectl()
+        .args([
+            "exec",
+            "-n",
+            &ns.name,
+            "stateful-restored",
+            "-c",
+            "d",
+            "--",
+            "cat",
+            "/dev/shm/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), SHM_TOKEN, "{exec:?}");
+    let logs = wait_until("the restored counter to log", Duration::from_secs(20), || async {
+        let out = tb
+            .kubectl()
+            .args(["logs", "-n", &ns.name, "stateful-restored", "-c", "a"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("counted ")?.parse::<u64>().ok())
+            .find(|n| *n > a_then)
+            .map(|n| (n, text))
+    })
+    .await
+    .unwrap();
+    println!(
+        "restore {source} -> {target}: counter a {a_then} -> {a_now}, logged {}; prepare {} ms (fetched {} bytes), \
+         pod created to Ready {} ms, downtime from freeze {} ms, freeze window {} ms",
+        logs.0,
+        prepare.as_millis(),
+        prepared.fetched_bytes,
+        restore_time.as_millis(),
+        downtime.as_millis(),
+        outcome.manifest.freeze_window_millis
+    );
+    for object in &outcome.manifest.objects {
+        let _ = store.delete(&ObjectPath::from(format!("{prefix}{}", object.key))).await;
+    }
+    let _ = store.delete(&ObjectPath::from(format!("{prefix}manifest.json"))).await;
+    let _ = std::fs::remove_dir_all(&prepared.dir);
+}
+
+/// A tampered or truncated object, or a node that cannot run the checkpoint, is
+/// refused before anything is unpacked; a pod created for a restore that is not
+/// prepared never runs a process.
+#[tokio::test]
+async fn bad_checkpoints_are_refused_before_anything_runs() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-restore-bad").await.unwrap();
+    let target = tb.nodes[1].clone();
+    let (outcome, prefix, _) = checkpoint_stateful(&tb, &client, &ns).await;
+    let store: Arc<dyn object_store::ObjectStore> = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let restores = restores_dir(&tb, &target);
+    let facts = target_facts(&tb, &target).await;
+    let request = |id: &str| RestoreRequest {
+        restore_id: id.to_owned(),
+        prefix: prefix.clone(),
+        manifest_digest: Some(outcome.manifest_digest.clone()),
+        identities: vec![],
+    };
+    let archive = &outcome.manifest.containers[0].archive;
+    let key = ObjectPath::from(format!("{prefix}{archive}"));
+    let original = store.get(&key).await.unwrap().bytes().await.unwrap();
+
+    // One byte changed.
+    let mut tampered = original.to_vec();
+    tampered[original.len() / 2] ^= 0x01;
+    store.put(&key, tampered.into()).await.unwrap();
+    let err = prepare_restore(&store, &request("bad-1"), &facts, &restores)
+        .await
+        .unwrap_err();
+    println!("tampered: {err}");
+    assert!(matches!(err, RestoreError::Digest { .. }), "{err}");
+    // Truncated.
+    store
+        .put(&key, original.slice(..original.len() - 100).into())
+        .await
+        .unwrap();
+    let err = prepare_restore(&store, &request("bad-2"), &facts, &restores)
+        .await
+        .unwrap_err();
+    println!("truncated: {err}");
+    assert!(matches!(err, RestoreError::Size { .. }), "{err}");
+    store.put(&key, original.clone().into()).await.unwrap();
+    // A node with an older CRIU.
+    let mut old = facts.clone();
+    old.criu_version = "4.1".into();
+    let err = prepare_restore(&store, &request("bad-3"), &old, &restores)
+        .await
+        .unwrap_err();
+    println!("incompatible: {err}");
+    assert!(matches!(err, RestoreError::Incompatible { .. }), "{err}");
+    assert!(err.to_string().contains("needs CRIU 4.2.1 or newer"), "{err}");
+    for id in ["bad-1", "bad-2", "bad-3"] {
+        assert!(!restores.join(id).exists() && !restores.join(format!(".{id}.partial")).exists());
+    }
+
+    // The pod of a restore that was never prepared: the handler refuses every
+    // container, so none runs, and the kubelet says why.
+    let template = outcome.manifest.checkpointed_pod_template.clone().unwrap();
+    let pod = restored_pod(&template, "never-prepared", &target, "bad-1");
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    let message = wait_until("the kubelet to report the refusal", Duration::from_secs(60), || async {
+        let pod = ns.pods(&client).get("never-prepared").await.ok()?;
+        let statuses = pod.status?.container_statuses?;
+        statuses.iter().find_map(|s| {
+            let waiting = s.state.as_ref()?.waiting.as_ref()?;
+            waiting
+                .message
+                .as_ref()
+                .filter(|m| m.contains("restore bad-1 is not prepared on this node"))
+                .cloned()
+        })
+    })
+    .await
+    .unwrap();
+    println!("kubelet: {message}");
+    let pod = ns.pods(&client).get("never-prepared").await.unwrap();
+    for status in pod.status.unwrap().container_statuses.unwrap() {
+        assert!(
+            status.state.as_ref().unwrap().running.is_none()
+                && status.last_state.as_ref().is_none_or(|s| s.terminated.is_none()),
+            "no container of the pod ever ran: {status:?}"
+        );
+    }
+    for object in &outcome.manifest.objects {
+        let _ = store.delete(&ObjectPath::from(format!("{prefix}{}", object.key))).await;
+    }
+    let _ = store.delete(&ObjectPath::from(format!("{prefix}manifest.json"))).await;
+}

@@ -1,0 +1,560 @@
+//! cryopod's runtime handler: an OCI runtime that containerd's runc shim runs in
+//! place of runc (`BinaryName`). Every call goes to runc unchanged, except `create`
+//! of a container whose pod carries the annotation `cryopod.io/restore` and whose
+//! checkpoint the agent has prepared: then the pod's shared state is put back (once),
+//! the container's rootfs changes are applied, the pod's loopback is held, and the
+//! container is restored with `runc restore` instead of created. Its `start` is then
+//! a no-op, since a restored process already runs. The hold is released once the last
+//! container of the checkpoint is back, so loopback TCP peers never see the other
+//! end missing. A container restarted later starts fresh: each is restored once.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::capture::OPAQUE_MARKER;
+use crate::package::Manifest;
+use crate::restore::PREPARED_MANIFEST;
+
+/// The pod annotation naming the prepared restore (its id).
+pub const RESTORE_ANNOTATION: &str = "cryopod.io/restore";
+/// CRI annotation of the container kind (`sandbox` or `container`).
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI annotation of the container's name in the pod.
+const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+/// runc reads CRIU's configuration file from this annotation.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// The handler's settings: `<handler binary>.json` beside the binary.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HandlerConfig {
+    /// The real runc.
+    pub runc: PathBuf,
+    /// Where the agent prepares restores (`<state dir>/restores`).
+    pub restores: PathBuf,
+    /// Put first in PATH so runc finds this CRIU.
+    #[serde(default)]
+    pub criu_dir: Option<PathBuf>,
+    /// iptables, to hold the pod's loopback.
+    #[serde(default = "default_iptables")]
+    pub iptables: PathBuf,
+    /// nsenter, to run iptables in the pod's network namespace.
+    #[serde(default = "default_nsenter")]
+    pub nsenter: PathBuf,
+}
+
+fn default_iptables() -> PathBuf {
+    PathBuf::from("iptables")
+}
+
+fn default_nsenter() -> PathBuf {
+    PathBuf::from("nsenter")
+}
+
+/// A runc command line, split where the handler needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuncCall {
+    /// Global flags, before the command (`--root`, `--log`, ...), kept as given.
+    pub globals: Vec<String>,
+    /// The command (`create`, `start`, `delete`, ...).
+    pub command: String,
+    /// The command's arguments, kept as given.
+    pub args: Vec<String>,
+}
+
+/// runc's global flags that take a value.
+const GLOBAL_VALUE_FLAGS: [&str; 5] = ["--root", "--log", "--log-format", "--criu", "--rootless"];
+
+impl RuncCall {
+    /// Splits runc's argument list (without the program name).
+    pub fn parse(args: &[String]) -> Option<Self> {
+        let mut globals = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            if !arg.starts_with('-') {
+                return Some(Self {
+                    globals,
+                    command: arg.clone(),
+                    args: args[i + 1..].to_vec(),
+                });
+            }
+            globals.push(arg.clone());
+            if GLOBAL_VALUE_FLAGS.contains(&arg.as_str()) {
+                globals.push(args.get(i + 1)?.clone());
+                i += 1;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The value of a command flag (`--bundle X`, `--bundle=X`, or `-b X`).
+    pub fn flag(&self, long: &str, short: Option<&str>) -> Option<&str> {
+        let mut it = self.args.iter();
+        while let Some(arg) = it.next() {
+            if let Some(value) = arg.strip_prefix(long).and_then(|r| r.strip_prefix('=')) {
+                return Some(value);
+            }
+            if arg == long || short.is_some_and(|s| arg == s) {
+                return it.next().map(String::as_str);
+            }
+        }
+        None
+    }
+
+    /// The container id: the last argument.
+    pub fn container_id(&self) -> Option<&str> {
+        self.args.last().map(String::as_str).filter(|a| !a.starts_with('-'))
+    }
+}
+
+/// What to do with a `create`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateDecision {
+    /// Hand it to runc as it is.
+    Create,
+    /// Restore container `name` from the prepared restore in `dir`.
+    Restore { dir: PathBuf, name: String },
+}
+
+/// The restored-once marker of a container in a prepared restore.
+fn restored_marker(dir: &Path, name: &str) -> PathBuf {
+    dir.join("containers").join(name).join(".restored")
+}
+
+/// The marker that makes `start` a no-op for a restored container id.
+fn started_marker(restores: &Path, id: &str) -> PathBuf {
+    restores.join(".restored-ids").join(id)
+}
+
+/// Decides a `create` from the bundle's OCI spec.
+pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<CreateDecision, String> {
+    let annotations = &spec["annotations"];
+    let Some(restore_id) = annotations[RESTORE_ANNOTATION].as_str() else {
+        return Ok(CreateDecision::Create);
+    };
+    if annotations[CONTAINER_TYPE].as_str() != Some("container") {
+        return Ok(CreateDecision::Create);
+    }
+    let name = annotations[CONTAINER_NAME].as_str().unwrap_or_default();
+    if crate::journal::Journal::check_operation_id(restore_id).is_err() {
+        return Err(format!("{RESTORE_ANNOTATION}: {restore_id:?} is not a restore id"));
+    }
+    let dir = restores.join(restore_id);
+    if !dir.join(PREPARED_MANIFEST).exists() {
+        // Starting afresh would silently lose the state the pod was created to get back.
+        return Err(format!(
+            "restore {restore_id} is not prepared on this node ({} is missing)",
+            dir.display()
+        ));
+    }
+    if !dir.join("containers").join(name).join("checkpoint").is_dir() || restored_marker(&dir, name).exists() {
+        // Not in the checkpoint (a container added since), or restored before: this is
+        // a restart, which starts fresh.
+        return Ok(CreateDecision::Create);
+    }
+    Ok(CreateDecision::Restore {
+        dir,
+        name: name.to_owned(),
+    })
+}
+
+/// A relative path from a tar entry that stays inside its root.
+fn inside(root: &Path, relative: &Path) -> Option<PathBuf> {
+    relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        .then(|| root.join(relative))
+}
+
+/// Applies a `rootfs-diff.tar` to a rootfs: OCI whiteouts delete, an opaque marker
+/// empties its directory, every other entry is written (never outside `rootfs`).
+pub fn apply_rootfs_diff(diff: &Path, rootfs: &Path) -> std::io::Result<()> {
+    let mut archive = tar::Archive::new(std::fs::File::open(diff)?);
+    archive.set_overwrite(true);
+    archive.set_preserve_permissions(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let bad = || std::io::Error::other(format!("{} leaves the rootfs", path.display()));
+        if name == OPAQUE_MARKER {
+            let dir = inside(rootfs, parent).ok_or_else(bad)?;
+            if let Ok(children) = std::fs::read_dir(&dir) {
+                for child in children.flatten() {
+                    remove_any(&child.path())?;
+                }
+            }
+        } else if let Some(deleted) = name.strip_prefix(".wh.") {
+            let target = inside(rootfs, &parent.join(deleted)).ok_or_else(bad)?;
+            remove_any(&target)?;
+        } else {
+            entry.unpack_in(rootfs)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Puts the pod's shared state back into the mounts of this container that hold it
+/// (`/dev/shm`, emptyDirs), each once per restore; returns what it restored.
+pub fn restore_shared_state(spec: &serde_json::Value, dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut restored = Vec::new();
+    for mount in spec["mounts"].as_array().into_iter().flatten() {
+        let (destination, source) = (
+            mount["destination"].as_str().unwrap_or_default(),
+            mount["source"].as_str().unwrap_or_default(),
+        );
+        let tar = if destination == "/dev/shm" {
+            dir.join("pod/shm.tar")
+        } else if let Some((_, volume)) = source.split_once(crate::capture::EMPTY_DIR_MARKER) {
+            dir.join("pod/volume")
+                .join(format!("{}.tar", volume.trim_end_matches('/')))
+        } else {
+            continue;
+        };
+        let done = tar.with_extension("restored");
+        if !tar.exists() || done.exists() {
+            continue;
+        }
+        let mut archive = tar::Archive::new(std::fs::File::open(&tar)?);
+        archive.set_overwrite(true);
+        archive.set_preserve_permissions(true);
+        archive.unpack(source)?;
+        std::fs::write(&done, b"")?;
+        restored.push(destination.to_owned());
+    }
+    Ok(restored)
+}
+
+/// The iptables rules that hold the pod's loopback, as argument lists for `-I`/`-D`.
+fn hold_rules() -> [[&'static str; 6]; 2] {
+    [
+        ["INPUT", "-i", "lo", "-j", "DROP", "-w"],
+        ["OUTPUT", "-o", "lo", "-j", "DROP", "-w"],
+    ]
+}
+
+/// The restore of one container, run as the handler's `create`.
+#[derive(Debug)]
+pub struct ContainerRestore<'a> {
+    /// Settings.
+    pub config: &'a HandlerConfig,
+    /// The shim's call.
+    pub call: &'a RuncCall,
+    /// The prepared restore.
+    pub dir: &'a Path,
+    /// The container's name.
+    pub name: &'a str,
+}
+
+impl ContainerRestore<'_> {
+    /// Runs the restore; the error says what failed, for the kubelet's event.
+    pub fn run(&self) -> Result<(), String> {
+        let bundle = PathBuf::from(self.call.flag("--bundle", Some("-b")).unwrap_or("."));
+        let id = self.call.container_id().ok_or("no container id")?.to_owned();
+        let spec_path = bundle.join("config.json");
+        let mut spec: serde_json::Value = std::fs::read(&spec_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| format!("cannot read {}", spec_path.display()))?;
+        let manifest: Manifest = std::fs::read(self.dir.join(PREPARED_MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("cannot read the prepared manifest")?;
+        let netns = spec["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .map(str::to_owned);
+
+        // The pod's loopback is held from the first restored container to the last.
+        let held = self.dir.join(".network-held");
+        if let Some(netns) = &netns
+            && !held.exists()
+        {
+            self.iptables(netns, "-I")?;
+            std::fs::write(&held, b"").map_err(|e| format!("cannot mark the hold: {e}"))?;
+        }
+        let result = self.restore(&mut spec, &spec_path, &bundle, &id);
+        let all_back = manifest
+            .containers
+            .iter()
+            .all(|c| restored_marker(self.dir, &c.name).exists());
+        if (result.is_err() || all_back)
+            && let Some(netns) = &netns
+            && held.exists()
+        {
+            self.iptables(netns, "-D")?;
+            let _ = std::fs::remove_file(&held);
+        }
+        result
+    }
+
+    fn restore(&self, spec: &mut serde_json::Value, spec_path: &Path, bundle: &Path, id: &str) -> Result<(), String> {
+        let container_dir = self.dir.join("containers").join(self.name);
+        restore_shared_state(spec, self.dir).map_err(|e| format!("cannot restore the pod's shared state: {e}"))?;
+        let rootfs = match spec["root"]["path"].as_str() {
+            Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
+            Some(p) => bundle.join(p),
+            None => bundle.join("rootfs"),
+        };
+        let diff = container_dir.join("rootfs-diff.tar");
+        if diff.exists() {
+            apply_rootfs_diff(&diff, &rootfs).map_err(|e| format!("cannot apply the rootfs changes: {e}"))?;
+        }
+        // CRIU 4.2's default mount engine cannot restore the host's named cgroup
+        // hierarchy; its compatibility mode can (docs/design.md).
+        let criu_conf = self.dir.join("criu.conf");
+        std::fs::write(&criu_conf, "mntns-compat-mode\n").map_err(|e| format!("cannot write {criu_conf:?}: {e}"))?;
+        spec["annotations"][CRIU_CONFIG_ANNOTATION] = serde_json::json!(criu_conf);
+        std::fs::write(spec_path, serde_json::to_vec(spec).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+
+        let work = container_dir.join(format!("work-{id}"));
+        std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let mut cmd = std::process::Command::new(&self.config.runc);
+        cmd.args(&self.call.globals)
+            .args(["restore", "--detach", "--tcp-established", "--file-locks"])
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(container_dir.join("checkpoint"))
+            .arg("--work-path")
+            .arg(&work);
+        for (flag, short) in [("--pid-file", None), ("--console-socket", None)] {
+            if let Some(value) = self.call.flag(flag, short) {
+                cmd.arg(flag).arg(value);
+            }
+        }
+        if self.call.args.iter().any(|a| a == "--no-pivot") {
+            cmd.arg("--no-pivot");
+        }
+        cmd.arg(id);
+        if let Some(criu_dir) = &self.config.criu_dir {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", criu_dir.display()));
+        }
+        let output = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.config.runc.display()))?;
+        if !output.status.success() {
+            let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
+            return Err(format!(
+                "runc restore of container {} failed: {} {}",
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim(),
+                crate::dump::criu_log_excerpt(&log)
+            ));
+        }
+        std::fs::write(restored_marker(self.dir, self.name), b"").map_err(|e| e.to_string())?;
+        let started = started_marker(&self.config.restores, id);
+        if let Some(parent) = started.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(&started, b"").map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn iptables(&self, netns: &str, op: &str) -> Result<(), String> {
+        for rule in hold_rules() {
+            let status = std::process::Command::new(&self.config.nsenter)
+                .arg(format!("--net={netns}"))
+                .arg(&self.config.iptables)
+                .arg(op)
+                .args(rule)
+                .status()
+                .map_err(|e| format!("cannot run iptables in {netns}: {e}"))?;
+            if !status.success() {
+                return Err(format!("iptables {op} {} in {netns} failed ({status})", rule.join(" ")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the handler does for a call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run runc with the same arguments.
+    Runc,
+    /// Nothing: `start` of a container that was restored (it already runs).
+    Nothing,
+    /// Restore this container.
+    Restore { dir: PathBuf, name: String },
+    /// Refuse, with this message.
+    Refuse(String),
+}
+
+/// Decides what a call does.
+pub fn action(call: &RuncCall, config: &HandlerConfig) -> Action {
+    match call.command.as_str() {
+        "create" => {
+            let bundle = PathBuf::from(call.flag("--bundle", Some("-b")).unwrap_or("."));
+            let spec = match std::fs::read(bundle.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            {
+                Some(spec) => spec,
+                // runc says what is wrong with the bundle better than we can.
+                None => return Action::Runc,
+            };
+            match decide_create(&spec, &config.restores) {
+                Ok(CreateDecision::Create) => Action::Runc,
+                Ok(CreateDecision::Restore { dir, name }) => Action::Restore { dir, name },
+                Err(message) => Action::Refuse(message),
+            }
+        }
+        "start" => match call.container_id() {
+            Some(id) if started_marker(&config.restores, id).exists() => Action::Nothing,
+            _ => Action::Runc,
+        },
+        "delete" => {
+            if let Some(id) = call.container_id() {
+                let _ = std::fs::remove_file(started_marker(&config.restores, id));
+            }
+            Action::Runc
+        }
+        _ => Action::Runc,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn shim_calls_split_into_globals_command_and_flags() {
+        let call = RuncCall::parse(&words(
+            "--root /run/runc/k8s.io --log /b/log.json --log-format json create --bundle /b --pid-file /b/init.pid abc",
+        ))
+        .unwrap();
+        assert_eq!(
+            call.globals,
+            words("--root /run/runc/k8s.io --log /b/log.json --log-format json")
+        );
+        assert_eq!(call.command, "create");
+        assert_eq!(call.flag("--bundle", Some("-b")), Some("/b"));
+        assert_eq!(call.flag("--pid-file", None), Some("/b/init.pid"));
+        assert_eq!(call.container_id(), Some("abc"));
+        let call = RuncCall::parse(&words("--systemd-cgroup start -b=x abc")).unwrap();
+        assert_eq!((call.command.as_str(), call.container_id()), ("start", Some("abc")));
+        assert!(RuncCall::parse(&words("--root")).is_none());
+    }
+
+    fn spec(kind: &str, restore: Option<&str>) -> serde_json::Value {
+        let mut annotations = json!({CONTAINER_TYPE: kind, CONTAINER_NAME: "app"});
+        if let Some(id) = restore {
+            annotations[RESTORE_ANNOTATION] = json!(id);
+        }
+        json!({"annotations": annotations})
+    }
+
+    #[test]
+    fn only_prepared_containers_of_annotated_pods_are_restored_and_only_once() {
+        let restores = tempfile::tempdir().unwrap();
+        let root = restores.path();
+        assert_eq!(
+            decide_create(&spec("container", None), root),
+            Ok(CreateDecision::Create)
+        );
+        assert_eq!(
+            decide_create(&spec("sandbox", Some("r1")), root),
+            Ok(CreateDecision::Create)
+        );
+        let err = decide_create(&spec("container", Some("r1")), root).unwrap_err();
+        assert!(err.starts_with("restore r1 is not prepared on this node"), "{err}");
+        assert!(decide_create(&spec("container", Some("../x")), root).is_err());
+
+        std::fs::create_dir_all(root.join("r1/containers/app/checkpoint")).unwrap();
+        std::fs::write(root.join("r1/manifest.json"), b"{}").unwrap();
+        assert_eq!(
+            decide_create(&spec("container", Some("r1")), root),
+            Ok(CreateDecision::Restore {
+                dir: root.join("r1"),
+                name: "app".into()
+            })
+        );
+        std::fs::write(restored_marker(&root.join("r1"), "app"), b"").unwrap();
+        assert_eq!(
+            decide_create(&spec("container", Some("r1")), root),
+            Ok(CreateDecision::Create),
+            "a restart starts fresh"
+        );
+    }
+
+    #[test]
+    fn start_is_a_no_op_for_restored_ids_until_deleted() {
+        let restores = tempfile::tempdir().unwrap();
+        let config = HandlerConfig {
+            runc: "runc".into(),
+            restores: restores.path().to_path_buf(),
+            criu_dir: None,
+            iptables: default_iptables(),
+            nsenter: default_nsenter(),
+        };
+        let start = RuncCall::parse(&words("--root /r start abc")).unwrap();
+        assert_eq!(action(&start, &config), Action::Runc);
+        let marker = started_marker(restores.path(), "abc");
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        std::fs::write(&marker, b"").unwrap();
+        assert_eq!(action(&start, &config), Action::Nothing);
+        let delete = RuncCall::parse(&words("--root /r delete --force abc")).unwrap();
+        assert_eq!(action(&delete, &config), Action::Runc);
+        assert_eq!(action(&start, &config), Action::Runc);
+    }
+
+    #[test]
+    fn rootfs_diffs_delete_empty_opaque_dirs_and_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::create_dir_all(rootfs.join("etc/app")).unwrap();
+        std::fs::write(rootfs.join("bin/true"), b"x").unwrap();
+        std::fs::write(rootfs.join("etc/app/old.conf"), b"old").unwrap();
+        let diff = dir.path().join("diff.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&diff).unwrap());
+            let mut add = |path: &str, body: &[u8]| {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(body.len() as u64);
+                h.set_mode(0o644);
+                b.append_data(&mut h, path, body).unwrap();
+            };
+            add("bin/.wh.true", b"");
+            add("etc/app/.wh..wh..opq", b"");
+            add("etc/app/new.conf", b"new");
+            b.finish().unwrap();
+        }
+        apply_rootfs_diff(&diff, &rootfs).unwrap();
+        assert!(!rootfs.join("bin/true").exists());
+        assert!(!rootfs.join("etc/app/old.conf").exists());
+        assert_eq!(std::fs::read(rootfs.join("etc/app/new.conf")).unwrap(), b"new");
+        assert!(inside(&rootfs, Path::new("../etc")).is_none());
+    }
+}

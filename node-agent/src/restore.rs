@@ -1,0 +1,632 @@
+//! Preparing a restore on the target node: fetch a checkpoint, check that this node
+//! can run it, verify every object's size and sha256, decrypt, and unpack it where
+//! the runtime handler ([`crate::handler`]) finds it. Nothing is unpacked before every
+//! object has verified, and the restore directory appears whole (a rename) or not at
+//! all, so no container can start from a tampered, truncated or partial checkpoint.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use sha2::{Digest, Sha256};
+
+use crate::journal::Journal;
+use crate::package::{AGE_SCHEME, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts, sha256_hex};
+
+/// The manifest of a prepared restore, beside what it describes.
+pub const PREPARED_MANIFEST: &str = "manifest.json";
+
+/// One restore to prepare.
+#[derive(Clone)]
+pub struct RestoreRequest {
+    /// Names the restore directory; the restored pod's `cryopod.io/restore` annotation.
+    pub restore_id: String,
+    /// The checkpoint's key prefix in the store, ending in `/`.
+    pub prefix: String,
+    /// `sha256:<hex>` the manifest must have, when known (the PodCheckpoint's status).
+    pub manifest_digest: Option<String>,
+    /// age identities for an encrypted checkpoint.
+    pub identities: Vec<age::x25519::Identity>,
+}
+
+impl std::fmt::Debug for RestoreRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreRequest")
+            .field("restore_id", &self.restore_id)
+            .field("prefix", &self.prefix)
+            .field("manifest_digest", &self.manifest_digest)
+            .field("identities", &self.identities.len())
+            .finish()
+    }
+}
+
+/// Parses age identities (`AGE-SECRET-KEY-1…`), one a line, `#` comments skipped.
+pub fn identities_from_lines(text: &str) -> Result<Vec<age::x25519::Identity>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        out.push(
+            line.parse::<age::x25519::Identity>()
+                .map_err(|e| format!("line {} is not an age X25519 identity: {e}", n + 1))?,
+        );
+    }
+    if out.is_empty() {
+        return Err("no age identity".to_owned());
+    }
+    Ok(out)
+}
+
+/// A restore ready for the runtime handler.
+#[derive(Clone, Debug)]
+pub struct PreparedRestore {
+    /// `<restores>/<restore id>`.
+    pub dir: PathBuf,
+    /// The checkpoint's manifest.
+    pub manifest: Manifest,
+    /// Bytes fetched from the store.
+    pub fetched_bytes: u64,
+    /// Fetching and verifying.
+    pub fetch: Duration,
+    /// Decrypting and unpacking.
+    pub unpack: Duration,
+}
+
+/// Preparing a restore failed; nothing was left in the restores directory.
+#[derive(Debug)]
+pub enum RestoreError {
+    /// The restore id cannot name a directory.
+    BadRestoreId { id: String },
+    /// A restore with this id was already prepared on this node.
+    AlreadyPrepared { id: String },
+    /// Reading from the store failed.
+    Fetch { key: String, source: object_store::Error },
+    /// The manifest is not the one the caller expected.
+    ManifestDigest { expected: String, found: String },
+    /// The manifest cannot be read.
+    Manifest { detail: String },
+    /// An object's size differs from the manifest's (a truncated or grown object).
+    Size { key: String, expected: u64, found: u64 },
+    /// An object's sha256 differs from the manifest's (a tampered object).
+    Digest {
+        key: String,
+        expected: String,
+        found: String,
+    },
+    /// This node cannot run the checkpoint.
+    Incompatible { reason: String },
+    /// The checkpoint is encrypted and no identity opens it.
+    Decrypt { key: String, detail: String },
+    /// Local files could not be written or read.
+    Local { path: PathBuf, source: std::io::Error },
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadRestoreId { id } => write!(f, "restore id {id:?} is not usable"),
+            Self::AlreadyPrepared { id } => write!(f, "restore {id} is already prepared on this node"),
+            Self::Fetch { key, .. } => write!(f, "cannot read {key} from the checkpoint storage"),
+            Self::ManifestDigest { expected, found } => {
+                write!(f, "the checkpoint's manifest is {found}, not the expected {expected}")
+            }
+            Self::Manifest { detail } => write!(f, "the checkpoint's manifest is unusable: {detail}"),
+            Self::Size { key, expected, found } => {
+                write!(
+                    f,
+                    "{key} is {found} bytes, not the {expected} the manifest lists: refused"
+                )
+            }
+            Self::Digest { key, expected, found } => {
+                write!(
+                    f,
+                    "{key} has digest {found}, not the {expected} the manifest lists: refused"
+                )
+            }
+            Self::Incompatible { reason } => write!(f, "this node cannot restore the checkpoint: {reason}"),
+            Self::Decrypt { key, detail } => write!(f, "cannot decrypt {key}: {detail}"),
+            Self::Local { path, .. } => write!(f, "cannot write {}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RestoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Fetch { source, .. } => Some(source),
+            Self::Local { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// CPU flags that change what user-space code may run. A process dumped where one of
+/// these existed may use it; a node without it would kill the process with SIGILL.
+const ISA_FLAG_PREFIXES: [&str; 14] = [
+    "sse",
+    "ssse",
+    "avx",
+    "fma",
+    "bmi",
+    "aes",
+    "sha_ni",
+    "adx",
+    "f16c",
+    "popcnt",
+    "movbe",
+    "vaes",
+    "vpclmulqdq",
+    "gfni",
+];
+
+fn version_pair(text: &str) -> Option<(u32, u32)> {
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let mut parts = text[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next().unwrap_or("0").parse().ok()?))
+}
+
+/// Whether this node (`target`) can restore what `source` dumped: the same cgroup
+/// version, a CRIU and a kernel at least as new, and every ISA extension the source
+/// had. The reason names what differs.
+pub fn check_compatible(source: &NodeFacts, target: &NodeFacts) -> Result<(), String> {
+    if source.cgroup_version != target.cgroup_version {
+        return Err(format!(
+            "the checkpoint was taken on cgroup {} and this node {} runs cgroup {}",
+            source.cgroup_version, target.name, target.cgroup_version
+        ));
+    }
+    let newer = |what: &str, s: &str, t: &str| match (version_pair(s), version_pair(t)) {
+        (Some(sv), Some(tv)) if tv >= sv => Ok(()),
+        (Some(_), Some(_)) => Err(format!(
+            "the checkpoint needs {what} {s} or newer and this node {} has {t}",
+            target.name
+        )),
+        _ => Err(format!("cannot compare {what} versions {s:?} and {t:?}")),
+    };
+    newer("CRIU", &source.criu_version, &target.criu_version)?;
+    newer("kernel", &source.kernel, &target.kernel)?;
+    let mut missing: Vec<&str> = source
+        .cpu_flags
+        .iter()
+        .filter(|f| ISA_FLAG_PREFIXES.iter().any(|p| f.starts_with(p)))
+        .filter(|f| !target.cpu_flags.contains(f))
+        .map(String::as_str)
+        .collect();
+    missing.sort_unstable();
+    if !missing.is_empty() {
+        return Err(format!(
+            "this node {} lacks the CPU features {} that the source node {} has",
+            target.name,
+            missing.join(", "),
+            source.name
+        ));
+    }
+    Ok(())
+}
+
+/// Fetches, verifies and unpacks a checkpoint into `<restores>/<restore id>`.
+pub async fn prepare_restore(
+    store: &Arc<dyn ObjectStore>,
+    req: &RestoreRequest,
+    node: &NodeFacts,
+    restores: &Path,
+) -> Result<PreparedRestore, RestoreError> {
+    Journal::check_operation_id(&req.restore_id).map_err(|_| RestoreError::BadRestoreId {
+        id: req.restore_id.clone(),
+    })?;
+    let local = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RestoreError::Local { path, source }
+    };
+    let dir = restores.join(&req.restore_id);
+    if dir.exists() {
+        return Err(RestoreError::AlreadyPrepared {
+            id: req.restore_id.clone(),
+        });
+    }
+    let partial = restores.join(format!(".{}.partial", req.restore_id));
+    let _ = std::fs::remove_dir_all(&partial);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&partial)
+            .map_err(local(&partial))?;
+    }
+    let result = prepare_in(store, req, node, &partial).await;
+    match result {
+        Ok(mut prepared) => {
+            std::fs::rename(&partial, &dir).map_err(local(&dir))?;
+            prepared.dir = dir;
+            Ok(prepared)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            Err(e)
+        }
+    }
+}
+
+async fn prepare_in(
+    store: &Arc<dyn ObjectStore>,
+    req: &RestoreRequest,
+    node: &NodeFacts,
+    partial: &Path,
+) -> Result<PreparedRestore, RestoreError> {
+    let fetch_started = Instant::now();
+    let manifest_key = format!("{}{PREPARED_MANIFEST}", req.prefix);
+    let manifest_bytes = store
+        .get(&ObjectPath::from(manifest_key.as_str()))
+        .await
+        .map_err(|source| RestoreError::Fetch {
+            key: PREPARED_MANIFEST.to_owned(),
+            source,
+        })?
+        .bytes()
+        .await
+        .map_err(|source| RestoreError::Fetch {
+            key: PREPARED_MANIFEST.to_owned(),
+            source,
+        })?;
+    let found = sha256_hex(Sha256::digest(&manifest_bytes));
+    if let Some(expected) = &req.manifest_digest
+        && *expected != found
+    {
+        return Err(RestoreError::ManifestDigest {
+            expected: expected.clone(),
+            found,
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| RestoreError::Manifest { detail: e.to_string() })?;
+    if manifest.api_version != MANIFEST_API_VERSION || manifest.kind != MANIFEST_KIND {
+        return Err(RestoreError::Manifest {
+            detail: format!("{}/{} is not a cryopod manifest", manifest.api_version, manifest.kind),
+        });
+    }
+    check_compatible(&manifest.node, node).map_err(|reason| RestoreError::Incompatible { reason })?;
+    match &manifest.encryption {
+        Some(e) if e.scheme != AGE_SCHEME => {
+            return Err(RestoreError::Manifest {
+                detail: format!("unknown encryption scheme {:?}", e.scheme),
+            });
+        }
+        Some(_) if req.identities.is_empty() => {
+            return Err(RestoreError::Decrypt {
+                key: "the checkpoint".to_owned(),
+                detail: "it is encrypted and no age identity was given".to_owned(),
+            });
+        }
+        _ => {}
+    }
+
+    // Every object is fetched and verified before anything is unpacked.
+    let fetched_dir = partial.join(".fetched");
+    std::fs::create_dir_all(&fetched_dir).map_err(|source| RestoreError::Local {
+        path: fetched_dir.clone(),
+        source,
+    })?;
+    let mut fetched_bytes = manifest_bytes.len() as u64;
+    let mut fetched = Vec::new();
+    for (n, object) in manifest.objects.iter().enumerate() {
+        let path = fetched_dir.join(n.to_string());
+        fetched_bytes += fetch_verified(store, &req.prefix, object, &path).await?;
+        fetched.push((object.key.clone(), path));
+    }
+    let fetch = fetch_started.elapsed();
+
+    let unpack_started = Instant::now();
+    let (identities, target) = (req.identities.clone(), partial.to_path_buf());
+    let encrypted = manifest.encryption.is_some();
+    tokio::task::spawn_blocking(move || {
+        for (key, path) in &fetched {
+            unpack_object(key, path, encrypted, &identities, &target)?;
+            let _ = std::fs::remove_file(path);
+        }
+        Ok::<_, RestoreError>(())
+    })
+    .await
+    .map_err(|_| RestoreError::Manifest {
+        detail: "the unpack task died".to_owned(),
+    })??;
+    let _ = std::fs::remove_dir_all(&fetched_dir);
+    let manifest_path = partial.join(PREPARED_MANIFEST);
+    std::fs::write(&manifest_path, &manifest_bytes).map_err(|source| RestoreError::Local {
+        path: manifest_path,
+        source,
+    })?;
+    Ok(PreparedRestore {
+        dir: partial.to_path_buf(),
+        manifest,
+        fetched_bytes,
+        fetch,
+        unpack: unpack_started.elapsed(),
+    })
+}
+
+/// Streams one object to `path`, checking its size and sha256; returns its size.
+async fn fetch_verified(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    object: &crate::package::ObjectEntry,
+    path: &Path,
+) -> Result<u64, RestoreError> {
+    let fetch_err = |source| RestoreError::Fetch {
+        key: object.key.clone(),
+        source,
+    };
+    let local = |source| RestoreError::Local {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = store
+        .get(&ObjectPath::from(format!("{prefix}{}", object.key)))
+        .await
+        .map_err(fetch_err)?
+        .into_stream();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(local)?);
+    let (mut hash, mut size) = (Sha256::new(), 0u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(fetch_err)?;
+        hash.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).map_err(local)?;
+    }
+    file.flush().map_err(local)?;
+    if size != object.size {
+        return Err(RestoreError::Size {
+            key: object.key.clone(),
+            expected: object.size,
+            found: size,
+        });
+    }
+    let found = sha256_hex(hash.finalize());
+    if found != object.sha256 {
+        return Err(RestoreError::Digest {
+            key: object.key.clone(),
+            expected: object.sha256.clone(),
+            found,
+        });
+    }
+    Ok(size)
+}
+
+/// Where an object unpacks: `containers/<name>.tar.zst` into `containers/<name>/`,
+/// `pod/<name>.tar.zst` (one tar inside) into `pod/`.
+fn unpack_object(
+    key: &str,
+    path: &Path,
+    encrypted: bool,
+    identities: &[age::x25519::Identity],
+    target: &Path,
+) -> Result<(), RestoreError> {
+    let local = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| RestoreError::Local { path: p, source }
+    };
+    let file = std::fs::File::open(path).map_err(local(path))?;
+    let plain: Box<dyn Read> = if encrypted {
+        let decryptor = age::Decryptor::new(std::io::BufReader::new(file)).map_err(|e| RestoreError::Decrypt {
+            key: key.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Box::new(
+            decryptor
+                .decrypt(identities.iter().map(|i| i as &dyn age::Identity))
+                .map_err(|e| RestoreError::Decrypt {
+                    key: key.to_owned(),
+                    detail: e.to_string(),
+                })?,
+        )
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    let decoder = zstd::Decoder::new(plain).map_err(local(path))?;
+    let stem = key.strip_suffix(".tar.zst").unwrap_or(key);
+    // `pod/volume/data` holds `data.tar`, `pod/shm` holds `shm.tar`: they unpack beside
+    // their siblings; a container archive unpacks into its own directory.
+    let dest = match stem.strip_prefix("pod/") {
+        Some(_) => target.join(Path::new(stem).parent().unwrap_or(Path::new("pod"))),
+        None => target.join(stem),
+    };
+    std::fs::create_dir_all(&dest).map_err(local(&dest))?;
+    let mut archive = tar::Archive::new(decoder);
+    archive.set_preserve_permissions(true);
+    archive
+        .unpack(&dest)
+        .map_err(|source| RestoreError::Local { path: dest, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use age::secrecy::ExposeSecret;
+    use object_store::PutPayload;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::package::{LocalObject, ManifestContainer, PodRef, Seal, write_shared_state};
+
+    fn facts(criu: &str, kernel: &str, flags: &[&str]) -> NodeFacts {
+        NodeFacts {
+            name: "node".into(),
+            kernel: kernel.into(),
+            criu_version: criu.into(),
+            cgroup_version: "V1".into(),
+            cpu_flags: flags.iter().map(|f| (*f).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn compatibility_names_what_differs() {
+        let source = facts("Version: 4.2.1", "6.1.0-40-amd64", &["fpu", "avx2", "sse4_2"]);
+        assert!(check_compatible(&source, &facts("Version: 4.2.1", "6.1.0", &["avx2", "sse4_2", "vmx"])).is_ok());
+        let err = check_compatible(&source, &facts("Version: 4.1", "6.1.0", &["avx2", "sse4_2"])).unwrap_err();
+        assert!(err.contains("needs CRIU Version: 4.2.1 or newer"), "{err}");
+        let err = check_compatible(&source, &facts("4.2", "5.15.0", &["avx2", "sse4_2"])).unwrap_err();
+        assert!(err.contains("kernel 6.1.0-40-amd64"), "{err}");
+        let err = check_compatible(&source, &facts("4.3", "6.8.0", &["sse4_2"])).unwrap_err();
+        assert!(err.contains("lacks the CPU features avx2"), "{err}");
+        let mut v2 = facts("4.2.1", "6.1.0", &["avx2", "sse4_2"]);
+        v2.cgroup_version = "V2".into();
+        assert!(check_compatible(&source, &v2).unwrap_err().contains("cgroup V1"));
+    }
+
+    /// A stored checkpoint of one shared-state object; returns the store and the
+    /// manifest digest.
+    async fn stored(seal: &Seal) -> (Arc<dyn ObjectStore>, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("shm");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("token"), b"shared").unwrap();
+        let tar_path = dir.path().join("shm.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+            b.append_dir_all(".", &tree).unwrap();
+            b.finish().unwrap();
+        }
+        let object: LocalObject = write_shared_state(&dir.path().join("objects"), seal, "shm", &tar_path).unwrap();
+        let manifest = Manifest {
+            api_version: MANIFEST_API_VERSION.into(),
+            kind: MANIFEST_KIND.into(),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+            },
+            node: facts("4.2.1", "6.1.0", &["avx2"]),
+            checkpointed_at: "2026-01-01T00:00:00Z".into(),
+            freeze_window_millis: 1,
+            containers: vec![ManifestContainer {
+                name: "app".into(),
+                image: "busybox".into(),
+                image_ref: "sha256:1".into(),
+                archive: "containers/app.tar.zst".into(),
+            }],
+            shared: vec![object.entry.key.clone()],
+            objects: vec![object.entry.clone()],
+            encryption: seal.manifest_entry(),
+            post_checkpoint_state: "Running".into(),
+            pod_ip_connections: vec![],
+            warnings: vec![],
+            checkpointed_pod_template: None,
+        };
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let digest = crate::store::store_checkpoint(&store, "ck/", &[object], &manifest)
+            .await
+            .unwrap();
+        (store, digest, dir)
+    }
+
+    fn request(id: &str, digest: Option<String>) -> RestoreRequest {
+        RestoreRequest {
+            restore_id: id.into(),
+            prefix: "ck/".into(),
+            manifest_digest: digest,
+            identities: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_verified_checkpoint_unpacks_whole() {
+        let (store, digest, _keep) = stored(&Seal::Clear).await;
+        let restores = tempfile::tempdir().unwrap();
+        let node = facts("4.2.1", "6.1.0", &["avx2"]);
+        let prepared = prepare_restore(&store, &request("r1", Some(digest)), &node, restores.path())
+            .await
+            .unwrap();
+        assert_eq!(prepared.dir, restores.path().join("r1"));
+        let shm = prepared.dir.join("pod/shm.tar");
+        let mut names = Vec::new();
+        for e in tar::Archive::new(std::fs::File::open(&shm).unwrap()).entries().unwrap() {
+            names.push(e.unwrap().path().unwrap().display().to_string());
+        }
+        assert!(names.iter().any(|n| n.ends_with("token")), "{names:?}");
+        assert!(prepared.dir.join(PREPARED_MANIFEST).exists());
+        let err = prepare_restore(&store, &request("r1", None), &node, restores.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::AlreadyPrepared { .. }), "{err}");
+    }
+
+    async fn tamper(store: &Arc<dyn ObjectStore>, key: &str, change: impl FnOnce(&mut Vec<u8>)) {
+        let path = ObjectPath::from(format!("ck/{key}"));
+        let mut bytes = store.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+        change(&mut bytes);
+        store.put(&path, PutPayload::from(bytes)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tampered_truncated_or_foreign_checkpoints_leave_nothing() {
+        let node = facts("4.2.1", "6.1.0", &["avx2"]);
+        let restores = tempfile::tempdir().unwrap();
+        let empty = |dir: &Path| std::fs::read_dir(dir).unwrap().next().is_none();
+
+        let (store, digest, _keep) = stored(&Seal::Clear).await;
+        tamper(&store, "pod/shm.tar.zst", |b| {
+            let last = b.len() - 1;
+            b[last] ^= 1;
+        })
+        .await;
+        let err = prepare_restore(&store, &request("r2", Some(digest.clone())), &node, restores.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::Digest { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("pod/shm.tar.zst has digest sha256:"),
+            "{err}"
+        );
+        assert!(empty(restores.path()));
+
+        tamper(&store, "pod/shm.tar.zst", |b| b.truncate(b.len() / 2)).await;
+        let err = prepare_restore(&store, &request("r2", Some(digest)), &node, restores.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::Size { .. }), "{err}");
+        assert!(empty(restores.path()));
+
+        let err = prepare_restore(&store, &request("r2", Some("sha256:00".into())), &node, restores.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::ManifestDigest { .. }), "{err}");
+
+        let old = facts("4.1", "6.1.0", &["avx2"]);
+        let (store, _, _keep) = stored(&Seal::Clear).await;
+        let err = prepare_restore(&store, &request("r3", None), &old, restores.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::Incompatible { .. }), "{err}");
+        assert!(empty(restores.path()));
+    }
+
+    #[tokio::test]
+    async fn encrypted_checkpoints_need_the_identity() {
+        let identity = age::x25519::Identity::generate();
+        let seal = Seal::age_from_lines(&identity.to_public().to_string()).unwrap();
+        let (store, _, _keep) = stored(&seal).await;
+        let node = facts("4.2.1", "6.1.0", &["avx2"]);
+        let restores = tempfile::tempdir().unwrap();
+        let err = prepare_restore(&store, &request("r4", None), &node, restores.path())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no age identity"), "{err}");
+        let other = age::x25519::Identity::generate();
+        let mut req = request("r4", None);
+        req.identities = vec![other];
+        let err = prepare_restore(&store, &req, &node, restores.path()).await.unwrap_err();
+        assert!(matches!(err, RestoreError::Decrypt { .. }), "{err}");
+        req.identities = identities_from_lines(&format!("# key\n{}\n", identity.to_string().expose_secret())).unwrap();
+        let prepared = prepare_restore(&store, &req, &node, restores.path()).await.unwrap();
+        assert!(prepared.dir.join("pod/shm.tar").exists());
+    }
+}
