@@ -350,11 +350,14 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
     println!("kubelet: {message}");
     let pod = ns.pods(&client).get("never-prepared").await.unwrap();
     for status in pod.status.unwrap().container_statuses.unwrap() {
-        assert!(
-            status.state.as_ref().unwrap().running.is_none()
-                && status.last_state.as_ref().is_none_or(|s| s.terminated.is_none()),
-            "no container of the pod ever ran: {status:?}"
-        );
+        // The kubelet records each refused attempt as a StartError: never started.
+        let never_started = status.state.as_ref().unwrap().running.is_none()
+            && status
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_none_or(|t| t.reason.as_deref() == Some("StartError"));
+        assert!(never_started, "no container of the pod ever ran: {status:?}");
     }
     for object in &outcome.manifest.objects {
         let _ = store.delete(&ObjectPath::from(format!("{prefix}{}", object.key))).await;

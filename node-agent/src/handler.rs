@@ -351,16 +351,18 @@ impl ContainerRestore<'_> {
             let path = std::env::var("PATH").unwrap_or_default();
             cmd.env("PATH", format!("{}:{path}", criu_dir.display()));
         }
-        let output = cmd
-            .stdin(std::process::Stdio::null())
-            .output()
+        // runc hands its own stdio to the restored process (CRIU's inherit-fd for the
+        // pipes recorded at the dump): those are the shim's pipes for this container,
+        // so they are inherited, never captured (a capture would wait forever for the
+        // restored process to close them). runc's own error goes to its --log.
+        let status = cmd
+            .status()
             .map_err(|e| format!("cannot run {}: {e}", self.config.runc.display()))?;
-        if !output.status.success() {
+        if !status.success() {
             let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
             return Err(format!(
-                "runc restore of container {} failed: {} {}",
+                "runc restore of container {} failed ({status}): {}",
                 self.name,
-                String::from_utf8_lossy(&output.stderr).trim(),
                 crate::dump::criu_log_excerpt(&log)
             ));
         }
