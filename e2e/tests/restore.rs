@@ -7,13 +7,11 @@
 
 mod pods;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use cryopod_node_agent::checkpoint::{AfterDump, CheckpointOutcome};
-use cryopod_node_agent::handler::RESTORE_ANNOTATION;
 use cryopod_node_agent::restore::{RestoreError, RestoreRequest, prepare_restore};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kube::api::{DeleteParams, PostParams};
@@ -22,7 +20,7 @@ use object_store::path::Path as ObjectPath;
 use pods::*;
 use serde_json::json;
 
-/// Four containers: `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
+/// An init container that leaves a line in the emptyDir, then four containers: `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
 /// a's count from `/dev/shm`; `client` sends numbers over 127.0.0.1 to `server`,
 /// which writes what it hears into the emptyDir. `a` also says what it counts on stdout.
 fn stateful_pod(node: &str) -> Pod {
@@ -35,6 +33,11 @@ fn stateful_pod(node: &str) -> Pod {
         "metadata": {"name": "stateful", "labels": {"cryopod.io/e2e-pod": "stateful"}},
         "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
             "volumes": [{"name": "data", "emptyDir": {}}],
+            "initContainers": [
+                {"name": "init", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "echo ran >> /data/init-ran"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+            ],
             "containers": [
                 {"name": "a", "image": BUSYBOX, "imagePullPolicy": "Never", "command": ["sh", "-c", counter],
                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
@@ -61,24 +64,20 @@ fn number(path: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The restored pod: the checkpointed template on `node`, with the cryopod
-/// RuntimeClass and the annotation naming the prepared restore.
-fn restored_pod(template: &serde_json::Value, name: &str, node: &str, restore_id: &str) -> Pod {
-    let template: PodTemplateSpec = serde_json::from_value(template.clone()).unwrap();
-    let mut metadata = template.metadata.unwrap_or_default();
-    metadata.name = Some(name.to_owned());
-    metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(RESTORE_ANNOTATION.to_owned(), restore_id.to_owned());
-    let mut spec = template.spec.unwrap();
-    spec.node_name = Some(node.to_owned());
-    spec.runtime_class_name = Some("cryopod".to_owned());
-    Pod {
-        metadata,
-        spec: Some(spec),
-        status: None,
-    }
+/// The restored pod, as the operator creates it.
+fn restored_pod(manifest: &cryopod_node_agent::package::Manifest, name: &str, node: &str, restore_id: &str) -> Pod {
+    use cryopod_operator::restore_pod::{CheckpointedImage, restore_pod};
+    let template: PodTemplateSpec =
+        serde_json::from_value(manifest.checkpointed_pod_template.clone().unwrap()).unwrap();
+    let images: Vec<CheckpointedImage> = manifest
+        .containers
+        .iter()
+        .map(|c| CheckpointedImage {
+            container: c.name.clone(),
+            image_ref: c.image_ref.clone(),
+        })
+        .collect();
+    restore_pod(&template, name, node, restore_id, &images)
 }
 
 /// Checkpoints the running stateful pod on the first node, stopped after storing.
@@ -171,8 +170,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
     };
     let (a_then, d_then) = (checkpointed("a"), checkpointed("d"));
 
-    let template = outcome.manifest.checkpointed_pod_template.clone().unwrap();
-    let pod = restored_pod(&template, "stateful-restored", &target, &restore_id);
+    let pod = restored_pod(&outcome.manifest, "stateful-restored", &target, &restore_id);
     let created = Instant::now();
     ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
     let ready = ns
@@ -255,6 +253,55 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
     })
     .await
     .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(data.join("init-ran")).unwrap(),
+        "ran\n",
+        "the init container ran once, on the source, and not again"
+    );
+
+    // A restored container that dies restarts fresh: the checkpoint is not replayed.
+    let a = statuses.iter().find(|s| s.name == "a").unwrap();
+    let id = a.container_id.as_deref().unwrap().trim_start_matches("containerd://");
+    let runc_state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(tb.dir.join(&target).join("runc/k8s.io"))
+        .args(["state", id])
+        .output()
+        .unwrap();
+    let pid = serde_json::from_slice::<serde_json::Value>(&runc_state.stdout).unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("container a to restart", Duration::from_secs(60), || async {
+        let pod = ns.pods(&client).get("stateful-restored").await.ok()?;
+        pod.status?
+            .container_statuses?
+            .iter()
+            .any(|s| s.name == "a" && s.restart_count == 1 && s.state.as_ref().is_some_and(|st| st.running.is_some()))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    // The new instance's log starts at its own beginning: 20, as a fresh counter logs first.
+    let fresh = wait_until("the restarted counter to log", Duration::from_secs(20), || async {
+        let out = tb
+            .kubectl()
+            .args(["logs", "-n", &ns.name, "stateful-restored", "-c", "a"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("counted ")?.parse::<u64>().ok())
+    })
+    .await
+    .unwrap();
+    assert_eq!(fresh, 20, "the restarted container counts from the start");
+    println!("container a restarted afresh and counts {fresh}");
+
     println!(
         "restore {source} -> {target}: counter a {a_then} -> {a_now}, logged {}; prepare {} ms (fetched {} bytes), \
          pod created to Ready {} ms, downtime from freeze {} ms, freeze window {} ms",
@@ -330,8 +377,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
 
     // The pod of a restore that was never prepared: the handler refuses every
     // container, so none runs, and the kubelet says why.
-    let template = outcome.manifest.checkpointed_pod_template.clone().unwrap();
-    let pod = restored_pod(&template, "never-prepared", &target, "bad-1");
+    let pod = restored_pod(&outcome.manifest, "never-prepared", &target, "bad-1");
     ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
     let message = wait_until("the kubelet to report the refusal", Duration::from_secs(60), || async {
         let pod = ns.pods(&client).get("never-prepared").await.ok()?;
