@@ -140,23 +140,38 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
 
     let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
     let restore_id = format!("r-{}", &outcome.manifest.pod.uid[..8]);
+    // The target's agent binary prepares the restore, asked over mutual TLS.
+    let tls = agent_tls();
+    let (_agent_process, mut agent) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
     let prepare_started = Instant::now();
-    let prepared = prepare_restore(
-        &store,
-        &RestoreRequest {
-            restore_id: restore_id.clone(),
+    let mut stream = agent
+        .prepare_restore(cryopod_node_agent::server::pb::PrepareRestoreRequest {
+            operation_id: restore_id.clone(),
+            storage: Some(s3_storage(&tb)),
             prefix: prefix.clone(),
-            manifest_digest: Some(outcome.manifest_digest.clone()),
-            identities: vec![],
-        },
-        &target_facts(&tb, &target).await,
-        &restores_dir(&tb, &target),
-    )
-    .await
-    .unwrap();
+            manifest_digest: outcome.manifest_digest.clone(),
+            age_identities: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = futures::StreamExt::next(&mut stream).await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(
+        last.state,
+        cryopod_node_agent::server::pb::State::Succeeded as i32,
+        "{}",
+        last.error_message
+    );
+    let result = last.restore.unwrap();
     let prepare = prepare_started.elapsed();
+    let prepared_dir = std::path::PathBuf::from(&result.directory);
+    assert_eq!(prepared_dir, restores_dir(&tb, &target).join(&restore_id));
     let checkpointed = |name: &str| -> u64 {
-        let volume = std::fs::File::open(prepared.dir.join("pod/volume/data.tar")).unwrap();
+        let volume = std::fs::File::open(prepared_dir.join("pod/volume/data.tar")).unwrap();
         let mut archive = tar::Archive::new(volume);
         for entry in archive.entries().unwrap() {
             let mut entry = entry.unwrap();
@@ -307,7 +322,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
          pod created to Ready {} ms, downtime from freeze {} ms, freeze window {} ms",
         logs.0,
         prepare.as_millis(),
-        prepared.fetched_bytes,
+        result.fetched_bytes,
         restore_time.as_millis(),
         downtime.as_millis(),
         outcome.manifest.freeze_window_millis
@@ -316,7 +331,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
         let _ = store.delete(&ObjectPath::from(format!("{prefix}{}", object.key))).await;
     }
     let _ = store.delete(&ObjectPath::from(format!("{prefix}manifest.json"))).await;
-    let _ = std::fs::remove_dir_all(&prepared.dir);
+    let _ = std::fs::remove_dir_all(&prepared_dir);
 }
 
 /// A tampered or truncated object, or a node that cannot run the checkpoint, is

@@ -99,6 +99,8 @@ pub struct NodeAgent<R> {
     pub exec: NodeExec,
     /// Private scratch space (0700), one directory per operation.
     pub work_dir: PathBuf,
+    /// Where restores are prepared for the runtime handler.
+    pub restores: PathBuf,
     /// Facts of this node.
     pub node: NodeFacts,
 }
@@ -526,6 +528,7 @@ mod tests {
             journal: Journal::open(dir.join("journal")).unwrap(),
             exec: NodeExec::default(),
             work_dir: dir.join("work"),
+            restores: dir.join("restores"),
             node: NodeFacts::default(),
         }
     }

@@ -29,6 +29,8 @@ pub struct AgentMetrics {
     upload: Histogram,
     stored_bytes: Counter,
     captured_bytes: Counter,
+    restore_fetch: Histogram,
+    fetched_bytes: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -44,8 +46,9 @@ impl AgentMetrics {
         let operations = Family::<OperationLabels, Counter>::default();
         // 1 ms to about 2 minutes.
         let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
-        let (freeze_window, dump, upload) = (seconds(), seconds(), seconds());
-        let (stored_bytes, captured_bytes) = (Counter::default(), Counter::default());
+        let (freeze_window, dump, upload, restore_fetch) = (seconds(), seconds(), seconds(), seconds());
+        let (stored_bytes, captured_bytes, fetched_bytes) =
+            (Counter::default(), Counter::default(), Counter::default());
         registry.register(
             "operations",
             "Operations finished, by kind and result",
@@ -80,6 +83,8 @@ impl AgentMetrics {
             upload,
             stored_bytes,
             captured_bytes,
+            restore_fetch,
+            fetched_bytes,
         }
     }
 
@@ -102,6 +107,12 @@ impl AgentMetrics {
         self.stored_bytes.inc_by(outcome.stored_bytes());
         self.captured_bytes
             .inc_by(outcome.manifest.objects.iter().map(|o| o.raw_size).sum());
+    }
+
+    /// Records the figures of a prepared restore.
+    pub fn restore_prepared(&self, prepared: &crate::restore::PreparedRestore) {
+        self.restore_fetch.observe(prepared.fetch.as_secs_f64());
+        self.fetched_bytes.inc_by(prepared.fetched_bytes);
     }
 
     /// The OpenMetrics text.

@@ -33,7 +33,7 @@ pub struct AgentConfig {
     pub cri_socket: PathBuf,
     /// `CRYOPOD_CGROUP`: `v1:<freezer mount>` or `v2:<unified mount>`; detected if unset.
     pub cgroup: (CgroupVersion, PathBuf),
-    /// `CRYOPOD_STATE_DIR`, default `/var/lib/cryopod`: `journal/` and `work/`.
+    /// `CRYOPOD_STATE_DIR`, default `/var/lib/cryopod`: `journal/`, `work/` and `restores/` (read by the runtime handler).
     pub state_dir: PathBuf,
     /// `CRYOPOD_NODE_EXEC`: words put before node commands, e.g. `nsenter -t 1 -m --`.
     pub node_exec: Vec<String>,
@@ -255,6 +255,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         journal,
         exec,
         work_dir: config.state_dir.join("work"),
+        restores: config.state_dir.join("restores"),
         node,
     };
     let metrics = Arc::new(AgentMetrics::new());

@@ -24,6 +24,7 @@ use crate::freeze::{FreezeError, FreezeLimits};
 use crate::hooks::{Hook, HookAction};
 use crate::metrics::AgentMetrics;
 use crate::package::{NodeFacts, PodRef, Seal};
+use crate::restore::{PreparedRestore, RestoreError, RestoreRequest};
 use crate::store::StoreError;
 
 /// Generated messages, client and server of `cryopod.agent.v1alpha1`.
@@ -36,7 +37,7 @@ pub mod pb {
 const SETTLE: Duration = Duration::from_secs(5);
 
 /// What the service needs of the agent; a trait so the service is tested without a node.
-pub trait Checkpointer: Send + Sync + 'static {
+pub trait AgentBackend: Send + Sync + 'static {
     /// Takes a checkpoint, reporting each stage.
     fn checkpoint(
         &self,
@@ -44,11 +45,17 @@ pub trait Checkpointer: Send + Sync + 'static {
         store: Arc<dyn ObjectStore>,
         progress: Box<dyn Fn(Stage) + Send + Sync>,
     ) -> impl Future<Output = Result<CheckpointOutcome, CheckpointError>> + Send;
+    /// Prepares a restore on this node.
+    fn prepare_restore(
+        &self,
+        req: RestoreRequest,
+        store: Arc<dyn ObjectStore>,
+    ) -> impl Future<Output = Result<PreparedRestore, RestoreError>> + Send;
     /// Facts of this node.
     fn node_facts(&self) -> NodeFacts;
 }
 
-impl<R: ContainerRuntime + 'static> Checkpointer for NodeAgent<R> {
+impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
     async fn checkpoint(
         &self,
         req: CheckpointRequest,
@@ -58,9 +65,63 @@ impl<R: ContainerRuntime + 'static> Checkpointer for NodeAgent<R> {
         NodeAgent::checkpoint(self, &req, store, progress.as_ref()).await
     }
 
+    async fn prepare_restore(
+        &self,
+        req: RestoreRequest,
+        store: Arc<dyn ObjectStore>,
+    ) -> Result<PreparedRestore, RestoreError> {
+        crate::restore::prepare_restore(&store, &req, &self.node, &self.restores).await
+    }
+
     fn node_facts(&self) -> NodeFacts {
         self.node.clone()
     }
+}
+
+/// The gRPC code of each restore failure.
+pub fn restore_code_of(err: &RestoreError) -> Code {
+    match err {
+        RestoreError::BadRestoreId { .. } => Code::InvalidArgument,
+        RestoreError::AlreadyPrepared { .. } => Code::AlreadyExists,
+        RestoreError::Fetch { source, .. } => match source {
+            object_store::Error::NotFound { .. } => Code::NotFound,
+            _ => Code::Unavailable,
+        },
+        // The checkpoint is not what it claims to be: never retry it as is.
+        RestoreError::ManifestDigest { .. } | RestoreError::Size { .. } | RestoreError::Digest { .. } => Code::DataLoss,
+        RestoreError::Manifest { .. } | RestoreError::Incompatible { .. } | RestoreError::Decrypt { .. } => {
+            Code::FailedPrecondition
+        }
+        RestoreError::Local { .. } => Code::Internal,
+    }
+}
+
+/// Turns the wire request into the agent's, naming the field of any error.
+pub fn restore_request(req: pb::PrepareRestoreRequest) -> Result<(RestoreRequest, Arc<dyn ObjectStore>), Status> {
+    crate::journal::Journal::check_operation_id(&req.operation_id)
+        .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
+    let storage = req
+        .storage
+        .ok_or_else(|| Status::invalid_argument("storage is required"))?;
+    let store = store_for(&storage)?;
+    if req.prefix.is_empty() || !req.prefix.ends_with('/') {
+        return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
+    }
+    let identities = if req.age_identities.is_empty() {
+        vec![]
+    } else {
+        crate::restore::identities_from_lines(&req.age_identities.join("\n"))
+            .map_err(|e| Status::invalid_argument(format!("age_identities: {e}")))?
+    };
+    Ok((
+        RestoreRequest {
+            restore_id: req.operation_id,
+            prefix: req.prefix,
+            manifest_digest: Some(req.manifest_digest).filter(|d| !d.is_empty()),
+            identities,
+        },
+        store,
+    ))
 }
 
 /// The gRPC code of each failure: what the caller can do about it.
@@ -308,7 +369,7 @@ impl<C> std::fmt::Debug for AgentService<C> {
     }
 }
 
-impl<C: Checkpointer> AgentService<C> {
+impl<C: AgentBackend> AgentService<C> {
     /// Serves `agent`, counting into `metrics`.
     pub fn new(agent: C, metrics: Arc<AgentMetrics>) -> Self {
         Self {
@@ -324,6 +385,36 @@ impl<C: Checkpointer> AgentService<C> {
             .map_err(|_| Status::internal("operation table poisoned"))
     }
 
+    /// Runs `work` as operation `operation_id` in its own task, under `span`, and
+    /// tracks it so callers can follow, re-attach and cancel. `work` publishes its
+    /// progress and final state through the sender it is given.
+    fn track<F>(
+        &self,
+        operation_id: String,
+        span: tracing::Span,
+        work: impl FnOnce(watch::Sender<pb::Operation>) -> F,
+    ) -> Result<watch::Receiver<pb::Operation>, Status>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let initial = pb::Operation {
+            operation_id: operation_id.clone(),
+            state: pb::State::Running as i32,
+            stage: pb::Stage::Discovering as i32,
+            ..Default::default()
+        };
+        let (tx, rx) = watch::channel(initial);
+        let handle = tokio::spawn(work(tx.clone()).instrument(span));
+        self.lock()?.insert(
+            operation_id,
+            Tracked {
+                state: tx,
+                task: Some(handle.abort_handle()),
+            },
+        );
+        Ok(rx)
+    }
+
     fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
         let (request, store) = checkpoint_request(req)?;
         let span = tracing::info_span!(
@@ -332,22 +423,12 @@ impl<C: Checkpointer> AgentService<C> {
             pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
             pod_uid = %request.pod.uid,
         );
-        let operation_id = request.operation_id.clone();
-        let initial = pb::Operation {
-            operation_id: operation_id.clone(),
-            state: pb::State::Running as i32,
-            stage: pb::Stage::Discovering as i32,
-            ..Default::default()
-        };
-        let (tx, rx) = watch::channel(initial);
-        let progress_tx = tx.clone();
-        let done_tx = tx.clone();
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
-        let progress: Box<dyn Fn(Stage) + Send + Sync> =
-            Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
-        let handle = tokio::spawn(
-            async move {
+        self.track(request.operation_id.clone(), span, move |tx| async move {
             tracing::info!("checkpoint started");
+            let progress_tx = tx.clone();
+            let progress: Box<dyn Fn(Stage) + Send + Sync> =
+                Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
             let result = agent.checkpoint(request, store, progress).await;
             match &result {
                 Ok(outcome) => {
@@ -364,7 +445,7 @@ impl<C: Checkpointer> AgentService<C> {
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(err).map(ToString::to_string), "checkpoint failed");
                 }
             }
-            done_tx.send_modify(|op| match result {
+            tx.send_modify(|op| match result {
                 Ok(outcome) => {
                     op.state = pb::State::Succeeded as i32;
                     op.stage = pb::Stage::Done as i32;
@@ -387,17 +468,47 @@ impl<C: Checkpointer> AgentService<C> {
                     op.error_message = err.to_string();
                 }
             });
+        })
+    }
+
+    fn start_restore(&self, req: pb::PrepareRestoreRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
+        let (request, store) = restore_request(req)?;
+        let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
+        let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
+        self.track(request.restore_id.clone(), span, move |tx| async move {
+            tracing::info!("restore preparation started");
+            tx.send_modify(|op| op.stage = pb::Stage::Fetching as i32);
+            let result = agent.prepare_restore(request, store).await;
+            match &result {
+                Ok(prepared) => {
+                    metrics.restore_prepared(prepared);
+                    metrics.finished("restore", "succeeded");
+                    tracing::info!(fetched_bytes = prepared.fetched_bytes, dir = %prepared.dir.display(), "restore prepared");
+                }
+                Err(err) => {
+                    metrics.finished("restore", "failed");
+                    tracing::warn!(error = %err, "restore preparation failed");
+                }
             }
-            .instrument(span),
-        );
-        self.lock()?.insert(
-            operation_id,
-            Tracked {
-                state: tx,
-                task: Some(handle.abort_handle()),
-            },
-        );
-        Ok(rx)
+            tx.send_modify(|op| match result {
+                Ok(prepared) => {
+                    op.state = pb::State::Succeeded as i32;
+                    op.stage = pb::Stage::Done as i32;
+                    op.restore = Some(pb::RestoreResult {
+                        directory: prepared.dir.display().to_string(),
+                        fetched_bytes: prepared.fetched_bytes,
+                        fetch_millis: prepared.fetch.as_millis() as u64,
+                        unpack_millis: prepared.unpack.as_millis() as u64,
+                        containers: prepared.manifest.containers.iter().map(|c| c.name.clone()).collect(),
+                    });
+                }
+                Err(err) => {
+                    op.state = pb::State::Failed as i32;
+                    op.error_code = restore_code_of(&err) as i32;
+                    op.error_message = err.to_string();
+                }
+            });
+        })
     }
 }
 
@@ -421,7 +532,7 @@ fn follow(rx: watch::Receiver<pb::Operation>) -> OperationStream {
 }
 
 #[tonic::async_trait]
-impl<C: Checkpointer> pb::node_agent_server::NodeAgent for AgentService<C> {
+impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
     type CheckpointStream = OperationStream;
 
     async fn checkpoint(
@@ -436,6 +547,21 @@ impl<C: Checkpointer> pb::node_agent_server::NodeAgent for AgentService<C> {
         let rx = match existing {
             Some(rx) => rx,
             None => self.start(req)?,
+        };
+        Ok(Response::new(follow(rx)))
+    }
+
+    type PrepareRestoreStream = OperationStream;
+
+    async fn prepare_restore(
+        &self,
+        request: Request<pb::PrepareRestoreRequest>,
+    ) -> Result<Response<Self::PrepareRestoreStream>, Status> {
+        let req = request.into_inner();
+        let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
+        let rx = match existing {
+            Some(rx) => rx,
+            None => self.start_restore(req)?,
         };
         Ok(Response::new(follow(rx)))
     }
@@ -461,7 +587,7 @@ impl<C: Checkpointer> pb::node_agent_server::NodeAgent for AgentService<C> {
             if let Some(task) = tracked.task.take() {
                 task.abort();
             }
-            self.metrics.finished("checkpoint", "cancelled");
+            self.metrics.finished("operation", "cancelled");
             tracing::info!(operation_id = %id, "checkpoint cancelled; the pod is thawed");
             tracked.state.send_modify(|op| {
                 op.state = pb::State::Cancelled as i32;

@@ -14,9 +14,10 @@ use cryopod_node_agent::discovery::DiscoveryError;
 use cryopod_node_agent::freeze::FreezeReport;
 use cryopod_node_agent::metrics::AgentMetrics;
 use cryopod_node_agent::package::{MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts};
+use cryopod_node_agent::restore::{PreparedRestore, RestoreError, RestoreRequest};
 use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
 use cryopod_node_agent::server::pb::node_agent_server::NodeAgentServer;
-use cryopod_node_agent::server::{AgentService, Checkpointer, pb};
+use cryopod_node_agent::server::{AgentBackend, AgentService, pb};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -36,7 +37,18 @@ impl Drop for DropFlag {
     }
 }
 
-impl Checkpointer for Stand {
+impl AgentBackend for Stand {
+    async fn prepare_restore(
+        &self,
+        req: RestoreRequest,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Result<PreparedRestore, RestoreError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(RestoreError::Incompatible {
+            reason: format!("stand-in refuses {}", req.restore_id),
+        })
+    }
+
     async fn checkpoint(
         &self,
         req: CheckpointRequest,
@@ -130,7 +142,7 @@ fn pki() -> Pki {
 async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics>) {
     let stand = Arc::new(stand);
     struct Shared(Arc<Stand>);
-    impl Checkpointer for Shared {
+    impl AgentBackend for Shared {
         fn checkpoint(
             &self,
             req: CheckpointRequest,
@@ -139,6 +151,14 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics
         ) -> impl std::future::Future<Output = Result<CheckpointOutcome, CheckpointError>> + Send {
             let inner = self.0.clone();
             async move { inner.checkpoint(req, store, progress).await }
+        }
+        fn prepare_restore(
+            &self,
+            req: RestoreRequest,
+            store: Arc<dyn ObjectStore>,
+        ) -> impl std::future::Future<Output = Result<PreparedRestore, RestoreError>> + Send {
+            let inner = self.0.clone();
+            async move { inner.prepare_restore(req, store).await }
         }
         fn node_facts(&self) -> NodeFacts {
             self.0.node_facts()
@@ -365,4 +385,52 @@ async fn clients_need_a_certificate_from_the_cluster_ca() {
             }
         );
     }
+}
+
+#[tokio::test]
+async fn restores_are_prepared_as_operations_and_bad_requests_name_the_field() {
+    let pki = pki();
+    let (url, stand, metrics) = serve(stand("ok"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let request = |id: &str, prefix: &str| pb::PrepareRestoreRequest {
+        operation_id: id.into(),
+        storage: request("x").storage,
+        prefix: prefix.into(),
+        ..Default::default()
+    };
+    let status = agent.prepare_restore(request("r-1", "no-slash")).await.err().unwrap();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "prefix: must be a key prefix ending in /");
+    let mut bad = request("r-1", "ns/p/");
+    bad.age_identities = vec!["AGE-SECRET-KEY-NOPE".into()];
+    let status = agent.prepare_restore(bad).await.err().unwrap();
+    assert!(
+        status.message().starts_with("age_identities: line 1"),
+        "{}",
+        status.message()
+    );
+
+    let mut stream = agent
+        .prepare_restore(request("r-1", "ns/p/"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = stream.next().await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, pb::State::Failed as i32);
+    assert_eq!(last.error_code, tonic::Code::FailedPrecondition as i32);
+    assert!(
+        last.error_message.contains("stand-in refuses r-1"),
+        "{}",
+        last.error_message
+    );
+    assert_eq!(stand.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        metrics
+            .encode()
+            .contains(r#"cryopod_agent_operations_total{kind="restore",result="failed"} 1"#)
+    );
 }

@@ -188,6 +188,7 @@ pub fn node_agent(
         journal,
         exec: node_exec(tb, node),
         work_dir: tb.dir.join("e2e-agent-work"),
+        restores: tb.dir.join(node).join("cryopod/restores"),
         node: cryopod_node_agent::package::NodeFacts {
             name: node.to_owned(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -430,6 +431,21 @@ pub async fn start_agent(
 }
 
 /// What the operator would send for the trio pod, storing into the testbed's S3 server.
+/// The testbed's S3 server, as the operator would send it to an agent.
+pub fn s3_storage(tb: &Testbed) -> cryopod_node_agent::server::pb::Storage {
+    use cryopod_node_agent::server::pb;
+    pb::Storage {
+        backend: Some(pb::storage::Backend::S3(pb::S3Storage {
+            endpoint: tb.s3.endpoint.clone(),
+            bucket: tb.s3.bucket.clone(),
+            region: "us-east-1".into(),
+            force_path_style: true,
+            access_key_id: tb.s3.access_key.clone(),
+            secret_access_key: tb.s3.secret_key.clone(),
+        })),
+    }
+}
+
 pub fn grpc_request(
     tb: &Testbed,
     ns: &TestNamespace,
@@ -445,16 +461,7 @@ pub fn grpc_request(
             name: "trio".into(),
             uid: pod_uid.to_owned(),
         }),
-        storage: Some(pb::Storage {
-            backend: Some(pb::storage::Backend::S3(pb::S3Storage {
-                endpoint: tb.s3.endpoint.clone(),
-                bucket: tb.s3.bucket.clone(),
-                region: "us-east-1".into(),
-                force_path_style: true,
-                access_key_id: tb.s3.access_key.clone(),
-                secret_access_key: tb.s3.secret_key.clone(),
-            })),
-        }),
+        storage: Some(s3_storage(tb)),
         prefix: prefix.to_owned(),
         tcp_established: true,
         max_freeze_seconds: 30,
