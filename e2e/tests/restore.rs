@@ -336,7 +336,8 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
 
 /// A tampered or truncated object, or a node that cannot run the checkpoint, is
 /// refused before anything is unpacked; a pod created for a restore that is not
-/// prepared never runs a process.
+/// prepared never runs a process; a restore that fails half-way stops the containers
+/// it had restored and runs none again.
 #[tokio::test]
 async fn bad_checkpoints_are_refused_before_anything_runs() {
     let tb = Testbed::from_env().unwrap();
@@ -420,6 +421,53 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
                 .is_none_or(|t| t.reason.as_deref() == Some("StartError"));
         assert!(never_started, "no container of the pod ever ran: {status:?}");
     }
+
+    // A restore that fails half-way (container d's memory pages are gone): the
+    // containers already restored are stopped and none runs again.
+    let prepared = prepare_restore(&store, &request("half-1"), &facts, &restores)
+        .await
+        .unwrap();
+    let images = prepared.dir.join("containers/d/checkpoint");
+    for file in std::fs::read_dir(&images).unwrap().flatten() {
+        if file.file_name().to_string_lossy().starts_with("pages-") {
+            std::fs::remove_file(file.path()).unwrap();
+        }
+    }
+    let pod = restored_pod(&outcome.manifest, "half", &target, "half-1");
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    let statuses = wait_until(
+        "the half restore to stop everything",
+        Duration::from_secs(90),
+        || async {
+            let pod = ns.pods(&client).get("half").await.ok()?;
+            let statuses = pod.status?.container_statuses?;
+            let refused = statuses.iter().any(|s| {
+                s.state
+                    .as_ref()
+                    .and_then(|st| st.waiting.as_ref())
+                    .and_then(|w| w.message.as_ref())
+                    .is_some_and(|m| m.contains("restore half-1 failed"))
+            });
+            let a_stopped = statuses.iter().any(|s| {
+                s.name == "a" && s.restart_count > 0 && s.state.as_ref().is_some_and(|st| st.running.is_none())
+            });
+            let none_running = statuses
+                .iter()
+                .all(|s| s.state.as_ref().is_some_and(|st| st.running.is_none()));
+            (refused && a_stopped && none_running).then_some(statuses)
+        },
+    )
+    .await
+    .unwrap();
+    let d = statuses.iter().find(|s| s.name == "d").unwrap();
+    println!(
+        "half restore: d {:?}",
+        d.state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.message.as_ref())
+    );
+    let _ = std::fs::remove_dir_all(&prepared.dir);
     for object in &outcome.manifest.objects {
         let _ = store.delete(&ObjectPath::from(format!("{prefix}{}", object.key))).await;
     }

@@ -124,6 +124,11 @@ fn restored_marker(dir: &Path, name: &str) -> PathBuf {
     dir.join("containers").join(name).join(".restored")
 }
 
+/// The marker of a restore that failed: no container of its pod may run any more.
+fn failed_marker(dir: &Path) -> PathBuf {
+    dir.join(".failed")
+}
+
 /// The marker that makes `start` a no-op for a restored container id.
 fn started_marker(restores: &Path, id: &str) -> PathBuf {
     restores.join(".restored-ids").join(id)
@@ -148,6 +153,12 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
         return Err(format!(
             "restore {restore_id} is not prepared on this node ({} is missing)",
             dir.display()
+        ));
+    }
+    if let Ok(reason) = std::fs::read_to_string(failed_marker(&dir)) {
+        // Half a pod restored is worse than none: once one container failed, none runs.
+        return Err(format!(
+            "restore {restore_id} failed, so no container of this pod runs: {reason}"
         ));
     }
     if !dir.join("containers").join(name).join("checkpoint").is_dir() || restored_marker(&dir, name).exists() {
@@ -293,6 +304,9 @@ impl ContainerRestore<'_> {
             std::fs::write(&held, b"").map_err(|e| format!("cannot mark the hold: {e}"))?;
         }
         let result = self.restore(&mut spec, &spec_path, &bundle, &id);
+        if let Err(reason) = &result {
+            self.fail_restore(reason);
+        }
         let all_back = manifest
             .containers
             .iter()
@@ -366,13 +380,35 @@ impl ContainerRestore<'_> {
                 crate::dump::criu_log_excerpt(&log)
             ));
         }
-        std::fs::write(restored_marker(self.dir, self.name), b"").map_err(|e| e.to_string())?;
+        // The marker holds the container id, so a later failure can stop this one.
+        std::fs::write(restored_marker(self.dir, self.name), id).map_err(|e| e.to_string())?;
         let started = started_marker(&self.config.restores, id);
         if let Some(parent) = started.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
         std::fs::write(&started, b"").map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Marks the restore failed and kills the containers already restored from it,
+    /// so the pod never runs half restored (the operator deletes it).
+    fn fail_restore(&self, reason: &str) {
+        let _ = std::fs::write(failed_marker(self.dir), reason);
+        let Ok(containers) = std::fs::read_dir(self.dir.join("containers")) else {
+            return;
+        };
+        for container in containers.flatten() {
+            let Ok(id) = std::fs::read_to_string(container.path().join(".restored")) else {
+                continue;
+            };
+            let _ = std::process::Command::new(&self.config.runc)
+                .args(&self.call.globals)
+                .args(["kill", id.trim(), "KILL"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 
     fn iptables(&self, netns: &str, op: &str) -> Result<(), String> {
@@ -508,6 +544,9 @@ mod tests {
             Ok(CreateDecision::Create),
             "a restart starts fresh"
         );
+        std::fs::write(failed_marker(&root.join("r1")), "CRIU said no").unwrap();
+        let err = decide_create(&spec("container", Some("r1")), root).unwrap_err();
+        assert_eq!(err, "restore r1 failed, so no container of this pod runs: CRIU said no");
     }
 
     #[test]
