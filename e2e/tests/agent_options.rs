@@ -231,7 +231,8 @@ async fn a_stopped_pod_is_killed_once_its_checkpoint_is_stored() {
 }
 
 /// An established connection on the pod IP (to another pod) is named: `Refuse` fails
-/// the checkpoint and thaws the pod; `Close` records it in the manifest.
+/// the checkpoint and thaws the pod; `Close` records it in the manifest, and the
+/// restore on another node brings it back closed.
 #[tokio::test]
 async fn connections_on_the_pod_ip_are_refused_or_recorded() {
     let tb = Testbed::from_env().unwrap();
@@ -269,7 +270,7 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
         &PostParams::default(),
         &pod(
             "caller",
-            format!("until (while :; do echo x; sleep 0.2; done | nc {listener_ip} 9000); do sleep 0.2; done"),
+            format!("while :; do (while :; do echo x; sleep 0.2; done | nc {listener_ip} 9000); sleep 0.2; done"),
             "true",
         ),
     )
@@ -297,8 +298,11 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
     assert!(!store_dir.join(&req.prefix).exists(), "nothing stored");
     assert!(ns.ready_without_restarts(&client, "caller").await.unwrap());
 
-    let req = request(&ns, "caller", &uid, "close");
-    let manifest = checkpoint_in_node(&tb, &node, req, &store_dir).unwrap();
+    let mut req = request(&ns, "caller", &uid, "close");
+    let live = ns.pods(&client).get("caller").await.unwrap();
+    req.pod_template =
+        Some(serde_json::to_value(cryopod_operator::template::checkpointed_pod_template(&live)).unwrap());
+    let manifest = checkpoint_in_node(&tb, &node, req.clone(), &store_dir).unwrap();
     assert_eq!(
         manifest.pod_ip_connections.len(),
         1,
@@ -312,6 +316,35 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
         manifest.warnings
     );
     assert!(ns.ready_without_restarts(&client, "caller").await.unwrap());
+
+    // Restored on the other node, where the old pod IP does not exist: the connection
+    // comes back closed and the restore goes through.
+    let target = tb.nodes[1].clone();
+    let store: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&store_dir).unwrap());
+    let (agent, _journal) = library_agent(&tb, &target).await;
+    let restore_id = format!("podip-{}", &uid[..8]);
+    let prepared = cryopod_node_agent::restore::prepare_restore(
+        &store,
+        &cryopod_node_agent::restore::RestoreRequest {
+            restore_id: restore_id.clone(),
+            prefix: req.prefix.clone(),
+            manifest_digest: None,
+            identities: vec![],
+        },
+        &agent.node,
+        &agent.restores,
+    )
+    .await
+    .unwrap();
+    let template = serde_json::from_value(manifest.checkpointed_pod_template.clone().unwrap()).unwrap();
+    let pod = cryopod_operator::restore_pod::restore_pod(&template, "caller-restored", &target, &restore_id, &[]);
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    ns.wait_ready(&client, "caller-restored", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(ns.ready_without_restarts(&client, "caller-restored").await.unwrap());
+    let _ = std::fs::remove_dir_all(&prepared.dir);
     let _ = std::fs::remove_dir_all(&store_dir);
 }
 

@@ -303,7 +303,10 @@ impl ContainerRestore<'_> {
             self.iptables(netns, "-I")?;
             std::fs::write(&held, b"").map_err(|e| format!("cannot mark the hold: {e}"))?;
         }
-        let result = self.restore(&mut spec, &spec_path, &bundle, &id);
+        // Connections on the old pod IP cannot come back on the new one. CRIU cannot
+        // close some connections and keep others, so then all come back closed.
+        let close_tcp = !manifest.pod_ip_connections.is_empty();
+        let result = self.restore(&mut spec, &spec_path, &bundle, &id, close_tcp);
         if let Err(reason) = &result {
             self.fail_restore(reason);
         }
@@ -321,7 +324,14 @@ impl ContainerRestore<'_> {
         result
     }
 
-    fn restore(&self, spec: &mut serde_json::Value, spec_path: &Path, bundle: &Path, id: &str) -> Result<(), String> {
+    fn restore(
+        &self,
+        spec: &mut serde_json::Value,
+        spec_path: &Path,
+        bundle: &Path,
+        id: &str,
+        close_tcp: bool,
+    ) -> Result<(), String> {
         let container_dir = self.dir.join("containers").join(self.name);
         restore_shared_state(spec, self.dir).map_err(|e| format!("cannot restore the pod's shared state: {e}"))?;
         let rootfs = match spec["root"]["path"].as_str() {
@@ -334,9 +344,15 @@ impl ContainerRestore<'_> {
             apply_rootfs_diff(&diff, &rootfs).map_err(|e| format!("cannot apply the rootfs changes: {e}"))?;
         }
         // CRIU 4.2's default mount engine cannot restore the host's named cgroup
-        // hierarchy; its compatibility mode can (docs/design.md).
+        // hierarchy; its compatibility mode can (docs/design.md). runc 1.1 has no
+        // --tcp-close, so closing goes through CRIU's configuration file too.
         let criu_conf = self.dir.join("criu.conf");
-        std::fs::write(&criu_conf, "mntns-compat-mode\n").map_err(|e| format!("cannot write {criu_conf:?}: {e}"))?;
+        let options = if close_tcp {
+            "mntns-compat-mode\ntcp-close\n"
+        } else {
+            "mntns-compat-mode\n"
+        };
+        std::fs::write(&criu_conf, options).map_err(|e| format!("cannot write {criu_conf:?}: {e}"))?;
         spec["annotations"][CRIU_CONFIG_ANNOTATION] = serde_json::json!(criu_conf);
         std::fs::write(spec_path, serde_json::to_vec(spec).map_err(|e| e.to_string())?)
             .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
@@ -345,13 +361,16 @@ impl ContainerRestore<'_> {
         std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
         let mut cmd = std::process::Command::new(&self.config.runc);
         cmd.args(&self.call.globals)
-            .args(["restore", "--detach", "--tcp-established", "--file-locks"])
+            .args(["restore", "--detach", "--file-locks"])
             .arg("--bundle")
             .arg(bundle)
             .arg("--image-path")
             .arg(container_dir.join("checkpoint"))
             .arg("--work-path")
             .arg(&work);
+        if !close_tcp {
+            cmd.arg("--tcp-established");
+        }
         for (flag, short) in [("--pid-file", None), ("--console-socket", None)] {
             if let Some(value) = self.call.flag(flag, short) {
                 cmd.arg(flag).arg(value);
@@ -375,8 +394,9 @@ impl ContainerRestore<'_> {
         if !status.success() {
             let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
             return Err(format!(
-                "runc restore of container {} failed ({status}): {}",
+                "runc restore of container {} failed ({status}): {}{}",
                 self.name,
+                self.runc_errors(),
                 crate::dump::criu_log_excerpt(&log)
             ));
         }
@@ -388,6 +408,32 @@ impl ContainerRestore<'_> {
         }
         std::fs::write(&started, b"").map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// runc's error messages from its `--log` (JSON lines), where runc reports what
+    /// failed before CRIU ran.
+    fn runc_errors(&self) -> String {
+        let Some(path) = self
+            .call
+            .globals
+            .windows(2)
+            .find(|w| w[0] == "--log")
+            .map(|w| w[1].clone())
+        else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let errors: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["level"] == "error")
+            .filter_map(|l| l["msg"].as_str().map(str::to_owned))
+            .collect();
+        if errors.is_empty() {
+            String::new()
+        } else {
+            format!("runc: {} | ", errors.join(" | "))
+        }
     }
 
     /// Marks the restore failed and kills the containers already restored from it,

@@ -7,7 +7,9 @@
 //! capture of shared state and rootfs changes ([`capture`]), parallel CRIU dumps
 //! through runc ([`dump`]), packaging and encryption ([`package`]) and verified
 //! storage ([`store`]); served over gRPC ([`server`]) by the process in [`run`], with
-//! [`metrics`]. Restore is issue #4; `docs/design.md` describes the whole.
+//! [`metrics`]. A restore: [`restore`] prepares it on the target node, the runtime
+//! handler ([`handler`], binary `cryopod-runc`, installed by [`install`]) restores
+//! each container where the kubelet would start it. `docs/design.md` describes the whole.
 
 #![forbid(unsafe_code)]
 
