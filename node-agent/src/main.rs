@@ -3,20 +3,12 @@
 
 use std::process::ExitCode;
 
+use cryopod_node_agent::process::{exit_code, init_json_logs};
 use cryopod_node_agent::run::{AgentConfig, RunError, handler_install_from_lookup, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // JSON lines with the operation id on every event of an operation; RUST_LOG filters.
-    tracing_subscriber::fmt()
-        .json()
-        .with_current_span(true)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_json_logs();
     let env = |k: &str| std::env::var(k).ok();
     let result = if std::env::args().nth(1).as_deref() == Some("install-handler") {
         install_handler(env)
@@ -26,18 +18,7 @@ async fn main() -> ExitCode {
             Err(e) => Err(e),
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let cause = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
-            let message = format!("cryopod-node-agent: {e}{cause}");
-            eprintln!("{message}");
-            let _ = std::fs::write("/dev/termination-log", &message);
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("cryopod-node-agent", result)
 }
 
 /// Installs the runtime handler (opt-in; the DaemonSet runs it in an init container).

@@ -551,6 +551,28 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         Ok(Response::new(follow(rx)))
     }
 
+    async fn delete_checkpoint(
+        &self,
+        request: Request<pb::DeleteCheckpointRequest>,
+    ) -> Result<Response<pb::DeleteCheckpointResponse>, Status> {
+        let req = request.into_inner();
+        if req.prefix.is_empty() || !req.prefix.ends_with('/') {
+            return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
+        }
+        let storage = req
+            .storage
+            .ok_or_else(|| Status::invalid_argument("storage is required"))?;
+        let store = store_for(&storage)?;
+        let deleted = crate::store::delete_prefix(&store, &req.prefix).await.map_err(|e| {
+            Status::unavailable(format!(
+                "{e}: {}",
+                std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+            ))
+        })?;
+        tracing::info!(prefix = %req.prefix, deleted, "checkpoint deleted");
+        Ok(Response::new(pb::DeleteCheckpointResponse { deleted }))
+    }
+
     type PrepareRestoreStream = OperationStream;
 
     async fn prepare_restore(

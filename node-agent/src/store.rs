@@ -179,6 +179,38 @@ pub async fn delete_checkpoint(
     Ok(())
 }
 
+/// Removes every object under `prefix`: the manifest first (so what remains is never
+/// taken for a checkpoint), then the rest. Returns how many objects were removed.
+pub async fn delete_prefix(store: &Arc<dyn ObjectStore>, prefix: &str) -> Result<u32, StoreError> {
+    let listed: Vec<ObjectPath> = store
+        .list(Some(&ObjectPath::from(prefix)))
+        .map(|meta| meta.map(|m| m.location))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| StoreError::Delete {
+            key: prefix.to_owned(),
+            source,
+        })?;
+    let manifest = ObjectPath::from(format!("{prefix}manifest.json"));
+    let (first, rest): (Vec<_>, Vec<_>) = listed.into_iter().partition(|k| *k == manifest);
+    let mut deleted = 0;
+    for key in first.into_iter().chain(rest) {
+        match store.delete(&key).await {
+            Ok(()) => deleted += 1,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(StoreError::Delete {
+                    key: key.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -255,5 +287,16 @@ mod tests {
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         let left: Vec<_> = store.list(None).collect().await;
         assert!(left.is_empty(), "objects without a manifest are removed: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn deleting_a_prefix_removes_the_manifest_and_every_object_and_nothing_else() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        for key in ["ck/manifest.json", "ck/containers/a.tar.zst", "ck/pod/shm.tar.zst", "other/manifest.json"] {
+            store.put(&ObjectPath::from(key), PutPayload::from_static(b"x")).await.unwrap();
+        }
+        assert_eq!(delete_prefix(&store, "ck/").await.unwrap(), 3);
+        assert_eq!(delete_prefix(&store, "ck/").await.unwrap(), 0);
+        assert!(store.get(&ObjectPath::from("other/manifest.json")).await.is_ok());
     }
 }

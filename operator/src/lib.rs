@@ -1,11 +1,17 @@
 //! The cryopod operator: reconciles PodCheckpoint, PodRestore, PodMigration and
 //! CheckpointStorage, calls the node agents and reports status, conditions and events.
 //!
-//! Built so far: the `checkpointedPodTemplate` a checkpoint records ([`template`]),
-//! and the pod a restore creates from it ([`restore_pod`]).
-//! The controllers follow (issue #5, `docs/design.md`).
+//! Built so far: the PodCheckpoint controller ([`checkpoint`]) with storage
+//! resolution ([`storage`]), the agents' locator and mTLS client ([`agents`]) and
+//! metrics ([`metrics`]); the `checkpointedPodTemplate` ([`template`]) and the pod a
+//! restore creates ([`restore_pod`]). PodRestore and PodMigration follow (issue #5).
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
+pub mod checkpoint;
+pub mod metrics;
 pub mod restore_pod;
+pub mod run;
+pub mod storage;
 pub mod template;

@@ -30,6 +30,8 @@ pub mod checkpoint_reasons {
     pub const TIMED_OUT: &str = "TimedOut";
     /// The checkpoint's objects were removed after `retention`.
     pub const EXPIRED: &str = "Expired";
+    /// No cryopod node agent serves the source pod's node.
+    pub const NODE_AGENT_UNAVAILABLE: &str = "NodeAgentUnavailable";
 }
 
 /// Freeze every container of a pod at one instant, dump it with CRIU together with

@@ -1,0 +1,988 @@
+//! The PodCheckpoint controller. Level-triggered: each reconcile reads the object and
+//! the world, decides (pure functions below) and acts. The workflow lives in
+//! `status.phase`:
+//!
+//! - none/`Pending`: resolve the pod (UID checked), the storage and its Secret, the
+//!   encryption keys and the node's agent; any problem fails the checkpoint naming it.
+//!   Then `Checkpointing`, with the operation id (the PodCheckpoint's UID) recorded
+//!   before the agent is called.
+//! - `Checkpointing`/`Uploading`: call the agent's `Checkpoint` with that id (which
+//!   starts it, or re-attaches after an operator restart) and follow it to its end.
+//! - `Ready`: retention (TTL, keep-last-N per pod).
+//! - `Failed`: final.
+//!
+//! A finalizer deletes the stored objects when the PodCheckpoint is deleted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::v1alpha1::{
+    CheckpointLocationType, CheckpointPhase, CheckpointSizes, CheckpointStorage, CheckpointTimings,
+    CheckpointedContainer, HookFailurePolicy, HookSignal, HttpScheme, PodCheckpoint, PodCheckpointStatus,
+    PodIpConnections, PostCheckpointState, checkpoint_reasons as reasons,
+};
+use cryopod_node_agent::server::pb;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Resource, ResourceExt};
+
+use crate::agents::{AgentError, Agents};
+use crate::metrics::OperatorMetrics;
+use crate::storage::{ResolvedStorage, StorageProblem, choose, credentials_secret, resolve};
+use crate::template::checkpointed_pod_template;
+
+/// The finalizer that deletes a checkpoint's stored objects.
+pub const FINALIZER: &str = "cryopod.io/checkpoint-objects";
+
+/// What the controller works with.
+#[derive(Clone)]
+pub struct Context {
+    /// The API server.
+    pub client: kube::Client,
+    /// The node agents.
+    pub agents: Agents,
+    /// Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<OperatorMetrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reconcile failed; it is retried with backoff.
+#[derive(Debug)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    Kube { action: &'static str, source: kube::Error },
+    /// The node agent could not be reached.
+    Agent { source: AgentError },
+    /// The node agent's answer broke off.
+    Grpc {
+        action: &'static str,
+        source: tonic::Status,
+    },
+    /// The finalizer machinery failed.
+    Finalizer { detail: String },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kube { action, .. } => write!(f, "cannot {action}"),
+            Self::Agent { source } => write!(f, "{source}"),
+            Self::Grpc { action, source } => write!(f, "{action}: {}", source.message()),
+            Self::Finalizer { detail } => write!(f, "finalizer: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Kube { source, .. } => Some(source),
+            Self::Agent { source } => Some(source),
+            Self::Grpc { source, .. } => Some(source),
+            Self::Finalizer { .. } => None,
+        }
+    }
+}
+
+fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
+/// Reconciles one PodCheckpoint.
+pub async fn reconcile(cp: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = cp.namespace().unwrap_or_default();
+    let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, cp, |event| async {
+        match event {
+            FinalizerEvent::Apply(cp) => apply(&cp, &ctx).await,
+            FinalizerEvent::Cleanup(cp) => cleanup(&cp, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer {
+            detail: other.to_string(),
+        },
+    })
+}
+
+/// Retries a failed reconcile after a pause.
+pub fn error_policy(cp: Arc<PodCheckpoint>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(podcheckpoint = %cp.name_any(), namespace = ?cp.namespace(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+async fn apply(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    match cp.status.as_ref().and_then(|s| s.phase) {
+        None | Some(CheckpointPhase::Pending) => start(cp, ctx).await,
+        Some(CheckpointPhase::Checkpointing | CheckpointPhase::Uploading) => follow(cp, ctx).await,
+        Some(CheckpointPhase::Ready) => retain(cp, ctx).await,
+        Some(CheckpointPhase::Failed) => Ok(Action::await_change()),
+    }
+}
+
+/// Writes the whole status.
+async fn write_status(cp: &PodCheckpoint, ctx: &Context, status: &PodCheckpointStatus) -> Result<(), Error> {
+    let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &cp.namespace().unwrap_or_default());
+    api.patch_status(
+        &cp.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .map_err(kube_err("write the PodCheckpoint's status"))?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, cp: &PodCheckpoint, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Checkpoint".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &cp.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish an event");
+    }
+}
+
+/// Ends the checkpoint as Failed with `reason` and a message naming the cause.
+async fn fail(cp: &PodCheckpoint, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+    let mut status = cp.status.clone().unwrap_or_default();
+    status.phase = Some(CheckpointPhase::Failed);
+    status.completion_time = Some(now());
+    status.observed_generation = cp.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reason,
+        &message,
+        cp.metadata.generation,
+        now(),
+    );
+    write_status(cp, ctx, &status).await?;
+    tracing::warn!(podcheckpoint = %cp.name_any(), reason, %message, "checkpoint failed");
+    event(ctx, cp, EventType::Warning, reason, message).await;
+    ctx.metrics.finished("PodCheckpoint", "failed");
+    Ok(Action::await_change())
+}
+
+/// What a checkpoint needs, resolved from the API.
+struct Resolved {
+    pod: Option<Pod>,
+    storage: ResolvedStorage,
+    recipients: Vec<String>,
+}
+
+/// A problem that ends the checkpoint: reason and message.
+type Refusal = (&'static str, String);
+
+async fn secret_data(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, k8s_openapi::ByteString>>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(secrets
+        .get_opt(name)
+        .await
+        .map_err(kube_err("read a Secret"))?
+        .map(|s| s.data.unwrap_or_default()))
+}
+
+/// Resolves the storage and keys for a pod on `node`.
+async fn resolve_for(
+    cp: &PodCheckpoint,
+    ctx: &Context,
+    node: &str,
+    pod: Option<Pod>,
+) -> Result<Result<Resolved, Refusal>, Error> {
+    let ns = cp.namespace().unwrap_or_default();
+    let storages: Api<CheckpointStorage> = Api::all(ctx.client.clone());
+    let all = storages
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("list CheckpointStorages"))?
+        .items;
+    let chosen = match choose(cp.spec.storage.as_deref(), &all) {
+        Ok(chosen) => chosen,
+        Err(StorageProblem(message)) => return Ok(Err((reasons::STORAGE_NOT_FOUND, message))),
+    };
+    let secret = match chosen.and_then(credentials_secret) {
+        Some((secret_ns, secret_name)) => match secret_data(ctx, &secret_ns, &secret_name).await? {
+            Some(data) => Some((format!("{secret_ns}/{secret_name}"), data)),
+            None => {
+                return Ok(Err((
+                    reasons::STORAGE_NOT_FOUND,
+                    format!(
+                        "Secret {secret_ns}/{secret_name}, the credentials of CheckpointStorage {}, does not exist",
+                        chosen.map(ResourceExt::name_any).unwrap_or_default()
+                    ),
+                )));
+            }
+        },
+        None => None,
+    };
+    let uid = cp.uid().unwrap_or_default();
+    let storage = match resolve(
+        chosen,
+        secret.as_ref().map(|(name, data)| (name.as_str(), data)),
+        node,
+        (&ns, &cp.spec.source_pod_name, &uid),
+    ) {
+        Ok(storage) => storage,
+        Err(StorageProblem(message)) => return Ok(Err((reasons::STORAGE_NOT_FOUND, message))),
+    };
+    let recipients = match &cp.spec.encryption {
+        None => vec![],
+        Some(encryption) => {
+            let name = &encryption.secret_ref.name;
+            let data = secret_data(ctx, &ns, name).await?;
+            let recipients = data
+                .as_ref()
+                .and_then(|d| d.get("recipients"))
+                .map(|v| {
+                    String::from_utf8_lossy(&v.0)
+                        .lines()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .filter(|r| r.iter().any(|l| !l.trim().is_empty() && !l.starts_with('#')));
+            match recipients {
+                Some(r) => r,
+                None => {
+                    return Ok(Err((
+                        reasons::CHECKPOINT_FAILED,
+                        format!("spec.encryption.secretRef: Secret {name} has no age public keys under \"recipients\""),
+                    )));
+                }
+            }
+        }
+    };
+    Ok(Ok(Resolved {
+        pod,
+        storage,
+        recipients,
+    }))
+}
+
+async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    let ns = cp.namespace().unwrap_or_default();
+    let spec = &cp.spec;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pod) = pods
+        .get_opt(&spec.source_pod_name)
+        .await
+        .map_err(kube_err("read the source pod"))?
+    else {
+        return fail(
+            cp,
+            ctx,
+            reasons::SOURCE_POD_NOT_FOUND,
+            format!(
+                "spec.sourcePodName: pod {} does not exist in namespace {ns}",
+                spec.source_pod_name
+            ),
+        )
+        .await;
+    };
+    let live_uid = pod.metadata.uid.clone().unwrap_or_default();
+    if let Some(wanted) = &spec.source_pod_uid
+        && *wanted != live_uid
+    {
+        return fail(
+            cp,
+            ctx,
+            reasons::SOURCE_POD_REPLACED,
+            format!(
+                "spec.sourcePodUID: pod {} now has UID {live_uid}, not {wanted}; it was replaced",
+                spec.source_pod_name
+            ),
+        )
+        .await;
+    }
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let Some(node) = node.filter(|_| running) else {
+        let mut status = cp.status.clone().unwrap_or_default();
+        status.phase = Some(CheckpointPhase::Pending);
+        set_condition(
+            &mut status.conditions,
+            CONDITION_READY,
+            ConditionStatus::False,
+            reasons::PENDING,
+            &format!("waiting for pod {} to run", spec.source_pod_name),
+            cp.metadata.generation,
+            now(),
+        );
+        write_status(cp, ctx, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
+    let resolved = match resolve_for(cp, ctx, &node, Some(pod)).await? {
+        Ok(resolved) => resolved,
+        Err((reason, message)) => return fail(cp, ctx, reason, message).await,
+    };
+    if !ctx
+        .agents
+        .serves(&node)
+        .await
+        .map_err(|source| Error::Agent { source })?
+    {
+        return fail(
+            cp,
+            ctx,
+            reasons::NODE_AGENT_UNAVAILABLE,
+            format!(
+                "pod {} runs on node {node}, where no cryopod node agent runs",
+                spec.source_pod_name
+            ),
+        )
+        .await;
+    }
+    let mut status = cp.status.clone().unwrap_or_default();
+    status.phase = Some(CheckpointPhase::Checkpointing);
+    status.node_name = Some(node.clone());
+    status.source_pod_uid = Some(live_uid);
+    status.operation_id = cp.uid();
+    status.start_time = Some(now());
+    status.checkpoint_location = Some(resolved.storage.location.clone());
+    status.observed_generation = cp.metadata.generation;
+    let message = format!("checkpointing pod {} on node {node}", spec.source_pod_name);
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reasons::CHECKPOINT_IN_PROGRESS,
+        &message,
+        cp.metadata.generation,
+        now(),
+    );
+    write_status(cp, ctx, &status).await?;
+    event(ctx, cp, EventType::Normal, reasons::CHECKPOINT_IN_PROGRESS, message).await;
+    ctx.metrics.started("PodCheckpoint");
+    let mut cp = cp.clone();
+    cp.status = Some(status);
+    run_on_agent(&cp, ctx, &node, resolved).await
+}
+
+async fn follow(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    let status = cp.status.clone().unwrap_or_default();
+    let Some(node) = status.node_name.clone() else {
+        return fail(
+            cp,
+            ctx,
+            reasons::CHECKPOINT_FAILED,
+            "status.nodeName is lost".to_owned(),
+        )
+        .await;
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &cp.namespace().unwrap_or_default());
+    let pod = pods
+        .get_opt(&cp.spec.source_pod_name)
+        .await
+        .map_err(kube_err("read the source pod"))?;
+    let resolved = match resolve_for(cp, ctx, &node, pod).await? {
+        Ok(resolved) => resolved,
+        Err((reason, message)) => return fail(cp, ctx, reason, message).await,
+    };
+    run_on_agent(cp, ctx, &node, resolved).await
+}
+
+/// The agent's request for this PodCheckpoint.
+pub fn agent_request(
+    cp: &PodCheckpoint,
+    resolved_prefix: &str,
+    storage: pb::Storage,
+    recipients: Vec<String>,
+    pod: Option<&Pod>,
+) -> pb::CheckpointRequest {
+    let spec = &cp.spec;
+    let hooks = spec
+        .hooks
+        .as_ref()
+        .map(|h| h.pre_checkpoint.iter().map(hook_to_pb).collect())
+        .unwrap_or_default();
+    pb::CheckpointRequest {
+        operation_id: cp.uid().unwrap_or_default(),
+        pod: Some(pb::PodRef {
+            namespace: cp.namespace().unwrap_or_default(),
+            name: spec.source_pod_name.clone(),
+            uid: cp
+                .status
+                .as_ref()
+                .and_then(|s| s.source_pod_uid.clone())
+                .or_else(|| spec.source_pod_uid.clone())
+                .unwrap_or_default(),
+        }),
+        storage: Some(storage),
+        prefix: resolved_prefix.to_owned(),
+        tcp_established: true,
+        // A stopped pod stays frozen while it is stored, so its limit is the whole timeout.
+        max_freeze_seconds: match spec.post_checkpoint_state {
+            PostCheckpointState::Running => spec.max_freeze_seconds,
+            PostCheckpointState::Stopped => spec.timeout_seconds,
+        }
+        .max(1) as u32,
+        hooks,
+        post_checkpoint_state: match spec.post_checkpoint_state {
+            PostCheckpointState::Running => pb::PostCheckpointState::Running,
+            PostCheckpointState::Stopped => pb::PostCheckpointState::Stopped,
+        } as i32,
+        pod_ip_connections: match spec.tcp.pod_ip_connections {
+            PodIpConnections::Close => pb::PodIpConnections::Close,
+            PodIpConnections::Refuse => pb::PodIpConnections::Refuse,
+        } as i32,
+        age_recipients: recipients,
+        pod_template_json: pod
+            .map(|p| serde_json::to_vec(&checkpointed_pod_template(p)).unwrap_or_default())
+            .unwrap_or_default(),
+    }
+}
+
+fn hook_to_pb(hook: &cryopod_crds::v1alpha1::Hook) -> pb::Hook {
+    let action = if let Some(exec) = &hook.exec {
+        Some(pb::hook::Action::Exec(pb::ExecAction {
+            command: exec.command.clone(),
+        }))
+    } else if let Some(http) = &hook.http_get {
+        Some(pb::hook::Action::HttpGet(pb::HttpGetAction {
+            port: http.port.max(0) as u32,
+            path: http.path.clone(),
+            https: http.scheme == HttpScheme::Https,
+        }))
+    } else {
+        hook.signal.map(|s| {
+            pb::hook::Action::Signal(
+                match s.name {
+                    HookSignal::Hup => "SIGHUP",
+                    HookSignal::Usr1 => "SIGUSR1",
+                    HookSignal::Usr2 => "SIGUSR2",
+                    HookSignal::Winch => "SIGWINCH",
+                }
+                .to_owned(),
+            )
+        })
+    };
+    pb::Hook {
+        container: hook.container.clone(),
+        action,
+        timeout_seconds: hook.timeout_seconds.max(1) as u32,
+        ignore_failure: hook.failure_policy == HookFailurePolicy::Ignore,
+    }
+}
+
+/// The reason a failed agent operation ends the PodCheckpoint with.
+pub fn failure_reason(code: i32, message: &str) -> &'static str {
+    match tonic::Code::from(code) {
+        tonic::Code::NotFound => reasons::SOURCE_POD_NOT_FOUND,
+        tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
+        tonic::Code::FailedPrecondition if message.contains("cannot be checkpointed") => reasons::UNSUPPORTED_POD,
+        _ => reasons::CHECKPOINT_FAILED,
+    }
+}
+
+/// The status of a checkpoint the agent finished.
+pub fn succeeded_status(
+    mut status: PodCheckpointStatus,
+    result: &pb::CheckpointResult,
+    pod: Option<&Pod>,
+    generation: Option<i64>,
+    at: Time,
+) -> PodCheckpointStatus {
+    let total = status
+        .start_time
+        .as_ref()
+        .map(|start| (at.0.as_millisecond() - start.0.as_millisecond()).max(0));
+    status.phase = Some(CheckpointPhase::Ready);
+    status.completion_time = Some(at.clone());
+    status.observed_generation = generation;
+    status.manifest_digest = Some(result.manifest_digest.clone());
+    status.timings = Some(CheckpointTimings {
+        freeze_window_millis: Some(result.freeze_window_millis as i64),
+        dump_millis: Some(result.dump_millis as i64),
+        upload_millis: Some(result.upload_millis as i64),
+        total_millis: total,
+    });
+    status.sizes = Some(CheckpointSizes {
+        captured_bytes: Some(result.captured_bytes as i64),
+        stored_bytes: Some(result.stored_bytes as i64),
+        objects: Some(i64::from(result.objects)),
+    });
+    let images: BTreeMap<String, (String, Option<String>)> = pod
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|statuses| {
+            statuses
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        (s.image.clone(), Some(s.image_id.clone()).filter(|i| !i.is_empty())),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    status.checkpointed_containers = result
+        .containers
+        .iter()
+        .map(|name| {
+            let (image, image_id) = images.get(name).cloned().unwrap_or_default();
+            CheckpointedContainer {
+                name: name.clone(),
+                image,
+                image_id,
+                archive: Some(format!("containers/{name}.tar.zst")),
+            }
+        })
+        .collect();
+    if status.checkpointed_pod_template.is_none() {
+        status.checkpointed_pod_template = pod.map(checkpointed_pod_template);
+    }
+    let mut message = format!(
+        "stored {} bytes in {} objects; the pod was frozen for {} ms",
+        result.stored_bytes, result.objects, result.freeze_window_millis
+    );
+    if !result.warnings.is_empty() {
+        message.push_str(&format!("; warnings: {}", result.warnings.join("; ")));
+    }
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::True,
+        reasons::CHECKPOINT_COMPLETED,
+        &message,
+        generation,
+        at,
+    );
+    status
+}
+
+async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: Resolved) -> Result<Action, Error> {
+    let status = cp.status.clone().unwrap_or_default();
+    let started = status.start_time.clone().unwrap_or_else(now);
+    let deadline_ms = started.0.as_millisecond() + i64::from(cp.spec.timeout_seconds) * 1000;
+    let remaining = Duration::from_millis((deadline_ms - Timestamp::now().as_millisecond()).max(0) as u64);
+    let request = agent_request(
+        cp,
+        &resolved.storage.prefix,
+        resolved.storage.storage.clone(),
+        resolved.recipients,
+        resolved.pod.as_ref(),
+    );
+    let operation_id = request.operation_id.clone();
+    let mut client = ctx
+        .agents
+        .client(node)
+        .await
+        .map_err(|source| Error::Agent { source })?;
+    let followed = tokio::time::timeout(remaining, async {
+        let mut stream = client
+            .checkpoint(request)
+            .await
+            .map_err(|source| Error::Grpc {
+                action: "start the checkpoint on the agent",
+                source,
+            })?
+            .into_inner();
+        let mut uploading = status.phase == Some(CheckpointPhase::Uploading);
+        let mut last = None;
+        while let Some(op) = stream.message().await.map_err(|source| Error::Grpc {
+            action: "follow the checkpoint on the agent",
+            source,
+        })? {
+            let stage = pb::Stage::try_from(op.stage).unwrap_or(pb::Stage::Unspecified);
+            if !uploading && matches!(stage, pb::Stage::Thawed | pb::Stage::Storing) {
+                uploading = true;
+                let mut next = status.clone();
+                next.phase = Some(CheckpointPhase::Uploading);
+                write_status(cp, ctx, &next).await?;
+            }
+            last = Some(op);
+        }
+        Ok::<_, Error>(last)
+    })
+    .await;
+    let op = match followed {
+        Err(_) => {
+            // The deadline passed: the agent thaws the pod when its operation is cancelled.
+            let _ = client
+                .cancel(pb::CancelRequest {
+                    operation_id: operation_id.clone(),
+                })
+                .await;
+            return fail(
+                cp,
+                ctx,
+                reasons::TIMED_OUT,
+                format!(
+                    "the checkpoint did not finish within spec.timeoutSeconds ({} s); the pod was thawed",
+                    cp.spec.timeout_seconds
+                ),
+            )
+            .await;
+        }
+        Ok(result) => result?,
+    };
+    // A stream that ends without a final state: the agent went away; re-attach later.
+    let Some(op) = op.filter(|op| op.state != pb::State::Running as i32) else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    if op.state == pb::State::Succeeded as i32
+        && let Some(result) = op.result.as_ref()
+    {
+        let mut current = status.clone();
+        current.phase = Some(CheckpointPhase::Uploading);
+        let done = succeeded_status(current, result, resolved.pod.as_ref(), cp.metadata.generation, now());
+        write_status(cp, ctx, &done).await?;
+        let message = done
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_READY)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        event(ctx, cp, EventType::Normal, reasons::CHECKPOINT_COMPLETED, message).await;
+        ctx.metrics.finished("PodCheckpoint", "succeeded");
+        if let Some(total) = done.timings.and_then(|t| t.total_millis) {
+            ctx.metrics.duration("PodCheckpoint", total as f64 / 1000.0);
+        }
+        return retain(cp, ctx).await;
+    }
+    let reason = failure_reason(op.error_code, &op.error_message);
+    fail(cp, ctx, reason, op.error_message.clone()).await
+}
+
+/// What retention asks of a Ready checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// Nothing to do, ever.
+    Keep,
+    /// Look again after this long.
+    RecheckAfter(Duration),
+    /// Delete it now (its TTL passed).
+    Expired,
+}
+
+/// Decides TTL retention at `now_ms` (milliseconds since the epoch).
+pub fn ttl_retention(ttl_seconds: Option<i64>, completed_ms: Option<i64>, now_ms: i64) -> Retention {
+    match (ttl_seconds, completed_ms) {
+        (Some(ttl), Some(done)) => {
+            let expiry = done + ttl * 1000;
+            if now_ms >= expiry {
+                Retention::Expired
+            } else {
+                Retention::RecheckAfter(Duration::from_millis((expiry - now_ms) as u64))
+            }
+        }
+        _ => Retention::Keep,
+    }
+}
+
+/// Of the Ready checkpoints of one pod (name, completion in ms), the names beyond the
+/// newest `keep`.
+pub fn beyond_keep_last(mut checkpoints: Vec<(String, i64)>, keep: usize) -> Vec<String> {
+    checkpoints.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    checkpoints.into_iter().skip(keep).map(|(name, _)| name).collect()
+}
+
+async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    let Some(retention) = cp.spec.retention else {
+        return Ok(Action::await_change());
+    };
+    let ns = cp.namespace().unwrap_or_default();
+    let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let completed = |c: &PodCheckpoint| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.completion_time.as_ref())
+            .map(|t| t.0.as_millisecond())
+    };
+    if let Some(keep) = retention.keep_last {
+        let source = cp.status.as_ref().and_then(|s| s.source_pod_uid.clone());
+        let siblings: Vec<(String, i64)> = api
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err("list PodCheckpoints"))?
+            .items
+            .iter()
+            .filter(|c| c.spec.retention.is_some_and(|r| r.keep_last.is_some()))
+            .filter(|c| c.status.as_ref().and_then(|s| s.phase) == Some(CheckpointPhase::Ready))
+            .filter(|c| c.status.as_ref().and_then(|s| s.source_pod_uid.clone()) == source)
+            .filter_map(|c| Some((c.name_any(), completed(c)?)))
+            .collect();
+        for name in beyond_keep_last(siblings, keep.max(1) as usize) {
+            tracing::info!(podcheckpoint = %name, keep, "deleting a checkpoint beyond keepLast");
+            event(
+                ctx,
+                cp,
+                EventType::Normal,
+                reasons::EXPIRED,
+                format!("deleting PodCheckpoint {name}: more than keepLast={keep} checkpoints of this pod"),
+            )
+            .await;
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    match ttl_retention(retention.ttl_seconds, completed(cp), Timestamp::now().as_millisecond()) {
+        Retention::Keep => Ok(Action::await_change()),
+        Retention::RecheckAfter(after) => Ok(Action::requeue(after)),
+        Retention::Expired => {
+            event(
+                ctx,
+                cp,
+                EventType::Normal,
+                reasons::EXPIRED,
+                format!(
+                    "retention.ttlSeconds ({} s) passed",
+                    retention.ttl_seconds.unwrap_or_default()
+                ),
+            )
+            .await;
+            api.delete(&cp.name_any(), &DeleteParams::default())
+                .await
+                .map_err(kube_err("delete an expired PodCheckpoint"))?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// The finalizer: cancel a running operation, delete the stored objects.
+async fn cleanup(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    let status = cp.status.clone().unwrap_or_default();
+    let Some(node) = status.node_name.clone() else {
+        return Ok(Action::await_change());
+    };
+    let mut client = match ctx.agents.client(&node).await {
+        Ok(client) => client,
+        Err(e) => {
+            // The node or its agent is gone for good; do not hold the deletion hostage.
+            event(
+                ctx,
+                cp,
+                EventType::Warning,
+                "ObjectsLeft",
+                format!("{e}; the checkpoint's objects, if any, were not deleted"),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    if matches!(
+        status.phase,
+        Some(CheckpointPhase::Checkpointing | CheckpointPhase::Uploading)
+    ) {
+        let _ = client
+            .cancel(pb::CancelRequest {
+                operation_id: cp.uid().unwrap_or_default(),
+            })
+            .await;
+    }
+    let Some(location) = status.checkpoint_location.clone() else {
+        return Ok(Action::await_change());
+    };
+    let (storage, prefix) = match location.type_ {
+        CheckpointLocationType::ObjectStore => {
+            let resolved = match resolve_for(cp, ctx, &node, None).await? {
+                Ok(resolved) => resolved,
+                Err((_, message)) => {
+                    event(
+                        ctx,
+                        cp,
+                        EventType::Warning,
+                        "ObjectsLeft",
+                        format!("{message}; objects not deleted"),
+                    )
+                    .await;
+                    return Ok(Action::await_change());
+                }
+            };
+            (resolved.storage.storage, resolved.storage.prefix)
+        }
+        CheckpointLocationType::NodeLocal => {
+            let path = location.node_local.map(|l| l.path).unwrap_or_default();
+            // Keys relative to the root: the whole directory of this checkpoint.
+            let prefix = format!("{}/", path.trim_matches('/'));
+            (
+                pb::Storage {
+                    backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: "/".to_owned() })),
+                },
+                prefix,
+            )
+        }
+    };
+    let deleted = client
+        .delete_checkpoint(pb::DeleteCheckpointRequest {
+            storage: Some(storage),
+            prefix: prefix.clone(),
+        })
+        .await
+        .map_err(|source| Error::Grpc {
+            action: "delete the checkpoint's objects",
+            source,
+        })?
+        .into_inner()
+        .deleted;
+    event(
+        ctx,
+        cp,
+        EventType::Normal,
+        "Deleted",
+        format!("deleted {deleted} stored objects under {prefix}"),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn ttl_retention_keeps_waits_or_expires() {
+        assert_eq!(ttl_retention(None, Some(0), 10), Retention::Keep);
+        assert_eq!(ttl_retention(Some(60), None, 10), Retention::Keep);
+        assert_eq!(
+            ttl_retention(Some(60), Some(1_000), 31_000),
+            Retention::RecheckAfter(Duration::from_secs(30))
+        );
+        assert_eq!(ttl_retention(Some(60), Some(1_000), 61_000), Retention::Expired);
+    }
+
+    #[test]
+    fn keep_last_removes_the_oldest() {
+        let all = vec![("a".into(), 1), ("c".into(), 3), ("b".into(), 2), ("d".into(), 4)];
+        assert_eq!(beyond_keep_last(all.clone(), 2), ["b", "a"]);
+        assert!(beyond_keep_last(all, 9).is_empty());
+    }
+
+    #[test]
+    fn agent_failures_map_to_reasons() {
+        assert_eq!(
+            failure_reason(tonic::Code::NotFound as i32, "no sandbox"),
+            reasons::SOURCE_POD_NOT_FOUND
+        );
+        assert_eq!(
+            failure_reason(
+                tonic::Code::FailedPrecondition as i32,
+                "the pod cannot be checkpointed: hostNetwork"
+            ),
+            reasons::UNSUPPORTED_POD
+        );
+        assert_eq!(
+            failure_reason(tonic::Code::FailedPrecondition as i32, "hook 0 failed"),
+            reasons::CHECKPOINT_FAILED
+        );
+        assert_eq!(
+            failure_reason(tonic::Code::DeadlineExceeded as i32, "x"),
+            reasons::TIMED_OUT
+        );
+        assert_eq!(
+            failure_reason(tonic::Code::Unavailable as i32, "x"),
+            reasons::CHECKPOINT_FAILED
+        );
+    }
+
+    fn checkpoint(spec: serde_json::Value) -> PodCheckpoint {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+            "metadata": {"name": "cp", "namespace": "ns", "uid": "u-1", "generation": 1},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_agent_request_follows_the_spec() {
+        let cp = checkpoint(serde_json::json!({
+            "sourcePodName": "db-0", "sourcePodUID": "11111111-2222-3333-4444-555555555555",
+            "postCheckpointState": "Stopped", "timeoutSeconds": 120, "maxFreezeSeconds": 5,
+            "tcp": {"podIPConnections": "Refuse"},
+            "hooks": {"preCheckpoint": [
+                {"container": "db", "exec": {"command": ["flush"]}, "timeoutSeconds": 3},
+                {"container": "db", "signal": {"name": "SIGUSR1"}, "failurePolicy": "Ignore"},
+                {"container": "db", "httpGet": {"port": 8443, "path": "/q", "scheme": "HTTPS"}}
+            ]}
+        }));
+        let req = agent_request(&cp, "p/", pb::Storage::default(), vec!["age1x".into()], None);
+        assert_eq!(req.operation_id, "u-1");
+        assert_eq!(req.pod.unwrap().uid, "11111111-2222-3333-4444-555555555555");
+        assert_eq!(req.max_freeze_seconds, 120, "a stopped pod stays frozen while stored");
+        assert_eq!(req.post_checkpoint_state, pb::PostCheckpointState::Stopped as i32);
+        assert_eq!(req.pod_ip_connections, pb::PodIpConnections::Refuse as i32);
+        assert_eq!(req.age_recipients, ["age1x"]);
+        assert_eq!(req.hooks.len(), 3);
+        assert_eq!(req.hooks[0].timeout_seconds, 3);
+        assert!(req.hooks[1].ignore_failure);
+        assert_eq!(req.hooks[1].action, Some(pb::hook::Action::Signal("SIGUSR1".into())));
+        assert_eq!(
+            req.hooks[2].action,
+            Some(pb::hook::Action::HttpGet(pb::HttpGetAction {
+                port: 8443,
+                path: "/q".into(),
+                https: true
+            }))
+        );
+    }
+
+    #[test]
+    fn a_finished_operation_fills_the_status() {
+        let start = Time(Timestamp::from_millisecond(1_000).unwrap());
+        let status = PodCheckpointStatus {
+            phase: Some(CheckpointPhase::Uploading),
+            start_time: Some(start),
+            ..Default::default()
+        };
+        let result = pb::CheckpointResult {
+            manifest_digest: "sha256:ab".into(),
+            freeze_window_millis: 420,
+            dump_millis: 400,
+            upload_millis: 700,
+            stored_bytes: 1000,
+            captured_bytes: 5000,
+            objects: 4,
+            containers: vec!["a".into(), "b".into()],
+            warnings: vec!["hook 1 failed (ignored)".into()],
+            pod_ip_connections: vec![],
+        };
+        let at = Time(Timestamp::from_millisecond(3_500).unwrap());
+        let done = succeeded_status(status, &result, None, Some(1), at);
+        assert_eq!(done.phase, Some(CheckpointPhase::Ready));
+        assert_eq!(done.timings.unwrap().total_millis, Some(2_500));
+        assert_eq!(done.sizes.unwrap().stored_bytes, Some(1000));
+        assert_eq!(
+            done.checkpointed_containers[1].archive.as_deref(),
+            Some("containers/b.tar.zst")
+        );
+        let ready = &done.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "CheckpointCompleted")
+        );
+        assert!(ready.message.contains("frozen for 420 ms") && ready.message.contains("hook 1 failed"));
+    }
+}

@@ -1,0 +1,158 @@
+//! The operator process: settings from the environment, the controllers, metrics.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cryopod_crds::v1alpha1::PodCheckpoint;
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+
+use crate::agents::{AgentLocator, Agents, DaemonSetAgents, StaticAgents};
+use crate::checkpoint::{Context, error_policy, reconcile};
+use crate::metrics::OperatorMetrics;
+
+/// Settings of the operator process.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// `CRYOPOD_TLS_DIR` (required): the client certificate for the agents (`tls.crt`,
+    /// `tls.key`) and the CA that signed theirs (`ca.crt`).
+    pub tls_dir: PathBuf,
+    /// `CRYOPOD_AGENT_TLS_NAME`, default `cryopod-node-agent`: the name in the agents'
+    /// certificates.
+    pub agent_tls_name: String,
+    /// `CRYOPOD_AGENT_ENDPOINTS`: `node=https://host:port,...`, for agents outside
+    /// Kubernetes; otherwise the DaemonSet's pods are looked up.
+    pub agent_endpoints: Option<StaticAgents>,
+    /// `CRYOPOD_NAMESPACE`, default `cryopod-system`: where the agent pods run.
+    pub namespace: String,
+    /// `CRYOPOD_AGENT_SELECTOR`, default `app.kubernetes.io/component=node-agent`.
+    pub agent_selector: String,
+    /// `CRYOPOD_AGENT_PORT`, default 9443.
+    pub agent_port: u16,
+    /// `CRYOPOD_METRICS_LISTEN`, default `0.0.0.0:8080`.
+    pub metrics_listen: SocketAddr,
+}
+
+/// Starting or running the operator failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// A setting is missing or malformed.
+    Config { variable: &'static str, problem: String },
+    /// The API server cannot be reached.
+    Kube { source: kube::Error },
+    /// The TLS material cannot be read.
+    Agents { source: crate::agents::AgentError },
+    /// The metrics port cannot be opened.
+    Metrics { source: std::io::Error },
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Config { variable, problem } => write!(f, "{variable}: {problem}"),
+            Self::Kube { .. } => write!(f, "cannot reach the Kubernetes API"),
+            Self::Agents { source } => write!(f, "{source}"),
+            Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Config { .. } => None,
+            Self::Kube { source } => Some(source),
+            Self::Agents { source } => Some(source),
+            Self::Metrics { source } => Some(source),
+        }
+    }
+}
+
+impl OperatorConfig {
+    /// Reads the settings from a lookup (the environment in production).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, RunError> {
+        let get = |k: &str| get(k).filter(|v| !v.is_empty());
+        let tls_dir = get("CRYOPOD_TLS_DIR").map(PathBuf::from).ok_or(RunError::Config {
+            variable: "CRYOPOD_TLS_DIR",
+            problem: "is required".into(),
+        })?;
+        let agent_endpoints = get("CRYOPOD_AGENT_ENDPOINTS")
+            .map(|text| StaticAgents::parse(&text))
+            .transpose()
+            .map_err(|problem| RunError::Config {
+                variable: "CRYOPOD_AGENT_ENDPOINTS",
+                problem,
+            })?;
+        let parse = |variable: &'static str, default: &str| {
+            let text = get(variable).unwrap_or_else(|| default.to_owned());
+            (variable, text)
+        };
+        let (variable, port) = parse("CRYOPOD_AGENT_PORT", "9443");
+        let agent_port = port.parse().map_err(|e| RunError::Config {
+            variable,
+            problem: format!("{port:?}: {e}"),
+        })?;
+        let (variable, listen) = parse("CRYOPOD_METRICS_LISTEN", "0.0.0.0:8080");
+        let metrics_listen = listen.parse().map_err(|e| RunError::Config {
+            variable,
+            problem: format!("{listen:?}: {e}"),
+        })?;
+        Ok(Self {
+            tls_dir,
+            agent_tls_name: get("CRYOPOD_AGENT_TLS_NAME").unwrap_or_else(|| "cryopod-node-agent".into()),
+            agent_endpoints,
+            namespace: get("CRYOPOD_NAMESPACE").unwrap_or_else(|| "cryopod-system".into()),
+            agent_selector: get("CRYOPOD_AGENT_SELECTOR")
+                .unwrap_or_else(|| "app.kubernetes.io/component=node-agent".into()),
+            agent_port,
+            metrics_listen,
+        })
+    }
+}
+
+/// Runs the controllers until the process is told to stop.
+pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|source| RunError::Kube { source })?;
+    let locator: Arc<dyn AgentLocator> = match config.agent_endpoints.clone() {
+        Some(table) => Arc::new(table),
+        None => Arc::new(DaemonSetAgents {
+            pods: Api::namespaced(client.clone(), &config.namespace),
+            selector: config.agent_selector.clone(),
+            port: config.agent_port,
+        }),
+    };
+    let agents =
+        Agents::new(locator, &config.tls_dir, &config.agent_tls_name).map_err(|source| RunError::Agents { source })?;
+    let metrics = Arc::new(OperatorMetrics::new());
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| RunError::Metrics { source })?;
+    let metrics_server = tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    let reporter = Reporter {
+        controller: "cryopod-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        client: client.clone(),
+        agents,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+    });
+    tracing::info!(metrics = %config.metrics_listen, "reconciling PodCheckpoints");
+    Controller::new(Api::<PodCheckpoint>::all(client), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile ended in error");
+            }
+        })
+        .await;
+    metrics_server.abort();
+    Ok(())
+}
