@@ -15,8 +15,9 @@ export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
 
 # Compile before the cluster starts, so its start-up time is not spent building.
 cargo test --locked -p cryopod-e2e --no-run --quiet
-cargo build --locked -p cryopod-node-agent --bin cryopod-node-agent --quiet
+cargo build --locked -p cryopod-node-agent -p cryopod-operator --bins --quiet
 export CRYOPOD_AGENT_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-node-agent"
+export CRYOPOD_OPERATOR_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-operator"
 
 down() {
   [[ ${CRYOPOD_KEEP_CLUSTER:-0} == 1 ]] && { log "keeping the cluster (CRYOPOD_KEEP_CLUSTER=1)"; return; }
@@ -26,7 +27,7 @@ trap down EXIT
 "$here/cluster/up.sh"
 
 status=0
-cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore -- --test-threads=2 || status=$?
+cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test operator -- --test-threads=2 || status=$?
 
 trap - EXIT
 down

@@ -136,6 +136,27 @@ impl Testbed {
         cmd
     }
 
+    /// Installs the generated CRDs (as the chart does) and waits until they serve.
+    pub fn install_crds(&self) -> Result<(), String> {
+        let dir = repo_root().join("charts/cryopod/crds");
+        let dir = dir.to_string_lossy();
+        for args in [
+            vec!["apply", "--server-side", "--force-conflicts", "-f", &dir],
+            vec!["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir],
+        ] {
+            let out = self.kubectl().args(&args).output().map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!(
+                    "kubectl {}: {}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A client of the S3 server at `endpoint` (the testbed's own, or another to
     /// simulate an outage) with the given secret. It retries once, so a store that
     /// is down fails fast.

@@ -25,33 +25,7 @@ fn text(out: &Output) -> String {
 
 /// Installs the generated CRDs (as the chart does) and waits until they serve.
 fn install_crds(tb: &Testbed) {
-    let dir = repo_root().join("charts/cryopod/crds");
-    let out = run(
-        tb,
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            dir.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "the CRDs were refused: {}", text(&out));
-    let out = run(
-        tb,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            dir.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "the CRDs did not become Established: {}",
-        text(&out)
-    );
+    tb.install_crds().unwrap();
 }
 
 fn write_doc(dir: &std::path::Path, name: &str, doc: &Value) -> String {

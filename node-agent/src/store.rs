@@ -292,8 +292,16 @@ mod tests {
     #[tokio::test]
     async fn deleting_a_prefix_removes_the_manifest_and_every_object_and_nothing_else() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        for key in ["ck/manifest.json", "ck/containers/a.tar.zst", "ck/pod/shm.tar.zst", "other/manifest.json"] {
-            store.put(&ObjectPath::from(key), PutPayload::from_static(b"x")).await.unwrap();
+        for key in [
+            "ck/manifest.json",
+            "ck/containers/a.tar.zst",
+            "ck/pod/shm.tar.zst",
+            "other/manifest.json",
+        ] {
+            store
+                .put(&ObjectPath::from(key), PutPayload::from_static(b"x"))
+                .await
+                .unwrap();
         }
         assert_eq!(delete_prefix(&store, "ck/").await.unwrap(), 3);
         assert_eq!(delete_prefix(&store, "ck/").await.unwrap(), 0);

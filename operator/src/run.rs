@@ -34,6 +34,8 @@ pub struct OperatorConfig {
     pub agent_port: u16,
     /// `CRYOPOD_METRICS_LISTEN`, default `0.0.0.0:8080`.
     pub metrics_listen: SocketAddr,
+    /// `CRYOPOD_WATCH_NAMESPACE`: only this namespace's resources; all when unset.
+    pub watch_namespace: Option<String>,
 }
 
 /// Starting or running the operator failed.
@@ -109,6 +111,7 @@ impl OperatorConfig {
                 .unwrap_or_else(|| "app.kubernetes.io/component=node-agent".into()),
             agent_port,
             metrics_listen,
+            watch_namespace: get("CRYOPOD_WATCH_NAMESPACE"),
         })
     }
 }
@@ -143,8 +146,12 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
     });
-    tracing::info!(metrics = %config.metrics_listen, "reconciling PodCheckpoints");
-    Controller::new(Api::<PodCheckpoint>::all(client), watcher::Config::default())
+    tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling PodCheckpoints");
+    let checkpoints: Api<PodCheckpoint> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    Controller::new(checkpoints, watcher::Config::default())
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

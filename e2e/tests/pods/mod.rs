@@ -321,6 +321,8 @@ pub struct AgentProcess {
     pub metrics_port: u16,
     /// Its log (stderr: JSON lines).
     pub log: PathBuf,
+    /// Its gRPC port on the loopback.
+    pub port: u16,
 }
 
 impl Drop for AgentProcess {
@@ -334,6 +336,8 @@ impl Drop for AgentProcess {
 /// the agent reads it) and the operator's client identity.
 pub struct AgentTls {
     pub dir: tempfile::TempDir,
+    /// The operator's TLS directory (`CRYOPOD_TLS_DIR`).
+    pub operator_dir: tempfile::TempDir,
     pub ca: String,
     pub client: tonic::transport::Identity,
 }
@@ -357,8 +361,14 @@ pub fn agent_tls() -> AgentTls {
     std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
     std::fs::write(dir.path().join("tls.crt"), server_cert).unwrap();
     std::fs::write(dir.path().join("tls.key"), server_key).unwrap();
+    // The operator's side: its client pair and the CA that signed the agents'.
+    let operator_dir = tempfile::tempdir().unwrap();
+    std::fs::write(operator_dir.path().join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(operator_dir.path().join("tls.crt"), &client_cert).unwrap();
+    std::fs::write(operator_dir.path().join("tls.key"), &client_key).unwrap();
     AgentTls {
         dir,
+        operator_dir,
         ca: ca.pem(),
         client: tonic::transport::Identity::from_pem(client_cert, client_key),
     }
@@ -409,6 +419,7 @@ pub async fn start_agent(
             .unwrap(),
         metrics_port,
         log,
+        port,
     };
     let config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&tls.ca))

@@ -1,0 +1,320 @@
+//! The operator binary on the real cluster, calling the agent binary over mutual TLS:
+//! `kubectl apply` of a PodCheckpoint reaches Ready and `kubectl wait` sees it, the
+//! objects are in S3 under the recorded prefix, deleting it deletes them; and
+//! impossible requests end Failed with a message naming the cause.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod pods;
+
+use std::time::Duration;
+
+use cryopod_crds::v1alpha1::{CheckpointPhase, PodCheckpoint};
+use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+use futures::StreamExt;
+use kube::api::Api;
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+use pods::*;
+use serde_json::json;
+
+/// The operator binary, killed when the test ends.
+struct Operator(std::process::Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the operator for namespace `ns`, knowing only node-1's agent.
+fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agent_port: u16, log: &std::path::Path) -> Operator {
+    let bin = std::env::var("CRYOPOD_OPERATOR_BIN").expect("CRYOPOD_OPERATOR_BIN is set by e2e/run.sh");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Operator(
+        std::process::Command::new(bin)
+            .env("KUBECONFIG", &tb.kubeconfig)
+            .env("CRYOPOD_TLS_DIR", tls.operator_dir.path())
+            .env("CRYOPOD_AGENT_TLS_NAME", "localhost")
+            .env(
+                "CRYOPOD_AGENT_ENDPOINTS",
+                format!("{}=https://localhost:{agent_port}", tb.nodes[0]),
+            )
+            .env("CRYOPOD_WATCH_NAMESPACE", ns)
+            .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn kubectl_apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) {
+    let mut child = tb
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), doc.to_string().as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CheckpointStorage on the testbed's S3 server, credentials in a Secret of `ns`.
+fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
+    let name = format!("s3-{ns}");
+    kubectl_apply(
+        tb,
+        ns,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+    );
+    kubectl_apply(
+        tb,
+        ns,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": name},
+                "spec": {"type": "S3", "prefix": "operator-e2e",
+                         "s3": {"endpoint": tb.s3.endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
+                                "credentialsSecretRef": {"name": "s3-creds", "namespace": ns}}}}),
+    );
+    name
+}
+
+/// Waits for a PodCheckpoint to end (Ready or Failed) and returns it.
+async fn ended(api: &Api<PodCheckpoint>, name: &str) -> PodCheckpoint {
+    wait_until(
+        &format!("PodCheckpoint {name} to end"),
+        Duration::from_secs(120),
+        || async {
+            let cp = api.get(name).await.ok()?;
+            matches!(
+                cp.status.as_ref()?.phase?,
+                CheckpointPhase::Ready | CheckpointPhase::Failed
+            )
+            .then_some(cp)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn ready_condition(cp: &PodCheckpoint) -> (String, String, String) {
+    let c = cp
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+/// The event reasons recorded for a PodCheckpoint.
+fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
+    let out = tb
+        .kubectl()
+        .args([
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "custom-columns=REASON:.reason,NOTE:.note,MESSAGE:.message",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl apply` of a PodCheckpoint → Ready, `kubectl wait` agrees, the objects are in
+/// S3 under the recorded prefix with the recorded manifest digest; deleting the
+/// PodCheckpoint deletes them through the finalizer.
+#[tokio::test]
+async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-operator").await.unwrap();
+    let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
+    let log = state.join("operator.log");
+    let _operator = start_operator(&tb, &ns.name, &tls, agent.port, &log);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+
+    let at_start = counts(&trio.data);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "trio-1"},
+                "spec": {"sourcePodName": "trio", "storage": storage}}),
+    );
+    let wait = tb
+        .kubectl()
+        .args([
+            "wait",
+            "-n",
+            &ns.name,
+            "--for=condition=Ready",
+            "--timeout=120s",
+            "podcheckpoint/trio-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        wait.status.success(),
+        "kubectl wait: {}{}\n{}",
+        String::from_utf8_lossy(&wait.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        event_reasons(&tb, &ns.name, "trio-1")
+    );
+    let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = api.get("trio-1").await.unwrap();
+    let status = cp.status.clone().unwrap();
+    assert_eq!(status.phase, Some(CheckpointPhase::Ready));
+    assert_eq!(status.node_name.as_deref(), Some(tb.nodes[0].as_str()));
+    assert_eq!(status.checkpointed_containers.len(), NAMES.len());
+    assert!(status.checkpointed_pod_template.is_some());
+    assert!(status.timings.unwrap().freeze_window_millis.unwrap() > 0);
+    let prefix = status.checkpoint_location.unwrap().object_store.unwrap().prefix;
+    assert_eq!(
+        prefix,
+        format!("operator-e2e/{}/trio/{}/", ns.name, cp.metadata.uid.clone().unwrap())
+    );
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let manifest = store
+        .get(&ObjectPath::from(format!("{prefix}manifest.json")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        Some(cryopod_node_agent::package::sha256_hex(
+            <sha2::Sha256 as sha2::Digest>::digest(&manifest)
+        )),
+        status.manifest_digest
+    );
+    let events = event_reasons(&tb, &ns.name, "trio-1");
+    assert!(
+        events.contains("CheckpointInProgress") && events.contains("CheckpointCompleted"),
+        "{events}"
+    );
+    let printed = tb
+        .kubectl()
+        .args(["get", "cpck", "-n", &ns.name, "trio-1", "--no-headers"])
+        .output()
+        .unwrap();
+    println!("kubectl get cpck: {}", String::from_utf8_lossy(&printed.stdout).trim());
+    assert_counting_on(&ns, &client, &trio.data, &at_start).await;
+
+    // The finalizer deletes the objects before the PodCheckpoint goes.
+    api.delete("trio-1", &Default::default()).await.unwrap();
+    wait_until("the PodCheckpoint to go", Duration::from_secs(60), || async {
+        api.get_opt("trio-1").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    let left: Vec<_> = store
+        .list(Some(&ObjectPath::from(prefix.as_str())))
+        .collect::<Vec<_>>()
+        .await;
+    assert!(left.is_empty(), "objects left behind: {left:?}");
+    let _ = tb
+        .kubectl()
+        .args(["delete", "cpstor", &storage, "--wait=false"])
+        .output();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Impossible requests end Failed with a reason and a message naming the cause, an
+/// event, and nothing else changes.
+#[tokio::test]
+async fn impossible_checkpoints_fail_naming_the_cause() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-operator-bad").await.unwrap();
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
+    let log = state.join("operator.log");
+    let _operator = start_operator(&tb, &ns.name, &tls, agent.port, &log);
+    // A pod on node-2, where this operator knows no agent.
+    let elsewhere = start_trio(&tb, &client, &ns, &tb.nodes[1]).await;
+    let _ = elsewhere;
+
+    let cases = [
+        (
+            "no-pod",
+            json!({"sourcePodName": "nope"}),
+            "SourcePodNotFound",
+            "pod nope does not exist",
+        ),
+        (
+            "no-storage",
+            json!({"sourcePodName": "trio", "storage": "missing-storage"}),
+            "StorageNotFound",
+            r#"CheckpointStorage "missing-storage" does not exist"#,
+        ),
+        (
+            "replaced",
+            json!({"sourcePodName": "trio", "sourcePodUID": "00000000-0000-0000-0000-000000000000"}),
+            "SourcePodReplaced",
+            "not 00000000-0000-0000-0000-000000000000",
+        ),
+        (
+            "no-agent",
+            json!({"sourcePodName": "trio"}),
+            "NodeAgentUnavailable",
+            &format!("runs on node {}, where no cryopod node agent runs", tb.nodes[1]),
+        ),
+    ];
+    let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    for (name, spec, _, _) in &cases {
+        kubectl_apply(
+            &tb,
+            &ns.name,
+            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": name}, "spec": spec}),
+        );
+    }
+    for (name, _, reason, needle) in &cases {
+        let cp = ended(&api, name).await;
+        let (status, got_reason, message) = ready_condition(&cp);
+        println!("{name}: {got_reason}: {message}");
+        assert_eq!(
+            cp.status.as_ref().unwrap().phase,
+            Some(CheckpointPhase::Failed),
+            "{name}"
+        );
+        assert_eq!(
+            (status.as_str(), got_reason.as_str()),
+            ("False", *reason),
+            "{name}: {message}"
+        );
+        assert!(message.contains(needle), "{name}: {message}");
+        let events = event_reasons(&tb, &ns.name, name);
+        assert!(events.contains(reason), "{name}: {events}");
+    }
+    assert!(
+        ns.ready_without_restarts(&client, "trio").await.unwrap(),
+        "the pod was left alone"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
