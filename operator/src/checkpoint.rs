@@ -27,82 +27,18 @@ use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::{Resource, ResourceExt};
 
-use crate::agents::{AgentError, Agents};
-use crate::metrics::OperatorMetrics;
+use crate::context::{Context, Error, kube_err, now, publish};
 use crate::storage::{ResolvedStorage, StorageProblem, choose, credentials_secret, resolve};
 use crate::template::checkpointed_pod_template;
 
 /// The finalizer that deletes a checkpoint's stored objects.
 pub const FINALIZER: &str = "cryopod.io/checkpoint-objects";
-
-/// What the controller works with.
-#[derive(Clone)]
-pub struct Context {
-    /// The API server.
-    pub client: kube::Client,
-    /// The node agents.
-    pub agents: Agents,
-    /// Events.
-    pub recorder: Recorder,
-    /// Metrics.
-    pub metrics: Arc<OperatorMetrics>,
-}
-
-impl std::fmt::Debug for Context {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("agents", &self.agents)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A reconcile failed; it is retried with backoff.
-#[derive(Debug)]
-pub enum Error {
-    /// The API server refused or failed a request.
-    Kube { action: &'static str, source: kube::Error },
-    /// The node agent could not be reached.
-    Agent { source: AgentError },
-    /// The node agent's answer broke off.
-    Grpc {
-        action: &'static str,
-        source: tonic::Status,
-    },
-    /// The finalizer machinery failed.
-    Finalizer { detail: String },
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Kube { action, .. } => write!(f, "cannot {action}"),
-            Self::Agent { source } => write!(f, "{source}"),
-            Self::Grpc { action, source } => write!(f, "{action}: {}", source.message()),
-            Self::Finalizer { detail } => write!(f, "finalizer: {detail}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Kube { source, .. } => Some(source),
-            Self::Agent { source } => Some(source),
-            Self::Grpc { source, .. } => Some(source),
-            Self::Finalizer { .. } => None,
-        }
-    }
-}
-
-fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { action, source }
-}
 
 /// Reconciles one PodCheckpoint.
 pub async fn reconcile(cp: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -129,10 +65,6 @@ pub fn error_policy(cp: Arc<PodCheckpoint>, error: &Error, _: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(5))
 }
 
-fn now() -> Time {
-    Time(Timestamp::now())
-}
-
 async fn apply(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     match cp.status.as_ref().and_then(|s| s.phase) {
         None | Some(CheckpointPhase::Pending) => start(cp, ctx).await,
@@ -156,16 +88,7 @@ async fn write_status(cp: &PodCheckpoint, ctx: &Context, status: &PodCheckpointS
 }
 
 async fn event(ctx: &Context, cp: &PodCheckpoint, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Checkpoint".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &cp.object_ref(&())).await {
-        tracing::warn!(error = %e, "cannot publish an event");
-    }
+    publish(ctx, cp, type_, reason, "Checkpoint", note).await;
 }
 
 /// Ends the checkpoint as Failed with `reason` and a message naming the cause.
@@ -198,9 +121,9 @@ struct Resolved {
 }
 
 /// A problem that ends the checkpoint: reason and message.
-type Refusal = (&'static str, String);
+pub type Refusal = (&'static str, String);
 
-async fn secret_data(
+pub async fn secret_data(
     ctx: &Context,
     namespace: &str,
     name: &str,
@@ -769,6 +692,77 @@ async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+/// Where a checkpoint's objects are, from its recorded location: what an agent is
+/// sent to read or delete them, and their key prefix.
+pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::Storage, String), Refusal>, Error> {
+    let status = cp.status.clone().unwrap_or_default();
+    let Some(location) = status.checkpoint_location else {
+        return Ok(Err((
+            reasons::CHECKPOINT_FAILED,
+            "the checkpoint has no recorded location".to_owned(),
+        )));
+    };
+    match location.type_ {
+        CheckpointLocationType::NodeLocal => {
+            let path = location.node_local.map(|l| l.path).unwrap_or_default();
+            // Keys relative to the root: the whole directory of this checkpoint.
+            Ok(Ok((
+                pb::Storage {
+                    backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: "/".to_owned() })),
+                },
+                format!("{}/", path.trim_matches('/')),
+            )))
+        }
+        CheckpointLocationType::ObjectStore => {
+            let Some(at) = location.object_store else {
+                return Ok(Err((
+                    reasons::CHECKPOINT_FAILED,
+                    "status.checkpointLocation.objectStore is missing".to_owned(),
+                )));
+            };
+            let storages: Api<CheckpointStorage> = Api::all(ctx.client.clone());
+            let Some(storage) = storages
+                .get_opt(&at.storage)
+                .await
+                .map_err(kube_err("read a CheckpointStorage"))?
+            else {
+                return Ok(Err((
+                    reasons::STORAGE_NOT_FOUND,
+                    format!(
+                        "CheckpointStorage {} holding the checkpoint does not exist any more",
+                        at.storage
+                    ),
+                )));
+            };
+            let secret = match credentials_secret(&storage) {
+                Some((ns, name)) => match secret_data(ctx, &ns, &name).await? {
+                    Some(data) => Some((format!("{ns}/{name}"), data)),
+                    None => {
+                        return Ok(Err((
+                            reasons::STORAGE_NOT_FOUND,
+                            format!(
+                                "Secret {ns}/{name}, the credentials of CheckpointStorage {}, does not exist",
+                                at.storage
+                            ),
+                        )));
+                    }
+                },
+                None => None,
+            };
+            let node = status.node_name.unwrap_or_default();
+            match resolve(
+                Some(&storage),
+                secret.as_ref().map(|(n, d)| (n.as_str(), d)),
+                &node,
+                ("", "", ""),
+            ) {
+                Ok(resolved) => Ok(Ok((resolved.storage, at.prefix))),
+                Err(StorageProblem(message)) => Ok(Err((reasons::STORAGE_NOT_FOUND, message))),
+            }
+        }
+    }
+}
+
 /// The finalizer: cancel a running operation, delete the stored objects.
 async fn cleanup(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     let status = cp.status.clone().unwrap_or_default();
@@ -800,37 +794,21 @@ async fn cleanup(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
             })
             .await;
     }
-    let Some(location) = status.checkpoint_location.clone() else {
+    if status.checkpoint_location.is_none() {
         return Ok(Action::await_change());
-    };
-    let (storage, prefix) = match location.type_ {
-        CheckpointLocationType::ObjectStore => {
-            let resolved = match resolve_for(cp, ctx, &node, None).await? {
-                Ok(resolved) => resolved,
-                Err((_, message)) => {
-                    event(
-                        ctx,
-                        cp,
-                        EventType::Warning,
-                        "ObjectsLeft",
-                        format!("{message}; objects not deleted"),
-                    )
-                    .await;
-                    return Ok(Action::await_change());
-                }
-            };
-            (resolved.storage.storage, resolved.storage.prefix)
-        }
-        CheckpointLocationType::NodeLocal => {
-            let path = location.node_local.map(|l| l.path).unwrap_or_default();
-            // Keys relative to the root: the whole directory of this checkpoint.
-            let prefix = format!("{}/", path.trim_matches('/'));
-            (
-                pb::Storage {
-                    backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: "/".to_owned() })),
-                },
-                prefix,
+    }
+    let (storage, prefix) = match stored_at(cp, ctx).await? {
+        Ok(found) => found,
+        Err((_, message)) => {
+            event(
+                ctx,
+                cp,
+                EventType::Warning,
+                "ObjectsLeft",
+                format!("{message}; objects not deleted"),
             )
+            .await;
+            return Ok(Action::await_change());
         }
     };
     let deleted = client

@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod checkpoint;
+pub mod context;
 pub mod metrics;
 pub mod restore_pod;
 pub mod run;

@@ -11,7 +11,8 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 
 use crate::agents::{AgentLocator, Agents, DaemonSetAgents, StaticAgents};
-use crate::checkpoint::{Context, error_policy, reconcile};
+use crate::checkpoint::{error_policy, reconcile};
+use crate::context::Context;
 use crate::metrics::OperatorMetrics;
 
 /// Settings of the operator process.
