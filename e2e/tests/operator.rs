@@ -28,8 +28,8 @@ impl Drop for Operator {
     }
 }
 
-/// Starts the operator for namespace `ns`, knowing only node-1's agent.
-fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agent_port: u16, log: &std::path::Path) -> Operator {
+/// Starts the operator for namespace `ns`, knowing the agents at these ports.
+fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agents: &[(&str, u16)], log: &std::path::Path) -> Operator {
     let bin = std::env::var("CRYOPOD_OPERATOR_BIN").expect("CRYOPOD_OPERATOR_BIN is set by e2e/run.sh");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -43,7 +43,11 @@ fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agent_port: u16, log: 
             .env("CRYOPOD_AGENT_TLS_NAME", "localhost")
             .env(
                 "CRYOPOD_AGENT_ENDPOINTS",
-                format!("{}=https://localhost:{agent_port}", tb.nodes[0]),
+                agents
+                    .iter()
+                    .map(|(node, port)| format!("{node}=https://localhost:{port}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             )
             .env("CRYOPOD_WATCH_NAMESPACE", ns)
             .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
@@ -155,7 +159,7 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
     let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
     let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
     let log = state.join("operator.log");
-    let _operator = start_operator(&tb, &ns.name, &tls, agent.port, &log);
+    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
     let storage = s3_checkpoint_storage(&tb, &ns.name);
 
     let at_start = counts(&trio.data);
@@ -255,7 +259,7 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
     let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
     let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
     let log = state.join("operator.log");
-    let _operator = start_operator(&tb, &ns.name, &tls, agent.port, &log);
+    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
     // A pod on node-2, where this operator knows no agent.
     let elsewhere = start_trio(&tb, &client, &ns, &tb.nodes[1]).await;
     let _ = elsewhere;
@@ -316,5 +320,137 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
         ns.ready_without_restarts(&client, "trio").await.unwrap(),
         "the pod was left alone"
     );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A PodRestore of a Ready PodCheckpoint brings the pod back on node-2 as a new pod,
+/// Running and Ready, its counters going on from the checkpoint.
+#[tokio::test]
+async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-operator-restore")
+        .await
+        .unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let trio = start_trio(&tb, &client, &ns, &source).await;
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
+    // The target's agent prepares restores where its runtime handler reads them.
+    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
+    let log = state.join("operator.log");
+    let _operator = start_operator(
+        &tb,
+        &ns.name,
+        &tls,
+        &[(&source, agent_1.port), (&target, agent_2.port)],
+        &log,
+    );
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "trio-cp"},
+                "spec": {"sourcePodName": "trio", "storage": storage}}),
+    );
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = ended(&checkpoints, "trio-cp").await;
+    assert_eq!(
+        cp.status.as_ref().unwrap().phase,
+        Some(CheckpointPhase::Ready),
+        "{:?}",
+        ready_condition(&cp)
+    );
+    let _ = &trio;
+    // What the checkpoint captured of the counters, from its emptyDir object in S3.
+    let prefix = cp
+        .status
+        .as_ref()
+        .unwrap()
+        .checkpoint_location
+        .clone()
+        .unwrap()
+        .object_store
+        .unwrap()
+        .prefix;
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let volume = store
+        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let inner = &tar_members(&unzstd(&volume))[0].1;
+    let captured: Vec<u64> = NAMES
+        .iter()
+        .map(|n| {
+            tar_members(inner)
+                .iter()
+                .find(|(p, _)| p.rsplit('/').next() == Some(*n))
+                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
+                .unwrap()
+        })
+        .collect();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "trio-back"},
+                "spec": {"checkpointName": "trio-cp", "target": {"nodeName": target}}}),
+    );
+    let wait = tb
+        .kubectl()
+        .args([
+            "wait",
+            "-n",
+            &ns.name,
+            "--for=condition=Ready",
+            "--timeout=120s",
+            "podrestore/trio-back",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        wait.status.success(),
+        "kubectl wait: {}{}\n{}",
+        String::from_utf8_lossy(&wait.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        event_reasons(&tb, &ns.name, "trio-back")
+    );
+    let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let status = restores.get("trio-back").await.unwrap().status.unwrap();
+    assert_eq!(status.node_name.as_deref(), Some(target.as_str()));
+    assert_eq!(status.restored_pod_name.as_deref(), Some("trio-back"));
+    let timings = status.timings.unwrap();
+    println!(
+        "PodRestore: fetch {:?} ms, pod created to Ready {:?} ms, total {:?} ms",
+        timings.fetch_millis, timings.restore_millis, timings.total_millis
+    );
+    let pod = ns.pods(&client).get("trio-back").await.unwrap();
+    assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(target.as_str()));
+    let data = tb.dir.join(&target).join(format!(
+        "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
+        pod.metadata.uid.unwrap()
+    ));
+    // Counters go on from where the checkpoint took them, not from 1.
+    let now = wait_until("the restored counters to move", Duration::from_secs(20), || async {
+        let now = counts(&data);
+        now.iter().zip(&captured).all(|(now, then)| now > then).then_some(now)
+    })
+    .await
+    .unwrap();
+    println!("restored by the operator: captured {captured:?}, restored {now:?}");
+    for ((name, now), then) in NAMES.iter().zip(&now).zip(&captured) {
+        assert!(*now < then + 200, "counter {name} continued from {then}: {now}");
+    }
+    assert!(ns.ready_without_restarts(&client, "trio-back").await.unwrap());
+    let events = event_reasons(&tb, &ns.name, "trio-back");
+    assert!(events.contains("RestoreCompleted"), "{events}");
+    let _ = tb
+        .kubectl()
+        .args(["delete", "cpstor", &storage, "--wait=false"])
+        .output();
     let _ = std::fs::remove_dir_all(&state);
 }

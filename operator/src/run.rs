@@ -4,14 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cryopod_crds::v1alpha1::PodCheckpoint;
+use cryopod_crds::v1alpha1::{PodCheckpoint, PodRestore};
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 
 use crate::agents::{AgentLocator, Agents, DaemonSetAgents, StaticAgents};
-use crate::checkpoint::{error_policy, reconcile};
 use crate::context::Context;
 use crate::metrics::OperatorMetrics;
 
@@ -147,20 +146,32 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
     });
-    tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling PodCheckpoints");
-    let checkpoints: Api<PodCheckpoint> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+    tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
+    let (checkpoints, restores): (Api<PodCheckpoint>, Api<PodRestore>) = match &config.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client)),
     };
-    Controller::new(checkpoints, watcher::Config::default())
+    let checkpoint_controller = Controller::new(checkpoints, watcher::Config::default())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
+        .run(
+            crate::checkpoint::reconcile,
+            crate::checkpoint::error_policy,
+            context.clone(),
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile ended in error");
+                tracing::debug!(kind = "PodCheckpoint", error = %e, "reconcile ended in error");
             }
-        })
-        .await;
+        });
+    let restore_controller = Controller::new(restores, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(crate::restore::reconcile, crate::restore::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(kind = "PodRestore", error = %e, "reconcile ended in error");
+            }
+        });
+    futures::join!(checkpoint_controller, restore_controller);
     metrics_server.abort();
     Ok(())
 }

@@ -1,0 +1,659 @@
+//! The PodRestore controller. Phases in `status.phase`:
+//!
+//! - none/`Pending`: the PodCheckpoint must exist and be Ready; a node is chosen (the
+//!   target, else a ready node with an agent, another than the source first; a
+//!   node-local checkpoint only on its node); the operation id (the PodRestore's UID)
+//!   is recorded.
+//! - `Fetching`: the target's agent prepares the restore (`PrepareRestore`: digests
+//!   verified, compatibility checked, decrypted) under that id, re-attaching after an
+//!   operator restart.
+//! - `Restoring`: the new pod is created (once; its name is recorded first) through
+//!   the `cryopod` RuntimeClass and watched until Running and Ready. A pod whose
+//!   restore fails is deleted: no half-restored pod stays.
+//! - `Ready` / `Failed`: final.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::v1alpha1::{
+    CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus, RestorePhase, RestoreTimings,
+    restore_reasons as reasons,
+};
+use cryopod_node_agent::server::pb;
+use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use crate::checkpoint::{secret_data, stored_at};
+use crate::context::{Context, Error, kube_err, now, publish};
+use crate::restore_pod::{CheckpointedImage, restore_pod};
+
+/// Reconciles one PodRestore.
+pub async fn reconcile(restore: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match restore.status.as_ref().and_then(|s| s.phase) {
+        None | Some(RestorePhase::Pending) => start(&restore, &ctx).await,
+        Some(RestorePhase::Fetching) => fetch(&restore, &ctx).await,
+        Some(RestorePhase::Restoring) => watch_pod(&restore, &ctx).await,
+        Some(RestorePhase::Ready | RestorePhase::Failed) => Ok(Action::await_change()),
+    }
+}
+
+/// Retries a failed reconcile after a pause.
+pub fn error_policy(restore: Arc<PodRestore>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(podrestore = %restore.name_any(), namespace = ?restore.namespace(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn write_status(restore: &PodRestore, ctx: &Context, status: &PodRestoreStatus) -> Result<(), Error> {
+    let api: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    api.patch_status(
+        &restore.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .map_err(kube_err("write the PodRestore's status"))?;
+    Ok(())
+}
+
+async fn fail(restore: &PodRestore, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+    let mut status = restore.status.clone().unwrap_or_default();
+    // No half-restored pod stays behind.
+    if let Some(pod) = &status.restored_pod_name {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+        let _ = pods.delete(pod, &DeleteParams::default()).await;
+    }
+    status.phase = Some(RestorePhase::Failed);
+    status.completion_time = Some(now());
+    status.observed_generation = restore.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reason,
+        &message,
+        restore.metadata.generation,
+        now(),
+    );
+    write_status(restore, ctx, &status).await?;
+    tracing::warn!(podrestore = %restore.name_any(), reason, %message, "restore failed");
+    publish(ctx, restore, EventType::Warning, reason, "Restore", message).await;
+    ctx.metrics.finished("PodRestore", "failed");
+    Ok(Action::await_change())
+}
+
+/// The node a restore runs on, or why there is none. `nodes` are (name, ready,
+/// labels, has an agent).
+pub fn choose_node(
+    restore: &PodRestore,
+    checkpoint: &PodCheckpoint,
+    nodes: &[(String, bool, std::collections::BTreeMap<String, String>, bool)],
+) -> Result<String, String> {
+    let status = checkpoint.status.clone().unwrap_or_default();
+    let source = status.node_name.unwrap_or_default();
+    let target = restore.spec.target.clone().unwrap_or_default();
+    let local_only = status
+        .checkpoint_location
+        .as_ref()
+        .is_some_and(|l| l.type_ == CheckpointLocationType::NodeLocal);
+    let fits = |(name, ready, labels, agent): &(String, bool, std::collections::BTreeMap<String, String>, bool)| {
+        *ready
+            && *agent
+            && target.node_name.as_ref().is_none_or(|n| n == name)
+            && target
+                .node_selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            && (!local_only || *name == source)
+    };
+    let mut candidates: Vec<&String> = nodes.iter().filter(|n| fits(n)).map(|n| &n.0).collect();
+    // Another node than the source first: a restore is most often a move.
+    candidates.sort_by_key(|n| (**n == source, (*n).clone()));
+    candidates.first().map(|n| (*n).clone()).ok_or_else(|| {
+        let mut why = Vec::new();
+        if let Some(n) = &target.node_name {
+            why.push(format!(
+                "spec.target.nodeName {n} is not a ready node with a cryopod agent"
+            ));
+        }
+        if target.node_selector.is_some() {
+            why.push("no ready node with a cryopod agent matches spec.target.nodeSelector".to_owned());
+        }
+        if local_only {
+            why.push(format!(
+                "the checkpoint is node-local and can only be restored on node {source}"
+            ));
+        }
+        if why.is_empty() {
+            why.push("no ready node runs a cryopod agent".to_owned());
+        }
+        why.join("; ")
+    })
+}
+
+async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
+    let ns = restore.namespace().unwrap_or_default();
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = &restore.spec.checkpoint_name;
+    let Some(checkpoint) = checkpoints
+        .get_opt(name)
+        .await
+        .map_err(kube_err("read the PodCheckpoint"))?
+    else {
+        return fail(
+            restore,
+            ctx,
+            reasons::CHECKPOINT_NOT_FOUND,
+            format!("spec.checkpointName: PodCheckpoint {name} does not exist in namespace {ns}"),
+        )
+        .await;
+    };
+    match checkpoint.status.as_ref().and_then(|s| s.phase) {
+        Some(CheckpointPhase::Ready) => {}
+        Some(CheckpointPhase::Failed) => {
+            return fail(
+                restore,
+                ctx,
+                reasons::CHECKPOINT_NOT_READY,
+                format!("spec.checkpointName: PodCheckpoint {name} failed; there is nothing to restore"),
+            )
+            .await;
+        }
+        _ => {
+            let mut status = restore.status.clone().unwrap_or_default();
+            status.phase = Some(RestorePhase::Pending);
+            set_condition(
+                &mut status.conditions,
+                CONDITION_READY,
+                ConditionStatus::False,
+                reasons::PENDING,
+                &format!("waiting for PodCheckpoint {name} to be Ready"),
+                restore.metadata.generation,
+                now(),
+            );
+            write_status(restore, ctx, &status).await?;
+            return Ok(Action::requeue(Duration::from_secs(3)));
+        }
+    }
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut facts = Vec::new();
+    for node in nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("list nodes"))?
+        .items
+    {
+        let name = node.name_any();
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let agent = ctx
+            .agents
+            .serves(&name)
+            .await
+            .map_err(|source| Error::Agent { source })?;
+        facts.push((name, ready, node.metadata.labels.clone().unwrap_or_default(), agent));
+    }
+    let node = match choose_node(restore, &checkpoint, &facts) {
+        Ok(node) => node,
+        Err(message) => return fail(restore, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
+    };
+    let mut status = restore.status.clone().unwrap_or_default();
+    status.phase = Some(RestorePhase::Fetching);
+    status.node_name = Some(node.clone());
+    status.operation_id = restore.uid();
+    status.start_time = Some(now());
+    status.observed_generation = restore.metadata.generation;
+    let message = format!("restoring PodCheckpoint {name} on node {node}");
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reasons::RESTORE_IN_PROGRESS,
+        &message,
+        restore.metadata.generation,
+        now(),
+    );
+    write_status(restore, ctx, &status).await?;
+    publish(
+        ctx,
+        restore,
+        EventType::Normal,
+        reasons::RESTORE_IN_PROGRESS,
+        "Restore",
+        message,
+    )
+    .await;
+    ctx.metrics.started("PodRestore");
+    let mut restore = restore.clone();
+    restore.status = Some(status);
+    fetch(&restore, ctx).await
+}
+
+/// The reason a failed PrepareRestore ends the PodRestore with.
+pub fn prepare_failure_reason(code: i32) -> &'static str {
+    match tonic::Code::from(code) {
+        tonic::Code::DataLoss => reasons::CHECKPOINT_CORRUPT,
+        tonic::Code::FailedPrecondition => reasons::NO_COMPATIBLE_NODE,
+        tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
+        _ => reasons::RESTORE_FAILED,
+    }
+}
+
+fn remaining(restore: &PodRestore) -> Duration {
+    let started = restore
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map_or(Timestamp::now().as_millisecond(), |t| t.0.as_millisecond());
+    let deadline = started + i64::from(restore.spec.timeout_seconds) * 1000;
+    Duration::from_millis((deadline - Timestamp::now().as_millisecond()).max(0) as u64)
+}
+
+async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
+    let ns = restore.namespace().unwrap_or_default();
+    let status = restore.status.clone().unwrap_or_default();
+    let node = status.node_name.clone().unwrap_or_default();
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(checkpoint) = checkpoints
+        .get_opt(&restore.spec.checkpoint_name)
+        .await
+        .map_err(kube_err("read the PodCheckpoint"))?
+    else {
+        return fail(
+            restore,
+            ctx,
+            reasons::CHECKPOINT_NOT_FOUND,
+            "the PodCheckpoint was deleted".to_owned(),
+        )
+        .await;
+    };
+    let (storage, prefix) = match stored_at(&checkpoint, ctx).await? {
+        Ok(found) => found,
+        Err((_, message)) => return fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
+    };
+    let identities = match &checkpoint.spec.encryption {
+        None => vec![],
+        Some(encryption) => {
+            let data = secret_data(ctx, &ns, &encryption.secret_ref.name).await?;
+            match data.as_ref().and_then(|d| d.get("identity")) {
+                Some(identity) => vec![String::from_utf8_lossy(&identity.0).into_owned()],
+                None => {
+                    return fail(
+                        restore,
+                        ctx,
+                        reasons::RESTORE_FAILED,
+                        format!(
+                            "the checkpoint is encrypted and Secret {} has no age private key under \"identity\"",
+                            encryption.secret_ref.name
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+    };
+    let request = pb::PrepareRestoreRequest {
+        operation_id: restore.uid().unwrap_or_default(),
+        storage: Some(storage),
+        prefix,
+        manifest_digest: checkpoint
+            .status
+            .as_ref()
+            .and_then(|s| s.manifest_digest.clone())
+            .unwrap_or_default(),
+        age_identities: identities,
+    };
+    let mut client = ctx
+        .agents
+        .client(&node)
+        .await
+        .map_err(|source| Error::Agent { source })?;
+    let followed = tokio::time::timeout(remaining(restore), async {
+        let mut stream = client
+            .prepare_restore(request)
+            .await
+            .map_err(|source| Error::Grpc {
+                action: "prepare the restore on the agent",
+                source,
+            })?
+            .into_inner();
+        let mut last = None;
+        while let Some(op) = stream.message().await.map_err(|source| Error::Grpc {
+            action: "follow the restore on the agent",
+            source,
+        })? {
+            last = Some(op);
+        }
+        Ok::<_, Error>(last)
+    })
+    .await;
+    let op = match followed {
+        Err(_) => {
+            return fail(
+                restore,
+                ctx,
+                reasons::TIMED_OUT,
+                format!(
+                    "the restore did not finish within spec.timeoutSeconds ({} s)",
+                    restore.spec.timeout_seconds
+                ),
+            )
+            .await;
+        }
+        Ok(op) => op?,
+    };
+    let Some(op) = op.filter(|op| op.state != pb::State::Running as i32) else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    if op.state != pb::State::Succeeded as i32 {
+        return fail(restore, ctx, prepare_failure_reason(op.error_code), op.error_message).await;
+    }
+    let fetch_millis = op.restore.as_ref().map(|r| (r.fetch_millis + r.unpack_millis) as i64);
+
+    // The pod: its name is recorded before it is created, so it is created once.
+    let pod_name = restore.spec.pod_name.clone().unwrap_or_else(|| restore.name_any());
+    let mut next = status.clone();
+    next.phase = Some(RestorePhase::Restoring);
+    next.restored_pod_name = Some(pod_name.clone());
+    next.timings = Some(RestoreTimings {
+        fetch_millis,
+        ..Default::default()
+    });
+    write_status(restore, ctx, &next).await?;
+    let mut restore = restore.clone();
+    restore.status = Some(next);
+    create_pod(&restore, ctx, &checkpoint, &node, &pod_name).await?;
+    watch_pod(&restore, ctx).await
+}
+
+async fn create_pod(
+    restore: &PodRestore,
+    ctx: &Context,
+    checkpoint: &PodCheckpoint,
+    node: &str,
+    pod_name: &str,
+) -> Result<(), Error> {
+    let ns = restore.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    if pods
+        .get_opt(pod_name)
+        .await
+        .map_err(kube_err("read the restored pod"))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let cp_status = checkpoint.status.clone().unwrap_or_default();
+    let template: PodTemplateSpec = cp_status.checkpointed_pod_template.clone().unwrap_or_default();
+    let images: Vec<CheckpointedImage> = cp_status
+        .checkpointed_containers
+        .iter()
+        .filter_map(|c| {
+            Some(CheckpointedImage {
+                container: c.name.clone(),
+                image_ref: c.image_id.clone()?,
+            })
+        })
+        .collect();
+    let mut pod = restore_pod(&template, pod_name, node, &restore.uid().unwrap_or_default(), &images);
+    pod.metadata.namespace = Some(ns);
+    pod.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .extend(restore.spec.labels.clone());
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .extend(restore.spec.annotations.clone());
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .map_err(kube_err("create the restored pod"))?;
+    Ok(())
+}
+
+/// What the restored pod's state says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodProgress {
+    /// Not there yet.
+    Waiting,
+    /// Every container Running and Ready.
+    Ready,
+    /// A container could not be restored; the message says why.
+    Failed(String),
+}
+
+/// Reads the restored pod's container statuses.
+pub fn pod_progress(pod: &Pod) -> PodProgress {
+    let Some(status) = pod.status.as_ref() else {
+        return PodProgress::Waiting;
+    };
+    let statuses = status.container_statuses.clone().unwrap_or_default();
+    for s in &statuses {
+        let waiting = s.state.as_ref().and_then(|st| st.waiting.as_ref());
+        let refused = waiting.is_some_and(|w| {
+            matches!(
+                w.reason.as_deref(),
+                Some("CreateContainerError" | "RunContainerError" | "StartError" | "CrashLoopBackOff")
+            )
+        });
+        if refused {
+            let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
+            return PodProgress::Failed(format!("container {} could not be restored: {message}", s.name));
+        }
+    }
+    let ready = !statuses.is_empty()
+        && statuses
+            .iter()
+            .all(|s| s.ready && s.state.as_ref().is_some_and(|st| st.running.is_some()));
+    if ready {
+        PodProgress::Ready
+    } else {
+        PodProgress::Waiting
+    }
+}
+
+async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
+    let ns = restore.namespace().unwrap_or_default();
+    let status = restore.status.clone().unwrap_or_default();
+    let pod_name = status.restored_pod_name.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pod) = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(kube_err("read the restored pod"))?
+    else {
+        return fail(
+            restore,
+            ctx,
+            reasons::RESTORE_FAILED,
+            format!("the restored pod {pod_name} is gone"),
+        )
+        .await;
+    };
+    match pod_progress(&pod) {
+        PodProgress::Failed(message) => fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
+        PodProgress::Waiting if remaining(restore).is_zero() => {
+            fail(
+                restore,
+                ctx,
+                reasons::TIMED_OUT,
+                format!(
+                    "the restored pod {pod_name} was not Ready within spec.timeoutSeconds ({} s)",
+                    restore.spec.timeout_seconds
+                ),
+            )
+            .await
+        }
+        PodProgress::Waiting => Ok(Action::requeue(Duration::from_secs(1))),
+        PodProgress::Ready => {
+            let mut done = status.clone();
+            let at = now();
+            let total = status
+                .start_time
+                .as_ref()
+                .map(|start| (at.0.as_millisecond() - start.0.as_millisecond()).max(0));
+            let mut timings = status.timings.unwrap_or_default();
+            timings.total_millis = total;
+            // After the fetch: creating the pod and restoring it (creation timestamps
+            // have whole seconds, too coarse for this).
+            timings.restore_millis = total.map(|t| (t - timings.fetch_millis.unwrap_or(0)).max(0));
+            done.timings = Some(timings);
+            done.phase = Some(RestorePhase::Ready);
+            done.restored_pod_uid = pod.metadata.uid.clone();
+            done.completion_time = Some(at.clone());
+            let message = format!(
+                "pod {pod_name} is Running and Ready on node {}",
+                status.node_name.clone().unwrap_or_default()
+            );
+            set_condition(
+                &mut done.conditions,
+                CONDITION_READY,
+                ConditionStatus::True,
+                reasons::RESTORE_COMPLETED,
+                &message,
+                restore.metadata.generation,
+                at,
+            );
+            write_status(restore, ctx, &done).await?;
+            publish(
+                ctx,
+                restore,
+                EventType::Normal,
+                reasons::RESTORE_COMPLETED,
+                "Restore",
+                message,
+            )
+            .await;
+            ctx.metrics.finished("PodRestore", "succeeded");
+            if let Some(total) = total {
+                ctx.metrics.duration("PodRestore", total as f64 / 1000.0);
+            }
+            Ok(Action::await_change())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn restore(target: serde_json::Value) -> PodRestore {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"checkpointName": "cp", "target": target}
+        }))
+        .unwrap()
+    }
+
+    fn checkpoint(location: &str) -> PodCheckpoint {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+            "metadata": {"name": "cp", "namespace": "ns"},
+            "spec": {"sourcePodName": "p"},
+            "status": {"phase": "Ready", "nodeName": "node-1",
+                       "checkpointLocation": if location == "NodeLocal" {
+                           serde_json::json!({"type": "NodeLocal", "nodeLocal": {"nodeName": "node-1", "path": "/x"}})
+                       } else {
+                           serde_json::json!({"type": "ObjectStore", "objectStore": {"storage": "s3", "prefix": "p/"}})
+                       }}
+        }))
+        .unwrap()
+    }
+
+    fn nodes() -> Vec<(String, bool, BTreeMap<String, String>, bool)> {
+        vec![
+            (
+                "node-1".into(),
+                true,
+                BTreeMap::from([("zone".into(), "a".into())]),
+                true,
+            ),
+            (
+                "node-2".into(),
+                true,
+                BTreeMap::from([("zone".into(), "b".into())]),
+                true,
+            ),
+            ("node-3".into(), true, BTreeMap::new(), false),
+            ("node-4".into(), false, BTreeMap::new(), true),
+        ]
+    }
+
+    #[test]
+    fn nodes_are_chosen_by_target_agent_readiness_and_location() {
+        let s3 = checkpoint("ObjectStore");
+        assert_eq!(
+            choose_node(&restore(serde_json::json!({})), &s3, &nodes()).unwrap(),
+            "node-2"
+        );
+        assert_eq!(
+            choose_node(
+                &restore(serde_json::json!({"nodeSelector": {"zone": "a"}})),
+                &s3,
+                &nodes()
+            )
+            .unwrap(),
+            "node-1"
+        );
+        let err = choose_node(&restore(serde_json::json!({"nodeName": "node-3"})), &s3, &nodes()).unwrap_err();
+        assert_eq!(
+            err,
+            "spec.target.nodeName node-3 is not a ready node with a cryopod agent"
+        );
+        let local = checkpoint("NodeLocal");
+        assert_eq!(
+            choose_node(&restore(serde_json::json!({})), &local, &nodes()).unwrap(),
+            "node-1"
+        );
+        let err = choose_node(&restore(serde_json::json!({"nodeName": "node-2"})), &local, &nodes()).unwrap_err();
+        assert!(
+            err.contains("node-local and can only be restored on node node-1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_restored_pods_state_is_read_from_its_containers() {
+        let pod = |statuses: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"status": {"containerStatuses": statuses}})).unwrap()
+        };
+        let running = serde_json::json!({"name": "a", "ready": true, "restartCount": 0, "image": "i", "imageID": "",
+                                         "state": {"running": {}}});
+        let starting = serde_json::json!({"name": "b", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                                          "state": {"waiting": {"reason": "ContainerCreating"}}});
+        let refused = serde_json::json!({"name": "b", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                                         "state": {"waiting": {"reason": "RunContainerError", "message": "cryopod-runc: no"}}});
+        assert_eq!(
+            pod_progress(&pod(serde_json::json!([running.clone()]))),
+            PodProgress::Ready
+        );
+        assert_eq!(
+            pod_progress(&pod(serde_json::json!([running.clone(), starting]))),
+            PodProgress::Waiting
+        );
+        assert_eq!(
+            pod_progress(&pod(serde_json::json!([running, refused]))),
+            PodProgress::Failed("container b could not be restored: cryopod-runc: no".into())
+        );
+        assert_eq!(
+            prepare_failure_reason(tonic::Code::DataLoss as i32),
+            reasons::CHECKPOINT_CORRUPT
+        );
+        assert_eq!(
+            prepare_failure_reason(tonic::Code::FailedPrecondition as i32),
+            reasons::NO_COMPATIBLE_NODE
+        );
+    }
+}
