@@ -28,12 +28,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 
-use crate::context::{Context, Error, kube_err, now, publish};
+use crate::context::{Context, Error, Operation, fail_with, kube_err, now, publish, write_status};
 use crate::storage::{ResolvedStorage, StorageProblem, choose, credentials_secret, resolve};
 use crate::template::checkpointed_pod_template;
 
@@ -74,17 +74,22 @@ async fn apply(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// Writes the whole status.
-async fn write_status(cp: &PodCheckpoint, ctx: &Context, status: &PodCheckpointStatus) -> Result<(), Error> {
-    let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &cp.namespace().unwrap_or_default());
-    api.patch_status(
-        &cp.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": status })),
-    )
-    .await
-    .map_err(kube_err("write the PodCheckpoint's status"))?;
-    Ok(())
+impl Operation for PodCheckpoint {
+    type Status = PodCheckpointStatus;
+    const KIND: &'static str = "PodCheckpoint";
+    fn status(&self) -> Option<&PodCheckpointStatus> {
+        self.status.as_ref()
+    }
+    fn conditions(
+        status: &mut PodCheckpointStatus,
+    ) -> &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        &mut status.conditions
+    }
+    fn set_failed(status: &mut PodCheckpointStatus, at: Time, generation: Option<i64>) {
+        status.phase = Some(CheckpointPhase::Failed);
+        status.completion_time = Some(at);
+        status.observed_generation = generation;
+    }
 }
 
 async fn event(ctx: &Context, cp: &PodCheckpoint, type_: EventType, reason: &str, note: String) {
@@ -93,23 +98,7 @@ async fn event(ctx: &Context, cp: &PodCheckpoint, type_: EventType, reason: &str
 
 /// Ends the checkpoint as Failed with `reason` and a message naming the cause.
 async fn fail(cp: &PodCheckpoint, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
-    let mut status = cp.status.clone().unwrap_or_default();
-    status.phase = Some(CheckpointPhase::Failed);
-    status.completion_time = Some(now());
-    status.observed_generation = cp.metadata.generation;
-    set_condition(
-        &mut status.conditions,
-        CONDITION_READY,
-        ConditionStatus::False,
-        reason,
-        &message,
-        cp.metadata.generation,
-        now(),
-    );
-    write_status(cp, ctx, &status).await?;
-    tracing::warn!(podcheckpoint = %cp.name_any(), reason, %message, "checkpoint failed");
-    event(ctx, cp, EventType::Warning, reason, message).await;
-    ctx.metrics.finished("PodCheckpoint", "failed");
+    fail_with(cp, ctx, reason, message).await?;
     Ok(Action::await_change())
 }
 

@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
 
 use crate::agents::{AgentError, Agents};
 use crate::metrics::OperatorMetrics;
@@ -97,4 +99,58 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %e, "cannot publish an event");
     }
+}
+
+/// A resource whose status records one operation (PodCheckpoint, PodRestore, ...).
+pub trait Operation:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    /// Its status type.
+    type Status: serde::Serialize + Clone + Default;
+    /// The kind, for logs and metrics.
+    const KIND: &'static str;
+    /// Its status, if any.
+    fn status(&self) -> Option<&Self::Status>;
+    /// The status's conditions.
+    fn conditions(status: &mut Self::Status) -> &mut Vec<Condition>;
+    /// Marks the status failed at `at`.
+    fn set_failed(status: &mut Self::Status, at: Time, generation: Option<i64>);
+}
+
+/// Writes the whole status of `object`.
+pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::Status) -> Result<(), Error> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .map_err(kube_err("write a status"))?;
+    Ok(())
+}
+
+/// Ends the operation as Failed with `reason` and a message naming the cause: in
+/// the `Ready` condition, an event and the log.
+pub async fn fail_with<K: Operation>(object: &K, ctx: &Context, reason: &str, message: String) -> Result<(), Error> {
+    let mut status = object.status().cloned().unwrap_or_default();
+    let generation = object.meta().generation;
+    K::set_failed(&mut status, now(), generation);
+    set_condition(
+        K::conditions(&mut status),
+        CONDITION_READY,
+        ConditionStatus::False,
+        reason,
+        &message,
+        generation,
+        now(),
+    );
+    write_status(object, ctx, &status).await?;
+    tracing::warn!(kind = K::KIND, name = %object.name_any(), namespace = ?object.namespace(), reason, %message, "operation failed");
+    publish(ctx, object, EventType::Warning, reason, K::KIND, message).await;
+    ctx.metrics.finished(K::KIND, "failed");
+    Ok(())
 }

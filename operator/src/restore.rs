@@ -24,12 +24,12 @@ use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use crate::checkpoint::{secret_data, stored_at};
-use crate::context::{Context, Error, kube_err, now, publish};
+use crate::context::{Context, Error, Operation, fail_with, kube_err, now, publish, write_status};
 use crate::restore_pod::{CheckpointedImage, restore_pod};
 
 /// Reconciles one PodRestore.
@@ -48,42 +48,46 @@ pub fn error_policy(restore: Arc<PodRestore>, error: &Error, _: Arc<Context>) ->
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn write_status(restore: &PodRestore, ctx: &Context, status: &PodRestoreStatus) -> Result<(), Error> {
-    let api: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
-    api.patch_status(
-        &restore.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": status })),
-    )
-    .await
-    .map_err(kube_err("write the PodRestore's status"))?;
-    Ok(())
+impl Operation for PodRestore {
+    type Status = PodRestoreStatus;
+    const KIND: &'static str = "PodRestore";
+    fn status(&self) -> Option<&PodRestoreStatus> {
+        self.status.as_ref()
+    }
+    fn conditions(
+        status: &mut PodRestoreStatus,
+    ) -> &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        &mut status.conditions
+    }
+    fn set_failed(
+        status: &mut PodRestoreStatus,
+        at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+        generation: Option<i64>,
+    ) {
+        status.phase = Some(RestorePhase::Failed);
+        status.completion_time = Some(at);
+        status.observed_generation = generation;
+    }
 }
 
+/// Ends the restore as Failed, deleting the restored pod if it was created: no
+/// half-restored pod stays behind.
 async fn fail(restore: &PodRestore, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
-    let mut status = restore.status.clone().unwrap_or_default();
-    // No half-restored pod stays behind.
-    if let Some(pod) = &status.restored_pod_name {
+    if let Some(pod) = restore.status.as_ref().and_then(|s| s.restored_pod_name.as_ref()) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
         let _ = pods.delete(pod, &DeleteParams::default()).await;
     }
-    status.phase = Some(RestorePhase::Failed);
-    status.completion_time = Some(now());
-    status.observed_generation = restore.metadata.generation;
-    set_condition(
-        &mut status.conditions,
-        CONDITION_READY,
-        ConditionStatus::False,
-        reason,
-        &message,
-        restore.metadata.generation,
-        now(),
-    );
-    write_status(restore, ctx, &status).await?;
-    tracing::warn!(podrestore = %restore.name_any(), reason, %message, "restore failed");
-    publish(ctx, restore, EventType::Warning, reason, "Restore", message).await;
-    ctx.metrics.finished("PodRestore", "failed");
+    fail_with(restore, ctx, reason, message).await?;
     Ok(Action::await_change())
+}
+
+/// The PodCheckpoint a restore names, if it exists.
+async fn checkpoint_of(restore: &PodRestore, ctx: &Context) -> Result<Option<PodCheckpoint>, Error> {
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    checkpoints
+        .get_opt(&restore.spec.checkpoint_name)
+        .await
+        .map_err(kube_err("read the PodCheckpoint"))
 }
 
 /// The node a restore runs on, or why there is none. `nodes` are (name, ready,
@@ -137,13 +141,8 @@ pub fn choose_node(
 
 async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let ns = restore.namespace().unwrap_or_default();
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
     let name = &restore.spec.checkpoint_name;
-    let Some(checkpoint) = checkpoints
-        .get_opt(name)
-        .await
-        .map_err(kube_err("read the PodCheckpoint"))?
-    else {
+    let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
         return fail(
             restore,
             ctx,
@@ -260,12 +259,7 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let ns = restore.namespace().unwrap_or_default();
     let status = restore.status.clone().unwrap_or_default();
     let node = status.node_name.clone().unwrap_or_default();
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(checkpoint) = checkpoints
-        .get_opt(&restore.spec.checkpoint_name)
-        .await
-        .map_err(kube_err("read the PodCheckpoint"))?
-    else {
+    let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
         return fail(
             restore,
             ctx,
