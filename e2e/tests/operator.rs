@@ -454,3 +454,180 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
         .output();
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// The numbers a volume's captured copy holds, from a checkpoint's emptyDir object.
+async fn captured_numbers(tb: &Testbed, prefix: &str, names: &[&str]) -> Vec<u64> {
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let volume = store
+        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let inner = &tar_members(&unzstd(&volume))[0].1;
+    names
+        .iter()
+        .map(|n| {
+            tar_members(inner)
+                .iter()
+                .find(|(p, _)| p.rsplit('/').next() == Some(*n))
+                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap_or(0))
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// `kubectl apply` of a PodMigration moves a stateful pod from node-1 to node-2: the
+/// operator is killed and started again in the middle and the migration still
+/// happens exactly once; the source is gone only once the target runs; the in-memory
+/// counter, the shared-memory mirror and the loopback conversation carry on.
+#[tokio::test]
+async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() {
+    use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration, PodRestore};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-migrate").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let pods = ns.pods(&client);
+    pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
+    ns.wait_ready(&client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
+    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
+    let agents = [(source.as_str(), agent_1.port), (target.as_str(), agent_2.port)];
+    let log = state.join("operator.log");
+    let operator = start_operator(&tb, &ns.name, &tls, &agents, &log);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "move"},
+                "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target}}}),
+    );
+
+    // The operator dies in the middle of the migration and comes back.
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let phase_at_kill = wait_until("the migration to start", Duration::from_secs(60), || async {
+        let phase = migrations.get("move").await.ok()?.status?.phase?;
+        (phase != MigrationPhase::Pending).then_some(phase)
+    })
+    .await
+    .unwrap();
+    drop(operator);
+    println!("operator killed while the migration was {phase_at_kill:?}");
+    let _operator = start_operator(&tb, &ns.name, &tls, &agents, &state.join("operator-2.log"));
+
+    let wait = tb
+        .kubectl()
+        .args([
+            "wait",
+            "-n",
+            &ns.name,
+            "--for=condition=Ready",
+            "--timeout=120s",
+            "podmigration/move",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        wait.status.success(),
+        "kubectl wait: {}{}\n{}",
+        String::from_utf8_lossy(&wait.stderr),
+        std::fs::read_to_string(state.join("operator-2.log")).unwrap_or_default(),
+        event_reasons(&tb, &ns.name, "move")
+    );
+    let status = migrations.get("move").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(MigrationPhase::Succeeded));
+    let target_pod = status.target_pod_name.clone().unwrap();
+    println!(
+        "migration {source} -> {target}: target pod {target_pod}, downtime {:?} ms",
+        status.downtime_millis
+    );
+    // Exactly once: one checkpoint, one restore, one target pod, and the source gone.
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(checkpoints.list(&Default::default()).await.unwrap().items.len(), 1);
+    assert_eq!(restores.list(&Default::default()).await.unwrap().items.len(), 1);
+    wait_until("the source pod to go", Duration::from_secs(30), || async {
+        pods.get_opt("stateful").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    let all = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "one pod: the target");
+    let moved = &all[0];
+    assert_eq!(moved.spec.as_ref().unwrap().node_name.as_deref(), Some(target.as_str()));
+    assert!(ns.ready_without_restarts(&client, &target_pod).await.unwrap());
+    for agent in [&agent_1, &agent_2] {
+        let metrics = scrape(agent.metrics_port);
+        assert!(
+            !metrics.contains(r#"result="failed"} "#),
+            "no agent operation failed: {metrics}"
+        );
+    }
+    assert!(
+        scrape(agent_1.metrics_port)
+            .contains(r#"cryopod_agent_operations_total{kind="checkpoint",result="succeeded"} 1"#)
+    );
+    assert!(
+        scrape(agent_2.metrics_port).contains(r#"cryopod_agent_operations_total{kind="restore",result="succeeded"} 1"#)
+    );
+
+    // State continuity on the target.
+    let checkpoint = checkpoints.list(&Default::default()).await.unwrap().items.remove(0);
+    let prefix = checkpoint
+        .status
+        .unwrap()
+        .checkpoint_location
+        .unwrap()
+        .object_store
+        .unwrap()
+        .prefix;
+    let captured = captured_numbers(&tb, &prefix, &["a", "d"]).await;
+    let data = tb.dir.join(&target).join(format!(
+        "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
+        moved.metadata.uid.clone().unwrap()
+    ));
+    let number = |name: &str| -> u64 {
+        std::fs::read_to_string(data.join(name))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let now = wait_until("the moved counters to go on", Duration::from_secs(20), || async {
+        let now = [number("a"), number("d")];
+        now.iter().zip(&captured).all(|(n, c)| n > c).then_some(now)
+    })
+    .await
+    .unwrap();
+    println!("moved counters: captured {captured:?}, now {now:?}");
+    assert!(
+        now[0] < captured[0] + 200,
+        "a continued from {}: {}",
+        captured[0],
+        now[0]
+    );
+    let heard: Vec<u64> = wait_until("the conversation to go on", Duration::from_secs(20), || async {
+        let all: Vec<u64> = std::fs::read_to_string(data.join("heard"))
+            .ok()?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        (all.len() > 5 && all.windows(2).all(|w| w[1] == w[0] + 1)).then_some(all)
+    })
+    .await
+    .unwrap();
+    assert_eq!(heard[0], 1, "the same conversation from its start");
+    let events = event_reasons(&tb, &ns.name, "move");
+    assert!(events.contains("MigrationCompleted"), "{events}");
+    let _ = tb
+        .kubectl()
+        .args(["delete", "cpstor", &storage, "--wait=false"])
+        .output();
+    let _ = std::fs::remove_dir_all(&state);
+}

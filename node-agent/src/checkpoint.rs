@@ -46,9 +46,13 @@ pub enum AfterDump {
     /// Thawed at once; it carries on while the checkpoint is stored.
     #[default]
     Running,
-    /// Held frozen until the checkpoint is stored, then its containers are killed
-    /// (a migration's source). If storing fails it is thawed and carries on.
+    /// Held frozen until the checkpoint is stored, then its containers are killed.
+    /// If storing fails it is thawed and carries on.
     Stopped,
+    /// Held frozen after the checkpoint is stored, and handed back in the outcome:
+    /// a migration's source, stopped for good or thawed once the target runs or
+    /// fails. The freeze deadline still holds, so it is thawed if nobody decides.
+    Held,
 }
 
 /// What to do about established TCP connections bound to the pod IP.
@@ -105,8 +109,17 @@ pub struct NodeAgent<R> {
     pub node: NodeFacts,
 }
 
+/// A pod left frozen after its checkpoint ([`AfterDump::Held`]).
+#[derive(Debug)]
+pub struct HeldPod {
+    /// The frozen pod; dropping it thaws it.
+    pub frozen: FrozenPod,
+    /// Its containers' cgroups (the sandbox's left out), to stop them.
+    pub containers: Vec<crate::cgroup::CgroupPath>,
+}
+
 /// The result of a checkpoint.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CheckpointOutcome {
     /// The stored manifest.
     pub manifest: Manifest,
@@ -118,6 +131,8 @@ pub struct CheckpointOutcome {
     pub dump: Duration,
     /// Packaging, upload and verification.
     pub upload: Duration,
+    /// The pod, still frozen, with [`AfterDump::Held`].
+    pub held: Option<HeldPod>,
 }
 
 impl CheckpointOutcome {
@@ -338,7 +353,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 progress(Stage::Thawed);
                 (Held::Thawed(report), report.window)
             }
-            AfterDump::Stopped => {
+            AfterDump::Stopped | AfterDump::Held => {
                 let window = frozen.elapsed();
                 (Held::Frozen(frozen), window)
             }
@@ -408,7 +423,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             encryption: req.seal.manifest_entry(),
             post_checkpoint_state: match req.after {
                 AfterDump::Running => "Running",
-                AfterDump::Stopped => "Stopped",
+                AfterDump::Stopped | AfterDump::Held => "Stopped",
             }
             .to_owned(),
             pod_ip_connections: pod_ip_connections.iter().map(ToString::to_string).collect(),
@@ -421,8 +436,26 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         let upload = upload_started.elapsed();
         tracing::info!(upload_ms = upload.as_millis() as u64, %manifest_digest, "checkpoint stored");
 
+        let mut handed_back = None;
         let freeze = match held {
             Held::Thawed(report) => report,
+            Held::Frozen(frozen) if frozen.expired() || req.after == AfterDump::Held => {
+                // The pod must not have run on past its checkpoint; if the watchdog
+                // thawed it, the stored checkpoint is stale and goes.
+                if frozen.expired() {
+                    let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
+                    return Err(CheckpointError::FreezeExpired {
+                        after: req.limits.max_freeze,
+                    });
+                }
+                tracing::info!("checkpoint stored; the pod stays frozen until it is released");
+                let report = frozen.report_so_far();
+                handed_back = Some(HeldPod {
+                    frozen,
+                    containers: pod.containers.iter().map(|c| c.cgroup.clone()).collect(),
+                });
+                report
+            }
             Held::Frozen(frozen) => {
                 // The pod must not have run on past its checkpoint; if the watchdog
                 // thawed it, the stored checkpoint is stale and goes.
@@ -448,6 +481,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             freeze,
             dump,
             upload,
+            held: handed_back,
         })
     }
 

@@ -192,6 +192,15 @@ impl FrozenPod {
         &self.cgroups
     }
 
+    /// The freeze so far, while it goes on.
+    pub fn report_so_far(&self) -> FreezeReport {
+        FreezeReport {
+            window: self.started.elapsed(),
+            settle: self.settle,
+            expired: self.expired(),
+        }
+    }
+
     /// Time since the freeze began.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

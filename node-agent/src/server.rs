@@ -15,7 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use crate::checkpoint::{
-    AfterDump, CheckpointError, CheckpointOutcome, CheckpointRequest, NodeAgent, PodIpPolicy, Stage,
+    AfterDump, CheckpointError, CheckpointOutcome, CheckpointRequest, HeldPod, NodeAgent, PodIpPolicy, Stage,
 };
 use crate::cri::ContainerRuntime;
 use crate::discovery::DiscoveryError;
@@ -312,6 +312,7 @@ pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointReque
     let after = match pb::PostCheckpointState::try_from(req.post_checkpoint_state) {
         Ok(pb::PostCheckpointState::Running) => AfterDump::Running,
         Ok(pb::PostCheckpointState::Stopped) => AfterDump::Stopped,
+        Ok(pb::PostCheckpointState::Held) => AfterDump::Held,
         Err(_) => return Err(Status::invalid_argument("post_checkpoint_state: unknown value")),
     };
     let pod_ip_connections = match pb::PodIpConnections::try_from(req.pod_ip_connections) {
@@ -361,6 +362,7 @@ pub struct AgentService<C> {
     agent: Arc<C>,
     operations: Arc<Mutex<HashMap<String, Tracked>>>,
     metrics: Arc<AgentMetrics>,
+    held: Arc<Mutex<HashMap<String, HeldPod>>>,
 }
 
 impl<C> std::fmt::Debug for AgentService<C> {
@@ -376,6 +378,7 @@ impl<C: AgentBackend> AgentService<C> {
             agent: Arc::new(agent),
             operations: Arc::default(),
             metrics,
+            held: Arc::default(),
         }
     }
 
@@ -423,13 +426,19 @@ impl<C: AgentBackend> AgentService<C> {
             pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
             pod_uid = %request.pod.uid,
         );
-        let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
+        let (agent, metrics, held) = (self.agent.clone(), self.metrics.clone(), self.held.clone());
+        let operation_id = request.operation_id.clone();
         self.track(request.operation_id.clone(), span, move |tx| async move {
             tracing::info!("checkpoint started");
             let progress_tx = tx.clone();
             let progress: Box<dyn Fn(Stage) + Send + Sync> =
                 Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
-            let result = agent.checkpoint(request, store, progress).await;
+            let mut result = agent.checkpoint(request, store, progress).await;
+            if let Some(pod) = result.as_mut().ok().and_then(|o| o.held.take())
+                && let Ok(mut table) = held.lock()
+            {
+                table.insert(operation_id, pod);
+            }
             match &result {
                 Ok(outcome) => {
                     metrics.checkpoint_stored(outcome);
@@ -549,6 +558,42 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             None => self.start(req)?,
         };
         Ok(Response::new(follow(rx)))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let req = request.into_inner();
+        let pod = self
+            .held
+            .lock()
+            .map_err(|_| Status::internal("held table poisoned"))?
+            .remove(&req.operation_id)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "operation {} holds no pod (released before, or the agent restarted and thawed it)",
+                    req.operation_id
+                ))
+            })?;
+        if pod.frozen.expired() {
+            return Err(Status::failed_precondition(format!(
+                "the pod of operation {} reached its freeze deadline and was thawed",
+                req.operation_id
+            )));
+        }
+        let stop = req.stop;
+        let report = tokio::task::spawn_blocking(move || {
+            if stop {
+                pod.frozen.stop(&pod.containers)
+            } else {
+                pod.frozen.thaw()
+            }
+        })
+        .await
+        .map_err(|_| Status::internal("the release task died"))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(operation_id = %req.operation_id, stop, window_ms = report.window.as_millis() as u64, "held pod released");
+        Ok(Response::new(pb::ReleaseResponse {
+            freeze_window_millis: report.window.as_millis() as u64,
+        }))
     }
 
     async fn delete_checkpoint(

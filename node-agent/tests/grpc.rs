@@ -96,6 +96,7 @@ impl AgentBackend for Stand {
                     },
                     dump: Duration::from_millis(30),
                     upload: Duration::from_millis(20),
+                    held: None,
                 })
             }
         }

@@ -40,6 +40,10 @@ use crate::template::checkpointed_pod_template;
 /// The finalizer that deletes a checkpoint's stored objects.
 pub const FINALIZER: &str = "cryopod.io/checkpoint-objects";
 
+/// Set by a PodMigration on its PodCheckpoint: the agent keeps the source frozen
+/// after storing, until the migration releases it (stopped or thawed).
+pub const HOLD_ANNOTATION: &str = "cryopod.io/hold-for-migration";
+
 /// Reconciles one PodCheckpoint.
 pub async fn reconcile(cp: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cp.namespace().unwrap_or_default();
@@ -360,6 +364,7 @@ pub fn agent_request(
         .max(1) as u32,
         hooks,
         post_checkpoint_state: match spec.post_checkpoint_state {
+            _ if cp.annotations().contains_key(HOLD_ANNOTATION) => pb::PostCheckpointState::Held,
             PostCheckpointState::Running => pb::PostCheckpointState::Running,
             PostCheckpointState::Stopped => pb::PostCheckpointState::Stopped,
         } as i32,

@@ -1,11 +1,11 @@
 //! The cryopod operator: reconciles PodCheckpoint, PodRestore, PodMigration and
 //! CheckpointStorage, calls the node agents and reports status, conditions and events.
 //!
-//! Built so far: the PodCheckpoint ([`checkpoint`]) and PodRestore ([`restore`])
-//! controllers, with storage
+//! Built so far: the PodCheckpoint ([`checkpoint`]), PodRestore ([`restore`]) and
+//! PodMigration ([`migration`], bare pods) controllers, with storage
 //! resolution ([`storage`]), the agents' locator and mTLS client ([`agents`]) and
 //! metrics ([`metrics`]); the `checkpointedPodTemplate` ([`template`]) and the pod a
-//! restore creates ([`restore_pod`]). PodMigration follows (issue #5).
+//! restore creates ([`restore_pod`]).
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +13,7 @@ pub mod agents;
 pub mod checkpoint;
 pub mod context;
 pub mod metrics;
+pub mod migration;
 pub mod restore;
 pub mod restore_pod;
 pub mod run;

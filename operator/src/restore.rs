@@ -352,7 +352,26 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let fetch_millis = op.restore.as_ref().map(|r| (r.fetch_millis + r.unpack_millis) as i64);
 
     // The pod: its name is recorded before it is created, so it is created once.
-    let pod_name = restore.spec.pod_name.clone().unwrap_or_else(|| restore.name_any());
+    // By default the checkpointed pod's name when it is free.
+    let pod_name = match restore.spec.pod_name.clone() {
+        Some(name) => name,
+        None => {
+            let original = checkpoint
+                .status
+                .as_ref()
+                .and_then(|s| s.checkpointed_pod_template.as_ref())
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.name.clone())
+                .unwrap_or_else(|| checkpoint.spec.source_pod_name.clone());
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            if pods.get_opt(&original).await.map_err(kube_err("read a pod"))?.is_none() {
+                original
+            } else {
+                let uid = restore.uid().unwrap_or_default();
+                format!("{original}-restored-{}", &uid[..uid.len().min(5)])
+            }
+        }
+    };
     let mut next = status.clone();
     next.phase = Some(RestorePhase::Restoring);
     next.restored_pod_name = Some(pod_name.clone());

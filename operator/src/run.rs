@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cryopod_crds::v1alpha1::{PodCheckpoint, PodRestore};
+use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
@@ -147,10 +147,15 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         metrics,
     });
     tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
-    let (checkpoints, restores): (Api<PodCheckpoint>, Api<PodRestore>) = match &config.watch_namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client)),
-    };
+    let (checkpoints, restores, migrations): (Api<PodCheckpoint>, Api<PodRestore>, Api<PodMigration>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+        };
     let checkpoint_controller = Controller::new(checkpoints, watcher::Config::default())
         .shutdown_on_signal()
         .run(
@@ -165,13 +170,21 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         });
     let restore_controller = Controller::new(restores, watcher::Config::default())
         .shutdown_on_signal()
-        .run(crate::restore::reconcile, crate::restore::error_policy, context)
+        .run(crate::restore::reconcile, crate::restore::error_policy, context.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(kind = "PodRestore", error = %e, "reconcile ended in error");
             }
         });
-    futures::join!(checkpoint_controller, restore_controller);
+    let migration_controller = Controller::new(migrations, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(crate::migration::reconcile, crate::migration::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(kind = "PodMigration", error = %e, "reconcile ended in error");
+            }
+        });
+    futures::join!(checkpoint_controller, restore_controller, migration_controller);
     metrics_server.abort();
     Ok(())
 }

@@ -866,3 +866,33 @@ pub fn heard(path: &std::path::Path) -> Vec<u64> {
         .filter_map(|l| l.trim().parse().ok())
         .collect()
 }
+
+/// An init container that leaves a line in the emptyDir, then four containers: `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
+/// a's count from `/dev/shm`; `client` sends numbers over 127.0.0.1 to `server`,
+/// which writes what it hears into the emptyDir. `a` also says what it counts on stdout.
+pub fn stateful_pod(node: &str) -> Pod {
+    let counter = format!(
+        "echo {SHM_TOKEN} > /dev/shm/token; i=0; while :; do i=$((i+1)); echo $i > /data/a.tmp && mv /data/a.tmp /data/a; \
+         echo $i > /dev/shm/a.tmp && mv /dev/shm/a.tmp /dev/shm/a; [ $((i % 20)) = 0 ] && echo counted $i; sleep 0.05; done"
+    );
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "stateful", "labels": {"cryopod.io/e2e-pod": "stateful"}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "initContainers": [
+                {"name": "init", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "echo ran >> /data/init-ran"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+            ],
+            "containers": [
+                {"name": "a", "image": BUSYBOX, "imagePullPolicy": "Never", "command": ["sh", "-c", counter],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "d", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", "while :; do cat /dev/shm/a > /data/d.tmp 2>/dev/null && mv /data/d.tmp /data/d; sleep 0.05; done"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                talkers()[0], talkers()[1]
+            ]}
+    }))
+    .unwrap()
+}
