@@ -96,6 +96,24 @@ fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
     name
 }
 
+/// `kubectl wait --for=condition=Ready` on `resource`; on failure, says why with the
+/// operator's log and the resource's events.
+fn kubectl_wait_ready(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path) {
+    let wait = tb
+        .kubectl()
+        .args(["wait", "-n", ns, "--for=condition=Ready", "--timeout=120s", resource])
+        .output()
+        .unwrap();
+    let name = resource.rsplit('/').next().unwrap_or(resource);
+    assert!(
+        wait.status.success(),
+        "kubectl wait {resource}: {}{}\n{}",
+        String::from_utf8_lossy(&wait.stderr),
+        std::fs::read_to_string(operator_log).unwrap_or_default(),
+        event_reasons(tb, ns, name)
+    );
+}
+
 /// Waits for a PodCheckpoint to end (Ready or Failed) and returns it.
 async fn ended(api: &Api<PodCheckpoint>, name: &str) -> PodCheckpoint {
     wait_until(
@@ -169,25 +187,7 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "trio-1"},
                 "spec": {"sourcePodName": "trio", "storage": storage}}),
     );
-    let wait = tb
-        .kubectl()
-        .args([
-            "wait",
-            "-n",
-            &ns.name,
-            "--for=condition=Ready",
-            "--timeout=120s",
-            "podcheckpoint/trio-1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        wait.status.success(),
-        "kubectl wait: {}{}\n{}",
-        String::from_utf8_lossy(&wait.stderr),
-        std::fs::read_to_string(&log).unwrap_or_default(),
-        event_reasons(&tb, &ns.name, "trio-1")
-    );
+    kubectl_wait_ready(&tb, &ns.name, "podcheckpoint/trio-1", &log);
     let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
     let cp = api.get("trio-1").await.unwrap();
     let status = cp.status.clone().unwrap();
@@ -400,35 +400,19 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "trio-back"},
                 "spec": {"checkpointName": "trio-cp", "target": {"nodeName": target}}}),
     );
-    let wait = tb
-        .kubectl()
-        .args([
-            "wait",
-            "-n",
-            &ns.name,
-            "--for=condition=Ready",
-            "--timeout=120s",
-            "podrestore/trio-back",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        wait.status.success(),
-        "kubectl wait: {}{}\n{}",
-        String::from_utf8_lossy(&wait.stderr),
-        std::fs::read_to_string(&log).unwrap_or_default(),
-        event_reasons(&tb, &ns.name, "trio-back")
-    );
+    kubectl_wait_ready(&tb, &ns.name, "podrestore/trio-back", &log);
     let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(client.clone(), &ns.name);
     let status = restores.get("trio-back").await.unwrap().status.unwrap();
     assert_eq!(status.node_name.as_deref(), Some(target.as_str()));
-    assert_eq!(status.restored_pod_name.as_deref(), Some("trio-back"));
+    // The source still runs under its name, so the restored pod gets another.
+    let restored = status.restored_pod_name.clone().unwrap();
+    assert!(restored.starts_with("trio-restored-"), "{restored}");
     let timings = status.timings.unwrap();
     println!(
         "PodRestore: fetch {:?} ms, pod created to Ready {:?} ms, total {:?} ms",
         timings.fetch_millis, timings.restore_millis, timings.total_millis
     );
-    let pod = ns.pods(&client).get("trio-back").await.unwrap();
+    let pod = ns.pods(&client).get(&restored).await.unwrap();
     assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(target.as_str()));
     let data = tb.dir.join(&target).join(format!(
         "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
@@ -445,7 +429,7 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
     for ((name, now), then) in NAMES.iter().zip(&now).zip(&captured) {
         assert!(*now < then + 200, "counter {name} continued from {then}: {now}");
     }
-    assert!(ns.ready_without_restarts(&client, "trio-back").await.unwrap());
+    assert!(ns.ready_without_restarts(&client, &restored).await.unwrap());
     let events = event_reasons(&tb, &ns.name, "trio-back");
     assert!(events.contains("RestoreCompleted"), "{events}");
     let _ = tb
@@ -522,25 +506,7 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     println!("operator killed while the migration was {phase_at_kill:?}");
     let _operator = start_operator(&tb, &ns.name, &tls, &agents, &state.join("operator-2.log"));
 
-    let wait = tb
-        .kubectl()
-        .args([
-            "wait",
-            "-n",
-            &ns.name,
-            "--for=condition=Ready",
-            "--timeout=120s",
-            "podmigration/move",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        wait.status.success(),
-        "kubectl wait: {}{}\n{}",
-        String::from_utf8_lossy(&wait.stderr),
-        std::fs::read_to_string(state.join("operator-2.log")).unwrap_or_default(),
-        event_reasons(&tb, &ns.name, "move")
-    );
+    kubectl_wait_ready(&tb, &ns.name, "podmigration/move", &state.join("operator-2.log"));
     let status = migrations.get("move").await.unwrap().status.unwrap();
     assert_eq!(status.phase, Some(MigrationPhase::Succeeded));
     let target_pod = status.target_pod_name.clone().unwrap();

@@ -33,7 +33,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 
-use crate::context::{Context, Error, Operation, fail_with, kube_err, now, publish, write_status};
+use crate::context::{
+    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, now, publish, source_pod, write_status,
+};
 use crate::storage::{ResolvedStorage, StorageProblem, choose, credentials_secret, resolve};
 use crate::template::checkpointed_pod_template;
 
@@ -208,38 +210,12 @@ async fn resolve_for(
 async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     let ns = cp.namespace().unwrap_or_default();
     let spec = &cp.spec;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(pod) = pods
-        .get_opt(&spec.source_pod_name)
-        .await
-        .map_err(kube_err("read the source pod"))?
-    else {
-        return fail(
-            cp,
-            ctx,
-            reasons::SOURCE_POD_NOT_FOUND,
-            format!(
-                "spec.sourcePodName: pod {} does not exist in namespace {ns}",
-                spec.source_pod_name
-            ),
-        )
-        .await;
+    let pod = match source_pod(ctx, &ns, &spec.source_pod_name, spec.source_pod_uid.as_deref()).await? {
+        SourcePod::Found(pod) => *pod,
+        SourcePod::Missing(message) => return fail(cp, ctx, reasons::SOURCE_POD_NOT_FOUND, message).await,
+        SourcePod::Replaced(message) => return fail(cp, ctx, reasons::SOURCE_POD_REPLACED, message).await,
     };
     let live_uid = pod.metadata.uid.clone().unwrap_or_default();
-    if let Some(wanted) = &spec.source_pod_uid
-        && *wanted != live_uid
-    {
-        return fail(
-            cp,
-            ctx,
-            reasons::SOURCE_POD_REPLACED,
-            format!(
-                "spec.sourcePodUID: pod {} now has UID {live_uid}, not {wanted}; it was replaced",
-                spec.source_pod_name
-            ),
-        )
-        .await;
-    }
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     let Some(node) = node.filter(|_| running) else {
@@ -574,18 +550,16 @@ async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: R
         let mut current = status.clone();
         current.phase = Some(CheckpointPhase::Uploading);
         let done = succeeded_status(current, result, resolved.pod.as_ref(), cp.metadata.generation, now());
-        write_status(cp, ctx, &done).await?;
         let message = done
             .conditions
             .iter()
             .find(|c| c.type_ == CONDITION_READY)
             .map(|c| c.message.clone())
             .unwrap_or_default();
-        event(ctx, cp, EventType::Normal, reasons::CHECKPOINT_COMPLETED, message).await;
-        ctx.metrics.finished("PodCheckpoint", "succeeded");
         if let Some(total) = done.timings.and_then(|t| t.total_millis) {
             ctx.metrics.duration("PodCheckpoint", total as f64 / 1000.0);
         }
+        finish(cp, ctx, done, Ending::Succeeded, reasons::CHECKPOINT_COMPLETED, message).await?;
         return retain(cp, ctx).await;
     }
     let reason = failure_reason(op.error_code, &op.error_message);

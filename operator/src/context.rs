@@ -133,24 +133,82 @@ pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::S
     Ok(())
 }
 
-/// Ends the operation as Failed with `reason` and a message naming the cause: in
-/// the `Ready` condition, an event and the log.
-pub async fn fail_with<K: Operation>(object: &K, ctx: &Context, reason: &str, message: String) -> Result<(), Error> {
-    let mut status = object.status().cloned().unwrap_or_default();
+/// How an operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// It did what was asked (`Ready` is True).
+    Succeeded,
+    /// It did not, and what it touched was put back (`Ready` is False).
+    RolledBack,
+    /// It failed (`Ready` is False).
+    Failed,
+}
+
+/// Records the end of an operation whose final `status` is otherwise filled: the
+/// `Ready` condition with `reason` and `message`, the status, an event, the log and
+/// the metrics.
+pub async fn finish<K: Operation>(
+    object: &K,
+    ctx: &Context,
+    mut status: K::Status,
+    ending: Ending,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
     let generation = object.meta().generation;
-    K::set_failed(&mut status, now(), generation);
+    let (ready, type_, result) = match ending {
+        Ending::Succeeded => (ConditionStatus::True, EventType::Normal, "succeeded"),
+        Ending::RolledBack => (ConditionStatus::False, EventType::Warning, "rolled back"),
+        Ending::Failed => (ConditionStatus::False, EventType::Warning, "failed"),
+    };
     set_condition(
         K::conditions(&mut status),
         CONDITION_READY,
-        ConditionStatus::False,
+        ready,
         reason,
         &message,
         generation,
         now(),
     );
     write_status(object, ctx, &status).await?;
-    tracing::warn!(kind = K::KIND, name = %object.name_any(), namespace = ?object.namespace(), reason, %message, "operation failed");
-    publish(ctx, object, EventType::Warning, reason, K::KIND, message).await;
-    ctx.metrics.finished(K::KIND, "failed");
+    tracing::info!(kind = K::KIND, name = %object.name_any(), namespace = ?object.namespace(), result, reason, %message, "operation ended");
+    publish(ctx, object, type_, reason, K::KIND, message).await;
+    ctx.metrics.finished(K::KIND, result);
     Ok(())
+}
+
+/// Ends the operation as Failed with `reason` and a message naming the cause: in
+/// the `Ready` condition, an event and the log.
+pub async fn fail_with<K: Operation>(object: &K, ctx: &Context, reason: &str, message: String) -> Result<(), Error> {
+    let mut status = object.status().cloned().unwrap_or_default();
+    K::set_failed(&mut status, now(), object.meta().generation);
+    finish(object, ctx, status, Ending::Failed, reason, message).await
+}
+
+/// The source pod of an operation, as found.
+#[derive(Clone, Debug)]
+pub enum SourcePod {
+    /// It exists with the expected UID.
+    Found(Box<k8s_openapi::api::core::v1::Pod>),
+    /// It does not exist; the message says so.
+    Missing(String),
+    /// It exists with another UID; the message says so.
+    Replaced(String),
+}
+
+/// Looks up `spec.sourcePodName` in `namespace`, checking `spec.sourcePodUID`.
+pub async fn source_pod(ctx: &Context, namespace: &str, name: &str, uid: Option<&str>) -> Result<SourcePod, Error> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(pod) = pods.get_opt(name).await.map_err(kube_err("read the source pod"))? else {
+        return Ok(SourcePod::Missing(format!(
+            "spec.sourcePodName: pod {name} does not exist in namespace {namespace}"
+        )));
+    };
+    let live = pod.metadata.uid.clone().unwrap_or_default();
+    match uid {
+        Some(wanted) if wanted != live => Ok(SourcePod::Replaced(format!(
+            "spec.sourcePodUID: pod {name} now has UID {live}, not {wanted}; it was replaced"
+        ))),
+        _ => Ok(SourcePod::Found(Box::new(pod))),
+    }
 }

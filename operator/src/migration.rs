@@ -31,7 +31,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use crate::checkpoint::HOLD_ANNOTATION;
-use crate::context::{Context, Error, Operation, fail_with, kube_err, now, publish, write_status};
+use crate::context::{
+    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, now, publish, source_pod, write_status,
+};
 
 impl Operation for PodMigration {
     type Status = PodMigrationStatus;
@@ -133,38 +135,12 @@ pub fn target_node(
 async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
     let ns = migration.namespace().unwrap_or_default();
     let spec = &migration.spec;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(pod) = pods
-        .get_opt(&spec.source_pod_name)
-        .await
-        .map_err(kube_err("read the source pod"))?
-    else {
-        return fail(
-            migration,
-            ctx,
-            reasons::SOURCE_POD_NOT_FOUND,
-            format!(
-                "spec.sourcePodName: pod {} does not exist in namespace {ns}",
-                spec.source_pod_name
-            ),
-        )
-        .await;
+    let pod = match source_pod(ctx, &ns, &spec.source_pod_name, spec.source_pod_uid.as_deref()).await? {
+        SourcePod::Found(pod) => *pod,
+        SourcePod::Missing(message) => return fail(migration, ctx, reasons::SOURCE_POD_NOT_FOUND, message).await,
+        SourcePod::Replaced(message) => return fail(migration, ctx, reasons::SOURCE_POD_REPLACED, message).await,
     };
     let uid = pod.uid().unwrap_or_default();
-    if let Some(wanted) = &spec.source_pod_uid
-        && *wanted != uid
-    {
-        return fail(
-            migration,
-            ctx,
-            reasons::SOURCE_POD_REPLACED,
-            format!(
-                "spec.sourcePodUID: pod {} now has UID {uid}, not {wanted}",
-                spec.source_pod_name
-            ),
-        )
-        .await;
-    }
     if let Some(message) = unsupported_owner(&pod) {
         return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await;
     }
@@ -395,6 +371,7 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
             let at = now();
             status.phase = Some(MigrationPhase::Succeeded);
             status.completion_time = Some(at.clone());
+            status.observed_generation = migration.metadata.generation;
             // From the freeze (the checkpoint's start) to the target Running and Ready.
             let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
             let frozen_at = checkpoints
@@ -411,26 +388,15 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 status.target_pod_name.clone().unwrap_or_default(),
                 status.downtime_millis.unwrap_or_default()
             );
-            set_condition(
-                &mut status.conditions,
-                CONDITION_READY,
-                ConditionStatus::True,
-                reasons::MIGRATION_COMPLETED,
-                &message,
-                migration.metadata.generation,
-                at,
-            );
-            write_status(migration, ctx, &status).await?;
-            publish(
-                ctx,
+            finish(
                 migration,
-                EventType::Normal,
+                ctx,
+                status,
+                Ending::Succeeded,
                 reasons::MIGRATION_COMPLETED,
-                "Migrate",
                 message,
             )
-            .await;
-            ctx.metrics.finished("PodMigration", "succeeded");
+            .await?;
             Ok(Action::await_change())
         }
         Some(RestorePhase::Failed) => {
@@ -458,26 +424,15 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 "the restore failed ({cause}); the source pod was thawed and runs on{}",
                 note.map(|n| format!(" ({n})")).unwrap_or_default()
             );
-            set_condition(
-                &mut status.conditions,
-                CONDITION_READY,
-                ConditionStatus::False,
-                reasons::ROLLED_BACK,
-                &message,
-                migration.metadata.generation,
-                at,
-            );
-            write_status(migration, ctx, &status).await?;
-            publish(
-                ctx,
+            finish(
                 migration,
-                EventType::Warning,
+                ctx,
+                status,
+                Ending::RolledBack,
                 reasons::ROLLED_BACK,
-                "Migrate",
                 message,
             )
-            .await;
-            ctx.metrics.finished("PodMigration", "rolled back");
+            .await?;
             Ok(Action::await_change())
         }
         _ => Ok(Action::requeue(Duration::from_secs(1))),

@@ -29,7 +29,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use crate::checkpoint::{secret_data, stored_at};
-use crate::context::{Context, Error, Operation, fail_with, kube_err, now, publish, write_status};
+use crate::context::{Context, Ending, Error, Operation, fail_with, finish, kube_err, now, publish, write_status};
 use crate::restore_pod::{CheckpointedImage, restore_pod};
 
 /// Reconciles one PodRestore.
@@ -525,29 +525,18 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
                 "pod {pod_name} is Running and Ready on node {}",
                 status.node_name.clone().unwrap_or_default()
             );
-            set_condition(
-                &mut done.conditions,
-                CONDITION_READY,
-                ConditionStatus::True,
-                reasons::RESTORE_COMPLETED,
-                &message,
-                restore.metadata.generation,
-                at,
-            );
-            write_status(restore, ctx, &done).await?;
-            publish(
-                ctx,
-                restore,
-                EventType::Normal,
-                reasons::RESTORE_COMPLETED,
-                "Restore",
-                message,
-            )
-            .await;
-            ctx.metrics.finished("PodRestore", "succeeded");
             if let Some(total) = total {
                 ctx.metrics.duration("PodRestore", total as f64 / 1000.0);
             }
+            finish(
+                restore,
+                ctx,
+                done,
+                Ending::Succeeded,
+                reasons::RESTORE_COMPLETED,
+                message,
+            )
+            .await?;
             Ok(Action::await_change())
         }
     }
