@@ -16,7 +16,7 @@ oci_image="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/oci-image"
 busybox_args=(--name cryopod.local/busybox:e2e --out "$out/busybox.tar" --file /bin/busybox:/bin/busybox
   --dir /tmp --env PATH=/bin --cmd sh)
 for applet in sh ash cat echo sleep ls mkdir rm touch date seq grep head tail wc nc httpd wget \
-  ps kill env hostname ip cut tr sha256sum dd true false test chmod; do
+  ps kill env hostname ip cut tr sha256sum dd true false test chmod sync; do
   busybox_args+=(--symlink "/bin/$applet=busybox")
 done
 "$oci_image" "${busybox_args[@]}" >/dev/null

@@ -50,6 +50,8 @@ fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agents: &[(&str, u16)]
                     .join(","),
             )
             .env("CRYOPOD_WATCH_NAMESPACE", ns)
+            // Each test's operator leads on its own Lease, in its namespace.
+            .env("CRYOPOD_NAMESPACE", ns)
             .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -594,6 +596,121 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     let _ = tb
         .kubectl()
         .args(["delete", "cpstor", &storage, "--wait=false"])
+        .output();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Every example in `examples/` applied as it is (pod "counter" on node-1, node-2
+/// labelled as the migration target, the example's default storage pointed at the
+/// testbed's S3 server): the PodCheckpoint, the PodRestore and the PodMigration each
+/// reach Ready.
+#[tokio::test]
+async fn every_example_reaches_ready() {
+    use cryopod_e2e::testbed::repo_root;
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-examples").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let counter: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "counter"},
+        "spec": {"nodeName": source, "terminationGracePeriodSeconds": 1,
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [{"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /data/n.tmp && mv /data/n.tmp /data/n; sleep 0.05; done"],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+    }))
+    .unwrap();
+    ns.pods(&client).create(&Default::default(), &counter).await.unwrap();
+    ns.wait_ready(&client, "counter", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let label = "cryopod.io/migration-target";
+    let run = |args: &[&str]| {
+        let out = tb.kubectl().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["label", "node", &target, &format!("{label}=true"), "--overwrite"]);
+
+    // The example's default storage and its Secret, pointed at the testbed's S3 server.
+    let path = repo_root().join("examples/checkpointstorage.yaml");
+    let mut storage = cryopod_crds::examples::parse(&path, &std::fs::read_to_string(&path).unwrap())
+        .unwrap()
+        .documents
+        .remove(0);
+    storage["spec"]["s3"]["endpoint"] = json!(tb.s3.endpoint);
+    let secret_ns = storage["spec"]["s3"]["credentialsSecretRef"]["namespace"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret_name = storage["spec"]["s3"]["credentialsSecretRef"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _ = tb.kubectl().args(["create", "namespace", &secret_ns]).output();
+    kubectl_apply(
+        &tb,
+        &secret_ns,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret_name},
+                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+    );
+    kubectl_apply(&tb, &ns.name, &storage);
+    let storage_name = storage["metadata"]["name"].as_str().unwrap().to_owned();
+
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
+    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
+    let log = state.join("operator.log");
+    let _operator = start_operator(
+        &tb,
+        &ns.name,
+        &tls,
+        &[(&source, agent_1.port), (&target, agent_2.port)],
+        &log,
+    );
+    for (file, resource) in [
+        ("podcheckpoint.yaml", "podcheckpoint/counter-1"),
+        ("podrestore.yaml", "podrestore/counter-1-restore"),
+        ("podmigration.yaml", "podmigration/counter-move"),
+    ] {
+        let path = repo_root().join("examples").join(file);
+        run(&["apply", "-n", &ns.name, "-f", path.to_str().unwrap()]);
+        kubectl_wait_ready(&tb, &ns.name, resource, &log);
+        println!("{file}: Ready");
+    }
+    let restored = ns.pods(&client).get("counter-restored").await.unwrap();
+    assert_eq!(restored.spec.unwrap().node_name.as_deref(), Some(target.as_str()));
+    assert_eq!(
+        restored
+            .metadata
+            .labels
+            .unwrap()
+            .get("restored-from")
+            .map(String::as_str),
+        Some("counter-1")
+    );
+    wait_until("the migrated source to go", Duration::from_secs(30), || async {
+        ns.pods(&client).get_opt("counter").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+
+    let _ = tb
+        .kubectl()
+        .args(["delete", "cpstor", &storage_name, "--wait=false"])
+        .output();
+    let _ = tb
+        .kubectl()
+        .args(["delete", "namespace", &secret_ns, "--wait=false"])
+        .output();
+    let _ = tb
+        .kubectl()
+        .args(["label", "node", &target, &format!("{label}-")])
         .output();
     let _ = std::fs::remove_dir_all(&state);
 }

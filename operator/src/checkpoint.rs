@@ -233,6 +233,44 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         write_status(cp, ctx, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     };
+    // One operation per pod at a time, and a limit per node.
+    let _starting = ctx.start_lock.lock().await;
+    let all: Api<PodCheckpoint> = Api::all(ctx.client.clone());
+    let others: Vec<InFlight> = all
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("list PodCheckpoints"))?
+        .items
+        .iter()
+        .filter(|other| other.uid() != cp.uid())
+        .filter_map(|other| {
+            let status = other.status.as_ref()?;
+            matches!(
+                status.phase?,
+                CheckpointPhase::Checkpointing | CheckpointPhase::Uploading
+            )
+            .then(|| InFlight {
+                name: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
+                pod_uid: status.source_pod_uid.clone().unwrap_or_default(),
+                node: status.node_name.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    if let Some(why) = must_wait(&live_uid, &node, &others, ctx.max_per_node) {
+        let mut status = cp.status.clone().unwrap_or_default();
+        status.phase = Some(CheckpointPhase::Pending);
+        set_condition(
+            &mut status.conditions,
+            CONDITION_READY,
+            ConditionStatus::False,
+            reasons::PENDING,
+            &why,
+            cp.metadata.generation,
+            now(),
+        );
+        write_status(cp, ctx, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let resolved = match resolve_for(cp, ctx, &node, Some(pod)).await? {
         Ok(resolved) => resolved,
         Err((reason, message)) => return fail(cp, ctx, reason, message).await,
@@ -301,6 +339,30 @@ async fn follow(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         Err((reason, message)) => return fail(cp, ctx, reason, message).await,
     };
     run_on_agent(cp, ctx, &node, resolved).await
+}
+
+/// A checkpoint in flight elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// `namespace/name`.
+    pub name: String,
+    /// Its pod's UID.
+    pub pod_uid: String,
+    /// Its node.
+    pub node: String,
+}
+
+/// Why a checkpoint of pod `pod_uid` on `node` must wait, if it must: another one of
+/// the same pod is in flight, or `per_node` are running on the node already.
+pub fn must_wait(pod_uid: &str, node: &str, others: &[InFlight], per_node: usize) -> Option<String> {
+    if let Some(same) = others.iter().find(|o| o.pod_uid == pod_uid) {
+        return Some(format!(
+            "waiting for PodCheckpoint {} of the same pod to finish",
+            same.name
+        ));
+    }
+    let on_node = others.iter().filter(|o| o.node == node).count();
+    (on_node >= per_node).then(|| format!("waiting: {on_node} checkpoints already run on node {node} (the limit)"))
 }
 
 /// The agent's request for this PodCheckpoint.
@@ -817,6 +879,27 @@ mod tests {
             Retention::RecheckAfter(Duration::from_secs(30))
         );
         assert_eq!(ttl_retention(Some(60), Some(1_000), 61_000), Retention::Expired);
+    }
+
+    #[test]
+    fn operations_on_one_pod_are_serialized_and_nodes_limited() {
+        let running = |name: &str, pod: &str, node: &str| InFlight {
+            name: name.into(),
+            pod_uid: pod.into(),
+            node: node.into(),
+        };
+        let others = [running("ns/a", "p1", "n1"), running("ns/b", "p2", "n1")];
+        assert_eq!(
+            must_wait("p1", "n1", &others, 5).unwrap(),
+            "waiting for PodCheckpoint ns/a of the same pod to finish"
+        );
+        assert!(
+            must_wait("p3", "n1", &others, 2)
+                .unwrap()
+                .contains("2 checkpoints already run on node n1")
+        );
+        assert_eq!(must_wait("p3", "n1", &others, 3), None);
+        assert_eq!(must_wait("p3", "n2", &others, 1), None);
     }
 
     #[test]

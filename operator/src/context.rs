@@ -23,6 +23,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<OperatorMetrics>,
+    /// At most this many checkpoints run at once on one node.
+    pub max_per_node: usize,
+    /// Held while a checkpoint decides to start, so two cannot both see room.
+    pub start_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Context {

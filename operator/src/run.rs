@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
 use futures::StreamExt;
@@ -12,6 +13,7 @@ use kube::runtime::{Controller, watcher};
 
 use crate::agents::{AgentLocator, Agents, DaemonSetAgents, StaticAgents};
 use crate::context::Context;
+use crate::leader::Election;
 use crate::metrics::OperatorMetrics;
 
 /// Settings of the operator process.
@@ -36,6 +38,11 @@ pub struct OperatorConfig {
     pub metrics_listen: SocketAddr,
     /// `CRYOPOD_WATCH_NAMESPACE`: only this namespace's resources; all when unset.
     pub watch_namespace: Option<String>,
+    /// `CRYOPOD_MAX_PER_NODE`, default 2: checkpoints running at once on one node.
+    pub max_per_node: usize,
+    /// `CRYOPOD_LEASE_NAME`, default `cryopod-operator`: the leader-election Lease in
+    /// `namespace`.
+    pub lease_name: String,
 }
 
 /// Starting or running the operator failed.
@@ -49,6 +56,8 @@ pub enum RunError {
     Agents { source: crate::agents::AgentError },
     /// The metrics port cannot be opened.
     Metrics { source: std::io::Error },
+    /// Leadership was lost; another replica takes over.
+    LeaseLost { detail: String },
 }
 
 impl std::fmt::Display for RunError {
@@ -58,6 +67,7 @@ impl std::fmt::Display for RunError {
             Self::Kube { .. } => write!(f, "cannot reach the Kubernetes API"),
             Self::Agents { source } => write!(f, "{source}"),
             Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
+            Self::LeaseLost { detail } => write!(f, "lost the leader Lease: {detail}"),
         }
     }
 }
@@ -65,7 +75,7 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Config { .. } => None,
+            Self::Config { .. } | Self::LeaseLost { .. } => None,
             Self::Kube { source } => Some(source),
             Self::Agents { source } => Some(source),
             Self::Metrics { source } => Some(source),
@@ -97,6 +107,15 @@ impl OperatorConfig {
             variable,
             problem: format!("{port:?}: {e}"),
         })?;
+        let (variable, limit) = parse("CRYOPOD_MAX_PER_NODE", "2");
+        let max_per_node = limit
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| RunError::Config {
+                variable,
+                problem: format!("{limit:?} is not a positive number"),
+            })?;
         let (variable, listen) = parse("CRYOPOD_METRICS_LISTEN", "0.0.0.0:8080");
         let metrics_listen = listen.parse().map_err(|e| RunError::Config {
             variable,
@@ -112,6 +131,8 @@ impl OperatorConfig {
             agent_port,
             metrics_listen,
             watch_namespace: get("CRYOPOD_WATCH_NAMESPACE"),
+            max_per_node,
+            lease_name: get("CRYOPOD_LEASE_NAME").unwrap_or_else(|| "cryopod-operator".into()),
         })
     }
 }
@@ -145,7 +166,20 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         agents,
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
+        max_per_node: config.max_per_node,
+        start_lock: Arc::default(),
     });
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let election = Election {
+        leases: Api::namespaced(context.client.clone(), &config.namespace),
+        name: config.lease_name.clone(),
+        identity,
+        duration: Duration::from_secs(15),
+    };
+    election.acquire().await.map_err(|source| RunError::Kube { source })?;
     tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
     let (checkpoints, restores, migrations): (Api<PodCheckpoint>, Api<PodRestore>, Api<PodMigration>) =
         match &config.watch_namespace {
@@ -184,7 +218,16 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 tracing::debug!(kind = "PodMigration", error = %e, "reconcile ended in error");
             }
         });
-    futures::join!(checkpoint_controller, restore_controller, migration_controller);
-    metrics_server.abort();
-    Ok(())
+    // Only the Lease holder acts; losing it ends the process (it is restarted and
+    // waits its turn), so two operators never act on the same resource.
+    tokio::select! {
+        _ = futures::future::join3(checkpoint_controller, restore_controller, migration_controller) => {
+            metrics_server.abort();
+            Ok(())
+        }
+        lost = election.hold() => {
+            metrics_server.abort();
+            Err(RunError::LeaseLost { detail: lost })
+        }
+    }
 }
