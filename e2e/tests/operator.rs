@@ -98,6 +98,34 @@ fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
     name
 }
 
+/// Agents on both nodes and an operator that knows them.
+struct Control {
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
+    agents: [AgentProcess; 2],
+    _operator: Operator,
+    tls: AgentTls,
+}
+
+/// Starts the agent binaries of node-1 and node-2 (node-2's preparing restores where
+/// its runtime handler reads them) and an operator for namespace `ns`.
+async fn start_control(tb: &Testbed, ns: &str) -> Control {
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{ns}"));
+    let (agent_1, _) = start_agent(tb, &source, &tls, &state).await;
+    let (agent_2, _) = start_agent(tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
+    let log = state.join("operator.log");
+    let operator = start_operator(tb, ns, &tls, &[(&source, agent_1.port), (&target, agent_2.port)], &log);
+    Control {
+        state,
+        log,
+        agents: [agent_1, agent_2],
+        _operator: operator,
+        tls,
+    }
+}
+
 /// `kubectl wait --for=condition=Ready` on `resource`; on failure, says why with the
 /// operator's log and the resource's events.
 fn kubectl_wait_ready(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path) {
@@ -337,19 +365,13 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
         .unwrap();
     let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
     let trio = start_trio(&tb, &client, &ns, &source).await;
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
-    // The target's agent prepares restores where its runtime handler reads them.
-    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
-    let log = state.join("operator.log");
-    let _operator = start_operator(
-        &tb,
-        &ns.name,
-        &tls,
-        &[(&source, agent_1.port), (&target, agent_2.port)],
-        &log,
-    );
+    let Control {
+        state,
+        log,
+        agents: _agents,
+        _operator,
+        tls: _tls,
+    } = start_control(&tb, &ns.name).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
     kubectl_apply(
         &tb,
@@ -481,13 +503,14 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     ns.wait_ready(&client, "stateful", Duration::from_secs(90))
         .await
         .unwrap();
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
-    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
+    let Control {
+        state,
+        log: _,
+        agents: [agent_1, agent_2],
+        _operator: operator,
+        tls,
+    } = start_control(&tb, &ns.name).await;
     let agents = [(source.as_str(), agent_1.port), (target.as_str(), agent_2.port)];
-    let log = state.join("operator.log");
-    let operator = start_operator(&tb, &ns.name, &tls, &agents, &log);
     let storage = s3_checkpoint_storage(&tb, &ns.name);
     kubectl_apply(
         &tb,
@@ -661,18 +684,13 @@ async fn every_example_reaches_ready() {
     kubectl_apply(&tb, &ns.name, &storage);
     let storage_name = storage["metadata"]["name"].as_str().unwrap().to_owned();
 
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent_1, _) = start_agent(&tb, &source, &tls, &state).await;
-    let (agent_2, _) = start_agent(&tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
-    let log = state.join("operator.log");
-    let _operator = start_operator(
-        &tb,
-        &ns.name,
-        &tls,
-        &[(&source, agent_1.port), (&target, agent_2.port)],
-        &log,
-    );
+    let Control {
+        state,
+        log,
+        agents: _agents,
+        _operator,
+        tls: _tls,
+    } = start_control(&tb, &ns.name).await;
     for (file, resource) in [
         ("podcheckpoint.yaml", "podcheckpoint/counter-1"),
         ("podrestore.yaml", "podrestore/counter-1-restore"),

@@ -108,6 +108,23 @@ async fn fail(cp: &PodCheckpoint, ctx: &Context, reason: &str, message: String) 
     Ok(Action::await_change())
 }
 
+/// Leaves the checkpoint Pending, saying what it waits for, and looks again soon.
+async fn pending(cp: &PodCheckpoint, ctx: &Context, why: String) -> Result<Action, Error> {
+    let mut status = cp.status.clone().unwrap_or_default();
+    status.phase = Some(CheckpointPhase::Pending);
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reasons::PENDING,
+        &why,
+        cp.metadata.generation,
+        now(),
+    );
+    write_status(cp, ctx, &status).await?;
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
 /// What a checkpoint needs, resolved from the API.
 struct Resolved {
     pod: Option<Pod>,
@@ -219,19 +236,7 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     let Some(node) = node.filter(|_| running) else {
-        let mut status = cp.status.clone().unwrap_or_default();
-        status.phase = Some(CheckpointPhase::Pending);
-        set_condition(
-            &mut status.conditions,
-            CONDITION_READY,
-            ConditionStatus::False,
-            reasons::PENDING,
-            &format!("waiting for pod {} to run", spec.source_pod_name),
-            cp.metadata.generation,
-            now(),
-        );
-        write_status(cp, ctx, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(5)));
+        return pending(cp, ctx, format!("waiting for pod {} to run", spec.source_pod_name)).await;
     };
     // One operation per pod at a time, and a limit per node.
     let _starting = ctx.start_lock.lock().await;
@@ -257,19 +262,7 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         })
         .collect();
     if let Some(why) = must_wait(&live_uid, &node, &others, ctx.max_per_node) {
-        let mut status = cp.status.clone().unwrap_or_default();
-        status.phase = Some(CheckpointPhase::Pending);
-        set_condition(
-            &mut status.conditions,
-            CONDITION_READY,
-            ConditionStatus::False,
-            reasons::PENDING,
-            &why,
-            cp.metadata.generation,
-            now(),
-        );
-        write_status(cp, ctx, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return pending(cp, ctx, why).await;
     }
     let resolved = match resolve_for(cp, ctx, &node, Some(pod)).await? {
         Ok(resolved) => resolved,
