@@ -198,9 +198,44 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
         &after[..5]
     );
 
+    // The file lock came back with its holder: a second attempt is still refused.
+    let lock_state = |path: &std::path::Path| -> (String, u64) {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut words = text.split_whitespace();
+        (
+            words.next().unwrap_or_default().to_owned(),
+            words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+        )
+    };
+    let locker_then = {
+        let volume = std::fs::File::open(prepared_dir.join("pod/volume/data.tar")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tar::Archive::new(volume).unpack(dir.path()).unwrap();
+        lock_state(&dir.path().join("locker"))
+    };
+    assert_eq!(locker_then.0, "held", "the lock was held at the checkpoint");
+    let locker_now = wait_until(
+        "the restored lock holder to report",
+        Duration::from_secs(20),
+        || async {
+            let now = lock_state(&data.join("locker"));
+            (now.1 > locker_then.1).then_some(now)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        locker_now.0, "held",
+        "the lock is still held after the restore: {locker_now:?}"
+    );
+    assert!(
+        locker_now.1 < locker_then.1 + 200,
+        "the holder continued: {locker_then:?} -> {locker_now:?}"
+    );
+
     // The kubelet's view, logs and exec.
     let statuses = ready.status.unwrap().container_statuses.unwrap();
-    assert_eq!(statuses.len(), 4);
+    assert_eq!(statuses.len(), 5);
     for status in &statuses {
         assert!(
             status.ready && status.restart_count == 0 && status.state.as_ref().unwrap().running.is_some(),

@@ -867,7 +867,8 @@ pub fn heard(path: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-/// An init container that leaves a line in the emptyDir, then four containers: `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
+/// An init container that leaves a line in the emptyDir, then five containers
+/// (`locker` holds a flock on `/data/lock` and says so in `/data/locker`): `a` counts in memory into the emptyDir and `/dev/shm`; `d` copies
 /// a's count from `/dev/shm`; `client` sends numbers over 127.0.0.1 to `server`,
 /// which writes what it hears into the emptyDir. `a` also says what it counts on stdout.
 pub fn stateful_pod(node: &str) -> Pod {
@@ -891,7 +892,10 @@ pub fn stateful_pod(node: &str) -> Pod {
                 {"name": "d", "image": BUSYBOX, "imagePullPolicy": "Never",
                  "command": ["sh", "-c", "while :; do cat /dev/shm/a > /data/d.tmp 2>/dev/null && mv /data/d.tmp /data/d; sleep 0.05; done"],
                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
-                talkers()[0], talkers()[1]
+                talkers()[0], talkers()[1],
+                {"name": "locker", "image": BUSYBOX, "imagePullPolicy": "Never",
+                 "command": ["/bin/lock-holder", "/data/lock", "/data/locker"],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
             ]}
     }))
     .unwrap()
