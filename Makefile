@@ -19,9 +19,9 @@ demo: ## Run the demo on a fresh machine (local cluster, operator, a live migrat
 test: lint unit e2e ## Run every test tier (what CI runs)
 
 .PHONY: unit
-unit: ## Tests without the cluster: unit, schema (CRD freshness, examples) and host integration (root, real cgroups)
+unit: ## Tests without the cluster: unit, schema (CRD freshness, examples), the chart as helm renders it, host integration (root, real cgroups)
 	$(CARGO) test --workspace --locked --exclude cryopod-e2e
-	$(CARGO) test --locked -p cryopod-e2e --lib --bins
+	CRYOPOD_HELM=$(HELM) $(CARGO) test --locked -p cryopod-e2e --lib --bins
 
 .PHONY: e2e
 e2e: ## End-to-end tests: cluster-up, the tests, cluster-down, then a check that nothing is left
@@ -32,6 +32,7 @@ lint: ## cargo fmt --check, cargo clippy -D warnings, helm lint
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(HELM) lint --strict charts/cryopod
+	$(HELM) lint --strict charts/cryopod --set agent.installHandler=true --set metrics.serviceMonitor.enabled=true --set metrics.dashboard.enabled=true
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML from the Rust types

@@ -3,5 +3,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod oci;
 pub mod testbed;

@@ -1,0 +1,183 @@
+//! The Helm chart as Helm renders it (`helm template`, with helm built from its Go
+//! module; `make unit` sets `CRYOPOD_HELM`): what it installs, with least privilege.
+
+use std::path::PathBuf;
+
+/// Renders the chart with `--set` values; the error is helm's message.
+pub fn render(sets: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    let helm = std::env::var("CRYOPOD_HELM").map_err(|_| "CRYOPOD_HELM is not set (make unit sets it)".to_owned())?;
+    let chart: PathBuf = crate::testbed::repo_root().join("charts/cryopod");
+    let mut cmd = std::process::Command::new(helm);
+    cmd.args(["template", "cryopod", "--namespace", "cryopod-system"])
+        .arg(&chart);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run helm: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(doc).map_err(|e| format!("helm printed bad YAML: {e}"))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use serde_json::Value;
+
+    use super::*;
+
+    fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+
+    #[test]
+    fn the_chart_installs_the_operator_the_agents_and_the_runtime_class() {
+        let docs = render(&[]).unwrap();
+        let mut kinds: Vec<String> = docs.iter().map(|d| d["kind"].as_str().unwrap().to_owned()).collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "DaemonSet",
+                "Deployment",
+                "Role",
+                "RoleBinding",
+                "RuntimeClass",
+                "Secret",
+                "Service",
+                "ServiceAccount",
+                "ServiceAccount"
+            ]
+        );
+        assert_eq!(find(&docs, "RuntimeClass", "cryopod")["handler"], "cryopod");
+        let operator = &find(&docs, "Deployment", "cryopod-operator")["spec"]["template"]["spec"];
+        assert_eq!(operator["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+            true
+        );
+        let env: Vec<&str> = operator["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            env.contains(&"CRYOPOD_NAMESPACE") && env.contains(&"POD_NAME"),
+            "{env:?}"
+        );
+    }
+
+    #[test]
+    fn the_agent_gets_the_host_access_it_needs_and_no_more() {
+        let docs = render(&[]).unwrap();
+        let agent = &find(&docs, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
+        assert_eq!(
+            (agent["hostNetwork"].as_bool(), agent["hostPID"].as_bool()),
+            (Some(true), Some(true))
+        );
+        assert_eq!(
+            agent["automountServiceAccountToken"], false,
+            "the agent needs no API access"
+        );
+        assert!(agent.get("initContainers").is_none(), "the handler install is opt-in");
+        let mut host_paths: Vec<&str> = agent["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["hostPath"]["path"].as_str())
+            .collect();
+        host_paths.sort();
+        assert_eq!(
+            host_paths,
+            [
+                "/run/containerd/containerd.sock",
+                "/run/containerd/runc",
+                "/sys/fs/cgroup",
+                "/var/lib/cryopod"
+            ]
+        );
+        let with_handler = render(&["agent.installHandler=true"]).unwrap();
+        let agent = &find(&with_handler, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
+        assert_eq!(agent["initContainers"][0]["args"][0], "install-handler");
+        assert!(
+            agent["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["hostPath"]["path"] == "/")
+        );
+    }
+
+    #[test]
+    fn rbac_is_least_privilege() {
+        let docs = render(&[]).unwrap();
+        let role = find(&docs, "ClusterRole", "cryopod-operator");
+        for rule in role["rules"].as_array().unwrap() {
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert!(!verbs.contains(&"*"), "{rule}");
+            if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
+                assert_eq!(verbs, ["get"], "Secrets are read by name only");
+            }
+        }
+        let lease = find(&docs, "Role", "cryopod-operator-lease");
+        assert_eq!(lease["rules"][0]["resources"][0], "leases");
+    }
+
+    #[test]
+    fn certificates_are_generated_and_chain_to_the_ca() {
+        use base64::Engine;
+        let docs = render(&[]).unwrap();
+        let data = &find(&docs, "Secret", "cryopod-tls")["data"];
+        let dir = tempfile::tempdir().unwrap();
+        for key in ["ca.crt", "agent.crt", "agent.key", "operator.crt", "operator.key"] {
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(data[key].as_str().unwrap())
+                .unwrap();
+            std::fs::write(dir.path().join(key), pem).unwrap();
+        }
+        for cert in ["agent.crt", "operator.crt"] {
+            let out = std::process::Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(dir.path().join("ca.crt"))
+                .arg(dir.path().join(cert))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{cert}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let san = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(dir.path().join("agent.crt"))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&san.stdout).contains("DNS:cryopod-node-agent"));
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_key() {
+        let err = render(&["agent.port=0"]).unwrap_err();
+        assert!(err.contains("/agent/port"), "{err}");
+        let err = render(&["operator.replicass=2"]).unwrap_err();
+        assert!(err.contains("replicass"), "{err}");
+    }
+}
