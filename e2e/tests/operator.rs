@@ -278,7 +278,8 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
 }
 
 /// Impossible requests end Failed with a reason and a message naming the cause, an
-/// event, and nothing else changes.
+/// event, and nothing else changes; a migration its pod's disruption budget forbids
+/// is refused before anything is touched.
 #[tokio::test]
 async fn impossible_checkpoints_fail_naming_the_cause() {
     let tb = Testbed::from_env().unwrap();
@@ -346,6 +347,35 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
         let events = event_reasons(&tb, &ns.name, name);
         assert!(events.contains(reason), "{name}: {events}");
     }
+    // A migration that its pod's disruption budget forbids.
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "keep-trio"},
+                "spec": {"minAvailable": 1, "selector": {"matchLabels": {"cryopod.io/e2e-pod": "trio"}}}}),
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "blocked"},
+                "spec": {"sourcePodName": "trio"}}),
+    );
+    let migrations: Api<cryopod_crds::v1alpha1::PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let condition = wait_until("the migration to be refused", Duration::from_secs(60), || async {
+        let status = migrations.get("blocked").await.ok()?.status?;
+        status.conditions.into_iter().find(|c| {
+            c.type_ == "Ready" && c.status == "False" && c.reason != "MigrationInProgress" && c.reason != "Pending"
+        })
+    })
+    .await
+    .unwrap();
+    println!("blocked: {}: {}", condition.reason, condition.message);
+    assert_eq!(condition.reason, "DisruptionNotAllowed");
+    assert!(
+        condition.message.contains("PodDisruptionBudget keep-trio"),
+        "{}",
+        condition.message
+    );
     assert!(
         ns.ready_without_restarts(&client, "trio").await.unwrap(),
         "the pod was left alone"

@@ -101,6 +101,46 @@ pub fn unsupported_owner(pod: &Pod) -> Option<String> {
     ))
 }
 
+/// Whether a label selector selects these labels (`matchLabels` and
+/// `matchExpressions` with In, NotIn, Exists, DoesNotExist).
+pub fn selects(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let by_labels = selector
+        .match_labels
+        .as_ref()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    by_labels && by_expressions
+}
+
+/// The PodDisruptionBudget that forbids taking the pod down now, if one does.
+pub fn blocking_budget(
+    budgets: &[k8s_openapi::api::policy::v1::PodDisruptionBudget],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    budgets.iter().find_map(|b| {
+        let selector = b.spec.as_ref()?.selector.as_ref()?;
+        let allowed = b.status.as_ref().and_then(|s| s.disruptions_allowed).unwrap_or(0);
+        (selects(selector, labels) && allowed < 1).then(|| {
+            format!(
+                "PodDisruptionBudget {} allows no disruption of the pod now (disruptionsAllowed {allowed})",
+                b.metadata.name.clone().unwrap_or_default()
+            )
+        })
+    })
+}
+
 /// The target node: the named one, else a ready node other than the source that
 /// matches the selector (name order). `nodes` are (name, ready, labels).
 pub fn target_node(
@@ -143,6 +183,16 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     let uid = pod.uid().unwrap_or_default();
     if let Some(message) = unsupported_owner(&pod) {
         return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await;
+    }
+    // A migration takes the pod down for its downtime: its budgets must allow it.
+    let budgets: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    let budgets = budgets
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("list PodDisruptionBudgets"))?
+        .items;
+    if let Some(message) = blocking_budget(&budgets, &pod.metadata.labels.clone().unwrap_or_default()) {
+        return fail(migration, ctx, reasons::DISRUPTION_NOT_ALLOWED, message).await;
     }
     let Some(source) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         return Ok(Action::requeue(Duration::from_secs(3)));
@@ -483,6 +533,40 @@ mod tests {
         assert_eq!(
             target_node(Some(&ssd), "node-2", &nodes).unwrap_err(),
             "no ready node other than node-2 matches spec.target"
+        );
+    }
+
+    #[test]
+    fn budgets_that_select_the_pod_and_allow_nothing_block() {
+        let budget = |name: &str,
+                      selector: serde_json::Value,
+                      allowed: i32|
+         -> k8s_openapi::api::policy::v1::PodDisruptionBudget {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"selector": selector},
+                "status": {"disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1}
+            }))
+            .unwrap()
+        };
+        let labels = BTreeMap::from([
+            ("app".to_owned(), "db".to_owned()),
+            ("tier".to_owned(), "data".to_owned()),
+        ]);
+        let budgets = [
+            budget("other", serde_json::json!({"matchLabels": {"app": "web"}}), 0),
+            budget("db-ok", serde_json::json!({"matchLabels": {"app": "db"}}), 1),
+        ];
+        assert_eq!(blocking_budget(&budgets, &labels), None);
+        let budgets = [budget(
+            "db",
+            serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["data"]},
+                                                    {"key": "canary", "operator": "DoesNotExist"}]}),
+            0,
+        )];
+        assert_eq!(
+            blocking_budget(&budgets, &labels).unwrap(),
+            "PodDisruptionBudget db allows no disruption of the pod now (disruptionsAllowed 0)"
         );
     }
 
