@@ -248,61 +248,93 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     .await;
     ctx.metrics.started("PodMigration");
 
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    if checkpoints
-        .get_opt(&checkpoint_name)
-        .await
-        .map_err(kube_err("read the migration's PodCheckpoint"))?
-        .is_none()
-    {
-        let mut checkpoint = PodCheckpoint::new(
-            &checkpoint_name,
-            PodCheckpointSpec {
-                source_pod_name: spec.source_pod_name.clone(),
-                source_pod_uid: Some(uid),
-                timeout_seconds: spec.timeout_seconds.min(3600),
-                max_freeze_seconds: 30,
-                storage: spec.storage.clone(),
-                post_checkpoint_state: PostCheckpointState::Stopped,
-                tcp: spec.tcp,
-                hooks: None,
-                encryption: None,
-                retention: None,
-            },
-        );
-        checkpoint.metadata = ObjectMeta {
-            name: Some(checkpoint_name),
-            namespace: Some(ns),
-            owner_references: Some(vec![owner(migration)]),
-            annotations: Some([(HOLD_ANNOTATION.to_owned(), migration.name_any())].into()),
-            ..ObjectMeta::default()
-        };
-        checkpoints
-            .create(&PostParams::default(), &checkpoint)
-            .await
-            .map_err(kube_err("create the migration's PodCheckpoint"))?;
-    }
+    let mut migration = migration.clone();
+    migration.status = Some(status);
+    ensure_checkpoint(&migration, ctx).await?;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
+/// Creates the migration's PodCheckpoint unless it exists (an operator stopped
+/// between recording the step and taking it takes it on restart).
+async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<PodCheckpoint, Error> {
     let ns = migration.namespace().unwrap_or_default();
-    let mut status = migration.status.clone().unwrap_or_default();
+    let spec = &migration.spec;
+    let status = migration.status.clone().unwrap_or_default();
     let checkpoint_name = status.checkpoint_name.clone().unwrap_or_default();
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(checkpoint) = checkpoints
+    if let Some(existing) = checkpoints
         .get_opt(&checkpoint_name)
         .await
         .map_err(kube_err("read the migration's PodCheckpoint"))?
-    else {
-        return fail(
-            migration,
-            ctx,
-            reasons::MIGRATION_FAILED,
-            format!("PodCheckpoint {checkpoint_name} is gone"),
-        )
-        .await;
+    {
+        return Ok(existing);
+    }
+    let mut checkpoint = PodCheckpoint::new(
+        &checkpoint_name,
+        PodCheckpointSpec {
+            source_pod_name: spec.source_pod_name.clone(),
+            source_pod_uid: status.source_pod_uid.clone(),
+            timeout_seconds: spec.timeout_seconds.min(3600),
+            max_freeze_seconds: 30,
+            storage: spec.storage.clone(),
+            post_checkpoint_state: PostCheckpointState::Stopped,
+            tcp: spec.tcp,
+            hooks: None,
+            encryption: None,
+            retention: None,
+        },
+    );
+    checkpoint.metadata = ObjectMeta {
+        name: Some(checkpoint_name),
+        namespace: Some(ns),
+        owner_references: Some(vec![owner(migration)]),
+        annotations: Some([(HOLD_ANNOTATION.to_owned(), migration.name_any())].into()),
+        ..ObjectMeta::default()
     };
+    checkpoints
+        .create(&PostParams::default(), &checkpoint)
+        .await
+        .map_err(kube_err("create the migration's PodCheckpoint"))
+}
+
+/// Creates the migration's PodRestore unless it exists.
+async fn ensure_restore(migration: &PodMigration, ctx: &Context) -> Result<PodRestore, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let status = migration.status.clone().unwrap_or_default();
+    let restore_name = status.restore_name.clone().unwrap_or_default();
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(existing) = restores
+        .get_opt(&restore_name)
+        .await
+        .map_err(kube_err("read the migration's PodRestore"))?
+    {
+        return Ok(existing);
+    }
+    let mut restore = PodRestore::new(
+        &restore_name,
+        PodRestoreSpec {
+            checkpoint_name: status.checkpoint_name.clone().unwrap_or_default(),
+            target: Some(NodeTarget {
+                node_name: status.target_node_name.clone(),
+                node_selector: None,
+            }),
+            pod_name: None,
+            labels: Default::default(),
+            annotations: Default::default(),
+            timeout_seconds: migration.spec.timeout_seconds.clamp(10, 3600),
+        },
+    );
+    restore.metadata.namespace = Some(ns);
+    restore.metadata.owner_references = Some(vec![owner(migration)]);
+    restores
+        .create(&PostParams::default(), &restore)
+        .await
+        .map_err(kube_err("create the migration's PodRestore"))
+}
+
+async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
+    let mut status = migration.status.clone().unwrap_or_default();
+    let checkpoint = ensure_checkpoint(migration, ctx).await?;
     match checkpoint.status.as_ref().and_then(|s| s.phase) {
         Some(CheckpointPhase::Ready) => {}
         Some(CheckpointPhase::Failed) => {
@@ -327,34 +359,9 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
     status.phase = Some(MigrationPhase::Restoring);
     status.restore_name = Some(restore_name.clone());
     write_status(migration, ctx, &status).await?;
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    if restores
-        .get_opt(&restore_name)
-        .await
-        .map_err(kube_err("read the migration's PodRestore"))?
-        .is_none()
-    {
-        let mut restore = PodRestore::new(
-            &restore_name,
-            PodRestoreSpec {
-                checkpoint_name,
-                target: Some(NodeTarget {
-                    node_name: status.target_node_name.clone(),
-                    node_selector: None,
-                }),
-                pod_name: None,
-                labels: Default::default(),
-                annotations: Default::default(),
-                timeout_seconds: migration.spec.timeout_seconds.clamp(10, 3600),
-            },
-        );
-        restore.metadata.namespace = Some(ns);
-        restore.metadata.owner_references = Some(vec![owner(migration)]);
-        restores
-            .create(&PostParams::default(), &restore)
-            .await
-            .map_err(kube_err("create the migration's PodRestore"))?;
-    }
+    let mut migration = migration.clone();
+    migration.status = Some(status);
+    ensure_restore(&migration, ctx).await?;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
@@ -391,18 +398,10 @@ async fn release(migration: &PodMigration, ctx: &Context, stop: bool) -> Result<
 async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
     let ns = migration.namespace().unwrap_or_default();
     let mut status = migration.status.clone().unwrap_or_default();
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
-    let restore_name = status.restore_name.clone().unwrap_or_default();
-    let restore = restores
-        .get_opt(&restore_name)
-        .await
-        .map_err(kube_err("read the migration's PodRestore"))?;
-    let restore_status = restore.as_ref().and_then(|r| r.status.clone()).unwrap_or_default();
-    // A PodRestore not reconciled yet has no phase; one that is gone has failed.
-    let phase = match (&restore, restore_status.phase) {
-        (None, _) => Some(RestorePhase::Failed),
-        (Some(_), phase) => phase,
-    };
+    let restore = ensure_restore(migration, ctx).await?;
+    let restore_status = restore.status.clone().unwrap_or_default();
+    let restore_name = restore.name_any();
+    let phase = restore_status.phase;
     match phase {
         Some(RestorePhase::Ready) => {
             // The target runs: the source stops for good and goes.
@@ -455,7 +454,7 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 .iter()
                 .find(|c| c.type_ == CONDITION_READY)
                 .map(|c| c.message.clone())
-                .unwrap_or_else(|| format!("PodRestore {restore_name} is gone"));
+                .unwrap_or_else(|| format!("PodRestore {restore_name} failed"));
             if migration.spec.failure_policy == MigrationFailurePolicy::Retain {
                 return fail(
                     migration,

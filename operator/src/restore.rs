@@ -482,13 +482,19 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         .await
         .map_err(kube_err("read the restored pod"))?
     else {
-        return fail(
-            restore,
-            ctx,
-            reasons::RESTORE_FAILED,
-            format!("the restored pod {pod_name} is gone"),
-        )
-        .await;
+        // Recorded but not created (an operator stopped in between): create it now.
+        let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
+            return fail(
+                restore,
+                ctx,
+                reasons::CHECKPOINT_NOT_FOUND,
+                "the PodCheckpoint was deleted".to_owned(),
+            )
+            .await;
+        };
+        let node = status.node_name.clone().unwrap_or_default();
+        create_pod(restore, ctx, &checkpoint, &node, &pod_name).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
     };
     match pod_progress(&pod) {
         PodProgress::Failed(message) => fail(restore, ctx, reasons::RESTORE_FAILED, message).await,

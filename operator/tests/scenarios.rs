@@ -1,0 +1,180 @@
+//! The controllers against a mocked API server (tower-test): every request a
+//! reconcile makes is checked, in order, and answered; nothing else may happen.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::pin::pin;
+use std::sync::Arc;
+
+use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration};
+use cryopod_operator::agents::{Agents, StaticAgents};
+use cryopod_operator::context::Context;
+use cryopod_operator::metrics::OperatorMetrics;
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// The mocked API server's side: takes the next request, checks it, answers it.
+struct ApiServer(Handle);
+
+impl ApiServer {
+    async fn expect(&mut self, method: Method, path: &str, status: StatusCode, answer: Value) -> Value {
+        let mut handle = pin!(&mut self.0);
+        let (request, send) = handle
+            .next_request()
+            .await
+            .expect("the reconcile made no further request");
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&method, path),
+            "unexpected request {} {}",
+            request.method(),
+            request.uri()
+        );
+        let body = request.into_body().collect_bytes().await.unwrap();
+        let sent = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+            .unwrap();
+        send.send_response(response);
+        sent
+    }
+}
+
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+           "message": format!("{what} not found")})
+}
+
+/// A context over the mocked client; no agent is reachable.
+fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let tls = tempfile::tempdir().unwrap();
+    for file in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(tls.path().join(file), b"unused").unwrap();
+    }
+    let agents = Agents::new(Arc::new(StaticAgents::default()), tls.path(), "cryopod-node-agent").unwrap();
+    let reporter = Reporter {
+        controller: "cryopod-operator".into(),
+        instance: None,
+    };
+    let context = Context {
+        client: client.clone(),
+        agents,
+        recorder: Recorder::new(client, reporter),
+        metrics: Arc::new(OperatorMetrics::new()),
+        max_per_node: 2,
+        start_lock: Arc::default(),
+    };
+    (Arc::new(context), ApiServer(handle), tls)
+}
+
+fn checkpoint(finalizers: &[&str]) -> PodCheckpoint {
+    serde_json::from_value(json!({
+        "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+        "metadata": {"name": "cp", "namespace": "ns", "uid": "u-1", "generation": 1, "resourceVersion": "1",
+                     "finalizers": finalizers},
+        "spec": {"sourcePodName": "nope"}
+    }))
+    .unwrap()
+}
+
+const CHECKPOINTS: &str = "/apis/cryopod.io/v1alpha1/namespaces/ns/podcheckpoints/cp";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+
+#[tokio::test]
+async fn a_new_podcheckpoint_first_gets_its_finalizer_and_nothing_else() {
+    let (ctx, mut api, _tls) = context();
+    let cp = checkpoint(&[]);
+    let reconcile = tokio::spawn(cryopod_operator::checkpoint::reconcile(Arc::new(cp.clone()), ctx));
+    let patch = api
+        .expect(
+            Method::PATCH,
+            CHECKPOINTS,
+            StatusCode::OK,
+            serde_json::to_value(checkpoint(&["cryopod.io/checkpoint-objects"])).unwrap(),
+        )
+        .await;
+    assert!(patch.to_string().contains("cryopod.io/checkpoint-objects"), "{patch}");
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
+    let (ctx, mut api, _tls) = context();
+    let cp = checkpoint(&["cryopod.io/checkpoint-objects"]);
+    let reconcile = tokio::spawn(cryopod_operator::checkpoint::reconcile(Arc::new(cp.clone()), ctx));
+    api.expect(
+        Method::GET,
+        "/api/v1/namespaces/ns/pods/nope",
+        StatusCode::NOT_FOUND,
+        not_found("pods \"nope\""),
+    )
+    .await;
+    let status = api
+        .expect(
+            Method::PATCH,
+            &format!("{CHECKPOINTS}/status"),
+            StatusCode::OK,
+            serde_json::to_value(&cp).unwrap(),
+        )
+        .await;
+    assert_eq!(status["status"]["phase"], "Failed", "{status}");
+    let ready = &status["status"]["conditions"][0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["status"].as_str()),
+        (Some("Ready"), Some("False"))
+    );
+    assert_eq!(ready["reason"], "SourcePodNotFound");
+    assert_eq!(
+        ready["message"],
+        "spec.sourcePodName: pod nope does not exist in namespace ns"
+    );
+    let event = api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
+    assert_eq!(
+        (event["type"].as_str(), event["reason"].as_str()),
+        (Some("Warning"), Some("SourcePodNotFound"))
+    );
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn a_migration_of_a_replicaset_pod_is_refused_naming_the_controller() {
+    let (ctx, mut api, _tls) = context();
+    let migration: PodMigration = serde_json::from_value(json!({
+        "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
+        "metadata": {"name": "move", "namespace": "ns", "uid": "m-1", "generation": 1},
+        "spec": {"sourcePodName": "web-1"}
+    }))
+    .unwrap();
+    let reconcile = tokio::spawn(cryopod_operator::migration::reconcile(Arc::new(migration.clone()), ctx));
+    api.expect(
+        Method::GET,
+        "/api/v1/namespaces/ns/pods/web-1",
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web-1", "namespace": "ns", "uid": "p-1", "ownerReferences": [
+                   {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d4f", "uid": "r-1", "controller": true}]},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "nginx"}]}}),
+    )
+    .await;
+    let status = api
+        .expect(
+            Method::PATCH,
+            "/apis/cryopod.io/v1alpha1/namespaces/ns/podmigrations/move/status",
+            StatusCode::OK,
+            serde_json::to_value(&migration).unwrap(),
+        )
+        .await;
+    assert_eq!(status["status"]["phase"], "Failed");
+    let message = status["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(message.contains("managed by ReplicaSet web-5d4f"), "{message}");
+    api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+}
