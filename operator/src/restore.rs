@@ -81,6 +81,15 @@ async fn fail(restore: &PodRestore, ctx: &Context, reason: &str, message: String
     Ok(Action::await_change())
 }
 
+/// Ends a restore whose PodCheckpoint was deleted while it ran.
+async fn checkpoint_deleted(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
+    let message = format!(
+        "PodCheckpoint {} was deleted during the restore",
+        restore.spec.checkpoint_name
+    );
+    fail(restore, ctx, reasons::CHECKPOINT_NOT_FOUND, message).await
+}
+
 /// The PodCheckpoint a restore names, if it exists.
 async fn checkpoint_of(restore: &PodRestore, ctx: &Context) -> Result<Option<PodCheckpoint>, Error> {
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
@@ -260,13 +269,7 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let status = restore.status.clone().unwrap_or_default();
     let node = status.node_name.clone().unwrap_or_default();
     let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
-        return fail(
-            restore,
-            ctx,
-            reasons::CHECKPOINT_NOT_FOUND,
-            "the PodCheckpoint was deleted".to_owned(),
-        )
-        .await;
+        return checkpoint_deleted(restore, ctx).await;
     };
     let (storage, prefix) = match stored_at(&checkpoint, ctx).await? {
         Ok(found) => found,
@@ -484,13 +487,7 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
     else {
         // Recorded but not created (an operator stopped in between): create it now.
         let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
-            return fail(
-                restore,
-                ctx,
-                reasons::CHECKPOINT_NOT_FOUND,
-                "the PodCheckpoint was deleted".to_owned(),
-            )
-            .await;
+            return checkpoint_deleted(restore, ctx).await;
         };
         let node = status.node_name.clone().unwrap_or_default();
         create_pod(restore, ctx, &checkpoint, &node, &pod_name).await?;
