@@ -429,25 +429,7 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
         .object_store
         .unwrap()
         .prefix;
-    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
-    let volume = store
-        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let inner = &tar_members(&unzstd(&volume))[0].1;
-    let captured: Vec<u64> = NAMES
-        .iter()
-        .map(|n| {
-            tar_members(inner)
-                .iter()
-                .find(|(p, _)| p.rsplit('/').next() == Some(*n))
-                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
-                .unwrap()
-        })
-        .collect();
+    let captured = captured_numbers(&tb, &prefix, &NAMES).await;
     kubectl_apply(
         &tb,
         &ns.name,
@@ -493,7 +475,8 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
-/// The numbers a volume's captured copy holds, from a checkpoint's emptyDir object.
+/// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
+/// there.
 async fn captured_numbers(tb: &Testbed, prefix: &str, names: &[&str]) -> Vec<u64> {
     let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
     let volume = store
@@ -510,8 +493,8 @@ async fn captured_numbers(tb: &Testbed, prefix: &str, names: &[&str]) -> Vec<u64
             tar_members(inner)
                 .iter()
                 .find(|(p, _)| p.rsplit('/').next() == Some(*n))
-                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap_or(0))
-                .unwrap_or(0)
+                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
+                .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
         })
         .collect()
 }

@@ -26,6 +26,19 @@ fn empty_dir(tb: &Testbed, node: &str, uid: &str) -> std::path::PathBuf {
         .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"))
 }
 
+/// The numbers container `a` of the stateful pod logged (`counted N`), in order.
+fn logged_counts(tb: &Testbed, ns: &str, pod: &str, container: &str) -> Vec<u64> {
+    let out = tb
+        .kubectl()
+        .args(["logs", "-n", ns, pod, "-c", container])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("counted ")?.parse().ok())
+        .collect()
+}
+
 fn number(path: &std::path::Path) -> u64 {
     std::fs::read_to_string(path)
         .ok()
@@ -139,20 +152,12 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
     let prepare = prepare_started.elapsed();
     let prepared_dir = std::path::PathBuf::from(&result.directory);
     assert_eq!(prepared_dir, restores_dir(&tb, &target).join(&restore_id));
-    let checkpointed = |name: &str| -> u64 {
-        let volume = std::fs::File::open(prepared_dir.join("pod/volume/data.tar")).unwrap();
-        let mut archive = tar::Archive::new(volume);
-        for entry in archive.entries().unwrap() {
-            let mut entry = entry.unwrap();
-            if entry.path().unwrap().file_name().and_then(|n| n.to_str()) == Some(name) {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
-                return text.trim().parse().unwrap_or(0);
-            }
-        }
-        0
-    };
-    let (a_then, d_then) = (checkpointed("a"), checkpointed("d"));
+    // The emptyDir as the checkpoint captured it.
+    let captured = tempfile::tempdir().unwrap();
+    tar::Archive::new(std::fs::File::open(prepared_dir.join("pod/volume/data.tar")).unwrap())
+        .unpack(captured.path())
+        .unwrap();
+    let (a_then, d_then) = (number(&captured.path().join("a")), number(&captured.path().join("d")));
 
     let pod = restored_pod(&outcome.manifest, "stateful-restored", &target, &restore_id);
     let created = Instant::now();
@@ -207,12 +212,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
             words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
         )
     };
-    let locker_then = {
-        let volume = std::fs::File::open(prepared_dir.join("pod/volume/data.tar")).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tar::Archive::new(volume).unpack(dir.path()).unwrap();
-        lock_state(&dir.path().join("locker"))
-    };
+    let locker_then = lock_state(&captured.path().join("locker"));
     assert_eq!(locker_then.0, "held", "the lock was held at the checkpoint");
     let locker_now = wait_until(
         "the restored lock holder to report",
@@ -259,16 +259,9 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), SHM_TOKEN, "{exec:?}");
     let logs = wait_until("the restored counter to log", Duration::from_secs(20), || async {
-        let out = tb
-            .kubectl()
-            .args(["logs", "-n", &ns.name, "stateful-restored", "-c", "a"])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .filter_map(|l| l.strip_prefix("counted ")?.parse::<u64>().ok())
+        logged_counts(&tb, &ns.name, "stateful-restored", "a")
+            .into_iter()
             .find(|n| *n > a_then)
-            .map(|n| (n, text))
     })
     .await
     .unwrap();
@@ -307,14 +300,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
     .unwrap();
     // The new instance's log starts at its own beginning: 20, as a fresh counter logs first.
     let fresh = wait_until("the restarted counter to log", Duration::from_secs(20), || async {
-        let out = tb
-            .kubectl()
-            .args(["logs", "-n", &ns.name, "stateful-restored", "-c", "a"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("counted ")?.parse::<u64>().ok())
+        logged_counts(&tb, &ns.name, "stateful-restored", "a").first().copied()
     })
     .await
     .unwrap();
@@ -324,7 +310,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
     println!(
         "restore {source} -> {target}: counter a {a_then} -> {a_now}, logged {}; prepare {} ms (fetched {} bytes), \
          pod created to Ready {} ms, downtime from freeze {} ms, freeze window {} ms",
-        logs.0,
+        logs,
         prepare.as_millis(),
         result.fetched_bytes,
         restore_time.as_millis(),
