@@ -53,6 +53,8 @@ impl std::error::Error for AgentError {
 pub trait AgentLocator: Send + Sync + std::fmt::Debug {
     /// The agent's `https://` URL on `node`, if one runs there.
     async fn endpoint(&self, node: &str) -> Result<Option<String>, AgentError>;
+    /// Every node an agent serves, in one lookup.
+    async fn nodes(&self) -> Result<std::collections::BTreeSet<String>, AgentError>;
 }
 
 /// A fixed table, from `CRYOPOD_AGENT_ENDPOINTS` (`node-1=https://10.0.0.1:9443,...`):
@@ -82,6 +84,10 @@ impl AgentLocator for StaticAgents {
     async fn endpoint(&self, node: &str) -> Result<Option<String>, AgentError> {
         Ok(self.0.get(node).cloned())
     }
+
+    async fn nodes(&self) -> Result<std::collections::BTreeSet<String>, AgentError> {
+        Ok(self.0.keys().cloned().collect())
+    }
 }
 
 /// The agent DaemonSet's ready pod on the node, at its pod IP (the agents run with
@@ -108,30 +114,53 @@ impl std::fmt::Debug for DaemonSetAgents {
 #[tonic::async_trait]
 impl AgentLocator for DaemonSetAgents {
     async fn endpoint(&self, node: &str) -> Result<Option<String>, AgentError> {
-        let params = ListParams::default()
-            .labels(&self.selector)
-            .fields(&format!("spec.nodeName={node}"));
+        let url = self.ready_agents(Some(node)).await?.into_iter().next().map(|(_, ip)| {
+            if ip.contains(':') {
+                format!("https://[{ip}]:{}", self.port)
+            } else {
+                format!("https://{ip}:{}", self.port)
+            }
+        });
+        Ok(url)
+    }
+
+    async fn nodes(&self) -> Result<std::collections::BTreeSet<String>, AgentError> {
+        Ok(self
+            .ready_agents(None)
+            .await?
+            .into_iter()
+            .map(|(node, _)| node)
+            .collect())
+    }
+}
+
+impl DaemonSetAgents {
+    /// The ready agent pods (on `node`, or everywhere): their node and IP.
+    async fn ready_agents(&self, node: Option<&str>) -> Result<Vec<(String, String)>, AgentError> {
+        let mut params = ListParams::default().labels(&self.selector);
+        if let Some(node) = node {
+            params = params.fields(&format!("spec.nodeName={node}"));
+        }
         let pods = self
             .pods
             .list(&params)
             .await
             .map_err(|source| AgentError::Lookup { source })?;
-        Ok(pods.items.iter().find_map(|pod| {
-            let status = pod.status.as_ref()?;
-            let ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let ip = status.pod_ip.as_ref()?;
-            ready.then(|| {
-                if ip.contains(':') {
-                    format!("https://[{ip}]:{}", self.port)
-                } else {
-                    format!("https://{ip}:{}", self.port)
-                }
+        Ok(pods
+            .items
+            .iter()
+            .filter_map(|pod| {
+                let status = pod.status.as_ref()?;
+                let ready = status
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let node = pod.spec.as_ref()?.node_name.clone()?;
+                let ip = status.pod_ip.clone()?;
+                ready.then_some((node, ip))
             })
-        }))
+            .collect())
     }
 }
 
@@ -163,6 +192,11 @@ impl Agents {
     /// Whether an agent serves the node.
     pub async fn serves(&self, node: &str) -> Result<bool, AgentError> {
         Ok(self.locator.endpoint(node).await?.is_some())
+    }
+
+    /// Every node an agent serves.
+    pub async fn nodes(&self) -> Result<std::collections::BTreeSet<String>, AgentError> {
+        self.locator.nodes().await
     }
 
     /// A client of the node's agent.
@@ -203,6 +237,10 @@ mod tests {
             Some("https://127.0.0.1:9444")
         );
         assert_eq!(agents.endpoint("node-3").await.unwrap(), None);
+        assert_eq!(
+            agents.nodes().await.unwrap().into_iter().collect::<Vec<_>>(),
+            ["node-1", "node-2"]
+        );
         assert!(StaticAgents::parse("node-1").unwrap_err().contains("node=https://"));
         assert!(
             StaticAgents::parse("node-1=http://x")

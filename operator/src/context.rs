@@ -216,3 +216,11 @@ pub async fn source_pod(ctx: &Context, namespace: &str, name: &str, uid: Option<
         _ => Ok(SourcePod::Found(Box::new(pod))),
     }
 }
+
+/// Whether a node reports itself Ready.
+pub fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}

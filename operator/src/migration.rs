@@ -32,7 +32,8 @@ use kube::runtime::events::EventType;
 
 use crate::checkpoint::HOLD_ANNOTATION;
 use crate::context::{
-    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, now, publish, source_pod, write_status,
+    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, node_ready, now, publish, source_pod,
+    write_status,
 };
 
 impl Operation for PodMigration {
@@ -205,11 +206,7 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
         .items
         .into_iter()
         .map(|n| {
-            let ready = n
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = node_ready(&n);
             (n.name_any(), ready, n.metadata.labels.clone().unwrap_or_default())
         })
         .collect();

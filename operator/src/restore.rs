@@ -29,7 +29,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use crate::checkpoint::{secret_data, stored_at};
-use crate::context::{Context, Ending, Error, Operation, fail_with, finish, kube_err, now, publish, write_status};
+use crate::context::{
+    Context, Ending, Error, Operation, fail_with, finish, kube_err, node_ready, now, publish, write_status,
+};
 use crate::restore_pod::{CheckpointedImage, restore_pod};
 
 /// Reconciles one PodRestore.
@@ -188,26 +190,21 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let mut facts = Vec::new();
-    for node in nodes
+    // One lookup of the agents, not one per node.
+    let served = ctx.agents.nodes().await.map_err(|source| Error::Agent { source })?;
+    let facts: Vec<_> = nodes
         .list(&ListParams::default())
         .await
         .map_err(kube_err("list nodes"))?
         .items
-    {
-        let name = node.name_any();
-        let ready = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let agent = ctx
-            .agents
-            .serves(&name)
-            .await
-            .map_err(|source| Error::Agent { source })?;
-        facts.push((name, ready, node.metadata.labels.clone().unwrap_or_default(), agent));
-    }
+        .into_iter()
+        .map(|node| {
+            let name = node.name_any();
+            let ready = node_ready(&node);
+            let agent = served.contains(&name);
+            (name, ready, node.metadata.labels.clone().unwrap_or_default(), agent)
+        })
+        .collect();
     let node = match choose_node(restore, &checkpoint, &facts) {
         Ok(node) => node,
         Err(message) => return fail(restore, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
