@@ -315,12 +315,7 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
             .await
             .unwrap();
         assert_eq!(bytes.len() as u64, object.size, "{}", object.key);
-        assert_eq!(
-            cryopod_node_agent::package::sha256_hex(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-            object.sha256,
-            "{}",
-            object.key
-        );
+        assert_eq!(cryopod_e2e::oci::sha256_digest(&bytes), object.sha256, "{}", object.key);
         fetched.insert(object.key.clone(), unzstd(&bytes));
     }
 
@@ -500,7 +495,7 @@ async fn the_agent_binary_checkpoints_a_pod_over_mtls() {
         .bytes()
         .await
         .unwrap();
-    let digest = cryopod_node_agent::package::sha256_hex(<sha2::Sha256 as sha2::Digest>::digest(&manifest));
+    let digest = cryopod_e2e::oci::sha256_digest(&manifest);
     assert_eq!(
         digest, result.manifest_digest,
         "the stored manifest is the one reported"

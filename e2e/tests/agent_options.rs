@@ -394,10 +394,7 @@ async fn an_encrypted_checkpoint_opens_with_the_stock_age_tool() {
     for object in &outcome.manifest.objects {
         let key = ObjectPath::from(format!("{}{}", req.prefix, object.key));
         let bytes = store.get(&key).await.unwrap().bytes().await.unwrap();
-        assert_eq!(
-            cryopod_node_agent::package::sha256_hex(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-            object.sha256
-        );
+        assert_eq!(cryopod_e2e::oci::sha256_digest(&bytes), object.sha256);
         assert!(bytes.starts_with(b"age-encryption.org/v1"), "{} is sealed", object.key);
         let sealed = keys.path().join("object.age");
         std::fs::write(&sealed, &bytes).unwrap();

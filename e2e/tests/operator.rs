@@ -239,12 +239,7 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
         .bytes()
         .await
         .unwrap();
-    assert_eq!(
-        Some(cryopod_node_agent::package::sha256_hex(
-            <sha2::Sha256 as sha2::Digest>::digest(&manifest)
-        )),
-        status.manifest_digest
-    );
+    assert_eq!(Some(cryopod_e2e::oci::sha256_digest(&manifest)), status.manifest_digest);
     let events = event_reasons(&tb, &ns.name, "trio-1");
     assert!(
         events.contains("CheckpointInProgress") && events.contains("CheckpointCompleted"),
