@@ -61,10 +61,20 @@ mod tests {
                 "Secret",
                 "Service",
                 "ServiceAccount",
-                "ServiceAccount"
+                "ServiceAccount",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"
             ]
         );
         assert_eq!(find(&docs, "RuntimeClass", "cryopod")["handler"], "cryopod");
+        // The fence policy as the e2e tests apply it, with the chart's labels.
+        let binding = find(&docs, "ValidatingAdmissionPolicyBinding", "cryopod-restore-fence");
+        assert_eq!(binding["spec"]["policyName"], "cryopod-restore-fence");
+        assert_eq!(
+            binding["spec"]["paramRef"]["selector"]["matchLabels"]["cryopod.io/fence"],
+            "true"
+        );
+        assert_eq!(binding["metadata"]["labels"]["app.kubernetes.io/name"], "cryopod");
         let operator = &find(&docs, "Deployment", "cryopod-operator")["spec"]["template"]["spec"];
         assert_eq!(operator["securityContext"]["runAsNonRoot"], true);
         assert_eq!(

@@ -136,12 +136,16 @@ impl Testbed {
         cmd
     }
 
-    /// Installs the generated CRDs (as the chart does) and waits until they serve.
+    /// Installs the generated CRDs and the restore fence policy (as the chart does)
+    /// and waits until the CRDs serve.
     pub fn install_crds(&self) -> Result<(), String> {
         let dir = repo_root().join("charts/cryopod/crds");
         let dir = dir.to_string_lossy();
+        let fence = repo_root().join("charts/cryopod/files/restore-fence.yaml");
+        let fence = fence.to_string_lossy();
         for args in [
             vec!["apply", "--server-side", "--force-conflicts", "-f", &dir],
+            vec!["apply", "--server-side", "--force-conflicts", "-f", &fence],
             vec!["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir],
         ] {
             let out = self.kubectl().args(&args).output().map_err(|e| e.to_string())?;

@@ -15,183 +15,9 @@ use futures::StreamExt;
 use kube::api::Api;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
+use pods::control::*;
 use pods::*;
 use serde_json::json;
-
-/// The operator binary, killed when the test ends.
-struct Operator(std::process::Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the operator for namespace `ns`, knowing the agents at these ports.
-fn start_operator(tb: &Testbed, ns: &str, tls: &AgentTls, agents: &[(&str, u16)], log: &std::path::Path) -> Operator {
-    let bin = std::env::var("CRYOPOD_OPERATOR_BIN").expect("CRYOPOD_OPERATOR_BIN is set by e2e/run.sh");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    Operator(
-        std::process::Command::new(bin)
-            .env("KUBECONFIG", &tb.kubeconfig)
-            .env("CRYOPOD_TLS_DIR", tls.operator_dir.path())
-            .env("CRYOPOD_AGENT_TLS_NAME", "localhost")
-            .env(
-                "CRYOPOD_AGENT_ENDPOINTS",
-                agents
-                    .iter()
-                    .map(|(node, port)| format!("{node}=https://localhost:{port}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .env("CRYOPOD_WATCH_NAMESPACE", ns)
-            // Each test's operator leads on its own Lease, in its namespace.
-            .env("CRYOPOD_NAMESPACE", ns)
-            .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn kubectl_apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) {
-    let mut child = tb
-        .kubectl()
-        .args(["apply", "-n", ns, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), doc.to_string().as_bytes()).unwrap();
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CheckpointStorage on the testbed's S3 server, credentials in a Secret of `ns`.
-fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
-    let name = format!("s3-{ns}");
-    kubectl_apply(
-        tb,
-        ns,
-        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
-    );
-    kubectl_apply(
-        tb,
-        ns,
-        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": name},
-                "spec": {"type": "S3", "prefix": "operator-e2e",
-                         "s3": {"endpoint": tb.s3.endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
-                                "credentialsSecretRef": {"name": "s3-creds", "namespace": ns}}}}),
-    );
-    name
-}
-
-/// Agents on both nodes and an operator that knows them.
-struct Control {
-    state: std::path::PathBuf,
-    log: std::path::PathBuf,
-    agents: [AgentProcess; 2],
-    _operator: Operator,
-    tls: AgentTls,
-}
-
-/// Starts the agent binaries of node-1 and node-2 (node-2's preparing restores where
-/// its runtime handler reads them) and an operator for namespace `ns`.
-async fn start_control(tb: &Testbed, ns: &str) -> Control {
-    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{ns}"));
-    let (agent_1, _) = start_agent(tb, &source, &tls, &state).await;
-    let (agent_2, _) = start_agent(tb, &target, &tls, &tb.dir.join(&target).join("cryopod")).await;
-    let log = state.join("operator.log");
-    let operator = start_operator(tb, ns, &tls, &[(&source, agent_1.port), (&target, agent_2.port)], &log);
-    Control {
-        state,
-        log,
-        agents: [agent_1, agent_2],
-        _operator: operator,
-        tls,
-    }
-}
-
-/// `kubectl wait --for=condition=Ready` on `resource`; on failure, says why with the
-/// operator's log and the resource's events.
-fn kubectl_wait_ready(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path) {
-    let wait = tb
-        .kubectl()
-        .args(["wait", "-n", ns, "--for=condition=Ready", "--timeout=120s", resource])
-        .output()
-        .unwrap();
-    let name = resource.rsplit('/').next().unwrap_or(resource);
-    assert!(
-        wait.status.success(),
-        "kubectl wait {resource}: {}{}\n{}",
-        String::from_utf8_lossy(&wait.stderr),
-        std::fs::read_to_string(operator_log).unwrap_or_default(),
-        event_reasons(tb, ns, name)
-    );
-}
-
-/// Waits for a PodCheckpoint to end (Ready or Failed) and returns it.
-async fn ended(api: &Api<PodCheckpoint>, name: &str) -> PodCheckpoint {
-    wait_until(
-        &format!("PodCheckpoint {name} to end"),
-        Duration::from_secs(120),
-        || async {
-            let cp = api.get(name).await.ok()?;
-            matches!(
-                cp.status.as_ref()?.phase?,
-                CheckpointPhase::Ready | CheckpointPhase::Failed
-            )
-            .then_some(cp)
-        },
-    )
-    .await
-    .unwrap()
-}
-
-fn ready_condition(cp: &PodCheckpoint) -> (String, String, String) {
-    let c = cp
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
-    (c.status.clone(), c.reason.clone(), c.message.clone())
-}
-
-/// The event reasons recorded for a PodCheckpoint.
-fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
-    let out = tb
-        .kubectl()
-        .args([
-            "get",
-            "events",
-            "-n",
-            ns,
-            "--field-selector",
-            &format!("involvedObject.name={name}"),
-            "-o",
-            "custom-columns=REASON:.reason,NOTE:.note,MESSAGE:.message",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `kubectl apply` of a PodCheckpoint → Ready, `kubectl wait` agrees, the objects are in
 /// S3 under the recorded prefix with the recorded manifest digest; deleting the
@@ -265,10 +91,7 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
         .collect::<Vec<_>>()
         .await;
     assert!(left.is_empty(), "objects left behind: {left:?}");
-    let _ = tb
-        .kubectl()
-        .args(["delete", "cpstor", &storage, "--wait=false"])
-        .output();
+    delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -414,17 +237,7 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
     );
     let _ = &trio;
     // What the checkpoint captured of the counters, from its emptyDir object in S3.
-    let prefix = cp
-        .status
-        .as_ref()
-        .unwrap()
-        .checkpoint_location
-        .clone()
-        .unwrap()
-        .object_store
-        .unwrap()
-        .prefix;
-    let captured = captured_numbers(&tb, &prefix, &NAMES).await;
+    let captured = captured_numbers(&tb, &cp, &NAMES).await;
     kubectl_apply(
         &tb,
         &ns.name,
@@ -463,35 +276,8 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
     assert!(ns.ready_without_restarts(&client, &restored).await.unwrap());
     let events = event_reasons(&tb, &ns.name, "trio-back");
     assert!(events.contains("RestoreCompleted"), "{events}");
-    let _ = tb
-        .kubectl()
-        .args(["delete", "cpstor", &storage, "--wait=false"])
-        .output();
+    delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
-}
-
-/// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
-/// there.
-async fn captured_numbers(tb: &Testbed, prefix: &str, names: &[&str]) -> Vec<u64> {
-    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
-    let volume = store
-        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let inner = &tar_members(&unzstd(&volume))[0].1;
-    names
-        .iter()
-        .map(|n| {
-            tar_members(inner)
-                .iter()
-                .find(|(p, _)| p.rsplit('/').next() == Some(*n))
-                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
-                .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
-        })
-        .collect()
 }
 
 /// `kubectl apply` of a PodMigration moves a stateful pod from node-1 to node-2: the
@@ -579,15 +365,7 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
 
     // State continuity on the target.
     let checkpoint = checkpoints.list(&Default::default()).await.unwrap().items.remove(0);
-    let prefix = checkpoint
-        .status
-        .unwrap()
-        .checkpoint_location
-        .unwrap()
-        .object_store
-        .unwrap()
-        .prefix;
-    let captured = captured_numbers(&tb, &prefix, &["a", "d"]).await;
+    let captured = captured_numbers(&tb, &checkpoint, &["a", "d"]).await;
     let data = tb.dir.join(&target).join(format!(
         "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
         moved.metadata.uid.clone().unwrap()
@@ -624,10 +402,7 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     assert_eq!(heard[0], 1, "the same conversation from its start");
     let events = event_reasons(&tb, &ns.name, "move");
     assert!(events.contains("MigrationCompleted"), "{events}");
-    let _ = tb
-        .kubectl()
-        .args(["delete", "cpstor", &storage, "--wait=false"])
-        .output();
+    delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -726,10 +501,7 @@ async fn every_example_reaches_ready() {
     .await
     .unwrap();
 
-    let _ = tb
-        .kubectl()
-        .args(["delete", "cpstor", &storage_name, "--wait=false"])
-        .output();
+    delete_storage(&tb, &storage_name);
     let _ = tb
         .kubectl()
         .args(["delete", "namespace", &secret_ns, "--wait=false"])

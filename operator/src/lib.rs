@@ -20,3 +20,4 @@ pub mod restore_pod;
 pub mod run;
 pub mod storage;
 pub mod template;
+pub mod workload;

@@ -3,17 +3,21 @@
 //! target is Running and Ready. On failure the source is thawed (rollback) and a
 //! half-restored target removed. Phases in `status.phase`:
 //!
-//! - none/`Pending`: check the source pod (UID, owner) and choose the target node;
+//! - none/`Pending`: check the source pod (UID, controller, budgets) and choose the
+//!   target node; a StatefulSet pod's name is fenced first (see [`crate::workload`]);
 //!   create the PodCheckpoint `<migration>-checkpoint` (owned by the migration,
 //!   annotated to hold the source frozen).
 //! - `Checkpointing`: when it is Ready, create the PodRestore `<migration>-restore`.
+//!   A StatefulSet pod is stopped and deleted before, since its name is reused.
 //! - `Restoring`: when it is Ready, release the source on its agent (stop) and
-//!   delete it; when it fails, release it (thaw) and roll back.
-//! - `Succeeded`, `RolledBack`, `Failed`: final.
+//!   delete it; a ReplicaSet adopts the restored pod in its place. When it fails,
+//!   release the source (thaw) and roll back.
+//! - `Succeeded`, `RolledBack`, `Failed`: final. Every end lifts the fence.
 //!
 //! Every step is named and checked before it is taken, so an operator restarted at
 //! any point continues the same migration exactly once.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,10 +27,11 @@ use cryopod_crds::v1alpha1::{
     PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
@@ -34,6 +39,10 @@ use crate::checkpoint::HOLD_ANNOTATION;
 use crate::context::{
     Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, node_ready, now, publish, source_pod,
     write_status,
+};
+use crate::workload::{
+    DELETION_COST_ANNOTATION, WITHHOLD_LABELS_ANNOTATION, Workload, controlled_by, fence, labels_to_restore,
+    parse_withheld, refused_by_fence, selects, withheld_labels,
 };
 
 impl Operation for PodMigration {
@@ -71,8 +80,110 @@ pub fn error_policy(migration: Arc<PodMigration>, error: &Error, _: Arc<Context>
 }
 
 async fn fail(migration: &PodMigration, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+    lift_fence(migration, ctx).await?;
     fail_with(migration, ctx, reason, message).await?;
     Ok(Action::await_change())
+}
+
+/// How long a new fence may take to be enforced before the migration gives up.
+const FENCE_DEADLINE: Duration = Duration::from_secs(15);
+
+fn fence_name(migration: &PodMigration) -> String {
+    format!("{}-fence", migration.name_any())
+}
+
+/// Whether the fence of a StatefulSet pod's name is up and enforced.
+enum Fence {
+    Enforced,
+    /// Created; the API server has not started enforcing it yet.
+    Pending,
+    /// Not enforced in time: the policy is missing.
+    NotEnforced(String),
+}
+
+/// Puts up the fence of `pod`'s name (once) and checks that the API server
+/// enforces it, by a dry-run creation of a pod of that name.
+async fn raise_fence(migration: &PodMigration, ctx: &Context, pod: &str) -> Result<Fence, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = fence_name(migration);
+    let existing = match maps.get_opt(&name).await.map_err(kube_err("read the fence"))? {
+        Some(existing) => existing,
+        None => maps
+            .create(&PostParams::default(), &fence(&name, &ns, pod, owner(migration)))
+            .await
+            .map_err(kube_err("create the fence"))?,
+    };
+    let probe: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pod},
+        "spec": {"containers": [{"name": "fence-probe", "image": "fence-probe"}]}
+    }))
+    .unwrap_or_default();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match pods.create(&dry_run, &probe).await {
+        Err(kube::Error::Api(e)) if refused_by_fence(e.code, &e.message) => return Ok(Fence::Enforced),
+        _ => {}
+    }
+    let age = existing
+        .metadata
+        .creation_timestamp
+        .map_or(0, |t| now().0.as_millisecond() - t.0.as_millisecond());
+    if age < FENCE_DEADLINE.as_millis() as i64 {
+        return Ok(Fence::Pending);
+    }
+    Ok(Fence::NotEnforced(format!(
+        "the API server does not enforce the fence {name} on pod name {pod} after {} s: is the \
+         ValidatingAdmissionPolicy {} and its binding installed (the Helm chart installs them)?",
+        FENCE_DEADLINE.as_secs(),
+        crate::workload::FENCE_POLICY
+    )))
+}
+
+/// Removes the migration's fence, if it has one.
+async fn lift_fence(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    match maps.delete(&fence_name(migration), &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: "delete the fence",
+            source,
+        }),
+    }
+}
+
+/// The labels a ReplicaSet's restored pod is created without, or why there are none.
+async fn replica_set_withheld(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Result<Vec<String>, String>, Error> {
+    let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(set) = sets
+        .get_opt(name)
+        .await
+        .map_err(kube_err("read the pod's ReplicaSet"))?
+    else {
+        return Ok(Err(format!("the pod's ReplicaSet {name} does not exist")));
+    };
+    let selector = set.spec.map(|s| s.selector).unwrap_or_default();
+    Ok(withheld_labels(&selector, labels).map_err(|m| format!("ReplicaSet {name}: {m}")))
+}
+
+/// The source pod's labels as the checkpoint recorded them.
+fn checkpointed_labels(checkpoint: &PodCheckpoint) -> BTreeMap<String, String> {
+    checkpoint
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpointed_pod_template.as_ref())
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
 }
 
 fn owner(migration: &PodMigration) -> OwnerReference {
@@ -84,45 +195,6 @@ fn owner(migration: &PodMigration) -> OwnerReference {
         controller: Some(true),
         block_owner_deletion: Some(true),
     }
-}
-
-/// Why a pod cannot be migrated yet, if it cannot.
-pub fn unsupported_owner(pod: &Pod) -> Option<String> {
-    let controller = pod
-        .metadata
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true))?;
-    Some(format!(
-        "pod {} is managed by {} {}; migrating pods of controllers is not supported yet (bare pods are)",
-        pod.name_any(),
-        controller.kind,
-        controller.name
-    ))
-}
-
-/// Whether a label selector selects these labels (`matchLabels` and
-/// `matchExpressions` with In, NotIn, Exists, DoesNotExist).
-pub fn selects(
-    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> bool {
-    let by_labels = selector
-        .match_labels
-        .as_ref()
-        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
-    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    by_labels && by_expressions
 }
 
 /// The PodDisruptionBudget that forbids taking the pod down now, if one does.
@@ -182,7 +254,14 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
         SourcePod::Replaced(message) => return fail(migration, ctx, reasons::SOURCE_POD_REPLACED, message).await,
     };
     let uid = pod.uid().unwrap_or_default();
-    if let Some(message) = unsupported_owner(&pod) {
+    let workload = match Workload::of(&pod) {
+        Ok(workload) => workload,
+        Err(message) => return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await,
+    };
+    if let Workload::ReplicaSet(set) = &workload
+        && let Err(message) =
+            replica_set_withheld(ctx, &ns, set, &pod.metadata.labels.clone().unwrap_or_default()).await?
+    {
         return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await;
     }
     // A migration takes the pod down for its downtime: its budgets must allow it.
@@ -214,10 +293,20 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
         Ok(target) => target,
         Err(message) => return fail(migration, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
     };
+    // A StatefulSet pod's name must be kept free for the restore before anything
+    // is frozen.
+    if let Workload::StatefulSet(_) = &workload {
+        match raise_fence(migration, ctx, &spec.source_pod_name).await? {
+            Fence::Enforced => {}
+            Fence::Pending => return Ok(Action::requeue(Duration::from_millis(500))),
+            Fence::NotEnforced(message) => return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await,
+        }
+    }
     let checkpoint_name = format!("{}-checkpoint", migration.name_any());
     let mut status = migration.status.clone().unwrap_or_default();
     status.phase = Some(MigrationPhase::Checkpointing);
     status.source_pod_uid = Some(uid.clone());
+    status.source_controller = workload.recorded();
     status.source_node_name = Some(source.clone());
     status.target_node_name = Some(target.clone());
     status.checkpoint_name = Some(checkpoint_name.clone());
@@ -294,8 +383,14 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
         .map_err(kube_err("create the migration's PodCheckpoint"))
 }
 
-/// Creates the migration's PodRestore unless it exists.
-async fn ensure_restore(migration: &PodMigration, ctx: &Context) -> Result<PodRestore, Error> {
+/// Creates the migration's PodRestore unless it exists: a StatefulSet pod comes
+/// back under its name, a ReplicaSet's pod without the labels its ReplicaSet
+/// selects on (until it is adopted).
+async fn ensure_restore(
+    migration: &PodMigration,
+    ctx: &Context,
+    checkpoint: &PodCheckpoint,
+) -> Result<PodRestore, Error> {
     let ns = migration.namespace().unwrap_or_default();
     let status = migration.status.clone().unwrap_or_default();
     let restore_name = status.restore_name.clone().unwrap_or_default();
@@ -307,15 +402,27 @@ async fn ensure_restore(migration: &PodMigration, ctx: &Context) -> Result<PodRe
     {
         return Ok(existing);
     }
+    let (pod_name, withheld) = match Workload::from_recorded(status.source_controller.as_deref()) {
+        Workload::Bare => (None, vec![]),
+        Workload::StatefulSet(_) => (Some(migration.spec.source_pod_name.clone()), vec![]),
+        // A ReplicaSet gone since the start has nobody left to adopt the pod.
+        Workload::ReplicaSet(set) => (
+            None,
+            replica_set_withheld(ctx, &ns, &set, &checkpointed_labels(checkpoint))
+                .await?
+                .unwrap_or_default(),
+        ),
+    };
     let mut restore = PodRestore::new(
         &restore_name,
         PodRestoreSpec {
             checkpoint_name: status.checkpoint_name.clone().unwrap_or_default(),
+            checkpoint_namespace: None,
             target: Some(NodeTarget {
                 node_name: status.target_node_name.clone(),
                 node_selector: None,
             }),
-            pod_name: None,
+            pod_name,
             labels: Default::default(),
             annotations: Default::default(),
             timeout_seconds: migration.spec.timeout_seconds.clamp(10, 3600),
@@ -323,10 +430,47 @@ async fn ensure_restore(migration: &PodMigration, ctx: &Context) -> Result<PodRe
     );
     restore.metadata.namespace = Some(ns);
     restore.metadata.owner_references = Some(vec![owner(migration)]);
+    if !withheld.is_empty() {
+        restore.metadata.annotations = Some([(WITHHOLD_LABELS_ANNOTATION.to_owned(), withheld.join(","))].into());
+    }
     restores
         .create(&PostParams::default(), &restore)
         .await
         .map_err(kube_err("create the migration's PodRestore"))
+}
+
+/// Stops a StatefulSet's source pod and deletes it, so that its name is free for
+/// the restore; `true` once it is gone.
+async fn retire_statefulset_source(migration: &PodMigration, ctx: &Context) -> Result<bool, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let uid = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.source_pod_uid.clone())
+        .unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let source = pods
+        .get_opt(&migration.spec.source_pod_name)
+        .await
+        .map_err(kube_err("read the source pod"))?
+        .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
+    let Some(source) = source else { return Ok(true) };
+    if source.metadata.deletion_timestamp.is_none() {
+        if let Err(note) = release(migration, ctx, true).await? {
+            tracing::info!(%note, "the source was released before");
+        }
+        // Killed already: a short grace ends whatever the kubelet restarted since.
+        let delete = DeleteParams {
+            grace_period_seconds: Some(1),
+            preconditions: Some(Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let _ = pods.delete(&migration.spec.source_pod_name, &delete).await;
+    }
+    Ok(false)
 }
 
 async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
@@ -352,13 +496,18 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
         }
         _ => return Ok(Action::requeue(Duration::from_secs(1))),
     }
+    if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref())
+        && !retire_statefulset_source(migration, ctx).await?
+    {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let restore_name = format!("{}-restore", migration.name_any());
     status.phase = Some(MigrationPhase::Restoring);
     status.restore_name = Some(restore_name.clone());
     write_status(migration, ctx, &status).await?;
     let mut migration = migration.clone();
     migration.status = Some(status);
-    ensure_restore(&migration, ctx).await?;
+    ensure_restore(&migration, ctx, &checkpoint).await?;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
@@ -392,14 +541,103 @@ async fn release(migration: &PodMigration, ctx: &Context, stop: bool) -> Result<
     }
 }
 
+/// Hands a ReplicaSet's place over to the restored pod: the source is marked
+/// cheapest to delete, the restored pod gets the withheld labels back (the
+/// ReplicaSet adopts it and scales the source down), and the source is deleted.
+/// `true` once the ReplicaSet controls the restored pod.
+async fn adopt_into_replica_set(
+    migration: &PodMigration,
+    ctx: &Context,
+    set: &str,
+    restore: &PodRestore,
+    checkpoint: &PodCheckpoint,
+) -> Result<bool, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let status = migration.status.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let source = &migration.spec.source_pod_name;
+    let cost = serde_json::json!({"metadata": {"annotations": {DELETION_COST_ANNOTATION: i32::MIN.to_string()}}});
+    // The source may be gone already (the ReplicaSet scaled it down).
+    let _ = pods.patch(source, &PatchParams::default(), &Patch::Merge(&cost)).await;
+    let target = status.target_pod_name.clone().unwrap_or_default();
+    let withheld = parse_withheld(
+        restore
+            .annotations()
+            .get(WITHHOLD_LABELS_ANNOTATION)
+            .map(String::as_str),
+    );
+    let labels = labels_to_restore(&withheld, &checkpointed_labels(checkpoint));
+    let relabel = serde_json::json!({"metadata": {"labels": labels}});
+    pods.patch(&target, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .map_err(kube_err("put the labels back on the restored pod"))?;
+    let delete = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: status.source_pod_uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    let _ = pods.delete(source, &delete).await;
+    let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(set_uid) = sets
+        .get_opt(set)
+        .await
+        .map_err(kube_err("read the pod's ReplicaSet"))?
+        .and_then(|s| s.metadata.uid)
+    else {
+        return Ok(true);
+    };
+    let adopted = pods
+        .get_opt(&target)
+        .await
+        .map_err(kube_err("read the restored pod"))?
+        .is_some_and(|p| controlled_by(&p, &set_uid));
+    Ok(adopted)
+}
+
+/// `true` once the StatefulSet controls its restored pod.
+async fn adopted_by_statefulset(migration: &PodMigration, ctx: &Context, set: &str) -> Result<bool, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(set_uid) = sets
+        .get_opt(set)
+        .await
+        .map_err(kube_err("read the pod's StatefulSet"))?
+        .and_then(|s| s.metadata.uid)
+    else {
+        return Ok(true);
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    Ok(pods
+        .get_opt(&migration.spec.source_pod_name)
+        .await
+        .map_err(kube_err("read the restored pod"))?
+        .is_some_and(|p| controlled_by(&p, &set_uid)))
+}
+
 async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
     let ns = migration.namespace().unwrap_or_default();
     let mut status = migration.status.clone().unwrap_or_default();
-    let restore = ensure_restore(migration, ctx).await?;
+    let workload = Workload::from_recorded(status.source_controller.as_deref());
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(checkpoint) = checkpoints
+        .get_opt(&status.checkpoint_name.clone().unwrap_or_default())
+        .await
+        .map_err(kube_err("read the migration's PodCheckpoint"))?
+    else {
+        return fail(
+            migration,
+            ctx,
+            reasons::MIGRATION_FAILED,
+            "the migration's PodCheckpoint was deleted while it ran".to_owned(),
+        )
+        .await;
+    };
+    let restore = ensure_restore(migration, ctx, &checkpoint).await?;
     let restore_status = restore.status.clone().unwrap_or_default();
     let restore_name = restore.name_any();
-    let phase = restore_status.phase;
-    match phase {
+    match restore_status.phase {
         Some(RestorePhase::Ready) => {
             // The target runs: the source stops for good and goes.
             if status.phase != Some(MigrationPhase::Finalizing) {
@@ -410,32 +648,47 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 status.target_pod_name = restore_status.restored_pod_name.clone();
                 write_status(migration, ctx, &status).await?;
             }
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let _ = pods
-                .delete(&migration.spec.source_pod_name, &DeleteParams::default())
-                .await;
+            let mut migration = migration.clone();
+            migration.status = Some(status.clone());
+            let handed_over = match &workload {
+                Workload::Bare => {
+                    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+                    let _ = pods
+                        .delete(&migration.spec.source_pod_name, &DeleteParams::default())
+                        .await;
+                    true
+                }
+                Workload::ReplicaSet(set) => {
+                    adopt_into_replica_set(&migration, ctx, set, &restore, &checkpoint).await?
+                }
+                Workload::StatefulSet(set) => adopted_by_statefulset(&migration, ctx, set).await?,
+            };
+            if !handed_over {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            lift_fence(&migration, ctx).await?;
             let at = now();
             status.phase = Some(MigrationPhase::Succeeded);
             status.completion_time = Some(at.clone());
             status.observed_generation = migration.metadata.generation;
             // From the freeze (the checkpoint's start) to the target Running and Ready.
-            let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-            let frozen_at = checkpoints
-                .get_opt(&status.checkpoint_name.clone().unwrap_or_default())
-                .await
-                .map_err(kube_err("read the migration's PodCheckpoint"))?
-                .and_then(|c| c.status?.start_time);
+            let frozen_at = checkpoint.status.as_ref().and_then(|s| s.start_time.clone());
             let ready_at = restore_status.completion_time.clone().unwrap_or(at.clone());
             status.downtime_millis = frozen_at.map(|f| (ready_at.0.as_millisecond() - f.0.as_millisecond()).max(0));
+            let owner_note = status
+                .source_controller
+                .as_ref()
+                .map(|c| format!(" under {c}"))
+                .unwrap_or_default();
             let message = format!(
-                "pod {} runs on {} as {}; the source is gone; downtime {} ms",
+                "pod {} runs on {} as {}{owner_note}; the source is gone; downtime {} ms",
                 migration.spec.source_pod_name,
                 status.target_node_name.clone().unwrap_or_default(),
                 status.target_pod_name.clone().unwrap_or_default(),
                 status.downtime_millis.unwrap_or_default()
             );
             finish(
-                migration,
+                &migration,
                 ctx,
                 status,
                 Ending::Succeeded,
@@ -452,24 +705,37 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 .find(|c| c.type_ == CONDITION_READY)
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("PodRestore {restore_name} failed"));
-            if migration.spec.failure_policy == MigrationFailurePolicy::Retain {
-                return fail(
-                    migration,
-                    ctx,
-                    reasons::MIGRATION_FAILED,
-                    format!("the restore failed ({cause}); the source stays frozen until its deadline for inspection"),
-                )
-                .await;
-            }
-            // Roll back: the source thaws and carries on where it was frozen.
-            let note = release(migration, ctx, false).await?.err();
-            let at = now();
+            let message = match &workload {
+                // The source was stopped and deleted before the restore: the
+                // StatefulSet brings the pod back once the fence is lifted.
+                Workload::StatefulSet(set) => format!(
+                    "the restore failed ({cause}); StatefulSet {set} recreates pod {} from its template, with its \
+                     volumes and without its in-memory state",
+                    migration.spec.source_pod_name
+                ),
+                _ if migration.spec.failure_policy == MigrationFailurePolicy::Retain => {
+                    return fail(
+                        migration,
+                        ctx,
+                        reasons::MIGRATION_FAILED,
+                        format!(
+                            "the restore failed ({cause}); the source stays frozen until its deadline for inspection"
+                        ),
+                    )
+                    .await;
+                }
+                // Roll back: the source thaws and carries on where it was frozen.
+                _ => {
+                    let note = release(migration, ctx, false).await?.err();
+                    format!(
+                        "the restore failed ({cause}); the source pod was thawed and runs on{}",
+                        note.map(|n| format!(" ({n})")).unwrap_or_default()
+                    )
+                }
+            };
+            lift_fence(migration, ctx).await?;
             status.phase = Some(MigrationPhase::RolledBack);
-            status.completion_time = Some(at.clone());
-            let message = format!(
-                "the restore failed ({cause}); the source pod was thawed and runs on{}",
-                note.map(|n| format!(" ({n})")).unwrap_or_default()
-            );
+            status.completion_time = Some(now());
             finish(
                 migration,
                 ctx,
@@ -564,16 +830,5 @@ mod tests {
             blocking_budget(&budgets, &labels).unwrap(),
             "PodDisruptionBudget db allows no disruption of the pod now (disruptionsAllowed 0)"
         );
-    }
-
-    #[test]
-    fn pods_of_controllers_are_named_as_unsupported() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "web-1", "ownerReferences": [
-                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "1", "controller": true}]}
-        }))
-        .unwrap();
-        assert!(unsupported_owner(&pod).unwrap().contains("managed by ReplicaSet web"));
-        assert!(unsupported_owner(&Pod::default()).is_none());
     }
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::{
-    CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus, RestorePhase, RestoreTimings,
-    restore_reasons as reasons,
+    CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus,
+    RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
@@ -33,6 +33,7 @@ use crate::context::{
     Context, Ending, Error, Operation, fail_with, finish, kube_err, node_ready, now, publish, write_status,
 };
 use crate::restore_pod::{CheckpointedImage, restore_pod};
+use crate::workload::{WITHHOLD_LABELS_ANNOTATION, parse_withheld};
 
 /// Reconciles one PodRestore.
 pub async fn reconcile(restore: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -92,9 +93,36 @@ async fn checkpoint_deleted(restore: &PodRestore, ctx: &Context) -> Result<Actio
     fail(restore, ctx, reasons::CHECKPOINT_NOT_FOUND, message).await
 }
 
+/// The namespace of the PodCheckpoint a restore names.
+fn checkpoint_namespace(restore: &PodRestore) -> String {
+    restore
+        .spec
+        .checkpoint_namespace
+        .clone()
+        .unwrap_or_else(|| restore.namespace().unwrap_or_default())
+}
+
+/// Why a restore may not read its checkpoint, if it may not: a checkpoint of another
+/// namespace must grant it.
+pub fn refused_grant(restore: &PodRestore, checkpoint: &PodCheckpoint) -> Option<String> {
+    let own = restore.namespace().unwrap_or_default();
+    let theirs = checkpoint.namespace().unwrap_or_default();
+    let annotation = checkpoint
+        .annotations()
+        .get(RESTORE_NAMESPACES_ANNOTATION)
+        .map(String::as_str);
+    (own != theirs && !grants_restore_to(annotation, &own)).then(|| {
+        format!(
+            "spec.checkpointNamespace: PodCheckpoint {theirs}/{} does not grant restores to namespace {own} \
+             (its annotation {RESTORE_NAMESPACES_ANNOTATION} must list it)",
+            checkpoint.name_any()
+        )
+    })
+}
+
 /// The PodCheckpoint a restore names, if it exists.
 async fn checkpoint_of(restore: &PodRestore, ctx: &Context) -> Result<Option<PodCheckpoint>, Error> {
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &checkpoint_namespace(restore));
     checkpoints
         .get_opt(&restore.spec.checkpoint_name)
         .await
@@ -151,7 +179,7 @@ pub fn choose_node(
 }
 
 async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
-    let ns = restore.namespace().unwrap_or_default();
+    let ns = checkpoint_namespace(restore);
     let name = &restore.spec.checkpoint_name;
     let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
         return fail(
@@ -162,6 +190,9 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     };
+    if let Some(message) = refused_grant(restore, &checkpoint) {
+        return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
+    }
     match checkpoint.status.as_ref().and_then(|s| s.phase) {
         Some(CheckpointPhase::Ready) => {}
         Some(CheckpointPhase::Failed) => {
@@ -275,7 +306,8 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let identities = match &checkpoint.spec.encryption {
         None => vec![],
         Some(encryption) => {
-            let data = secret_data(ctx, &ns, &encryption.secret_ref.name).await?;
+            // The key belongs to the checkpoint, in its namespace.
+            let data = secret_data(ctx, &checkpoint_namespace(restore), &encryption.secret_ref.name).await?;
             match data.as_ref().and_then(|d| d.get("identity")) {
                 Some(identity) => vec![String::from_utf8_lossy(&identity.0).into_owned()],
                 None => {
@@ -417,10 +449,17 @@ async fn create_pod(
         .collect();
     let mut pod = restore_pod(&template, pod_name, node, &restore.uid().unwrap_or_default(), &images);
     pod.metadata.namespace = Some(ns);
-    pod.metadata
-        .labels
-        .get_or_insert_with(Default::default)
-        .extend(restore.spec.labels.clone());
+    let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+    labels.extend(restore.spec.labels.clone());
+    // A migration keeps the pod out of its ReplicaSet until it is Ready.
+    for key in parse_withheld(
+        restore
+            .annotations()
+            .get(WITHHOLD_LABELS_ANNOTATION)
+            .map(String::as_str),
+    ) {
+        labels.remove(&key);
+    }
     pod.metadata
         .annotations
         .get_or_insert_with(Default::default)
@@ -447,6 +486,14 @@ pub fn pod_progress(pod: &Pod) -> PodProgress {
     let Some(status) = pod.status.as_ref() else {
         return PodProgress::Waiting;
     };
+    // Rejected by the kubelet (node affinity, resources) or ended.
+    if status.phase.as_deref() == Some("Failed") {
+        return PodProgress::Failed(format!(
+            "the restored pod failed: {}: {}",
+            status.reason.clone().unwrap_or_default(),
+            status.message.clone().unwrap_or_default()
+        ));
+    }
     let statuses = status.container_statuses.clone().unwrap_or_default();
     for s in &statuses {
         let waiting = s.state.as_ref().and_then(|st| st.waiting.as_ref());
@@ -627,6 +674,23 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_of_other_namespaces_need_their_grant() {
+        let mut restore = restore(serde_json::json!({}));
+        let mut cp = checkpoint("ObjectStore");
+        assert_eq!(refused_grant(&restore, &cp), None, "same namespace");
+        restore.metadata.namespace = Some("team-b".into());
+        let refused = refused_grant(&restore, &cp).unwrap();
+        assert!(
+            refused.contains("PodCheckpoint ns/cp does not grant restores to namespace team-b"),
+            "{refused}"
+        );
+        for (grant, granted) in [("team-a, team-b", true), ("*", true), ("team-a", false), ("", false)] {
+            cp.metadata.annotations = Some([(RESTORE_NAMESPACES_ANNOTATION.to_owned(), grant.to_owned())].into());
+            assert_eq!(refused_grant(&restore, &cp).is_none(), granted, "{grant:?}");
+        }
+    }
+
+    #[test]
     fn the_restored_pods_state_is_read_from_its_containers() {
         let pod = |statuses: serde_json::Value| -> Pod {
             serde_json::from_value(serde_json::json!({"status": {"containerStatuses": statuses}})).unwrap()
@@ -648,6 +712,13 @@ mod tests {
         assert_eq!(
             pod_progress(&pod(serde_json::json!([running, refused]))),
             PodProgress::Failed("container b could not be restored: cryopod-runc: no".into())
+        );
+        let rejected: Pod = serde_json::from_value(serde_json::json!({"status": {"phase": "Failed",
+            "reason": "NodeAffinity", "message": "Pod Predicate NodeAffinity failed"}}))
+        .unwrap();
+        assert_eq!(
+            pod_progress(&rejected),
+            PodProgress::Failed("the restored pod failed: NodeAffinity: Pod Predicate NodeAffinity failed".into())
         );
         assert_eq!(
             prepare_failure_reason(tonic::Code::DataLoss as i32),

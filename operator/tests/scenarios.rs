@@ -145,23 +145,31 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
 }
 
 #[tokio::test]
-async fn a_migration_of_a_replicaset_pod_is_refused_naming_the_controller() {
+async fn a_migration_of_a_job_pod_is_refused_naming_the_controller() {
     let (ctx, mut api, _tls) = context();
     let migration: PodMigration = serde_json::from_value(json!({
         "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
         "metadata": {"name": "move", "namespace": "ns", "uid": "m-1", "generation": 1},
-        "spec": {"sourcePodName": "web-1"}
+        "spec": {"sourcePodName": "nightly-x"}
     }))
     .unwrap();
     let reconcile = tokio::spawn(cryopod_operator::migration::reconcile(Arc::new(migration.clone()), ctx));
     api.expect(
         Method::GET,
-        "/api/v1/namespaces/ns/pods/web-1",
+        "/api/v1/namespaces/ns/pods/nightly-x",
         StatusCode::OK,
         json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "web-1", "namespace": "ns", "uid": "p-1", "ownerReferences": [
-                   {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d4f", "uid": "r-1", "controller": true}]},
-               "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "nginx"}]}}),
+               "metadata": {"name": "nightly-x", "namespace": "ns", "uid": "p-1", "ownerReferences": [
+                   {"apiVersion": "batch/v1", "kind": "Job", "name": "nightly", "uid": "j-1", "controller": true}]},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "job", "image": "busybox"}]}}),
+    )
+    .await;
+    // Every failure lifts the migration's fence, whether it put one up or not.
+    api.expect(
+        Method::DELETE,
+        "/api/v1/namespaces/ns/configmaps/move-fence",
+        StatusCode::NOT_FOUND,
+        not_found("configmaps \"move-fence\""),
     )
     .await;
     let status = api
@@ -174,7 +182,104 @@ async fn a_migration_of_a_replicaset_pod_is_refused_naming_the_controller() {
         .await;
     assert_eq!(status["status"]["phase"], "Failed");
     let message = status["status"]["conditions"][0]["message"].as_str().unwrap();
-    assert!(message.contains("managed by ReplicaSet web-5d4f"), "{message}");
+    assert!(message.contains("managed by Job nightly"), "{message}");
+    api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
+    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+}
+
+/// A StatefulSet pod's migration puts up its fence before anything is frozen; when
+/// the API server does not enforce it (no policy installed), the migration fails
+/// naming the policy and takes the fence down again. Nothing was frozen.
+#[tokio::test]
+async fn a_statefulset_migration_without_the_fence_policy_fails_and_lifts_the_fence() {
+    let (ctx, mut api, _tls) = context();
+    let migration: PodMigration = serde_json::from_value(json!({
+        "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
+        "metadata": {"name": "move", "namespace": "ns", "uid": "m-1", "generation": 1},
+        "spec": {"sourcePodName": "db-0"}
+    }))
+    .unwrap();
+    let reconcile = tokio::spawn(cryopod_operator::migration::reconcile(Arc::new(migration.clone()), ctx));
+    api.expect(
+        Method::GET,
+        "/api/v1/namespaces/ns/pods/db-0",
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "db-0", "namespace": "ns", "uid": "p-1", "labels": {"app": "db"}, "ownerReferences": [
+                   {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "s-1", "controller": true}]},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "db", "image": "busybox"}]}}),
+    )
+    .await;
+    api.expect(
+        Method::GET,
+        "/apis/policy/v1/namespaces/ns/poddisruptionbudgets",
+        StatusCode::OK,
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudgetList", "metadata": {}, "items": []}),
+    )
+    .await;
+    api.expect(
+        Method::GET,
+        "/api/v1/nodes",
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": [
+            {"metadata": {"name": "node-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}},
+            {"metadata": {"name": "node-2"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]}),
+    )
+    .await;
+    api.expect(
+        Method::GET,
+        "/api/v1/namespaces/ns/configmaps/move-fence",
+        StatusCode::NOT_FOUND,
+        not_found("configmaps \"move-fence\""),
+    )
+    .await;
+    // Created long ago as far as the deadline goes: enforcement is overdue.
+    let fence = api
+        .expect(
+            Method::POST,
+            "/api/v1/namespaces/ns/configmaps",
+            StatusCode::CREATED,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "move-fence", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z",
+                                "labels": {"cryopod.io/fence": "true"}},
+                   "data": {"pod": "db-0"}}),
+        )
+        .await;
+    assert_eq!(fence["data"]["pod"], "db-0");
+    assert_eq!(fence["metadata"]["labels"]["cryopod.io/fence"], "true");
+    assert_eq!(fence["metadata"]["ownerReferences"][0]["kind"], "PodMigration");
+    // The dry-run creation of a pod of that name is refused as a duplicate, not by
+    // the policy.
+    api.expect(
+        Method::POST,
+        "/api/v1/namespaces/ns/pods",
+        StatusCode::CONFLICT,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409,
+               "message": "pods \"db-0\" already exists"}),
+    )
+    .await;
+    api.expect(
+        Method::DELETE,
+        "/api/v1/namespaces/ns/configmaps/move-fence",
+        StatusCode::OK,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    )
+    .await;
+    let status = api
+        .expect(
+            Method::PATCH,
+            "/apis/cryopod.io/v1alpha1/namespaces/ns/podmigrations/move/status",
+            StatusCode::OK,
+            serde_json::to_value(&migration).unwrap(),
+        )
+        .await;
+    assert_eq!(status["status"]["phase"], "Failed");
+    let message = status["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not enforce the fence move-fence")
+            && message.contains("ValidatingAdmissionPolicy cryopod-restore-fence"),
+        "{message}"
+    );
     api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
 }

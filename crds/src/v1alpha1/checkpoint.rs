@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{DNS_SUBDOMAIN, LocalSecretReference, UID, conditions_schema, preserve_unknown_object};
 
+/// The annotation by which a PodCheckpoint grants restores from other namespaces:
+/// a comma-separated list of namespaces, or `*` for every namespace. Restores from
+/// its own namespace need no grant.
+pub const RESTORE_NAMESPACES_ANNOTATION: &str = "cryopod.io/restore-namespaces";
+
+/// Whether a PodCheckpoint's grant annotation lets `namespace` restore it.
+pub fn grants_restore_to(annotation: Option<&str>, namespace: &str) -> bool {
+    annotation.is_some_and(|a| a.split(',').map(str::trim).any(|n| n == "*" || n == namespace))
+}
+
 /// Condition reasons of a PodCheckpoint's `Ready` condition.
 pub mod checkpoint_reasons {
     /// Accepted, not started yet.

@@ -102,8 +102,9 @@ fn default_timeout_seconds() -> i32 {
 /// Failure handling of a migration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum MigrationFailurePolicy {
-    /// Bring the source back: thaw it, or restore it from the checkpoint on its
-    /// own node when it was already stopped; remove any half-restored target.
+    /// Bring the source back: thaw it; a StatefulSet pod, whose source is stopped
+    /// before the restore takes its name, is recreated by its StatefulSet (with its
+    /// volumes, without its memory). Any half-restored target is removed.
     #[default]
     Rollback,
     /// Leave everything as it is for inspection (the source may stay stopped).
@@ -120,6 +121,12 @@ pub struct PodMigrationStatus {
     /// UID of the source pod when the migration started.
     #[serde(rename = "sourcePodUID", default, skip_serializing_if = "Option::is_none")]
     pub source_pod_uid: Option<String>,
+    /// The controller that owns the source pod, as `Kind/name` (`ReplicaSet/web-7d4b9`,
+    /// `StatefulSet/db`); unset for a bare pod. A StatefulSet pod comes back under
+    /// its own name; a ReplicaSet's restored pod is adopted by it in place of the
+    /// source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_controller: Option<String>,
     /// Node the pod left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_node_name: Option<String>,

@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{DNS_SUBDOMAIN, NodeTarget, bounded_string_map, conditions_schema};
+use crate::common::{DNS_LABEL, DNS_SUBDOMAIN, NodeTarget, bounded_string_map, conditions_schema};
 
 /// Condition reasons of a PodRestore's `Ready` condition.
 pub mod restore_reasons {
@@ -19,6 +19,8 @@ pub mod restore_reasons {
     pub const RESTORE_COMPLETED: &str = "RestoreCompleted";
     /// The restore failed; the message names the cause.
     pub const RESTORE_FAILED: &str = "RestoreFailed";
+    /// The checkpoint is in another namespace that does not grant restores to this one.
+    pub const NOT_PERMITTED: &str = "NotPermitted";
     /// `checkpointName` does not exist in this namespace.
     pub const CHECKPOINT_NOT_FOUND: &str = "CheckpointNotFound";
     /// The checkpoint exists but is not Ready.
@@ -60,9 +62,16 @@ pub mod restore_reasons {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable after creation; create a new PodRestore instead"))]
 pub struct PodRestoreSpec {
-    /// Name of a Ready PodCheckpoint in this namespace.
+    /// Name of a Ready PodCheckpoint in this namespace, or in `checkpointNamespace`.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub checkpoint_name: String,
+
+    /// Namespace of the PodCheckpoint when it is not this one. That PodCheckpoint
+    /// must grant it: its annotation `cryopod.io/restore-namespaces` lists this
+    /// namespace (comma-separated) or is `*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
+    pub checkpoint_namespace: Option<String>,
 
     /// Where to run the restored pod. When omitted, the operator picks a ready node
     /// that passes the compatibility check (CRIU, kernel, CPU features, cgroups).

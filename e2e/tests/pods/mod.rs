@@ -15,6 +15,8 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+pub mod control;
+
 pub const BUSYBOX: &str = "cryopod.local/busybox:e2e";
 /// The trio pod's containers: `a`, `b` and `c` count; `d` mirrors the counter that
 /// `a` keeps in the shared `/dev/shm`.
@@ -384,6 +386,20 @@ pub async fn start_agent(
     AgentProcess,
     cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
 ) {
+    start_agent_with(tb, node, tls, state, &[]).await
+}
+
+/// [`start_agent`] with these environment variables set over the usual ones.
+pub async fn start_agent_with(
+    tb: &Testbed,
+    node: &str,
+    tls: &AgentTls,
+    state: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (
+    AgentProcess,
+    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+) {
     use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
@@ -414,6 +430,7 @@ pub async fn start_agent(
             .env("CRYOPOD_NODE_EXEC", format!("nsenter -t {} -m --", launcher.trim()))
             .env("CRYOPOD_CRIU_DIR", tb.node_packages.join("bin"))
             .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),

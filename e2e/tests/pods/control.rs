@@ -1,0 +1,256 @@
+//! The operator and its agents as processes, for the tests that drive cryopod
+//! through its resources with `kubectl`.
+
+use std::time::Duration;
+
+use cryopod_crds::v1alpha1::{CheckpointPhase, PodCheckpoint, PodRestore, RestorePhase};
+use cryopod_e2e::testbed::{Testbed, wait_until};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::Api;
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+use serde_json::json;
+
+use super::*;
+
+/// The operator binary, killed when the test ends.
+pub struct Operator(pub std::process::Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the operator for namespace `ns`, knowing the agents at these ports.
+pub fn start_operator(
+    tb: &Testbed,
+    ns: &str,
+    tls: &AgentTls,
+    agents: &[(&str, u16)],
+    log: &std::path::Path,
+) -> Operator {
+    let bin = std::env::var("CRYOPOD_OPERATOR_BIN").expect("CRYOPOD_OPERATOR_BIN is set by e2e/run.sh");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Operator(
+        std::process::Command::new(bin)
+            .env("KUBECONFIG", &tb.kubeconfig)
+            .env("CRYOPOD_TLS_DIR", tls.operator_dir.path())
+            .env("CRYOPOD_AGENT_TLS_NAME", "localhost")
+            .env(
+                "CRYOPOD_AGENT_ENDPOINTS",
+                agents
+                    .iter()
+                    .map(|(node, port)| format!("{node}=https://localhost:{port}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .env("CRYOPOD_WATCH_NAMESPACE", ns)
+            // Each test's operator leads on its own Lease, in its namespace.
+            .env("CRYOPOD_NAMESPACE", ns)
+            .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+pub fn kubectl_apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) {
+    let mut child = tb
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), doc.to_string().as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CheckpointStorage on the testbed's S3 server, credentials in a Secret of `ns`.
+pub fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
+    let name = format!("s3-{ns}");
+    kubectl_apply(
+        tb,
+        ns,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+    );
+    kubectl_apply(
+        tb,
+        ns,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": name},
+                "spec": {"type": "S3", "prefix": "operator-e2e",
+                         "s3": {"endpoint": tb.s3.endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
+                                "credentialsSecretRef": {"name": "s3-creds", "namespace": ns}}}}),
+    );
+    name
+}
+
+/// Agents on both nodes and an operator that knows them.
+pub struct Control {
+    pub state: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+    pub agents: [AgentProcess; 2],
+    pub _operator: Operator,
+    pub tls: AgentTls,
+}
+
+/// Starts the agent binaries of node-1 and node-2 (node-2's preparing restores where
+/// its runtime handler reads them) and an operator for namespace `ns`.
+pub async fn start_control(tb: &Testbed, ns: &str) -> Control {
+    start_control_on(tb, ns, &tb.nodes[0].clone(), &tb.nodes[1].clone()).await
+}
+
+/// [`start_control`] with the source and target nodes named: the source's agent
+/// keeps its state apart (its journal is this test's alone), the target's prepares
+/// restores where the node's runtime handler reads them.
+pub async fn start_control_on(tb: &Testbed, ns: &str, source: &str, target: &str) -> Control {
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{ns}"));
+    let (agent_1, _) = start_agent(tb, source, &tls, &state).await;
+    let (agent_2, _) = start_agent(tb, target, &tls, &tb.dir.join(target).join("cryopod")).await;
+    let log = state.join("operator.log");
+    let operator = start_operator(tb, ns, &tls, &[(source, agent_1.port), (target, agent_2.port)], &log);
+    Control {
+        state,
+        log,
+        agents: [agent_1, agent_2],
+        _operator: operator,
+        tls,
+    }
+}
+
+/// `kubectl wait --for=condition=Ready` on `resource`; on failure, says why with the
+/// operator's log and the resource's events.
+pub fn kubectl_wait_ready(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path) {
+    let wait = tb
+        .kubectl()
+        .args(["wait", "-n", ns, "--for=condition=Ready", "--timeout=120s", resource])
+        .output()
+        .unwrap();
+    let name = resource.rsplit('/').next().unwrap_or(resource);
+    assert!(
+        wait.status.success(),
+        "kubectl wait {resource}: {}{}\n{}",
+        String::from_utf8_lossy(&wait.stderr),
+        std::fs::read_to_string(operator_log).unwrap_or_default(),
+        event_reasons(tb, ns, name)
+    );
+}
+
+/// Waits until a resource has ended (`done` says so) and returns it.
+async fn ended_when<K>(api: &Api<K>, name: &str, done: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_until(&format!("{name} to end"), Duration::from_secs(120), || async {
+        api.get(name).await.ok().filter(&done)
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits for a PodCheckpoint to end (Ready or Failed) and returns it.
+pub async fn ended(api: &Api<PodCheckpoint>, name: &str) -> PodCheckpoint {
+    ended_when(api, name, |cp| {
+        cp.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| matches!(p, CheckpointPhase::Ready | CheckpointPhase::Failed))
+    })
+    .await
+}
+
+/// Waits for a PodRestore to end (Ready or Failed) and returns it.
+pub async fn restore_ended(api: &Api<PodRestore>, name: &str) -> PodRestore {
+    ended_when(api, name, |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| matches!(p, RestorePhase::Ready | RestorePhase::Failed))
+    })
+    .await
+}
+
+/// The `Ready` condition's status, reason and message.
+pub fn ready_of(conditions: &[Condition]) -> (String, String, String) {
+    let c = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+pub fn ready_condition(cp: &PodCheckpoint) -> (String, String, String) {
+    ready_of(&cp.status.as_ref().unwrap().conditions)
+}
+
+/// The event reasons recorded for a PodCheckpoint.
+pub fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
+    let out = tb
+        .kubectl()
+        .args([
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "custom-columns=REASON:.reason,NOTE:.note,MESSAGE:.message",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
+/// there.
+pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &[&str]) -> Vec<u64> {
+    let prefix = stored_prefix(checkpoint);
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let volume = store
+        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let inner = &tar_members(&unzstd(&volume))[0].1;
+    names
+        .iter()
+        .map(|n| {
+            tar_members(inner)
+                .iter()
+                .find(|(p, _)| p.rsplit('/').next() == Some(*n))
+                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
+                .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
+        })
+        .collect()
+}
+
+/// Where a Ready PodCheckpoint's objects are in S3.
+pub fn stored_prefix(checkpoint: &PodCheckpoint) -> String {
+    checkpoint
+        .status
+        .clone()
+        .and_then(|s| s.checkpoint_location)
+        .and_then(|l| l.object_store)
+        .map(|o| o.prefix)
+        .expect("the checkpoint is stored in S3")
+}
+
+/// Deletes a test's CheckpointStorage (cluster-scoped, so the namespace does not).
+pub fn delete_storage(tb: &Testbed, name: &str) {
+    let _ = tb.kubectl().args(["delete", "cpstor", name, "--wait=false"]).output();
+}
