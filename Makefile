@@ -12,8 +12,8 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: ## Run the demo on a fresh machine (local cluster, operator, a live migration)
-	@echo "make demo: not built yet; it arrives with the Helm chart and the end-to-end tests (issue #6)" >&2; exit 1
+demo: ## Run the demo on a fresh machine: local cluster, cryopod with Helm, a live migration (leaves the cluster up)
+	e2e/demo.sh
 
 .PHONY: test
 test: lint unit e2e ## Run every test tier (what CI runs)

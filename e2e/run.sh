@@ -7,11 +7,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 export CRYOPOD_TESTBED="$TESTBED"
 export CRYOPOD_NODES="${NODES[*]}"
-export CRYOPOD_S3_ENDPOINT="http://$HOST_S3" CRYOPOD_S3_BUCKET="$S3_BUCKET"
+export CRYOPOD_S3_ENDPOINT="http://$HOST_S3" CRYOPOD_S3_CLUSTER_ENDPOINT="http://$HUB_IP:$S3_PORT"
+export CRYOPOD_S3_BUCKET="$S3_BUCKET"
 export CRYOPOD_S3_ACCESS_KEY="$S3_ACCESS_KEY" CRYOPOD_S3_SECRET_KEY="$S3_SECRET_KEY"
 CRYOPOD_NODE_PACKAGES=$("$HACK_DIR/ensure-node-packages.sh")
 CRYOPOD_KUBE_BIN=$("$HACK_DIR/build-kubernetes.sh")
-export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
+CRYOPOD_HELM=$("$HACK_DIR/ensure-helm.sh")
+export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN CRYOPOD_HELM
 
 # Compile before the cluster starts, so its start-up time is not spent building.
 cargo test --locked -p cryopod-e2e --no-run --quiet
@@ -28,6 +30,8 @@ trap down EXIT
 
 status=0
 cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test operator --test workloads -- --test-threads=2 || status=$?
+# The chart installed with Helm takes the whole cluster: alone, after the others.
+cargo test --locked -p cryopod-e2e --test helm || status=$?
 
 trap - EXIT
 down

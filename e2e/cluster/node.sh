@@ -58,6 +58,12 @@ until "${ctr[@]}" version >/dev/null 2>&1; do
   ((SECONDS < deadline)) || die "$node: containerd did not start; see $LOGS/$node-containerd.log"
   sleep 0.2
 done
+# The paths the Helm chart mounts by default, as this node's own: the runtime socket and
+# the agent's state directory (where this node's runtime handler reads restores).
+touch /run/containerd/containerd.sock
+mount --bind "$sock" /run/containerd/containerd.sock
+mkdir -p /var/lib/cryopod "$dir/cryopod"
+mount --bind "$dir/cryopod" /var/lib/cryopod
 for image in "$images"/*.tar; do
   "${ctr[@]}" images import "$image" >/dev/null || die "$node: cannot import $image"
 done

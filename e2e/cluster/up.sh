@@ -87,6 +87,8 @@ for node in "${NODES[@]}"; do
   for peer in "${NODES[@]}"; do
     [[ $peer == "$node" ]] || ip -n "$ns" route add "$(pod_cidr "$peer")" via "$(node_ip "$peer")"
   done
+  # The control plane answers pods (the kubernetes Service leads there) through their node.
+  "${in_hub[@]}" ip route add "$(pod_cidr "$node")" via "$(node_ip "$node")"
 done
 
 log "cgroups: a root of our own per node in every v1 controller"

@@ -115,13 +115,16 @@ mod tests {
         host_paths.sort();
         assert_eq!(
             host_paths,
-            [
-                "/run/containerd/containerd.sock",
-                "/run/containerd/runc",
-                "/sys/fs/cgroup",
-                "/var/lib/cryopod"
-            ]
+            ["/run/containerd/containerd.sock", "/sys/fs/cgroup", "/var/lib/cryopod"]
         );
+        // runc and CRIU run in the runtime's mount namespace, found through its socket.
+        let env = &agent["containers"][0]["env"];
+        let node_exec = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "CRYOPOD_NODE_EXEC");
+        assert_eq!(node_exec.unwrap()["value"], "nsenter -t {runtime-pid} -m --");
         let with_handler = render(&["agent.installHandler=true"]).unwrap();
         let agent = &find(&with_handler, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
         assert_eq!(agent["initContainers"][0]["args"][0], "install-handler");

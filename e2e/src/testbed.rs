@@ -68,8 +68,10 @@ fn env(name: &'static str) -> Result<String, HarnessError> {
 /// Settings of the cluster's S3 server, as seen from the host.
 #[derive(Debug, Clone)]
 pub struct S3Settings {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`: the S3 server as the host reaches it.
     pub endpoint: String,
+    /// The S3 server as the nodes and pods reach it (the hub's address).
+    pub cluster_endpoint: String,
     /// The bucket cluster-up creates.
     pub bucket: String,
     /// Access key id.
@@ -106,6 +108,7 @@ impl Testbed {
             node_packages: PathBuf::from(env("CRYOPOD_NODE_PACKAGES")?),
             s3: S3Settings {
                 endpoint: env("CRYOPOD_S3_ENDPOINT")?,
+                cluster_endpoint: env("CRYOPOD_S3_CLUSTER_ENDPOINT")?,
                 bucket: env("CRYOPOD_S3_BUCKET")?,
                 access_key: env("CRYOPOD_S3_ACCESS_KEY")?,
                 secret_key: env("CRYOPOD_S3_SECRET_KEY")?,
@@ -136,9 +139,29 @@ impl Testbed {
         cmd
     }
 
-    /// Installs the generated CRDs and the restore fence policy (as the chart does)
-    /// and waits until the CRDs serve.
+    /// Installs the generated CRDs, the restore fence policy and the RuntimeClass (as
+    /// the chart does) and waits until the CRDs serve.
     pub fn install_crds(&self) -> Result<(), String> {
+        let runtime_class = r#"{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                                "metadata": {"name": "cryopod"}, "handler": "cryopod"}"#;
+        let mut apply = self
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = apply.stdin.take() {
+            std::io::Write::write_all(&mut stdin, runtime_class.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        let out = apply.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "kubectl apply RuntimeClass: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         let dir = repo_root().join("charts/cryopod/crds");
         let dir = dir.to_string_lossy();
         let fence = repo_root().join("charts/cryopod/files/restore-fence.yaml");

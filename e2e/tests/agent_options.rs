@@ -359,18 +359,11 @@ async fn an_encrypted_checkpoint_opens_with_the_stock_age_tool() {
     let node = tb.nodes[0].clone();
     let trio = start_trio(&tb, &client, &ns, &node).await;
     let uid = ns.pods(&client).get("trio").await.unwrap().metadata.uid.unwrap();
-    let keys = tempfile::tempdir().unwrap();
-    let identity = keys.path().join("identity.txt");
-    let keygen = std::process::Command::new("age-keygen")
-        .arg("-o")
-        .arg(&identity)
-        .output()
-        .expect("age-keygen (installed by hack/ensure-node-packages.sh)");
-    assert!(keygen.status.success(), "{keygen:?}");
-    let public = String::from_utf8_lossy(&keygen.stderr)
-        .trim()
-        .trim_start_matches("Public key: ")
-        .to_owned();
+    let AgeKeys {
+        dir: keys,
+        identity,
+        public,
+    } = age_keys();
 
     let (freezer, _journal_dir, journal) = freeze_tools();
     let agent = node_agent(

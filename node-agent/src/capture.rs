@@ -220,8 +220,10 @@ pub struct RootfsDiff {
     pub deleted: Vec<String>,
 }
 
-/// Tars a container's overlay upper directory into `out`.
-pub fn rootfs_diff(container: &RunningContainer, out: &Path) -> Result<RootfsDiff, CaptureError> {
+/// Tars a container's overlay upper directory into `out`. The upper directory's
+/// path is the runtime's; `node_root` is where the runtime's root is seen from here
+/// (`/`, or `/proc/<runtime pid>/root` when the agent runs in a container).
+pub fn rootfs_diff(container: &RunningContainer, node_root: &Path, out: &Path) -> Result<RootfsDiff, CaptureError> {
     let mountinfo_path = PathBuf::from(format!("/proc/{}/mountinfo", container.pid));
     let mountinfo = std::fs::read_to_string(&mountinfo_path).map_err(|source| CaptureError::Archive {
         what: format!("the mounts of container {}", container.name),
@@ -232,6 +234,7 @@ pub fn rootfs_diff(container: &RunningContainer, out: &Path) -> Result<RootfsDif
         container: container.name.clone(),
     })?;
     let what = format!("the rootfs changes of container {}", container.name);
+    let upper = node_root.join(upper.strip_prefix("/").unwrap_or(&upper));
     let deleted = tar_tree(&what, &upper, out, true)?;
     Ok(RootfsDiff {
         tar: out.to_path_buf(),

@@ -294,6 +294,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         // Shared state and rootfs changes first, while the processes whose /proc
         // entries they are read through are frozen.
         let (containers, state_dir) = (pod.containers.clone(), work.to_path_buf());
+        let node_root = self.exec.node_root();
         progress(Stage::Dumping);
         let captured = tokio::task::spawn_blocking(move || {
             let shared = capture_shared_state(&containers, &state_dir)?;
@@ -306,7 +307,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                         path: dir.clone(),
                         source,
                     })?;
-                    rootfs_diff(c, &dir.join("rootfs-diff.tar"))
+                    rootfs_diff(c, &node_root, &dir.join("rootfs-diff.tar"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, CaptureError>((shared, diffs))

@@ -16,18 +16,70 @@ use std::time::{Duration, Instant};
 use crate::discovery::RunningContainer;
 
 /// How node programs are started: directly, or through a prefix such as
-/// `nsenter --mount=/proc/1/ns/mnt --` when the agent runs in a container.
+/// `nsenter -t {runtime-pid} -m --` when the agent runs in a container.
 #[derive(Clone, Debug, Default)]
 pub struct NodeExec {
-    /// Words put before every command.
+    /// Words put before every command; [`RUNTIME_PID`] in them stands for the
+    /// container runtime's PID.
     pub prefix: Vec<OsString>,
     /// Directories put first in PATH (where `criu` is).
     pub path_dirs: Vec<PathBuf>,
+    /// The container runtime's socket, whose peer is the runtime process.
+    pub runtime_socket: Option<PathBuf>,
+}
+
+/// Stands for the PID of the process serving the container runtime's socket. runc
+/// must run in the mount namespace the runtime runs in: the host's on a usual node
+/// (where PID 1 would do as well), the node's own where nodes are containers or, as
+/// in the local cluster, mount namespaces of one machine.
+pub const RUNTIME_PID: &str = "{runtime-pid}";
+
+/// The PID of the process listening on a Unix socket (`SO_PEERCRED`).
+pub fn socket_peer_pid(socket: &Path) -> std::io::Result<i32> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    let cred = rustix::net::sockopt::socket_peercred(&stream)?;
+    Ok(cred.pid.as_raw_nonzero().get())
 }
 
 impl NodeExec {
+    /// The prefix with [`RUNTIME_PID`] resolved now (the runtime may have restarted).
+    pub fn resolved_prefix(&self) -> std::io::Result<Vec<OsString>> {
+        let needs_pid = self.prefix.iter().any(|w| w.to_string_lossy().contains(RUNTIME_PID));
+        if !needs_pid {
+            return Ok(self.prefix.clone());
+        }
+        let socket = self.runtime_socket.as_deref().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no container runtime socket is configured",
+            )
+        })?;
+        let pid = socket_peer_pid(socket)?.to_string();
+        Ok(self
+            .prefix
+            .iter()
+            .map(|w| w.to_string_lossy().replace(RUNTIME_PID, &pid).into())
+            .collect())
+    }
+
+    /// Where the runtime's root directory is seen from this process: through the
+    /// runtime process's `/proc` entry, so that paths the runtime reports (overlay
+    /// upper directories) resolve in its mount namespace; `/` without a runtime.
+    pub fn node_root(&self) -> PathBuf {
+        self.runtime_socket
+            .as_deref()
+            .and_then(|socket| socket_peer_pid(socket).ok())
+            .map_or_else(|| PathBuf::from("/"), |pid| PathBuf::from(format!("/proc/{pid}/root")))
+    }
+
     pub(crate) fn command(&self, program: &Path) -> tokio::process::Command {
-        let mut words = self.prefix.iter();
+        // An unresolvable runtime leaves the placeholder, which the prefix program
+        // then rejects in its error output (reported with the command's failure).
+        let prefix = self.resolved_prefix().unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot find the container runtime's process for {RUNTIME_PID}");
+            self.prefix.clone()
+        });
+        let mut words = prefix.iter();
         let mut cmd = match words.next() {
             Some(first) => {
                 let mut cmd = tokio::process::Command::new(first);
@@ -252,7 +304,33 @@ pub async fn dump_containers(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn the_runtime_pid_is_the_socket_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("runtime.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(socket_peer_pid(&socket).unwrap(), std::process::id() as i32);
+        let exec = NodeExec {
+            prefix: ["nsenter", "-t", "{runtime-pid}", "-m", "--"].map(Into::into).to_vec(),
+            path_dirs: vec![],
+            runtime_socket: Some(socket),
+        };
+        let pid = std::process::id().to_string();
+        assert_eq!(
+            exec.resolved_prefix().unwrap(),
+            ["nsenter", "-t", pid.as_str(), "-m", "--"].map(std::ffi::OsString::from)
+        );
+        let gone = NodeExec {
+            runtime_socket: Some(dir.path().join("missing.sock")),
+            ..exec
+        };
+        assert!(gone.resolved_prefix().is_err());
+        assert_eq!(gone.node_root(), PathBuf::from("/"));
+    }
 
     #[test]
     fn checkpoint_arguments_follow_the_options() {

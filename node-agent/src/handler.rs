@@ -388,9 +388,15 @@ impl ContainerRestore<'_> {
         // pipes recorded at the dump): those are the shim's pipes for this container,
         // so they are inherited, never captured (a capture would wait forever for the
         // restored process to close them). runc's own error goes to its --log.
-        let status = cmd
-            .status()
-            .map_err(|e| format!("cannot run {}: {e}", self.config.runc.display()))?;
+        let status = cmd.status();
+        // runc reads the file named by the annotation on every later checkpoint of
+        // this container too, and CRIU refuses restore-only options on a dump: the
+        // restored container must stay checkpointable.
+        let _ = std::fs::write(
+            &criu_conf,
+            "# the restore's options were applied; none for later dumps\n",
+        );
+        let status = status.map_err(|e| format!("cannot run {}: {e}", self.config.runc.display()))?;
         if !status.success() {
             let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
             return Err(format!(

@@ -35,7 +35,8 @@ pub struct AgentConfig {
     pub cgroup: (CgroupVersion, PathBuf),
     /// `CRYOPOD_STATE_DIR`, default `/var/lib/cryopod`: `journal/`, `work/` and `restores/` (read by the runtime handler).
     pub state_dir: PathBuf,
-    /// `CRYOPOD_NODE_EXEC`: words put before node commands, e.g. `nsenter -t 1 -m --`.
+    /// `CRYOPOD_NODE_EXEC`: words put before node commands, e.g. `nsenter -t {runtime-pid} -m --`
+    /// ([`crate::dump::RUNTIME_PID`]: the container runtime's PID).
     pub node_exec: Vec<String>,
     /// `CRYOPOD_CRIU_DIR`: a directory put first in PATH for runc to find `criu`.
     pub criu_dir: Option<PathBuf>,
@@ -58,6 +59,8 @@ pub enum RunError {
     Metrics { source: std::io::Error },
     /// Installing the runtime handler failed.
     Install { source: std::io::Error },
+    /// The process of the container runtime, named in `CRYOPOD_NODE_EXEC`, was not found.
+    NodeExec { source: std::io::Error },
 }
 
 impl std::fmt::Display for RunError {
@@ -70,6 +73,11 @@ impl std::fmt::Display for RunError {
             Self::Serve { .. } => write!(f, "the gRPC server failed"),
             Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
             Self::Install { .. } => write!(f, "cannot install the runtime handler"),
+            Self::NodeExec { .. } => write!(
+                f,
+                "CRYOPOD_NODE_EXEC names {}, but the process serving CRYOPOD_CRI_SOCKET cannot be found",
+                crate::dump::RUNTIME_PID
+            ),
         }
     }
 }
@@ -82,7 +90,7 @@ impl std::error::Error for RunError {
             Self::Journal { source } => Some(source),
             Self::Runtime { source } => Some(source),
             Self::Serve { source } => Some(source),
-            Self::Metrics { source } | Self::Install { source } => Some(source),
+            Self::Metrics { source } | Self::Install { source } | Self::NodeExec { source } => Some(source),
         }
     }
 }
@@ -243,7 +251,10 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let exec = NodeExec {
         prefix: config.node_exec.iter().map(Into::into).collect(),
         path_dirs: config.criu_dir.iter().cloned().collect(),
+        runtime_socket: Some(config.cri_socket.clone()),
     };
+    // Fail at start, not at the first checkpoint, when the runtime cannot be found.
+    exec.resolved_prefix().map_err(|source| RunError::NodeExec { source })?;
     let node = node_facts(&config, &exec).await;
     let freezer: Arc<dyn Freezer> = Arc::from(freezer_for(config.cgroup.0, &config.cgroup.1));
     let runtime = CriClient::connect(&config.cri_socket)

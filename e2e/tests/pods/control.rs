@@ -217,15 +217,7 @@ pub fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
 /// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
 /// there.
 pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &[&str]) -> Vec<u64> {
-    let prefix = stored_prefix(checkpoint);
-    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
-    let volume = store
-        .get(&ObjectPath::from(format!("{prefix}pod/volume/data.tar.zst")))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let volume = stored_object(tb, checkpoint, "pod/volume/data.tar.zst").await;
     let inner = &tar_members(&unzstd(&volume))[0].1;
     names
         .iter()
@@ -237,6 +229,13 @@ pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &
                 .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
         })
         .collect()
+}
+
+/// One stored object of a Ready PodCheckpoint, as stored.
+pub async fn stored_object(tb: &Testbed, checkpoint: &PodCheckpoint, key: &str) -> Vec<u8> {
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    let path = ObjectPath::from(format!("{}{key}", stored_prefix(checkpoint)));
+    store.get(&path).await.unwrap().bytes().await.unwrap().to_vec()
 }
 
 /// Where a Ready PodCheckpoint's objects are in S3.

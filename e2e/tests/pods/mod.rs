@@ -141,16 +141,18 @@ pub async fn assert_counting_on(ns: &TestNamespace, client: &kube::Client, data:
 }
 
 /// Runs node programs as the agent would on that node: in its mount namespace.
+/// Node commands run in the mount namespace of the node's containerd, as the chart
+/// configures the agent.
 pub fn node_exec(tb: &Testbed, node: &str) -> cryopod_node_agent::dump::NodeExec {
-    let launcher = std::fs::read_to_string(tb.dir.join(format!("pids/{node}.pid"))).unwrap();
     cryopod_node_agent::dump::NodeExec {
-        prefix: ["nsenter", "-t", launcher.trim(), "-m", "--"]
-            .iter()
-            .map(Into::into)
-            .collect(),
+        prefix: NODE_EXEC.split(' ').map(Into::into).collect(),
         path_dirs: vec![tb.node_packages.join("bin")],
+        runtime_socket: Some(cri_socket(tb, node)),
     }
 }
+
+/// The chart's default `agent.nodeExec`.
+pub const NODE_EXEC: &str = "nsenter -t {runtime-pid} -m --";
 
 /// The agent library on `node`, talking to its containerd, with a fresh journal (kept
 /// in the returned directory).
@@ -408,7 +410,6 @@ pub async fn start_agent_with(
         .local_addr()
         .unwrap()
         .port();
-    let launcher = std::fs::read_to_string(tb.dir.join(format!("pids/{node}.pid"))).unwrap();
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -427,7 +428,7 @@ pub async fn start_agent_with(
             .env("CRYOPOD_CRI_SOCKET", cri_socket(tb, node))
             .env("CRYOPOD_CGROUP", "v1:/sys/fs/cgroup/freezer")
             .env("CRYOPOD_STATE_DIR", state)
-            .env("CRYOPOD_NODE_EXEC", format!("nsenter -t {} -m --", launcher.trim()))
+            .env("CRYOPOD_NODE_EXEC", NODE_EXEC)
             .env("CRYOPOD_CRIU_DIR", tb.node_packages.join("bin"))
             .env("CRYOPOD_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
             .envs(env.iter().copied())
@@ -916,4 +917,30 @@ pub fn stateful_pod(node: &str) -> Pod {
             ]}
     }))
     .unwrap()
+}
+
+/// An age key pair made by the stock `age-keygen`, in a directory of its own.
+pub struct AgeKeys {
+    /// Holds the identity file; the tests put more files here.
+    pub dir: tempfile::TempDir,
+    /// The identity (private key) file.
+    pub identity: PathBuf,
+    /// The recipient (public key).
+    pub public: String,
+}
+
+pub fn age_keys() -> AgeKeys {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("identity.txt");
+    let keygen = std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(&identity)
+        .output()
+        .expect("age-keygen (installed by hack/ensure-node-packages.sh)");
+    assert!(keygen.status.success(), "{keygen:?}");
+    let public = String::from_utf8_lossy(&keygen.stderr)
+        .trim()
+        .trim_start_matches("Public key: ")
+        .to_owned();
+    AgeKeys { dir, identity, public }
 }

@@ -1,0 +1,400 @@
+//! cryopod as users install it: `helm install` of the chart with the images built
+//! from static binaries (e2e/cluster/images.sh), on the local cluster. The operator
+//! runs in the cluster with leader election, the agents as the DaemonSet. Then, on a
+//! four-container pod that counts in memory, through `/dev/shm` and into an emptyDir:
+//! an encrypted PodCheckpoint, a PodRestore on the other node, a PodMigration from
+//! node-1 to node-2, each counting on; deleting the checkpoints removes their objects
+//! from the bucket; `helm upgrade` keeps the certificates and serves on; `helm
+//! uninstall` leaves nothing of the release behind (CRDs stay, as Helm does).
+//!
+//! It takes the whole cluster: `e2e/run.sh` runs it alone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod pods;
+
+use std::time::Duration;
+
+use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
+use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+use futures::StreamExt;
+use kube::api::Api;
+use object_store::path::Path as ObjectPath;
+use pods::control::*;
+use pods::*;
+use serde_json::json;
+
+const RELEASE: &str = "cryopod";
+const RELEASE_NS: &str = "cryopod-system";
+/// What the release labels its objects with.
+const INSTANCE: &str = "app.kubernetes.io/instance=cryopod";
+/// Every kind the chart installs, for `kubectl get`.
+const CHART_KINDS: &str = "deployments,daemonsets,pods,services,secrets,serviceaccounts,configmaps,roles,\
+rolebindings,clusterroles,clusterrolebindings,runtimeclasses,validatingadmissionpolicies,\
+validatingadmissionpolicybindings,leases";
+
+fn helm(tb: &Testbed, args: &[&str]) -> String {
+    let bin = std::env::var("CRYOPOD_HELM").expect("CRYOPOD_HELM is set by e2e/run.sh");
+    let out = std::process::Command::new(bin)
+        .env("KUBECONFIG", &tb.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        release_logs(tb)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kubectl(tb: &Testbed, args: &[&str]) -> String {
+    let out = tb.kubectl().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm uninstall`, waiting until the release's resources are gone.
+fn uninstall(tb: &Testbed, extra: &[&str]) {
+    let mut args = vec![
+        "uninstall",
+        RELEASE,
+        "--namespace",
+        RELEASE_NS,
+        "--wait",
+        "--timeout",
+        "2m",
+    ];
+    args.extend(extra);
+    helm(tb, &args);
+}
+
+/// The release's CA certificate.
+fn release_ca(tb: &Testbed) -> String {
+    kubectl(
+        tb,
+        &[
+            "get",
+            "secret",
+            "cryopod-tls",
+            "-n",
+            RELEASE_NS,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ],
+    )
+}
+
+/// What is left of the release, one `kind/name` a line.
+fn release_objects(tb: &Testbed) -> String {
+    kubectl(
+        tb,
+        &[
+            "get",
+            CHART_KINDS,
+            "-A",
+            "-l",
+            INSTANCE,
+            "-o",
+            "name",
+            "--ignore-not-found",
+        ],
+    )
+}
+
+/// The release's operator and agents, for diagnostics on failure.
+fn release_logs(tb: &Testbed) -> String {
+    let out = tb
+        .kubectl()
+        .args([
+            "logs",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            INSTANCE,
+            "--all-containers",
+            "--prefix",
+            "--tail=40",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until a cryopod resource has ended, and checks that it is Ready; the
+/// release's logs show why not.
+async fn wait_ready(tb: &Testbed, ns: &str, resource: &str) {
+    let ready = "{.status.conditions[?(@.type=='Ready')].status} {.status.phase}";
+    let seen = wait_until(&format!("{resource} to end"), Duration::from_secs(180), || async {
+        let out = tb
+            .kubectl()
+            .args(["get", "-n", ns, resource, "-o", &format!("jsonpath={ready}")])
+            .output()
+            .ok()?;
+        let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ended = ["Ready", "Succeeded", "Failed", "RolledBack"]
+            .iter()
+            .any(|p| seen.ends_with(&format!(" {p}")));
+        ended.then_some(seen)
+    })
+    .await;
+    assert!(
+        seen.as_ref().is_ok_and(|s| s.starts_with("True ")),
+        "{resource}: {seen:?}\n{}\n{}",
+        kubectl(tb, &["describe", "-n", ns, resource]),
+        release_logs(tb)
+    );
+}
+
+/// The objects under a prefix of the testbed's bucket.
+async fn stored_under(tb: &Testbed, prefix: &str) -> Vec<String> {
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+    store
+        .list(Some(&ObjectPath::from(prefix)))
+        .map(|o| o.unwrap().location.to_string())
+        .collect()
+        .await
+}
+
+fn pod_data(tb: &Testbed, pod: &k8s_openapi::api::core::v1::Pod) -> std::path::PathBuf {
+    tb.dir
+        .join(pod.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .join(format!(
+            "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
+            pod.metadata.uid.clone().unwrap()
+        ))
+}
+
+/// Waits until every counter of a restored pod is past `floor` and returns them; a
+/// pod that started afresh would count from 1.
+async fn counting_on(data: &std::path::Path, floor: &[u64]) -> Vec<u64> {
+    wait_until(
+        "the restored counters to pass the source's",
+        Duration::from_secs(30),
+        || async {
+            let now = counts(data);
+            (now.len() == floor.len() && now.iter().zip(floor).all(|(n, f)| n > f)).then_some(now)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    // A release left by an interrupted run goes first. The other tests apply the
+    // RuntimeClass and the fence policy without Helm; the release owns them here.
+    uninstall(&tb, &["--ignore-not-found"]);
+    kubectl(
+        &tb,
+        &[
+            "delete",
+            "runtimeclass/cryopod",
+            "validatingadmissionpolicy/cryopod-restore-fence",
+            "validatingadmissionpolicybinding/cryopod-restore-fence",
+            "--ignore-not-found",
+        ],
+    );
+    let chart = cryopod_e2e::testbed::repo_root().join("charts/cryopod");
+    let chart = chart.to_str().unwrap();
+    let criu = format!("agent.criuDir={}", tb.node_packages.join("bin").display());
+    let installed = helm(
+        &tb,
+        &[
+            "install",
+            RELEASE,
+            chart,
+            "--namespace",
+            RELEASE_NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+            "--set",
+            "image.operator.pullPolicy=Never",
+            "--set",
+            "image.agent.pullPolicy=Never",
+            "--set",
+            &criu,
+        ],
+    );
+    println!("{installed}");
+    let ca_before = release_ca(&tb);
+
+    let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
+    // The agents reach the S3 server from the nodes' network, at the hub's address.
+    let storage = format!("s3-{}", ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": storage},
+                "spec": {"type": "S3", "prefix": "helm-e2e",
+                         "s3": {"endpoint": tb.s3.cluster_endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
+                                "credentialsSecretRef": {"name": "s3-creds", "namespace": ns.name}}}}),
+    );
+    // An age key pair for the encrypted checkpoint.
+    let keys = age_keys();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "age"},
+                "stringData": {"recipients": keys.public, "identity": std::fs::read_to_string(&keys.identity).unwrap()}}),
+    );
+
+    // The stateful app: four containers on node-1.
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let trio = start_trio(&tb, &client, &ns, &source).await;
+    let before = counts(&trio.data);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "sealed"},
+                "spec": {"sourcePodName": "trio", "storage": storage, "encryption": {"secretRef": {"name": "age"}}}}),
+    );
+    wait_ready(&tb, &ns.name, "podcheckpoint/sealed").await;
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let sealed = checkpoints.get("sealed").await.unwrap();
+    let prefix = stored_prefix(&sealed);
+    let volume = stored_object(&tb, &sealed, "pod/volume/data.tar.zst").await;
+    assert!(volume.starts_with(b"age-encryption.org/v1"), "the emptyDir is sealed");
+    let timings = sealed.status.as_ref().unwrap().timings.unwrap();
+    println!(
+        "encrypted checkpoint by the installed operator: freeze window {:?} ms, total {:?} ms",
+        timings.freeze_window_millis, timings.total_millis
+    );
+
+    // Restored on node-2, counting on from the checkpoint.
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "back"},
+                "spec": {"checkpointName": "sealed", "target": {"nodeName": target}}}),
+    );
+    wait_ready(&tb, &ns.name, "podrestore/back").await;
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let restored_name = restores
+        .get("back")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .restored_pod_name
+        .unwrap();
+    let restored = ns.pods(&client).get(&restored_name).await.unwrap();
+    assert_eq!(
+        restored.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(target.as_str())
+    );
+    let now = counting_on(&pod_data(&tb, &restored), &before).await;
+    println!("restored {restored_name}: before the checkpoint {before:?}, restored {now:?}");
+    assert!(ns.ready_without_restarts(&client, &restored_name).await.unwrap());
+
+    // The source moves to node-2.
+    let before_move = counts(&trio.data);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "move"},
+                "spec": {"sourcePodName": "trio", "storage": storage, "target": {"nodeName": target}}}),
+    );
+    wait_ready(&tb, &ns.name, "podmigration/move").await;
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let moved = migrations.get("move").await.unwrap().status.unwrap();
+    let moved_name = moved.target_pod_name.clone().unwrap();
+    let moved_pod = ns.pods(&client).get(&moved_name).await.unwrap();
+    assert_eq!(
+        moved_pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(target.as_str())
+    );
+    let now = counting_on(&pod_data(&tb, &moved_pod), &before_move).await;
+    println!(
+        "migrated trio -> {moved_name}: downtime {:?} ms; before {before_move:?}, now {now:?}",
+        moved.downtime_millis
+    );
+    wait_until("the source to go", Duration::from_secs(30), || async {
+        ns.pods(&client).get_opt("trio").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Deleting a checkpoint deletes its objects.
+    kubectl(
+        &tb,
+        &["delete", "podcheckpoint", "sealed", "-n", &ns.name, "--timeout=60s"],
+    );
+    assert!(stored_under(&tb, &prefix).await.is_empty(), "objects of {prefix} left");
+
+    // An upgrade keeps the certificates; the agents and operator serve on.
+    helm(
+        &tb,
+        &[
+            "upgrade",
+            RELEASE,
+            chart,
+            "--namespace",
+            RELEASE_NS,
+            "--reuse-values",
+            "--set",
+            "operator.logLevel=debug",
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    let ca_after = release_ca(&tb);
+    assert_eq!(ca_before, ca_after, "the upgrade kept the CA");
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "after-upgrade"},
+                "spec": {"sourcePodName": moved_name, "storage": storage}}),
+    );
+    wait_ready(&tb, &ns.name, "podcheckpoint/after-upgrade").await;
+
+    // Everything of ours goes while the operator still runs its finalizers.
+    kubectl(
+        &tb,
+        &[
+            "delete",
+            "podmigrations,podrestores,podcheckpoints",
+            "--all",
+            "-n",
+            &ns.name,
+            "--timeout=90s",
+        ],
+    );
+    let namespace_prefix = format!("helm-e2e/{}/", ns.name);
+    assert!(
+        stored_under(&tb, &namespace_prefix).await.is_empty(),
+        "objects under {namespace_prefix} left"
+    );
+    delete_storage(&tb, &storage);
+
+    uninstall(&tb, &[]);
+    let left = wait_until("the release's objects to go", Duration::from_secs(60), || async {
+        let left = release_objects(&tb);
+        left.trim().is_empty().then_some(left)
+    })
+    .await;
+    assert!(left.is_ok(), "left behind: {}", release_objects(&tb));
+    let crds = kubectl(&tb, &["get", "crds", "-o", "name"]);
+    assert!(crds.contains("podcheckpoints.cryopod.io"), "Helm keeps CRDs: {crds}");
+    kubectl(&tb, &["delete", "namespace", RELEASE_NS, "--wait=false"]);
+    // For the tests that run without Helm.
+    tb.install_crds().unwrap();
+}
