@@ -375,5 +375,9 @@ pub async fn delete_pod_now(api: &Api<Pod>, name: &str) -> Result<(), HarnessErr
 
 /// The repository root, for reading examples and manifests.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // Cargo's run-time value: a binary reused from a build in another checkout (one
+    // target directory for several) still reads this checkout's files.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("..")
 }

@@ -103,6 +103,8 @@ impl std::error::Error for FreezeError {
 /// How a freeze ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FreezeReport {
+    /// When the pod freeze was requested (wall clock).
+    pub began: std::time::SystemTime,
     /// From the pod freeze request to the last thaw: the application's pause.
     pub window: Duration,
     /// How long the kernel took to stop every task of the pod.
@@ -174,6 +176,7 @@ pub struct FrozenPod {
     operation_id: String,
     cgroups: PodCgroups,
     started: Instant,
+    began: std::time::SystemTime,
     settle: Duration,
     max_freeze: Duration,
     expired: Arc<AtomicBool>,
@@ -195,6 +198,7 @@ impl FrozenPod {
     /// The freeze so far, while it goes on.
     pub fn report_so_far(&self) -> FreezeReport {
         FreezeReport {
+            began: self.began,
             window: self.started.elapsed(),
             settle: self.settle,
             expired: self.expired(),
@@ -249,6 +253,7 @@ impl FrozenPod {
             .clear(&self.operation_id)
             .map_err(|source| FreezeError::JournalClear { source })?;
         Ok(FreezeReport {
+            began: self.began,
             window,
             settle: self.settle,
             expired: self.expired(),
@@ -305,6 +310,7 @@ pub fn freeze_pod(
         .map_err(|source| FreezeError::Journal { source })?;
 
     let started = Instant::now();
+    let began = std::time::SystemTime::now();
     let expired = Arc::new(AtomicBool::new(false));
     let (disarm, disarmed) = mpsc::channel::<()>();
     let watchdog = {
@@ -341,6 +347,7 @@ pub fn freeze_pod(
         operation_id: operation_id.to_owned(),
         cgroups: cgroups.clone(),
         started,
+        began,
         settle: Duration::ZERO,
         max_freeze: limits.max_freeze,
         expired,

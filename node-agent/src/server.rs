@@ -461,6 +461,11 @@ impl<C: AgentBackend> AgentService<C> {
                     op.result = Some(pb::CheckpointResult {
                         manifest_digest: outcome.manifest_digest,
                         freeze_window_millis: outcome.freeze.window.as_millis() as u64,
+                        frozen_at_unix_micros: outcome
+                            .freeze
+                            .began
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_micros() as u64),
                         dump_millis: outcome.dump.as_millis() as u64,
                         upload_millis: outcome.upload.as_millis() as u64,
                         stored_bytes: outcome.manifest.objects.iter().map(|o| o.size).sum(),

@@ -90,6 +90,7 @@ impl AgentBackend for Stand {
                     },
                     manifest_digest: "sha256:abc".into(),
                     freeze: FreezeReport {
+                        began: std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
                         window: Duration::from_millis(42),
                         settle: Duration::ZERO,
                         expired: false,

@@ -25,7 +25,7 @@ use cryopod_crds::v1alpha1::{
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
@@ -452,6 +452,14 @@ pub fn failure_reason(code: i32, message: &str) -> &'static str {
     }
 }
 
+/// A time from microseconds since the Unix epoch; none for 0 (an older agent).
+pub fn micro_time(unix_micros: u64) -> Option<MicroTime> {
+    let micros = i64::try_from(unix_micros).ok().filter(|m| *m > 0)?;
+    k8s_openapi::jiff::Timestamp::from_microsecond(micros)
+        .ok()
+        .map(MicroTime)
+}
+
 /// The status of a checkpoint the agent finished.
 pub fn succeeded_status(
     mut status: PodCheckpointStatus,
@@ -468,6 +476,7 @@ pub fn succeeded_status(
     status.completion_time = Some(at.clone());
     status.observed_generation = generation;
     status.manifest_digest = Some(result.manifest_digest.clone());
+    status.frozen_time = micro_time(result.frozen_at_unix_micros);
     status.timings = Some(CheckpointTimings {
         freeze_window_millis: Some(result.freeze_window_millis as i64),
         dump_millis: Some(result.dump_millis as i64),
@@ -990,10 +999,17 @@ mod tests {
             containers: vec!["a".into(), "b".into()],
             warnings: vec!["hook 1 failed (ignored)".into()],
             pod_ip_connections: vec![],
+            frozen_at_unix_micros: 1_234_567,
         };
         let at = Time(Timestamp::from_millisecond(3_500).unwrap());
         let done = succeeded_status(status, &result, None, Some(1), at);
         assert_eq!(done.phase, Some(CheckpointPhase::Ready));
+        assert_eq!(
+            done.frozen_time.as_ref().map(|t| t.0.as_microsecond()),
+            Some(1_234_567),
+            "the freeze instant to the microsecond"
+        );
+        assert_eq!(micro_time(0), None);
         assert_eq!(done.timings.unwrap().total_millis, Some(2_500));
         assert_eq!(done.sizes.unwrap().stored_bytes, Some(1000));
         assert_eq!(

@@ -671,10 +671,17 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
             status.phase = Some(MigrationPhase::Succeeded);
             status.completion_time = Some(at.clone());
             status.observed_generation = migration.metadata.generation;
-            // From the freeze (the checkpoint's start) to the target Running and Ready.
-            let frozen_at = checkpoint.status.as_ref().and_then(|s| s.start_time.clone());
-            let ready_at = restore_status.completion_time.clone().unwrap_or(at.clone());
-            status.downtime_millis = frozen_at.map(|f| (ready_at.0.as_millisecond() - f.0.as_millisecond()).max(0));
+            // From the freeze to the target Running and Ready, to the millisecond where
+            // the agent and the restore recorded the instants (whole seconds before).
+            let cp_status = checkpoint.status.clone().unwrap_or_default();
+            let frozen_at = cp_status.frozen_time.map(|t| t.0).or(cp_status.start_time.map(|t| t.0));
+            let ready_at = restore_status
+                .ready_time
+                .clone()
+                .map(|t| t.0)
+                .or(restore_status.completion_time.clone().map(|t| t.0))
+                .unwrap_or(at.0);
+            status.downtime_millis = frozen_at.map(|f| (ready_at.as_millisecond() - f.as_millisecond()).max(0));
             let owner_note = status
                 .source_controller
                 .as_ref()

@@ -22,6 +22,7 @@ use cryopod_crds::v1alpha1::{
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -32,8 +33,15 @@ use crate::checkpoint::{secret_data, stored_at};
 use crate::context::{
     Context, Ending, Error, Operation, fail_with, finish, kube_err, node_ready, now, publish, write_status,
 };
-use crate::restore_pod::{CheckpointedImage, restore_pod};
+use crate::restore_pod::{CheckpointedImage, PODRESTORE_ANNOTATION, RESTORED_LABEL, restore_pod};
 use crate::workload::{WITHHOLD_LABELS_ANNOTATION, parse_withheld};
+
+/// The PodRestore a restored pod belongs to: a change of the pod (its readiness)
+/// wakes the restore at once.
+pub fn restore_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<PodRestore>> {
+    let name = pod.annotations().get(PODRESTORE_ANNOTATION)?;
+    Some(kube::runtime::reflector::ObjectRef::new(name).within(&pod.namespace()?))
+}
 
 /// Reconciles one PodRestore.
 pub async fn reconcile(restore: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -451,6 +459,7 @@ async fn create_pod(
     pod.metadata.namespace = Some(ns);
     let labels = pod.metadata.labels.get_or_insert_with(Default::default);
     labels.extend(restore.spec.labels.clone());
+    labels.insert(RESTORED_LABEL.to_owned(), "true".to_owned());
     // A migration keeps the pod out of its ReplicaSet until it is Ready.
     for key in parse_withheld(
         restore
@@ -460,10 +469,9 @@ async fn create_pod(
     ) {
         labels.remove(&key);
     }
-    pod.metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .extend(restore.spec.annotations.clone());
+    let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+    annotations.extend(restore.spec.annotations.clone());
+    annotations.insert(PODRESTORE_ANNOTATION.to_owned(), restore.name_any());
     pods.create(&PostParams::default(), &pod)
         .await
         .map_err(kube_err("create the restored pod"))?;
@@ -566,6 +574,7 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
             timings.restore_millis = total.map(|t| (t - timings.fetch_millis.unwrap_or(0)).max(0));
             done.timings = Some(timings);
             done.phase = Some(RestorePhase::Ready);
+            done.ready_time = Some(MicroTime(Timestamp::now()));
             done.restored_pod_uid = pod.metadata.uid.clone();
             done.completion_time = Some(at.clone());
             let message = format!(
@@ -671,6 +680,17 @@ mod tests {
             err.contains("node-local and can only be restored on node node-1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn restored_pods_lead_back_to_their_restore() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "annotations": {"cryopod.io/podrestore": "back"}}
+        }))
+        .unwrap();
+        let found = restore_of_pod(&pod).unwrap();
+        assert_eq!((found.name.as_str(), found.namespace.as_deref()), ("back", Some("ns")));
+        assert!(restore_of_pod(&Pod::default()).is_none());
     }
 
     #[test]

@@ -12,6 +12,10 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 pub const RUNTIME_CLASS: &str = "cryopod";
 /// The annotation naming the prepared restore (read by the runtime handler).
 pub const RESTORE_ANNOTATION: &str = "cryopod.io/restore";
+/// Set on every restored pod: the operator watches these pods.
+pub const RESTORED_LABEL: &str = "cryopod.io/restored";
+/// The PodRestore that made a pod, by name (in the pod's namespace).
+pub const PODRESTORE_ANNOTATION: &str = "cryopod.io/podrestore";
 /// The annotation listing the init containers left out, comma-separated.
 pub const SKIPPED_INIT_ANNOTATION: &str = "cryopod.io/skipped-init-containers";
 

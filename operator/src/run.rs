@@ -202,7 +202,18 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 tracing::debug!(kind = "PodCheckpoint", error = %e, "reconcile ended in error");
             }
         });
+    let restored_pods: Api<k8s_openapi::api::core::v1::Pod> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(context.client.clone(), ns),
+        None => Api::all(context.client.clone()),
+    };
     let restore_controller = Controller::new(restores, watcher::Config::default())
+        // Restored pods only, by label: their readiness ends a restore (and a
+        // migration's downtime) the moment it changes.
+        .watches(
+            restored_pods,
+            watcher::Config::default().labels(&format!("{}=true", crate::restore_pod::RESTORED_LABEL)),
+            |pod| crate::restore::restore_of_pod(&pod),
+        )
         .shutdown_on_signal()
         .run(crate::restore::reconcile, crate::restore::error_policy, context.clone())
         .for_each(|result| async move {

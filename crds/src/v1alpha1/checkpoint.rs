@@ -1,7 +1,7 @@
 //! PodCheckpoint: freeze a pod at one instant and store it as one unit.
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -355,6 +355,11 @@ pub struct PodCheckpointStatus {
     /// When the operator started working on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+
+    /// When the pod was frozen, to the microsecond (the node's clock): where a
+    /// migration's downtime begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_time: Option<MicroTime>,
 
     /// When it became Ready or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

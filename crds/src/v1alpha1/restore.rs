@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -129,6 +129,10 @@ pub struct PodRestoreStatus {
     /// When it became Ready or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// When the operator saw the restored pod Running and Ready, to the microsecond:
+    /// where a migration's downtime ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_time: Option<MicroTime>,
     /// How long each stage took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<RestoreTimings>,

@@ -11,7 +11,14 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // Cargo's run-time value, so a binary built in another checkout (one shared
+    // target directory) reads this checkout's files.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+            std::path::PathBuf::from,
+        )
+        .join("..")
 }
 
 /// Every manifest in `dir`.
