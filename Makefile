@@ -20,6 +20,7 @@ test: lint unit e2e ## Run every test tier (what CI runs)
 
 .PHONY: unit
 unit: ## Tests without the cluster: unit, schema (CRD freshness, examples), the chart as helm renders it, host integration (root, real cgroups)
+	hack/ensure-host-packages.sh
 	$(CARGO) test --workspace --locked --exclude cryopod-e2e
 	CRYOPOD_HELM=$(HELM) $(CARGO) test --locked -p cryopod-e2e --lib --bins
 
@@ -43,8 +44,8 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 .PHONY: bench
-bench: ## Benchmarks printing ratios against a baseline run side by side
-	@echo "make bench: not built yet (issue #7)" >&2; exit 1
+bench: ## Benchmarks against baselines run side by side on the local cluster; writes docs/performance.md and .png
+	bench/run.sh
 
 .PHONY: cluster-up
 cluster-up: ## Start the real local cluster (2 nodes, containerd, CRIU, S3); prints its KUBECONFIG

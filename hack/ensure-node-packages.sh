@@ -8,18 +8,9 @@
 # wrapper that runs CRIU through the prefix's own ld.so and libraries.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-host_packages=(runc iptables conntrack iproute2 util-linux catatonit busybox-static socat kmod procps curl openssl perl age)
 suite_packages=(containerd etcd-server containernetworking-plugins checkpointctl criu)
 
-missing=()
-for p in "${host_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing host packages: ${missing[*]}"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+"$HACK_DIR/ensure-host-packages.sh"
 
 prefix="$CRYOPOD_CACHE/node-packages-$NODE_PACKAGES_SUITE-$NODE_PACKAGES_GEN"
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the images every node imports, as OCI archives, without a registry:
 #   registry.k8s.io/pause:3.10   the sandbox image: Debian's static catatonit in pause mode
-#   cryopod.local/busybox:e2e    test workloads: Debian's static busybox
+#   cryopod.local/busybox:e2e    test workloads: Debian's static busybox, a lock holder and
+#                                a memory dirtier (the benchmark's workload)
 #   cryopod.local/cryopod-operator:<appVersion>    the operator, a static binary
 #   cryopod.local/cryopod-node-agent:<appVersion>  the agent and runtime handler, static,
 #                                                  with busybox for nsenter
@@ -19,7 +20,7 @@ oci_image="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/oci-image"
 # Static binaries: cryopod's, and a test workload that holds a file lock (e2e/lock-holder).
 # With --target, the static flag applies to these binaries only, not to build scripts.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile image \
-  -p cryopod-operator -p cryopod-node-agent -p cryopod-lock-holder \
+  -p cryopod-operator -p cryopod-node-agent -p cryopod-lock-holder -p cryopod-memory-dirtier \
   --target x86_64-unknown-linux-gnu --manifest-path "$REPO_ROOT/Cargo.toml"
 static="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/x86_64-unknown-linux-gnu/image"
 lock_holder="$static/cryopod-lock-holder"
@@ -44,7 +45,7 @@ done
 "$oci_image" "${agent_args[@]}" >/dev/null
 
 busybox_args=(--name cryopod.local/busybox:e2e --out "$out/busybox.tar" --file /bin/busybox:/bin/busybox
-  --file "$lock_holder:/bin/lock-holder"
+  --file "$lock_holder:/bin/lock-holder" --file "$static/cryopod-memory-dirtier:/bin/memory-dirtier"
   --dir /tmp --env PATH=/bin --cmd sh)
 for applet in sh ash cat echo sleep ls mkdir rm touch date seq grep head tail wc nc httpd wget \
   ps kill env hostname ip cut tr sha256sum dd true false test chmod sync; do

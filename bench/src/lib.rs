@@ -1,0 +1,91 @@
+//! `make bench`: cryopod's figures against the baselines users have today, measured
+//! side by side in the same run on the local cluster, printed as a table and written
+//! to `docs/performance.md` with a plot.
+
+pub mod measure;
+pub mod report;
+
+use measure::Sample;
+use report::{Goal, Row, Summary};
+
+/// The rows of one pod size from its samples.
+pub fn rows(mib: u64, samples: &[Sample]) -> Vec<Row> {
+    let of = |f: &dyn Fn(&Sample) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
+    let workload = format!("2 × {} MiB", mib / 2);
+    let mut rows = Vec::new();
+    let mut push = |measure: &str, ours: Option<Summary>, name: &str, baseline: Option<Summary>, unit: &str, goal| {
+        if let (Some(ours), Some(baseline)) = (ours, baseline) {
+            rows.push(Row {
+                measure: measure.to_owned(),
+                workload: workload.clone(),
+                ours,
+                baseline_name: name.to_owned(),
+                baseline,
+                unit: unit.to_owned(),
+                goal,
+            });
+        }
+    };
+    push(
+        "freeze window",
+        of(&|s| s.freeze_ms),
+        "raw CRIU dump",
+        of(&|s| s.raw_dump_ms),
+        "ms",
+        Goal::AtMost(1.15),
+    );
+    push(
+        "checkpoint",
+        of(&|s| s.checkpoint_ms),
+        "max(raw dump, plain upload)",
+        of(&|s| s.raw_dump_ms.max(s.upload_ms)),
+        "ms",
+        Goal::AtMost(1.2),
+    );
+    push(
+        "stored size",
+        of(&|s| s.stored_bytes / 1048576.0),
+        "raw CRIU images",
+        of(&|s| s.raw_bytes / 1048576.0),
+        "MiB",
+        Goal::None,
+    );
+    push(
+        "restore preparation",
+        of(&|s| s.prepare_ms),
+        "plain fetch",
+        of(&|s| s.fetch_ms),
+        "ms",
+        Goal::None,
+    );
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn samples_become_rows_against_their_baselines() {
+        let sample = |freeze: f64| Sample {
+            raw_dump_ms: 100.0,
+            raw_bytes: 64.0 * 1048576.0,
+            upload_ms: 150.0,
+            freeze_ms: freeze,
+            checkpoint_ms: 170.0,
+            stored_bytes: 32.0 * 1048576.0,
+            prepare_ms: 90.0,
+            fetch_ms: 30.0,
+        };
+        let rows = rows(64, &[sample(105.0), sample(110.0), sample(120.0)]);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[0].workload, "2 × 32 MiB");
+        assert!((rows[0].ratio() - 1.1).abs() < 1e-9);
+        // The checkpoint's baseline is the slower of dump and upload.
+        assert_eq!(rows[1].baseline.median, 150.0);
+        assert_eq!(rows[1].meets_goal(), Some(true));
+        assert!((rows[2].ratio() - 0.5).abs() < 1e-9);
+    }
+}

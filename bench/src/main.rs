@@ -1,0 +1,138 @@
+//! `cryopod-bench [--sizes 64,256,1024,2048] [--repeats 3] [--out docs]`: run by
+//! `make bench` (bench/run.sh) against the local cluster it starts.
+
+use std::process::ExitCode;
+
+use cryopod_bench::{measure, report, rows};
+use cryopod_e2e::testbed::Testbed;
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+struct Args {
+    sizes: Vec<u64>,
+    repeats: usize,
+    out: std::path::PathBuf,
+}
+
+fn args() -> Result<Args, String> {
+    let mut parsed = Args {
+        sizes: vec![64, 256, 1024, 2048],
+        repeats: 3,
+        out: "docs".into(),
+    };
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let value = words.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sizes" => {
+                parsed.sizes = value
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .map_err(|_| format!("--sizes: {s} is not a number of MiB"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--repeats" => parsed.repeats = value.parse().map_err(|_| format!("--repeats: {value}"))?,
+            "--out" => parsed.out = value.into(),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(parsed)
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tb = Testbed::from_env().map_err(|e| e.to_string())?;
+    let client = tb.client().await.map_err(|e| e.to_string())?;
+    let (source, target) = match tb.nodes.as_slice() {
+        [a, b, ..] => (a.clone(), b.clone()),
+        _ => return Err("the bench needs two nodes".into()),
+    };
+    let work = tb.dir.join("bench-work");
+    let _ = std::fs::remove_dir_all(&work);
+    let source = measure::Agent::on(&tb, &source, &work.join("source")).await?;
+    let target = measure::Agent::on(&tb, &target, &work.join("target")).await?;
+    let store = tb
+        .s3_store(&tb.s3.endpoint, &tb.s3.secret_key)
+        .map_err(|e| e.to_string())?;
+    let bench = measure::Bench {
+        tb: tb.clone(),
+        client,
+        source,
+        target,
+        store,
+        work: work.clone(),
+    };
+    let mut all = Vec::new();
+    for mib in &args.sizes {
+        println!(
+            "pod with {mib} MiB of dirty memory over 2 containers, {} repeats",
+            args.repeats
+        );
+        let samples = measure::pod_size(&bench, *mib, args.repeats).await?;
+        all.extend(rows(*mib, &samples));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let table = report::table(&all);
+    println!("\n{table}");
+    let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (hack/ensure-host-packages.sh installs it)"))?;
+    let png = args.out.join("performance.png");
+    report::plot(
+        &all,
+        &["freeze window", "checkpoint"],
+        Box::leak(font.into_boxed_slice()),
+        &png,
+    )?;
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let machine = report::Machine::this(&measure::criu_version(&tb), &date);
+    let notes = vec![
+        "Each pod's containers are dumped once, unmeasured, before the repeats: a first dump of a \
+         process was about 3× slower than the next ones here, whichever tool made it. Within a repeat \
+         the baseline and cryopod take turns at going first."
+            .to_owned(),
+        "The workload keeps its memory half pseudo-random and half a repeated pattern, so zstd halves it.".to_owned(),
+        "The agent code runs as in the images: profile `image`, dependencies at opt-level 2 and \
+         cryopod's crates at 1, static."
+            .to_owned(),
+        "Not measured yet (issue #7): migration downtime against the per-container path, and the operator \
+         at scale (1 000 PodCheckpoints)."
+            .to_owned(),
+    ];
+    let markdown = report::markdown(&all, &machine, args.repeats, "performance.png", &notes);
+    let md = args.out.join("performance.md");
+    std::fs::write(&md, markdown).map_err(|e| format!("{}: {e}", md.display()))?;
+    println!("written: {} and {}", md.display(), png.display());
+    let missed: Vec<String> = all
+        .iter()
+        .filter(|r| r.meets_goal() == Some(false))
+        .map(|r| format!("{} ({})", r.measure, r.workload))
+        .collect();
+    if !missed.is_empty() {
+        println!("goals missed: {}", missed.join(", "));
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("cryopod-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cryopod-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
