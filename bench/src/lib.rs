@@ -8,57 +8,63 @@ pub mod report;
 use measure::Sample;
 use report::{Goal, Row, Summary};
 
-/// The rows of one pod size from its samples.
-pub fn rows(mib: u64, samples: &[Sample]) -> Vec<Row> {
-    let of = |f: &dyn Fn(&Sample) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
-    let workload = format!("2 × {} MiB", mib / 2);
-    let mut rows = Vec::new();
-    let mut push = |measure: &str, ours: Option<Summary>, name: &str, baseline: Option<Summary>, unit: &str, goal| {
-        if let (Some(ours), Some(baseline)) = (ours, baseline) {
-            rows.push(Row {
-                measure: measure.to_owned(),
-                workload: workload.clone(),
-                ours,
-                baseline_name: name.to_owned(),
-                baseline,
-                unit: unit.to_owned(),
-                goal,
-            });
-        }
-    };
-    push(
+/// A figure of a sample.
+type Figure = fn(&Sample) -> f64;
+
+/// What the report shows, per pod size: measure, cryopod's figure, the baseline's
+/// name and figure, the unit, the goal.
+const MEASURES: [(&str, Figure, &str, Figure, &str, Goal); 4] = [
+    (
         "freeze window",
-        of(&|s| s.freeze_ms),
+        |s| s.freeze_ms,
         "raw CRIU dump",
-        of(&|s| s.raw_dump_ms),
+        |s| s.raw_dump_ms,
         "ms",
         Goal::AtMost(1.15),
-    );
-    push(
+    ),
+    (
         "checkpoint",
-        of(&|s| s.checkpoint_ms),
+        |s| s.checkpoint_ms,
         "max(raw dump, plain upload)",
-        of(&|s| s.raw_dump_ms.max(s.upload_ms)),
+        |s| s.raw_dump_ms.max(s.upload_ms),
         "ms",
         Goal::AtMost(1.2),
-    );
-    push(
+    ),
+    (
         "stored size",
-        of(&|s| s.stored_bytes / 1048576.0),
+        |s| s.stored_bytes / 1048576.0,
         "raw CRIU images",
-        of(&|s| s.raw_bytes / 1048576.0),
+        |s| s.raw_bytes / 1048576.0,
         "MiB",
         Goal::None,
-    );
-    push(
+    ),
+    (
         "restore preparation",
-        of(&|s| s.prepare_ms),
+        |s| s.prepare_ms,
         "plain fetch",
-        of(&|s| s.fetch_ms),
+        |s| s.fetch_ms,
         "ms",
         Goal::None,
-    );
-    rows
+    ),
+];
+
+/// The rows of one pod size from its samples.
+pub fn rows(mib: u64, samples: &[Sample]) -> Vec<Row> {
+    let of = |f: Figure| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
+    MEASURES
+        .iter()
+        .filter_map(|(measure, ours, name, baseline, unit, goal)| {
+            Some(Row {
+                measure: (*measure).to_owned(),
+                workload: format!("2 × {} MiB", mib / 2),
+                ours: of(*ours)?,
+                baseline_name: (*name).to_owned(),
+                baseline: of(*baseline)?,
+                unit: (*unit).to_owned(),
+                goal: *goal,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
