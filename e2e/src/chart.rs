@@ -78,6 +78,10 @@ mod tests {
         let operator = &find(&docs, "Deployment", "cryopod-operator")["spec"]["template"]["spec"];
         assert_eq!(operator["securityContext"]["runAsNonRoot"], true);
         assert_eq!(
+            operator["containers"][0]["readinessProbe"]["httpGet"]["port"],
+            "metrics"
+        );
+        assert_eq!(
             operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
             true
         );

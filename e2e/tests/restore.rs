@@ -168,6 +168,17 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
         .unwrap();
     let (restore_time, downtime) = (created.elapsed(), frozen_at.elapsed());
     let uid = ready.metadata.uid.clone().unwrap();
+    // Each restored container's CRIU images are gone from the node; the pod's own
+    // files stay for the handler's bookkeeping.
+    for container in &outcome.manifest.containers {
+        let dir = prepared_dir.join("containers").join(&container.name);
+        assert!(dir.join(".restored").exists(), "{} was restored", container.name);
+        assert!(
+            !dir.join("checkpoint").exists(),
+            "the images of {} are removed",
+            container.name
+        );
+    }
     let data = empty_dir(&tb, &target, &uid);
 
     // The in-memory counter and the shm mirror go on from their checkpointed values.

@@ -408,6 +408,10 @@ impl ContainerRestore<'_> {
         }
         // The marker holds the container id, so a later failure can stop this one.
         std::fs::write(restored_marker(self.dir, self.name), id).map_err(|e| e.to_string())?;
+        // Restored: its images are never read again (a restarted container starts
+        // afresh), and they are as large as its memory.
+        let _ = std::fs::remove_dir_all(container_dir.join("checkpoint"));
+        let _ = std::fs::remove_file(&diff);
         let started = started_marker(&self.config.restores, id);
         if let Some(parent) = started.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;

@@ -142,6 +142,12 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     let client = kube::Client::try_default()
         .await
         .map_err(|source| RunError::Kube { source })?;
+    // The API server answers before anything listens: the readiness probe (on the
+    // metrics port) then means the operator can work.
+    client
+        .apiserver_version()
+        .await
+        .map_err(|source| RunError::Kube { source })?;
     let locator: Arc<dyn AgentLocator> = match config.agent_endpoints.clone() {
         Some(table) => Arc::new(table),
         None => Arc::new(DaemonSetAgents {
