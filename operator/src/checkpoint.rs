@@ -34,7 +34,8 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 
 use crate::context::{
-    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, now, publish, source_pod, write_status,
+    Context, Ending, Error, Operation, SourcePod, begin, fail_with, finish, kube_err, now, publish, source_pod,
+    write_status,
 };
 use crate::storage::{ResolvedStorage, StorageProblem, choose, credentials_secret, resolve};
 use crate::template::checkpointed_pod_template;
@@ -294,18 +295,7 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     status.checkpoint_location = Some(resolved.storage.location.clone());
     status.observed_generation = cp.metadata.generation;
     let message = format!("checkpointing pod {} on node {node}", spec.source_pod_name);
-    set_condition(
-        &mut status.conditions,
-        CONDITION_READY,
-        ConditionStatus::False,
-        reasons::CHECKPOINT_IN_PROGRESS,
-        &message,
-        cp.metadata.generation,
-        now(),
-    );
-    write_status(cp, ctx, &status).await?;
-    event(ctx, cp, EventType::Normal, reasons::CHECKPOINT_IN_PROGRESS, message).await;
-    ctx.metrics.started("PodCheckpoint");
+    let status = begin(cp, ctx, status, reasons::CHECKPOINT_IN_PROGRESS, "Checkpoint", message).await?;
     let mut cp = cp.clone();
     cp.status = Some(status);
     run_on_agent(&cp, ctx, &node, resolved).await

@@ -137,6 +137,32 @@ pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::S
     Ok(())
 }
 
+/// Records the start of an operation whose `status` is otherwise filled: the `Ready`
+/// condition False with `reason` and `message`, the status, an event (`action`) and
+/// the in-flight metric. Returns the status as written.
+pub async fn begin<K: Operation>(
+    object: &K,
+    ctx: &Context,
+    mut status: K::Status,
+    reason: &str,
+    action: &str,
+    message: String,
+) -> Result<K::Status, Error> {
+    set_condition(
+        K::conditions(&mut status),
+        CONDITION_READY,
+        ConditionStatus::False,
+        reason,
+        &message,
+        object.meta().generation,
+        now(),
+    );
+    write_status(object, ctx, &status).await?;
+    publish(ctx, object, EventType::Normal, reason, action, message).await;
+    ctx.metrics.started(K::KIND);
+    Ok(status)
+}
+
 /// How an operation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -215,6 +241,24 @@ pub async fn source_pod(ctx: &Context, namespace: &str, name: &str, uid: Option<
         ))),
         _ => Ok(SourcePod::Found(Box::new(pod))),
     }
+}
+
+/// Every node of the cluster as (name, Ready, labels), what node choices read.
+pub async fn node_facts(
+    ctx: &Context,
+) -> Result<Vec<(String, bool, std::collections::BTreeMap<String, String>)>, Error> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
+    Ok(nodes
+        .list(&kube::api::ListParams::default())
+        .await
+        .map_err(kube_err("list nodes"))?
+        .items
+        .into_iter()
+        .map(|node| {
+            let ready = node_ready(&node);
+            (node.name_any(), ready, node.metadata.labels.unwrap_or_default())
+        })
+        .collect())
 }
 
 /// Whether a node reports itself Ready.

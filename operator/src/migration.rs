@@ -21,23 +21,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, NodeTarget, set_condition};
+use cryopod_crds::common::{CONDITION_READY, NodeTarget};
 use cryopod_crds::v1alpha1::{
     CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodMigration,
     PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 
 use crate::checkpoint::HOLD_ANNOTATION;
 use crate::context::{
-    Context, Ending, Error, Operation, SourcePod, fail_with, finish, kube_err, node_ready, now, publish, source_pod,
+    Context, Ending, Error, Operation, SourcePod, begin, fail_with, finish, kube_err, node_facts, now, source_pod,
     write_status,
 };
 use crate::workload::{
@@ -277,18 +276,7 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     let Some(source) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         return Ok(Action::requeue(Duration::from_secs(3)));
     };
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let facts: Vec<_> = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("list nodes"))?
-        .items
-        .into_iter()
-        .map(|n| {
-            let ready = node_ready(&n);
-            (n.name_any(), ready, n.metadata.labels.clone().unwrap_or_default())
-        })
-        .collect();
+    let facts = node_facts(ctx).await?;
     let target = match target_node(spec.target.as_ref(), &source, &facts) {
         Ok(target) => target,
         Err(message) => return fail(migration, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
@@ -313,26 +301,15 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     status.start_time = Some(now());
     status.observed_generation = migration.metadata.generation;
     let message = format!("moving pod {} from {source} to {target}", spec.source_pod_name);
-    set_condition(
-        &mut status.conditions,
-        CONDITION_READY,
-        ConditionStatus::False,
-        reasons::MIGRATION_IN_PROGRESS,
-        &message,
-        migration.metadata.generation,
-        now(),
-    );
-    write_status(migration, ctx, &status).await?;
-    publish(
-        ctx,
+    let status = begin(
         migration,
-        EventType::Normal,
+        ctx,
+        status,
         reasons::MIGRATION_IN_PROGRESS,
         "Migrate",
         message,
     )
-    .await;
-    ctx.metrics.started("PodMigration");
+    .await?;
 
     let mut migration = migration.clone();
     migration.status = Some(status);

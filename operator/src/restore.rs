@@ -21,17 +21,16 @@ use cryopod_crds::v1alpha1::{
     RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
-use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 
 use crate::checkpoint::{secret_data, stored_at};
 use crate::context::{
-    Context, Ending, Error, Operation, fail_with, finish, kube_err, node_ready, now, publish, write_status,
+    Context, Ending, Error, Operation, begin, fail_with, finish, kube_err, node_facts, now, write_status,
 };
 use crate::restore_pod::{CheckpointedImage, PODRESTORE_ANNOTATION, RESTORED_LABEL, restore_pod};
 use crate::workload::{WITHHOLD_LABELS_ANNOTATION, parse_withheld};
@@ -228,20 +227,14 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::requeue(Duration::from_secs(3)));
         }
     }
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
     // One lookup of the agents, not one per node.
     let served = ctx.agents.nodes().await.map_err(|source| Error::Agent { source })?;
-    let facts: Vec<_> = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("list nodes"))?
-        .items
+    let facts: Vec<_> = node_facts(ctx)
+        .await?
         .into_iter()
-        .map(|node| {
-            let name = node.name_any();
-            let ready = node_ready(&node);
+        .map(|(name, ready, labels)| {
             let agent = served.contains(&name);
-            (name, ready, node.metadata.labels.clone().unwrap_or_default(), agent)
+            (name, ready, labels, agent)
         })
         .collect();
     let node = match choose_node(restore, &checkpoint, &facts) {
@@ -255,26 +248,7 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     status.start_time = Some(now());
     status.observed_generation = restore.metadata.generation;
     let message = format!("restoring PodCheckpoint {name} on node {node}");
-    set_condition(
-        &mut status.conditions,
-        CONDITION_READY,
-        ConditionStatus::False,
-        reasons::RESTORE_IN_PROGRESS,
-        &message,
-        restore.metadata.generation,
-        now(),
-    );
-    write_status(restore, ctx, &status).await?;
-    publish(
-        ctx,
-        restore,
-        EventType::Normal,
-        reasons::RESTORE_IN_PROGRESS,
-        "Restore",
-        message,
-    )
-    .await;
-    ctx.metrics.started("PodRestore");
+    let status = begin(restore, ctx, status, reasons::RESTORE_IN_PROGRESS, "Restore", message).await?;
     let mut restore = restore.clone();
     restore.status = Some(status);
     fetch(&restore, ctx).await
