@@ -75,7 +75,7 @@ pub fn criu_version(tb: &Testbed) -> String {
 impl Agent {
     /// The agent library on `node`, its work space under `work`.
     pub async fn on(tb: &Testbed, node: &str, work: &Path) -> Result<Self, Failure> {
-        let socket = tb.dir.join(node).join("containerd/containerd.sock");
+        let socket = tb.cri_socket(node);
         let runtime = CriClient::connect(&socket)
             .await
             .map_err(|e| format!("containerd of {node}: {e}"))?;
@@ -97,11 +97,7 @@ impl Agent {
                 runtime,
                 freezer: Arc::new(V1Freezer::new("/sys/fs/cgroup/freezer")),
                 journal,
-                exec: NodeExec {
-                    prefix: ["nsenter", "-t", "{runtime-pid}", "-m", "--"].map(Into::into).to_vec(),
-                    path_dirs: vec![tb.node_packages.join("bin")],
-                    runtime_socket: Some(socket),
-                },
+                exec: NodeExec::in_runtime_mount_ns(socket, vec![tb.node_packages.join("bin")]),
                 work_dir: work.join("agent"),
                 restores: restores.clone(),
                 node: facts.clone(),

@@ -132,6 +132,11 @@ impl Testbed {
         kube::Client::try_from(config).map_err(|source| HarnessError::Client { source })
     }
 
+    /// The CRI socket of `node`'s containerd.
+    pub fn cri_socket(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("containerd/containerd.sock")
+    }
+
     /// `kubectl` against the cluster.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.kube_bin.join("kubectl"));

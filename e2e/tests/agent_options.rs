@@ -118,10 +118,7 @@ async fn hooks_run_in_order_before_the_freeze() {
     ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
     let pod = ns.wait_ready(&client, "hooked", Duration::from_secs(90)).await.unwrap();
     let uid = pod.metadata.uid.unwrap();
-    let data = tb
-        .dir
-        .join(&node)
-        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
+    let data = empty_dir(&tb, &node, &uid, "data");
     let store_dir = tb.dir.join(format!("e2e-store-{}", ns.name));
     let hook = |container: &str, action: HookAction, ignore_failure: bool| Hook {
         container: container.into(),

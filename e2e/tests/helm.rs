@@ -162,15 +162,6 @@ async fn stored_under(tb: &Testbed, prefix: &str) -> Vec<String> {
         .await
 }
 
-fn pod_data(tb: &Testbed, pod: &k8s_openapi::api::core::v1::Pod) -> std::path::PathBuf {
-    tb.dir
-        .join(pod.spec.as_ref().unwrap().node_name.clone().unwrap())
-        .join(format!(
-            "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
-            pod.metadata.uid.clone().unwrap()
-        ))
-}
-
 /// Waits until every counter of a restored pod is past `floor` and returns them; a
 /// pod that started afresh would count from 1.
 async fn counting_on(data: &std::path::Path, floor: &[u64]) -> Vec<u64> {

@@ -258,10 +258,7 @@ async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
     );
     let pod = ns.pods(&client).get(&restored).await.unwrap();
     assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(target.as_str()));
-    let data = tb.dir.join(&target).join(format!(
-        "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
-        pod.metadata.uid.unwrap()
-    ));
+    let data = pod_data(&tb, &pod);
     // Counters go on from where the checkpoint took them, not from 1.
     let now = wait_until("the restored counters to move", Duration::from_secs(20), || async {
         let now = counts(&data);
@@ -366,10 +363,7 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     // State continuity on the target.
     let checkpoint = checkpoints.list(&Default::default()).await.unwrap().items.remove(0);
     let captured = captured_numbers(&tb, &checkpoint, &["a", "d"]).await;
-    let data = tb.dir.join(&target).join(format!(
-        "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/data",
-        moved.metadata.uid.clone().unwrap()
-    ));
+    let data = pod_data(&tb, moved);
     let number = |name: &str| -> u64 {
         std::fs::read_to_string(data.join(name))
             .ok()

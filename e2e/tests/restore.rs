@@ -19,13 +19,6 @@ use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 use pods::*;
 
-/// The emptyDir `data` of a pod on its node's disk.
-fn empty_dir(tb: &Testbed, node: &str, uid: &str) -> std::path::PathBuf {
-    tb.dir
-        .join(node)
-        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"))
-}
-
 /// The numbers container `a` of the stateful pod logged (`counted N`), in order.
 fn logged_counts(tb: &Testbed, ns: &str, pod: &str, container: &str) -> Vec<u64> {
     let out = tb
@@ -78,7 +71,7 @@ async fn checkpoint_stateful(
         .await
         .unwrap();
     let uid = live.metadata.uid.clone().unwrap();
-    let data = empty_dir(tb, &node, &uid);
+    let data = empty_dir(tb, &node, &uid, "data");
     wait_until("the source to count", Duration::from_secs(30), || async {
         (number(&data.join("a")) > 5 && number(&data.join("d")) > 5).then_some(())
     })
@@ -179,7 +172,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
             container.name
         );
     }
-    let data = empty_dir(&tb, &target, &uid);
+    let data = empty_dir(&tb, &target, &uid, "data");
 
     // The in-memory counter and the shm mirror go on from their checkpointed values.
     let (a_now, d_now) = wait_until("the restored counters to move", Duration::from_secs(20), || async {

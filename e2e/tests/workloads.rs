@@ -49,13 +49,6 @@ fn node_of(pod: &Pod) -> String {
     pod.spec.as_ref().unwrap().node_name.clone().unwrap()
 }
 
-fn emptydir(tb: &Testbed, pod: &Pod, volume: &str) -> std::path::PathBuf {
-    tb.dir.join(node_of(pod)).join(format!(
-        "kubelet/pods/{}/volumes/kubernetes.io~empty-dir/{volume}",
-        pod.metadata.uid.clone().unwrap()
-    ))
-}
-
 fn controller_uid(pod: &Pod) -> Option<String> {
     pod.metadata
         .owner_references
@@ -170,7 +163,7 @@ async fn a_deployment_pod_moves_and_its_replicaset_adopts_the_restored_pod() {
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
     let checkpoint = checkpoints.get(&status.checkpoint_name.clone().unwrap()).await.unwrap();
     let captured = captured_numbers(&tb, &checkpoint, &["n"]).await[0];
-    let data = emptydir(&tb, &only, "data");
+    let data = pod_data(&tb, &only);
     let now = wait_until("the counter to go on", Duration::from_secs(20), || async {
         let now = read_number(&data.join("n"));
         (now > captured).then_some(now)
@@ -449,7 +442,7 @@ async fn a_restore_from_another_namespace_needs_its_grant() {
     assert_eq!(pod_name, "counter", "the name is free in this namespace");
     let restored = away.pods(&client).get(&pod_name).await.unwrap();
     assert_eq!(node_of(&restored), target);
-    let data = emptydir(&tb, &restored, "data");
+    let data = pod_data(&tb, &restored);
     let captured = {
         let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &home.name);
         captured_numbers(&tb, &checkpoints.get("cp").await.unwrap(), &["n"]).await[0]
@@ -536,7 +529,7 @@ async fn a_restore_onto_an_incompatible_node_fails_naming_the_cause() {
         .map(|p| (p.metadata.name.clone().unwrap(), node_of(&p)))
         .collect();
     assert_eq!(names, BTreeMap::from([("counter".to_owned(), source.clone())]));
-    let data = emptydir(&tb, &counter, "data");
+    let data = pod_data(&tb, &counter);
     let then = read_number(&data.join("n"));
     wait_until("the source to count on", Duration::from_secs(10), || async {
         (read_number(&data.join("n")) > then + 5).then_some(())

@@ -34,6 +34,10 @@ pub struct NodeExec {
 /// in the local cluster, mount namespaces of one machine.
 pub const RUNTIME_PID: &str = "{runtime-pid}";
 
+/// Node commands in the mount namespace of the container runtime: the chart's default
+/// `agent.nodeExec`.
+pub const RUNTIME_NODE_EXEC: &str = "nsenter -t {runtime-pid} -m --";
+
 /// The PID of the process listening on a Unix socket (`SO_PEERCRED`).
 pub fn socket_peer_pid(socket: &Path) -> std::io::Result<i32> {
     let stream = std::os::unix::net::UnixStream::connect(socket)?;
@@ -42,6 +46,16 @@ pub fn socket_peer_pid(socket: &Path) -> std::io::Result<i32> {
 }
 
 impl NodeExec {
+    /// Node commands through [`RUNTIME_NODE_EXEC`] for the runtime serving
+    /// `runtime_socket`, with `path_dirs` first in PATH.
+    pub fn in_runtime_mount_ns(runtime_socket: PathBuf, path_dirs: Vec<PathBuf>) -> Self {
+        Self {
+            prefix: RUNTIME_NODE_EXEC.split(' ').map(Into::into).collect(),
+            path_dirs,
+            runtime_socket: Some(runtime_socket),
+        }
+    }
+
     /// The prefix with [`RUNTIME_PID`] resolved now (the runtime may have restarted).
     pub fn resolved_prefix(&self) -> std::io::Result<Vec<OsString>> {
         let needs_pid = self.prefix.iter().any(|w| w.to_string_lossy().contains(RUNTIME_PID));

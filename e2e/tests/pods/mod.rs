@@ -22,8 +22,21 @@ pub const BUSYBOX: &str = "cryopod.local/busybox:e2e";
 /// `a` keeps in the shared `/dev/shm`.
 pub const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
+/// The emptyDir `volume` of pod `uid` on `node`'s disk.
+pub fn empty_dir(tb: &Testbed, node: &str, uid: &str, volume: &str) -> PathBuf {
+    tb.dir
+        .join(node)
+        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/{volume}"))
+}
+
+/// The emptyDir `data` of a scheduled pod, on its node's disk.
+pub fn pod_data(tb: &Testbed, pod: &Pod) -> PathBuf {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+    empty_dir(tb, &node, &pod.metadata.uid.clone().unwrap(), "data")
+}
+
 pub fn cri_socket(tb: &Testbed, node: &str) -> PathBuf {
-    tb.dir.join(node).join("containerd/containerd.sock")
+    tb.cri_socket(node)
 }
 
 /// What container `a` leaves in the shared `/dev/shm` before it starts counting.
@@ -92,10 +105,7 @@ pub async fn start_counting(tb: &Testbed, client: &kube::Client, ns: &TestNamesp
     ns.pods(client).create(&PostParams::default(), &pod).await.unwrap();
     let pod = ns.wait_ready(client, "trio", Duration::from_secs(90)).await.unwrap();
     let uid = pod.metadata.uid.clone().unwrap();
-    let data = tb
-        .dir
-        .join(node)
-        .join(format!("kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/data"));
+    let data = empty_dir(tb, node, &uid, "data");
     wait_until("all counters to count", Duration::from_secs(30), || async {
         counts(&data).iter().all(|&c| c > 2).then_some(())
     })
@@ -140,19 +150,14 @@ pub async fn assert_counting_on(ns: &TestNamespace, client: &kube::Client, data:
     );
 }
 
-/// Runs node programs as the agent would on that node: in its mount namespace.
 /// Node commands run in the mount namespace of the node's containerd, as the chart
 /// configures the agent.
 pub fn node_exec(tb: &Testbed, node: &str) -> cryopod_node_agent::dump::NodeExec {
-    cryopod_node_agent::dump::NodeExec {
-        prefix: NODE_EXEC.split(' ').map(Into::into).collect(),
-        path_dirs: vec![tb.node_packages.join("bin")],
-        runtime_socket: Some(cri_socket(tb, node)),
-    }
+    cryopod_node_agent::dump::NodeExec::in_runtime_mount_ns(tb.cri_socket(node), vec![tb.node_packages.join("bin")])
 }
 
 /// The chart's default `agent.nodeExec`.
-pub const NODE_EXEC: &str = "nsenter -t {runtime-pid} -m --";
+pub const NODE_EXEC: &str = cryopod_node_agent::dump::RUNTIME_NODE_EXEC;
 
 /// The agent library on `node`, talking to its containerd, with a fresh journal (kept
 /// in the returned directory).
