@@ -13,7 +13,7 @@ CRYOPOD_KUBE_BIN=$("$HACK_DIR/build-kubernetes.sh")
 export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
 
 # Built like the images (static, profile `image`), sharing their compiled dependencies.
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile image -p cryopod-bench \
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile image -p cryopod-bench -p cryopod-operator \
   --target x86_64-unknown-linux-gnu --manifest-path "$REPO_ROOT/Cargo.toml"
 bench="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/x86_64-unknown-linux-gnu/image/cryopod-bench"
 

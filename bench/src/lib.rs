@@ -4,9 +4,11 @@
 
 pub mod measure;
 pub mod report;
+pub mod scale;
 
 use measure::Sample;
 use report::{Goal, Row, Summary};
+use scale::ScaleSample;
 
 /// A figure of a sample.
 type Figure = fn(&Sample) -> f64;
@@ -67,6 +69,57 @@ pub fn rows(mib: u64, samples: &[Sample]) -> Vec<Row> {
         .collect()
 }
 
+/// The operator's peak resident memory must stay under this, MiB.
+pub const OPERATOR_RSS_LIMIT_MIB: f64 = 100.0;
+
+/// The rows of the operator at scale, `count` PodCheckpoints per repeat.
+pub fn scale_rows(count: usize, samples: &[ScaleSample]) -> Vec<Row> {
+    let of = |f: fn(&ScaleSample) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
+    let workload = format!("{count} PodCheckpoints, stub agents");
+    let row =
+        |measure: &str, ours: Option<Summary>, baseline_name: &str, baseline: Option<Summary>, unit: &str, goal| {
+            Some(Row {
+                measure: measure.to_owned(),
+                workload: workload.clone(),
+                ours: ours?,
+                baseline_name: baseline_name.to_owned(),
+                baseline: baseline?,
+                unit: unit.to_owned(),
+                goal,
+            })
+        };
+    let limit = Summary::of(&[OPERATOR_RSS_LIMIT_MIB]);
+    [
+        row(
+            "operator: all Ready",
+            of(|s| s.reconcile_s),
+            "plain client: one status write each",
+            of(|s| s.status_writes_s),
+            "s",
+            Goal::None,
+        ),
+        row(
+            "operator: all deleted",
+            of(|s| s.delete_s),
+            "plain delete, no finalizer",
+            of(|s| s.plain_delete_s),
+            "s",
+            Goal::None,
+        ),
+        row(
+            "operator peak RSS",
+            of(|s| s.peak_rss_mib),
+            "the limit",
+            limit,
+            "MiB",
+            Goal::AtMost(1.0),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -93,5 +146,22 @@ mod tests {
         assert_eq!(rows[1].baseline.median, 150.0);
         assert_eq!(rows[1].meets_goal(), Some(true));
         assert!((rows[2].ratio() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_operator_at_scale_is_held_to_its_memory_limit() {
+        let sample = |rss: f64| ScaleSample {
+            reconcile_s: 20.0,
+            status_writes_s: 4.0,
+            delete_s: 10.0,
+            plain_delete_s: 2.0,
+            peak_rss_mib: rss,
+        };
+        let rows = scale_rows(1000, &[sample(40.0), sample(60.0), sample(50.0)]);
+        assert_eq!(rows.len(), 3);
+        assert!((rows[0].ratio() - 5.0).abs() < 1e-9);
+        assert_eq!(rows[2].meets_goal(), Some(true));
+        let rows = scale_rows(1000, &[sample(140.0)]);
+        assert_eq!(rows[2].meets_goal(), Some(false));
     }
 }

@@ -1,22 +1,29 @@
-//! `cryopod-bench [--sizes 64,256,1024,2048] [--repeats 3] [--out docs]`: run by
-//! `make bench` (bench/run.sh) against the local cluster it starts.
+//! `cryopod-bench [--parts pods,scale] [--sizes 64,256,1024,2048] [--scale 1000]
+//! [--repeats 3] [--out docs]`: run by `make bench` (bench/run.sh) against the local
+//! cluster it starts.
 
 use std::process::ExitCode;
 
-use cryopod_bench::{measure, report, rows};
+use cryopod_bench::{measure, report, rows, scale, scale_rows};
 use cryopod_e2e::testbed::Testbed;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 struct Args {
+    /// `pods` (freeze, checkpoint, size, restore preparation per pod size) and
+    /// `scale` (the operator with many PodCheckpoints).
+    parts: Vec<String>,
     sizes: Vec<u64>,
+    scale: usize,
     repeats: usize,
     out: std::path::PathBuf,
 }
 
 fn args() -> Result<Args, String> {
     let mut parsed = Args {
+        parts: vec!["pods".into(), "scale".into()],
         sizes: vec![64, 256, 1024, 2048],
+        scale: 1000,
         repeats: 3,
         out: "docs".into(),
     };
@@ -34,6 +41,13 @@ fn args() -> Result<Args, String> {
                     })
                     .collect::<Result<_, _>>()?;
             }
+            "--parts" => {
+                parsed.parts = value.split(',').map(|p| p.trim().to_owned()).collect();
+                if let Some(bad) = parsed.parts.iter().find(|p| !["pods", "scale"].contains(&p.as_str())) {
+                    return Err(format!("--parts: {bad} is not one of pods, scale"));
+                }
+            }
+            "--scale" => parsed.scale = value.parse().map_err(|_| format!("--scale: {value}"))?,
             "--repeats" => parsed.repeats = value.parse().map_err(|_| format!("--repeats: {value}"))?,
             "--out" => parsed.out = value.into(),
             other => return Err(format!("unknown flag {other}")),
@@ -65,13 +79,27 @@ async fn run(args: Args) -> Result<(), String> {
         work: work.clone(),
     };
     let mut all = Vec::new();
-    for mib in &args.sizes {
+    let sizes = if args.parts.iter().any(|p| p == "pods") {
+        args.sizes.as_slice()
+    } else {
+        &[]
+    };
+    for mib in sizes {
         println!(
             "pod with {mib} MiB of dirty memory over 2 containers, {} repeats",
             args.repeats
         );
         let samples = measure::pod_size(&bench, *mib, args.repeats).await?;
         all.extend(rows(*mib, &samples));
+    }
+    if args.parts.iter().any(|p| p == "scale") {
+        println!(
+            "the operator with {} PodCheckpoints, agents stubbed, {} repeats",
+            args.scale, args.repeats
+        );
+        let samples =
+            scale::operator_at_scale(&tb, &bench.client, &operator_bin()?, &work, args.scale, args.repeats).await?;
+        all.extend(scale_rows(args.scale, &samples));
     }
     let _ = std::fs::remove_dir_all(&work);
     let table = report::table(&all);
@@ -100,9 +128,12 @@ async fn run(args: Args) -> Result<(), String> {
         "The agent code runs as in the images: profile `image`, dependencies at opt-level 2 and \
          cryopod's crates at 1, static."
             .to_owned(),
-        "Not measured yet (issue #7): migration downtime against the per-container path, and the operator \
-         at scale (1 000 PodCheckpoints)."
+        "The operator at scale is the operator binary against the cluster's API server, watching one \
+         namespace of pods bound to 20 Node objects without kubelets; its agents are the agent's gRPC service \
+         over mTLS with a backend that answers at once. Its time runs from the operator's start, with every \
+         PodCheckpoint already created, to the last one Ready. The plain client keeps 16 requests in flight."
             .to_owned(),
+        "Not measured yet (issue #7): migration downtime against the per-container path.".to_owned(),
     ];
     let markdown = report::markdown(&all, &machine, args.repeats, "performance.png", &notes);
     let md = args.out.join("performance.md");
@@ -117,6 +148,24 @@ async fn run(args: Args) -> Result<(), String> {
         println!("goals missed: {}", missed.join(", "));
     }
     Ok(())
+}
+
+/// The operator binary: `CRYOPOD_OPERATOR_BIN`, or the one built beside this one.
+fn operator_bin() -> Result<std::path::PathBuf, String> {
+    let bin = match std::env::var_os("CRYOPOD_OPERATOR_BIN") {
+        Some(bin) => bin.into(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("this binary's path: {e}"))?
+            .with_file_name("cryopod-operator"),
+    };
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: bench/run.sh builds it (or set CRYOPOD_OPERATOR_BIN)",
+            bin.display()
+        ))
+    }
 }
 
 #[tokio::main]

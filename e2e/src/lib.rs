@@ -6,3 +6,4 @@
 pub mod chart;
 pub mod oci;
 pub mod testbed;
+pub mod tls;

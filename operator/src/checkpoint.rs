@@ -13,7 +13,7 @@
 //!
 //! A finalizer deletes the stored objects when the PodCheckpoint is deleted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,32 +239,6 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     let Some(node) = node.filter(|_| running) else {
         return pending(cp, ctx, format!("waiting for pod {} to run", spec.source_pod_name)).await;
     };
-    // One operation per pod at a time, and a limit per node.
-    let _starting = ctx.start_lock.lock().await;
-    let all: Api<PodCheckpoint> = Api::all(ctx.client.clone());
-    let others: Vec<InFlight> = all
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("list PodCheckpoints"))?
-        .items
-        .iter()
-        .filter(|other| other.uid() != cp.uid())
-        .filter_map(|other| {
-            let status = other.status.as_ref()?;
-            matches!(
-                status.phase?,
-                CheckpointPhase::Checkpointing | CheckpointPhase::Uploading
-            )
-            .then(|| InFlight {
-                name: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
-                pod_uid: status.source_pod_uid.clone().unwrap_or_default(),
-                node: status.node_name.clone().unwrap_or_default(),
-            })
-        })
-        .collect();
-    if let Some(why) = must_wait(&live_uid, &node, &others, ctx.max_per_node) {
-        return pending(cp, ctx, why).await;
-    }
     let resolved = match resolve_for(cp, ctx, &node, Some(pod)).await? {
         Ok(resolved) => resolved,
         Err((reason, message)) => return fail(cp, ctx, reason, message).await,
@@ -286,6 +260,25 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
+    // One operation per pod at a time, and a limit per node: decided on the watch's
+    // view plus this operator's own starts the watch has not shown yet.
+    let uid = cp.uid().unwrap_or_default();
+    {
+        let mut starts = ctx.starts.lock().await;
+        let others = starts.in_flight(&ctx.checkpoints.state(), &uid);
+        if let Some(why) = must_wait(&live_uid, &node, &others, ctx.max_per_node) {
+            drop(starts);
+            return pending(cp, ctx, why).await;
+        }
+        starts.claim(
+            &uid,
+            InFlight {
+                name: format!("{ns}/{}", cp.name_any()),
+                pod_uid: live_uid.clone(),
+                node: node.clone(),
+            },
+        );
+    }
     let mut status = cp.status.clone().unwrap_or_default();
     status.phase = Some(CheckpointPhase::Checkpointing);
     status.node_name = Some(node.clone());
@@ -295,7 +288,13 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     status.checkpoint_location = Some(resolved.storage.location.clone());
     status.observed_generation = cp.metadata.generation;
     let message = format!("checkpointing pod {} on node {node}", spec.source_pod_name);
-    let status = begin(cp, ctx, status, reasons::CHECKPOINT_IN_PROGRESS, "Checkpoint", message).await?;
+    let status = match begin(cp, ctx, status, reasons::CHECKPOINT_IN_PROGRESS, "Checkpoint", message).await {
+        Ok(status) => status,
+        Err(e) => {
+            ctx.starts.lock().await.release(&uid);
+            return Err(e);
+        }
+    };
     let mut cp = cp.clone();
     cp.status = Some(status);
     run_on_agent(&cp, ctx, &node, resolved).await
@@ -333,6 +332,59 @@ pub struct InFlight {
     pub pod_uid: String,
     /// Its node.
     pub node: String,
+}
+
+/// Checkpoints this operator started (by PodCheckpoint UID) whose start the watch has
+/// not shown yet. A claim ends once the watched object has left Pending, or is gone.
+#[derive(Debug, Default)]
+pub struct Starts(HashMap<String, InFlight>);
+
+impl Starts {
+    /// Records a start.
+    pub fn claim(&mut self, uid: &str, flight: InFlight) {
+        self.0.insert(uid.to_owned(), flight);
+    }
+
+    /// Forgets a start that did not happen.
+    pub fn release(&mut self, uid: &str) {
+        self.0.remove(uid);
+    }
+
+    /// The checkpoints in flight, `except` this one: those the watch shows
+    /// Checkpointing or Uploading, and the claims it does not show started yet.
+    pub fn in_flight(&mut self, watched: &[Arc<PodCheckpoint>], except: &str) -> Vec<InFlight> {
+        let phase_of = |uid: &str| {
+            watched
+                .iter()
+                .find(|cp| cp.metadata.uid.as_deref() == Some(uid))
+                .map(|cp| cp.status.as_ref().and_then(|s| s.phase))
+        };
+        self.0
+            .retain(|uid, _| matches!(phase_of(uid), Some(None | Some(CheckpointPhase::Pending))));
+        let mut flights: Vec<InFlight> = watched
+            .iter()
+            .filter(|cp| cp.metadata.uid.as_deref() != Some(except))
+            .filter_map(|cp| {
+                let status = cp.status.as_ref()?;
+                matches!(
+                    status.phase?,
+                    CheckpointPhase::Checkpointing | CheckpointPhase::Uploading
+                )
+                .then(|| InFlight {
+                    name: format!("{}/{}", cp.namespace().unwrap_or_default(), cp.name_any()),
+                    pod_uid: status.source_pod_uid.clone().unwrap_or_default(),
+                    node: status.node_name.clone().unwrap_or_default(),
+                })
+            })
+            .collect();
+        flights.extend(
+            self.0
+                .iter()
+                .filter(|(uid, _)| uid.as_str() != except)
+                .map(|(_, flight)| flight.clone()),
+        );
+        flights
+    }
 }
 
 /// Why a checkpoint of pod `pod_uid` on `node` must wait, if it must: another one of
@@ -892,6 +944,43 @@ mod tests {
         );
         assert_eq!(must_wait("p3", "n1", &others, 3), None);
         assert_eq!(must_wait("p3", "n2", &others, 1), None);
+    }
+
+    #[test]
+    fn a_start_counts_until_the_watch_shows_it_and_no_longer() {
+        let watched = |uid: &str, phase: Option<&str>| {
+            let mut value = serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+                "metadata": {"name": uid, "namespace": "ns", "uid": uid},
+                "spec": {"sourcePodName": "p"}
+            });
+            if let Some(phase) = phase {
+                value["status"] = serde_json::json!({"phase": phase, "sourcePodUID": "p1", "nodeName": "n1"});
+            }
+            Arc::new(serde_json::from_value::<PodCheckpoint>(value).unwrap())
+        };
+        let flight = InFlight {
+            name: "ns/a".into(),
+            pod_uid: "p1".into(),
+            node: "n1".into(),
+        };
+        let mut starts = Starts::default();
+        starts.claim("a", flight.clone());
+        // The watch still shows a as new: the claim stands in for it, except for a itself.
+        let view = [watched("a", None), watched("b", None)];
+        assert_eq!(starts.in_flight(&view, "b"), vec![flight.clone()]);
+        assert_eq!(starts.in_flight(&view, "a"), vec![]);
+        // The watch caught up: it alone counts, once.
+        let view = [watched("a", Some("Checkpointing")), watched("b", None)];
+        assert_eq!(starts.in_flight(&view, "b").len(), 1);
+        // Finished, or deleted: nothing is in flight and the claim is gone.
+        let view = [watched("a", Some("Ready")), watched("b", None)];
+        assert_eq!(starts.in_flight(&view, "b"), vec![]);
+        starts.claim("c", flight.clone());
+        assert_eq!(starts.in_flight(&view, "b"), vec![]);
+        starts.claim("b", flight.clone());
+        starts.release("b");
+        assert_eq!(starts.in_flight(&view, "x"), vec![]);
     }
 
     #[test]

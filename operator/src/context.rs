@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::v1alpha1::PodCheckpoint;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 
 use crate::agents::{AgentError, Agents};
+use crate::checkpoint::Starts;
 use crate::metrics::OperatorMetrics;
 
 /// What the controller works with.
@@ -25,8 +28,11 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     /// At most this many checkpoints run at once on one node.
     pub max_per_node: usize,
-    /// Held while a checkpoint decides to start, so two cannot both see room.
-    pub start_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
+    pub checkpoints: Store<PodCheckpoint>,
+    /// Checkpoints started here that the watch may not show yet; held while a
+    /// checkpoint decides to start, so two cannot both see room.
+    pub starts: Arc<tokio::sync::Mutex<Starts>>,
 }
 
 impl std::fmt::Debug for Context {

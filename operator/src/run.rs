@@ -9,7 +9,7 @@ use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 
 use crate::agents::{AgentLocator, Agents, DaemonSetAgents, StaticAgents};
 use crate::context::Context;
@@ -40,6 +40,10 @@ pub struct OperatorConfig {
     pub watch_namespace: Option<String>,
     /// `CRYOPOD_MAX_PER_NODE`, default 2: checkpoints running at once on one node.
     pub max_per_node: usize,
+    /// `CRYOPOD_MAX_RECONCILES` (default 32): reconciles each controller runs at once.
+    /// A checkpoint holds one for as long as its agent works; the limit bounds the
+    /// operator's memory and its connections to the API server.
+    pub max_reconciles: u16,
     /// `CRYOPOD_LEASE_NAME`, default `cryopod-operator`: the leader-election Lease in
     /// `namespace`.
     pub lease_name: String,
@@ -107,15 +111,19 @@ impl OperatorConfig {
             variable,
             problem: format!("{port:?}: {e}"),
         })?;
-        let (variable, limit) = parse("CRYOPOD_MAX_PER_NODE", "2");
-        let max_per_node = limit
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| RunError::Config {
-                variable,
-                problem: format!("{limit:?} is not a positive number"),
-            })?;
+        // A limit: a whole number from 1 up to what its type holds.
+        let limit = |variable: &'static str, default: &str| {
+            let (variable, text) = parse(variable, default);
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| RunError::Config {
+                    variable,
+                    problem: format!("{text:?} is not a positive number"),
+                })
+        };
+        let max_per_node = usize::try_from(limit("CRYOPOD_MAX_PER_NODE", "2")?).unwrap_or(usize::MAX);
+        let max_reconciles = u16::try_from(limit("CRYOPOD_MAX_RECONCILES", "32")?).unwrap_or(u16::MAX);
         let (variable, listen) = parse("CRYOPOD_METRICS_LISTEN", "0.0.0.0:8080");
         let metrics_listen = listen.parse().map_err(|e| RunError::Config {
             variable,
@@ -132,6 +140,7 @@ impl OperatorConfig {
             metrics_listen,
             watch_namespace: get("CRYOPOD_WATCH_NAMESPACE"),
             max_per_node,
+            max_reconciles,
             lease_name: get("CRYOPOD_LEASE_NAME").unwrap_or_else(|| "cryopod-operator".into()),
         })
     }
@@ -167,13 +176,30 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         controller: "cryopod-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    // The checkpoint controller's cache also serves the start decision.
+    let (checkpoints, restores, migrations): (Api<PodCheckpoint>, Api<PodRestore>, Api<PodMigration>) =
+        match &config.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let limits = controller::Config::default().concurrency(config.max_reconciles);
+    let checkpoint_controller = Controller::new(checkpoints, watcher::Config::default()).with_config(limits.clone());
     let context = Arc::new(Context {
         client: client.clone(),
         agents,
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         max_per_node: config.max_per_node,
-        start_lock: Arc::default(),
+        checkpoints: checkpoint_controller.store(),
+        starts: Arc::default(),
     });
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -187,16 +213,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     };
     election.acquire().await.map_err(|source| RunError::Kube { source })?;
     tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
-    let (checkpoints, restores, migrations): (Api<PodCheckpoint>, Api<PodRestore>, Api<PodMigration>) =
-        match &config.watch_namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client, ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
-        };
-    let checkpoint_controller = Controller::new(checkpoints, watcher::Config::default())
+    let checkpoint_controller = checkpoint_controller
         .shutdown_on_signal()
         .run(
             crate::checkpoint::reconcile,
@@ -213,6 +230,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         None => Api::all(context.client.clone()),
     };
     let restore_controller = Controller::new(restores, watcher::Config::default())
+        .with_config(limits.clone())
         // Restored pods only, by label: their readiness ends a restore (and a
         // migration's downtime) the moment it changes.
         .watches(
@@ -228,6 +246,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             }
         });
     let migration_controller = Controller::new(migrations, watcher::Config::default())
+        .with_config(limits)
         .shutdown_on_signal()
         .run(crate::migration::reconcile, crate::migration::error_policy, context)
         .for_each(|result| async move {

@@ -70,7 +70,8 @@ fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
         recorder: Recorder::new(client, reporter),
         metrics: Arc::new(OperatorMetrics::new()),
         max_per_node: 2,
-        start_lock: Arc::default(),
+        checkpoints: kube::runtime::reflector::store().0,
+        starts: Arc::default(),
     };
     (Arc::new(context), ApiServer(handle), tls)
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+pub use cryopod_e2e::tls::AgentTls;
 use cryopod_node_agent::cgroup::{Freezer, V1Freezer};
 use cryopod_node_agent::cri::CriClient;
 use cryopod_node_agent::discovery::discover;
@@ -341,46 +342,9 @@ impl Drop for AgentProcess {
     }
 }
 
-/// TLS material of one test: the cryopod CA, the agent's serving pair (in `dir`, as
-/// the agent reads it) and the operator's client identity.
-pub struct AgentTls {
-    pub dir: tempfile::TempDir,
-    /// The operator's TLS directory (`CRYOPOD_TLS_DIR`).
-    pub operator_dir: tempfile::TempDir,
-    pub ca: String,
-    pub client: tonic::transport::Identity,
-}
-
+/// TLS material of one test.
 pub fn agent_tls() -> AgentTls {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf("localhost");
-    let (client_cert, client_key) = leaf("cryopod-operator");
-    std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
-    std::fs::write(dir.path().join("tls.crt"), server_cert).unwrap();
-    std::fs::write(dir.path().join("tls.key"), server_key).unwrap();
-    // The operator's side: its client pair and the CA that signed the agents'.
-    let operator_dir = tempfile::tempdir().unwrap();
-    std::fs::write(operator_dir.path().join("ca.crt"), ca.pem()).unwrap();
-    std::fs::write(operator_dir.path().join("tls.crt"), &client_cert).unwrap();
-    std::fs::write(operator_dir.path().join("tls.key"), &client_key).unwrap();
-    AgentTls {
-        dir,
-        operator_dir,
-        ca: ca.pem(),
-        client: tonic::transport::Identity::from_pem(client_cert, client_key),
-    }
+    cryopod_e2e::tls::agent_tls().unwrap()
 }
 
 /// Starts the agent binary for `node` on a loopback port and connects to it over mTLS.
