@@ -10,7 +10,8 @@ export CRYOPOD_S3_ENDPOINT="http://$HOST_S3" CRYOPOD_S3_CLUSTER_ENDPOINT="http:/
 export CRYOPOD_S3_BUCKET="$S3_BUCKET" CRYOPOD_S3_ACCESS_KEY="$S3_ACCESS_KEY" CRYOPOD_S3_SECRET_KEY="$S3_SECRET_KEY"
 CRYOPOD_NODE_PACKAGES=$("$HACK_DIR/ensure-node-packages.sh")
 CRYOPOD_KUBE_BIN=$("$HACK_DIR/build-kubernetes.sh")
-export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN
+CRYOPOD_HELM=$("$HACK_DIR/ensure-helm.sh")
+export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN CRYOPOD_HELM
 
 # Built like the images (static, profile `image`), sharing their compiled dependencies.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile image -p cryopod-bench -p cryopod-operator \

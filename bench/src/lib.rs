@@ -3,10 +3,12 @@
 //! to `docs/performance.md` with a plot.
 
 pub mod measure;
+pub mod migration;
 pub mod report;
 pub mod scale;
 
 use measure::Sample;
+use migration::MigrationSample;
 use report::{Goal, Row, Summary};
 use scale::ScaleSample;
 
@@ -67,6 +69,23 @@ pub fn rows(mib: u64, samples: &[Sample]) -> Vec<Row> {
             })
         })
         .collect()
+}
+
+/// The rows of migrations of one pod size.
+pub fn migration_rows(mib: u64, samples: &[MigrationSample]) -> Vec<Row> {
+    let of = |f: fn(&MigrationSample) -> f64| Summary::of(&samples.iter().map(f).collect::<Vec<_>>());
+    let (Some(ours), Some(baseline)) = (of(|s| s.downtime_ms), of(MigrationSample::per_container_ms)) else {
+        return vec![];
+    };
+    vec![Row {
+        measure: "migration downtime".to_owned(),
+        workload: format!("2 × {} MiB", mib / 2),
+        ours,
+        baseline_name: "per container: kubelet checkpoints, uploads, restore credited".to_owned(),
+        baseline,
+        unit: "ms".to_owned(),
+        goal: Goal::AtMost(0.5),
+    }]
 }
 
 /// The operator's peak resident memory must stay under this, MiB.

@@ -109,7 +109,7 @@ impl Agent {
 }
 
 /// A pod of two containers on `node`, each keeping `mib_each` MiB dirty.
-fn memory_pod(name: &str, node: &str, mib_each: u64) -> Result<Pod, Failure> {
+pub fn memory_pod(name: &str, node: &str, mib_each: u64) -> Result<Pod, Failure> {
     let container = |n: &str| {
         serde_json::json!({"name": n, "image": IMAGE, "imagePullPolicy": "Never",
                            "command": ["/bin/memory-dirtier", mib_each.to_string()]})
@@ -139,6 +139,14 @@ async fn start_pod(
         .wait_ready(client, &name, Duration::from_secs(120))
         .await
         .map_err(|e| e.to_string())?;
+    wait_filled(&pods, &name).await?;
+    discover(runtime, &ready.metadata.uid.unwrap_or_default())
+        .await
+        .map_err(|e| format!("discover {name}: {e}"))
+}
+
+/// Waits until both containers of the pod have filled their memory.
+pub async fn wait_filled(pods: &Api<Pod>, name: &str) -> Result<(), Failure> {
     for container in ["a", "b"] {
         let params = LogParams {
             container: Some(container.to_owned()),
@@ -147,14 +155,12 @@ async fn start_pod(
         wait_until(
             &format!("{name}/{container} to fill its memory"),
             Duration::from_secs(300),
-            || async { pods.logs(&name, &params).await.ok()?.contains("filled").then_some(()) },
+            || async { pods.logs(name, &params).await.ok()?.contains("filled").then_some(()) },
         )
         .await
         .map_err(|e| e.to_string())?;
     }
-    discover(runtime, &ready.metadata.uid.unwrap_or_default())
-        .await
-        .map_err(|e| format!("discover {name}: {e}"))
+    Ok(())
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -186,18 +192,31 @@ fn bytes_under(dir: &Path) -> u64 {
 async fn plain_upload(store: &Arc<dyn ObjectStore>, dir: &Path, prefix: &str) -> Result<(), Failure> {
     for file in files_under(dir) {
         let key = format!("{prefix}{}", file.strip_prefix(dir).unwrap_or(&file).display());
-        let mut writer = object_store::buffered::BufWriter::new(store.clone(), ObjectPath::from(key));
-        let mut reader = tokio::fs::File::open(&file)
-            .await
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        tokio::io::copy(&mut reader, &mut writer)
-            .await
-            .map_err(|e| format!("plain upload: {e}"))?;
-        tokio::io::AsyncWriteExt::shutdown(&mut writer)
-            .await
-            .map_err(|e| format!("plain upload: {e}"))?;
+        upload(store, &file, key).await?;
     }
     Ok(())
+}
+
+/// Uploads one file as it is, to `prefix` and its file name.
+pub async fn plain_upload_file(store: &Arc<dyn ObjectStore>, file: &Path, prefix: &str) -> Result<(), Failure> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    upload(store, file, format!("{prefix}{name}")).await
+}
+
+async fn upload(store: &Arc<dyn ObjectStore>, file: &Path, key: String) -> Result<(), Failure> {
+    let mut writer = object_store::buffered::BufWriter::new(store.clone(), ObjectPath::from(key));
+    let mut reader = tokio::fs::File::open(file)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    tokio::io::copy(&mut reader, &mut writer)
+        .await
+        .map_err(|e| format!("plain upload: {e}"))?;
+    tokio::io::AsyncWriteExt::shutdown(&mut writer)
+        .await
+        .map_err(|e| format!("plain upload: {e}"))
 }
 
 /// Reads every object under `prefix`, one after the other.
@@ -225,7 +244,7 @@ async fn delete_under(store: &Arc<dyn ObjectStore>, prefix: &str) {
     let _ = cryopod_node_agent::store::delete_prefix(store, prefix).await;
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -3,6 +3,35 @@
 
 use std::path::PathBuf;
 
+/// `helm install` of the chart on the testbed, as `release` in `namespace`: the
+/// images imported on the nodes (never pulled) and CRIU from the node packages.
+pub fn testbed_install_args(tb: &crate::testbed::Testbed, release: &str, namespace: &str) -> Vec<String> {
+    let chart = crate::testbed::repo_root().join("charts/cryopod");
+    let mut args: Vec<String> = ["install", release]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([chart.to_string_lossy().into_owned()])
+        .collect();
+    args.extend(
+        [
+            "--namespace",
+            namespace,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+            "--set",
+            "image.operator.pullPolicy=Never",
+            "--set",
+            "image.agent.pullPolicy=Never",
+            "--set",
+        ]
+        .map(str::to_owned),
+    );
+    args.push(format!("agent.criuDir={}", tb.node_packages.join("bin").display()));
+    args
+}
+
 /// Renders the chart with `--set` values; the error is helm's message.
 pub fn render(sets: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let helm = std::env::var("CRYOPOD_HELM").map_err(|_| "CRYOPOD_HELM is not set (make unit sets it)".to_owned())?;

@@ -195,29 +195,9 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
             "--ignore-not-found",
         ],
     );
-    let chart = cryopod_e2e::testbed::repo_root().join("charts/cryopod");
-    let chart = chart.to_str().unwrap();
-    let criu = format!("agent.criuDir={}", tb.node_packages.join("bin").display());
-    let installed = helm(
-        &tb,
-        &[
-            "install",
-            RELEASE,
-            chart,
-            "--namespace",
-            RELEASE_NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "3m",
-            "--set",
-            "image.operator.pullPolicy=Never",
-            "--set",
-            "image.agent.pullPolicy=Never",
-            "--set",
-            &criu,
-        ],
-    );
+    let install = cryopod_e2e::chart::testbed_install_args(&tb, RELEASE, RELEASE_NS);
+    let chart = install[2].as_str();
+    let installed = helm(&tb, &install.iter().map(String::as_str).collect::<Vec<_>>());
     println!("{installed}");
     let ca_before = release_ca(&tb);
 

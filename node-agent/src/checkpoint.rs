@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::capture::{CaptureError, capture_shared_state, rootfs_diff};
 use crate::cgroup::Freezer;
@@ -20,10 +20,10 @@ use crate::inspect::PodIpConnection;
 use crate::inspect::{cgroup_pids, pod_ip_connections_of, shared_sysv_segments};
 use crate::journal::Journal;
 use crate::package::{
-    ContainerParts, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, ManifestContainer, NodeFacts, PackageError, PodRef,
-    Seal, rfc3339_from_nanos, write_container_archive, write_shared_state,
+    ContainerParts, LocalObject, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, ManifestContainer, NodeFacts,
+    PackageError, PodRef, Seal, rfc3339_from_nanos, write_container_archive, write_shared_state,
 };
-use crate::store::{StoreError, delete_checkpoint, store_checkpoint};
+use crate::store::{StoreError, delete_checkpoint, store_manifest, store_object};
 
 /// Where a checkpoint is, for progress reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +88,46 @@ pub struct CheckpointRequest {
     pub seal: Seal,
     /// The sanitized pod (a `PodTemplateSpec`), kept in the manifest.
     pub pod_template: Option<serde_json::Value>,
+}
+
+/// Writes one object of the checkpoint on the local disk.
+type PackageJob = Box<dyn FnOnce() -> Result<LocalObject, PackageError> + Send>;
+
+/// Runs every job and stores its object, all at once; on any failure removes every
+/// object stored and returns the first error. The objects come back in job order.
+async fn package_and_store(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    jobs: Vec<PackageJob>,
+) -> Result<Vec<LocalObject>, CheckpointError> {
+    let results = futures::future::join_all(jobs.into_iter().map(|job| async move {
+        let object = tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|_| CheckpointError::Task { step: "package" })?
+            .map_err(|source| CheckpointError::Package { source })?;
+        store_object(store, prefix, &object)
+            .await
+            .map_err(|source| CheckpointError::Store { source })?;
+        Ok::<_, CheckpointError>(object)
+    }))
+    .await;
+    if results.iter().all(Result::is_ok) {
+        return Ok(results.into_iter().flatten().collect());
+    }
+    let mut first = None;
+    for result in results {
+        match result {
+            Ok(object) => {
+                let _ = store
+                    .delete(&object_store::path::Path::from(format!("{prefix}{}", object.entry.key)))
+                    .await;
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(first.unwrap_or(CheckpointError::Task { step: "package" }))
 }
 
 /// What the agent works with on its node.
@@ -369,11 +409,15 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             checkpointed_at.clone(),
             req.seal.clone(),
         );
-        let objects = tokio::task::spawn_blocking(move || {
-            let mut objects = Vec::new();
-            for ((c, d), diff) in containers.iter().zip(&dumps).zip(&diffs) {
+        // Each object is packaged and stored on its own, so one's compression overlaps
+        // another's upload and read-back.
+        let objects_dir = dir.join("objects");
+        let mut jobs: Vec<PackageJob> = Vec::new();
+        for ((c, d), diff) in containers.into_iter().zip(dumps).zip(diffs) {
+            let (objects_dir, seal, at, dir) = (objects_dir.clone(), seal.clone(), at.clone(), dir.clone());
+            jobs.push(Box::new(move || {
                 let parts = ContainerParts {
-                    container: c,
+                    container: &c,
                     images: &d.images,
                     work: &dir.join(&c.name).join("work"),
                     rootfs_diff: &diff.tar,
@@ -381,16 +425,16 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                     runtime: "io.containerd.runc.v2",
                     checkpointed_at: &at,
                 };
-                objects.push(write_container_archive(&dir.join("objects"), &seal, &parts)?);
-            }
-            for s in &shared {
-                objects.push(write_shared_state(&dir.join("objects"), &seal, &s.name, &s.tar)?);
-            }
-            Ok::<_, PackageError>(objects)
-        })
-        .await
-        .map_err(|_| CheckpointError::Task { step: "package" })?
-        .map_err(|source| CheckpointError::Package { source })?;
+                write_container_archive(&objects_dir, &seal, &parts)
+            }));
+        }
+        for s in shared {
+            let (objects_dir, seal) = (objects_dir.clone(), seal.clone());
+            jobs.push(Box::new(move || {
+                write_shared_state(&objects_dir, &seal, &s.name, &s.tar)
+            }));
+        }
+        let objects = package_and_store(&store, &req.prefix, jobs).await?;
 
         if !pod_ip_connections.is_empty() {
             warnings.push(format!(
@@ -431,9 +475,13 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             warnings,
             checkpointed_pod_template: req.pod_template.clone(),
         };
-        let manifest_digest = store_checkpoint(&store, &req.prefix, &objects, &manifest)
-            .await
-            .map_err(|source| CheckpointError::Store { source })?;
+        let manifest_digest = match store_manifest(&store, &req.prefix, &manifest).await {
+            Ok(digest) => digest,
+            Err(source) => {
+                let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
+                return Err(CheckpointError::Store { source });
+            }
+        };
         let upload = upload_started.elapsed();
         tracing::info!(upload_ms = upload.as_millis() as u64, %manifest_digest, "checkpoint stored");
 
@@ -539,6 +587,60 @@ mod tests {
     use super::*;
     use crate::cgroup::V1Freezer;
     use crate::cri::{ContainerView, CriError, ExecOutput, SandboxView};
+
+    /// A job that writes `data` as object `key` under `dir`, or fails to.
+    fn job(dir: &std::path::Path, key: &str, data: Option<&'static [u8]>) -> PackageJob {
+        use sha2::Digest;
+        let (path, key) = (dir.join(key.replace('/', "_")), key.to_owned());
+        Box::new(move || {
+            let Some(data) = data else {
+                return Err(PackageError::Write {
+                    object: key,
+                    source: std::io::Error::other("disk full"),
+                });
+            };
+            std::fs::write(&path, data).unwrap();
+            let entry = crate::package::ObjectEntry {
+                key,
+                size: data.len() as u64,
+                sha256: crate::package::sha256_hex(sha2::Sha256::digest(data)),
+                raw_size: data.len() as u64,
+            };
+            Ok(LocalObject { entry, path })
+        })
+    }
+
+    #[tokio::test]
+    async fn objects_are_stored_in_job_order_and_a_failure_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let jobs = vec![
+            job(dir.path(), "containers/a.tar.zst", Some(b"aaa")),
+            job(dir.path(), "pod/shm.tar.zst", Some(b"shm")),
+        ];
+        let objects = package_and_store(&store, "p/", jobs).await.unwrap();
+        let keys: Vec<&str> = objects.iter().map(|o| o.entry.key.as_str()).collect();
+        assert_eq!(keys, ["containers/a.tar.zst", "pod/shm.tar.zst"]);
+        let stored = store
+            .get(&"p/pod/shm.tar.zst".into())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(&stored[..], b"shm");
+
+        let jobs = vec![
+            job(dir.path(), "containers/a.tar.zst", Some(b"aaa")),
+            job(dir.path(), "containers/b.tar.zst", None),
+        ];
+        let err = package_and_store(&store, "q/", jobs).await.unwrap_err();
+        assert!(err.to_string().contains("containers/b.tar.zst"), "{err}");
+        let left: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&"q/".into())))
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 
     /// A runtime that knows no pods.
     #[derive(Debug)]

@@ -244,12 +244,9 @@ fn write_object(
     let raw_size = raw.bytes;
     let mut stored = raw.inner.finish().map_err(werr)?.finish().map_err(werr)?;
     stored.flush().map_err(werr)?;
-    stored
-        .inner
-        .into_inner()
-        .map_err(|e| werr(e.into_error()))?
-        .sync_all()
-        .map_err(werr)?;
+    // Not synced to disk: the file is staging, read back at once for the upload, and
+    // an agent that dies before the upload fails the whole operation anyway.
+    stored.inner.into_inner().map_err(|e| werr(e.into_error()))?;
     Ok(LocalObject {
         entry: ObjectEntry {
             key: key.to_owned(),

@@ -112,6 +112,56 @@ pub async fn stored_digest(store: &Arc<dyn ObjectStore>, key: &ObjectPath) -> Re
     Ok(sha256_hex(hash.finalize()))
 }
 
+/// Uploads one object under `prefix` and reads it back; a failed or mismatched object
+/// is removed again.
+pub async fn store_object(store: &Arc<dyn ObjectStore>, prefix: &str, object: &LocalObject) -> Result<(), StoreError> {
+    let key = ObjectPath::from(format!("{prefix}{}", object.entry.key));
+    let result = async {
+        upload(store, &key, object).await?;
+        let found = stored_digest(store, &key)
+            .await
+            .map_err(|source| StoreError::ReadBack {
+                key: object.entry.key.clone(),
+                source,
+            })?;
+        if found != object.entry.sha256 {
+            return Err(StoreError::DigestMismatch {
+                key: object.entry.key.clone(),
+                expected: object.entry.sha256.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = store.delete(&key).await;
+    }
+    result
+}
+
+/// Writes the manifest under `prefix` (last: a checkpoint exists only once it does)
+/// and returns its sha256.
+pub async fn store_manifest(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    manifest: &Manifest,
+) -> Result<String, StoreError> {
+    let bytes = serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Manifest { source })?;
+    let digest = sha256_hex(Sha256::digest(&bytes));
+    store
+        .put(
+            &ObjectPath::from(format!("{prefix}manifest.json")),
+            PutPayload::from(bytes),
+        )
+        .await
+        .map_err(|source| StoreError::Upload {
+            key: "manifest.json".to_owned(),
+            source,
+        })?;
+    Ok(digest)
+}
+
 /// Uploads every object under `prefix`, verifies each, then writes the manifest and
 /// returns its sha256. On failure, removes what it wrote.
 pub async fn store_checkpoint(
@@ -123,35 +173,10 @@ pub async fn store_checkpoint(
     let mut written = Vec::new();
     let result = async {
         for object in objects {
-            let key = ObjectPath::from(format!("{prefix}{}", object.entry.key));
-            written.push(key.clone());
-            upload(store, &key, object).await?;
-            let found = stored_digest(store, &key)
-                .await
-                .map_err(|source| StoreError::ReadBack {
-                    key: object.entry.key.clone(),
-                    source,
-                })?;
-            if found != object.entry.sha256 {
-                return Err(StoreError::DigestMismatch {
-                    key: object.entry.key.clone(),
-                    expected: object.entry.sha256.clone(),
-                    found,
-                });
-            }
+            store_object(store, prefix, object).await?;
+            written.push(ObjectPath::from(format!("{prefix}{}", object.entry.key)));
         }
-        let bytes = serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Manifest { source })?;
-        let digest = sha256_hex(Sha256::digest(&bytes));
-        let key = ObjectPath::from(format!("{prefix}manifest.json"));
-        written.push(key.clone());
-        store
-            .put(&key, PutPayload::from(bytes))
-            .await
-            .map_err(|source| StoreError::Upload {
-                key: "manifest.json".to_owned(),
-                source,
-            })?;
-        Ok(digest)
+        store_manifest(store, prefix, manifest).await
     }
     .await;
     if result.is_err() {

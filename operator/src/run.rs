@@ -245,7 +245,18 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 tracing::debug!(kind = "PodRestore", error = %e, "reconcile ended in error");
             }
         });
+    // The checkpoints and restores a migration made wake it the moment their status
+    // moves, rather than on its next look.
+    let (owned_checkpoints, owned_restores): (Api<PodCheckpoint>, Api<PodRestore>) = match &config.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(context.client.clone(), ns),
+            Api::namespaced(context.client.clone(), ns),
+        ),
+        None => (Api::all(context.client.clone()), Api::all(context.client.clone())),
+    };
     let migration_controller = Controller::new(migrations, watcher::Config::default())
+        .owns(owned_checkpoints, watcher::Config::default())
+        .owns(owned_restores, watcher::Config::default())
         .with_config(limits)
         .shutdown_on_signal()
         .run(crate::migration::reconcile, crate::migration::error_policy, context)

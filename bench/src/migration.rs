@@ -1,0 +1,414 @@
+//! Migration downtime: cryopod's PodMigration, through the chart as users install it,
+//! against the per-container path users have today: the kubelet's checkpoint API,
+//! one container after the other, and a plain upload of each archive.
+//!
+//! The per-container path cannot restore here: containerd 2.1 does not recognise a
+//! checkpoint image (its CreateContainer fails with "no command specified"). Its
+//! restore is credited with cryopod's own restore time from the same repeat, so the
+//! baseline is a lower bound and the ratio errs in its favour.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryopod_crds::v1alpha1::{MigrationPhase, PodCheckpoint, PodMigration};
+use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use object_store::ObjectStore;
+use serde_json::json;
+
+use crate::measure::{Failure, memory_pod, ms, plain_upload_file, wait_filled};
+
+/// The release the bench installs.
+const RELEASE: &str = "cryopod";
+const RELEASE_NS: &str = "cryopod-system";
+
+/// One repeat's figures, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MigrationSample {
+    /// cryopod: from the freeze on the source to the restored pod Ready on the target.
+    pub downtime_ms: f64,
+    /// cryopod's restore part: the downtime after the checkpoint was stored.
+    pub restore_ms: f64,
+    /// The kubelet's checkpoints of the containers, one after the other.
+    pub kubelet_checkpoints_ms: f64,
+    /// The second container's checkpoint began this long after the first's.
+    pub capture_skew_ms: f64,
+    /// Uploading the kubelet's archives, one after the other.
+    pub archive_upload_ms: f64,
+}
+
+impl MigrationSample {
+    /// The per-container path's downtime: its checkpoints and uploads, then a restore
+    /// credited with cryopod's.
+    pub fn per_container_ms(&self) -> f64 {
+        self.kubelet_checkpoints_ms + self.archive_upload_ms + self.restore_ms
+    }
+}
+
+/// Runs `helm`, naming the command on failure.
+fn helm(tb: &Testbed, helm_bin: &Path, args: &[&str]) -> Result<String, Failure> {
+    let out = std::process::Command::new(helm_bin)
+        .env("KUBECONFIG", &tb.kubeconfig)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", helm_bin.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies one object with kubectl.
+fn apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) -> Result<(), Failure> {
+    let mut child = tb
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("kubectl: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, doc.to_string().as_bytes()).map_err(|e| format!("kubectl: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("kubectl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// The chart installed, and a namespace with S3 storage; removed by [`Installed::remove`].
+struct Installed {
+    ns: TestNamespace,
+    storage: String,
+    helm_bin: PathBuf,
+}
+
+impl Installed {
+    async fn install(tb: &Testbed, client: &kube::Client, helm_bin: &Path) -> Result<Self, Failure> {
+        tb.install_crds()?;
+        // The chart owns these; a run of the e2e tests may have applied them bare.
+        let _ = tb
+            .kubectl()
+            .args([
+                "delete",
+                "runtimeclass/cryopod",
+                "validatingadmissionpolicy/cryopod-restore-fence",
+                "validatingadmissionpolicybinding/cryopod-restore-fence",
+                "--ignore-not-found",
+            ])
+            .output();
+        let install = cryopod_e2e::chart::testbed_install_args(tb, RELEASE, RELEASE_NS);
+        helm(tb, helm_bin, &install.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let ns = TestNamespace::create(tb, client, "bench-migrate")
+            .await
+            .map_err(|e| e.to_string())?;
+        let storage = format!("s3-{}", ns.name);
+        let installed = Self {
+            ns,
+            storage,
+            helm_bin: helm_bin.to_owned(),
+        };
+        let name = installed.ns.name.clone();
+        apply(
+            tb,
+            &name,
+            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                    "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+        )?;
+        apply(
+            tb,
+            &name,
+            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage",
+                    "metadata": {"name": installed.storage},
+                    "spec": {"type": "S3", "prefix": "bench-migrate",
+                             "s3": {"endpoint": tb.s3.cluster_endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
+                                    "credentialsSecretRef": {"name": "s3-creds", "namespace": name}}}}),
+        )?;
+        Ok(installed)
+    }
+
+    /// Deletes the namespace while the operator still runs (its finalizers delete the
+    /// stored checkpoints), then uninstalls the chart.
+    async fn remove(self, tb: &Testbed, client: &kube::Client) {
+        let name = self.ns.name.clone();
+        let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &name);
+        let _ = checkpoints
+            .delete_collection(&DeleteParams::default(), &Default::default())
+            .await;
+        let _ = wait_until("the bench's checkpoints deleted", Duration::from_secs(120), || async {
+            checkpoints
+                .list(&Default::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        })
+        .await;
+        drop(self.ns);
+        let _ = helm(
+            tb,
+            &self.helm_bin,
+            &[
+                "uninstall",
+                RELEASE,
+                "--namespace",
+                RELEASE_NS,
+                "--wait",
+                "--timeout",
+                "2m",
+            ],
+        );
+    }
+}
+
+/// Measures migrations of a pod with `mib` MiB over two containers, `repeats` times,
+/// from `source` to `target`.
+pub async fn migrations(
+    tb: &Testbed,
+    client: &kube::Client,
+    store: &Arc<dyn ObjectStore>,
+    helm_bin: &Path,
+    work: &Path,
+    sizes: &[u64],
+    repeats: usize,
+) -> Result<Vec<(u64, Vec<MigrationSample>)>, Failure> {
+    let (source, target) = match tb.nodes.as_slice() {
+        [a, b, ..] => (a.as_str(), b.as_str()),
+        _ => return Err("the bench needs two nodes".into()),
+    };
+    let installed = Installed::install(tb, client, helm_bin).await?;
+    let mut result = Ok(Vec::new());
+    'sizes: for &mib in sizes {
+        println!("migration of a pod with {mib} MiB over 2 containers, {repeats} repeats");
+        let mut samples = Vec::new();
+        for repeat in 1..=repeats {
+            let run = Run {
+                tb,
+                client,
+                store,
+                ns: &installed.ns,
+                storage: &installed.storage,
+                source,
+                target,
+                work: &work.join(format!("migrate-{mib}-{repeat}")),
+            };
+            match run.one(mib, repeat).await {
+                Ok(sample) => {
+                    println!(
+                        "  downtime {:.0} ms (restore part {:.0} ms); per-container path: kubelet checkpoints {:.0} ms \
+                         ({:.0} ms apart), uploads {:.0} ms",
+                        sample.downtime_ms,
+                        sample.restore_ms,
+                        sample.kubelet_checkpoints_ms,
+                        sample.capture_skew_ms,
+                        sample.archive_upload_ms
+                    );
+                    samples.push(sample);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break 'sizes;
+                }
+            }
+        }
+        if let Ok(all) = result.as_mut() {
+            all.push((mib, samples));
+        }
+    }
+    installed.remove(tb, client).await;
+    result
+}
+
+/// One repeat's surroundings.
+struct Run<'a> {
+    tb: &'a Testbed,
+    client: &'a kube::Client,
+    store: &'a Arc<dyn ObjectStore>,
+    ns: &'a TestNamespace,
+    storage: &'a str,
+    source: &'a str,
+    target: &'a str,
+    work: &'a Path,
+}
+
+impl Run<'_> {
+    async fn one(&self, mib: u64, repeat: usize) -> Result<MigrationSample, Failure> {
+        let (downtime_ms, restore_ms) = self.migrate(&format!("m{mib}-{repeat}"), mib).await?;
+        let (kubelet_checkpoints_ms, capture_skew_ms, archive_upload_ms) =
+            self.per_container(&format!("k{mib}-{repeat}"), mib).await?;
+        Ok(MigrationSample {
+            downtime_ms,
+            restore_ms,
+            kubelet_checkpoints_ms,
+            capture_skew_ms,
+            archive_upload_ms,
+        })
+    }
+
+    async fn start(&self, name: &str, mib: u64) -> Result<Api<Pod>, Failure> {
+        let pods = self.ns.pods(self.client);
+        let pod = memory_pod(name, self.source, mib / 2)?;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .map_err(|e| format!("create pod {name}: {e}"))?;
+        self.ns
+            .wait_ready(self.client, name, Duration::from_secs(120))
+            .await
+            .map_err(|e| e.to_string())?;
+        wait_filled(&pods, name).await?;
+        Ok(pods)
+    }
+
+    /// cryopod's migration: its downtime and its restore part, in ms. Checks that the
+    /// restored processes went on (each filled its memory once, no restart).
+    async fn migrate(&self, name: &str, mib: u64) -> Result<(f64, f64), Failure> {
+        let pods = self.start(name, mib).await?;
+        let ns = self.ns.name.as_str();
+        let migration = format!("{name}-move");
+        apply(
+            self.tb,
+            ns,
+            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": migration},
+                    "spec": {"sourcePodName": name, "storage": self.storage, "target": {"nodeName": self.target}}}),
+        )?;
+        let migrations: Api<PodMigration> = Api::namespaced(self.client.clone(), ns);
+        let ended = wait_until(
+            &format!("PodMigration {migration} to end"),
+            Duration::from_secs(600),
+            || async {
+                migrations.get(&migration).await.ok().filter(|m| {
+                    m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+                        matches!(
+                            p,
+                            MigrationPhase::Succeeded | MigrationPhase::RolledBack | MigrationPhase::Failed
+                        )
+                    })
+                })
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let status = ended.status.unwrap_or_default();
+        if status.phase != Some(MigrationPhase::Succeeded) {
+            let why = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_default();
+            return Err(format!("PodMigration {ns}/{migration} did not succeed: {why}"));
+        }
+        let downtime = status
+            .downtime_millis
+            .ok_or_else(|| format!("PodMigration {migration} has no downtimeMillis"))? as f64;
+        let checkpoints: Api<PodCheckpoint> = Api::namespaced(self.client.clone(), ns);
+        let checkpoint = checkpoints
+            .get(status.checkpoint_name.as_deref().unwrap_or_default())
+            .await
+            .map_err(|e| format!("read the migration's PodCheckpoint: {e}"))?;
+        // The migration's checkpoint holds the pod frozen until it is stored.
+        let frozen = checkpoint
+            .status
+            .and_then(|s| s.timings)
+            .and_then(|t| t.freeze_window_millis)
+            .ok_or_else(|| format!("the PodCheckpoint of {migration} has no freeze window"))?
+            as f64;
+        let restored = status.target_pod_name.unwrap_or_default();
+        let pod = pods
+            .get(&restored)
+            .await
+            .map_err(|e| format!("read restored pod {restored}: {e}"))?;
+        let restarts: i32 = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
+        for container in ["a", "b"] {
+            let log = pods
+                .logs(
+                    &restored,
+                    &LogParams {
+                        container: Some(container.to_owned()),
+                        ..LogParams::default()
+                    },
+                )
+                .await
+                .unwrap_or_default();
+            if restarts != 0 || log.contains("filled") {
+                return Err(format!(
+                    "restored pod {restored}: container {container} started afresh ({restarts} restarts, log {log:?})"
+                ));
+            }
+        }
+        let _ = pods.delete(&restored, &DeleteParams::default()).await;
+        Ok((downtime, downtime - frozen))
+    }
+
+    /// The per-container path: the kubelet's checkpoint of each container, one after
+    /// the other, then a plain upload of each archive. Returns the checkpoints' time,
+    /// how far apart the two began and the uploads' time, in ms.
+    async fn per_container(&self, name: &str, mib: u64) -> Result<(f64, f64, f64), Failure> {
+        let pods = self.start(name, mib).await?;
+        let ns = self.ns.name.as_str();
+        let started = Instant::now();
+        let mut began = Vec::new();
+        let mut archives = Vec::new();
+        for container in ["a", "b"] {
+            began.push(started.elapsed());
+            archives.push(self.kubelet_checkpoint(ns, name, container).await?);
+        }
+        let checkpoints = ms(started.elapsed());
+        let skew = ms(began[1] - began[0]);
+        let started = Instant::now();
+        let prefix = format!("bench-per-container/{ns}/{name}/");
+        for archive in &archives {
+            plain_upload_file(self.store, archive, &prefix).await?;
+        }
+        let uploads = ms(started.elapsed());
+        let _ = cryopod_node_agent::store::delete_prefix(self.store, &prefix).await;
+        for archive in &archives {
+            let _ = std::fs::remove_file(archive);
+        }
+        let _ = std::fs::remove_dir_all(self.work);
+        let _ = pods
+            .delete(
+                name,
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                },
+            )
+            .await;
+        Ok((checkpoints, skew, uploads))
+    }
+
+    /// `POST /checkpoint/{ns}/{pod}/{container}` on the source's kubelet, through the
+    /// API server's node proxy; the archive's path on this machine.
+    async fn kubelet_checkpoint(&self, ns: &str, pod: &str, container: &str) -> Result<PathBuf, Failure> {
+        let uri = format!("/api/v1/nodes/{}/proxy/checkpoint/{ns}/{pod}/{container}", self.source);
+        let request = http::Request::post(&uri)
+            .body(Vec::new())
+            .map_err(|e| format!("{uri}: {e}"))?;
+        let answer: serde_json::Value = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("the kubelet's checkpoint of {pod}/{container}: {e}"))?;
+        let path = answer["items"][0]
+            .as_str()
+            .ok_or_else(|| format!("the kubelet's checkpoint of {pod}/{container} answered {answer}"))?;
+        // The testbed's kubelets share this machine's mount namespace.
+        Ok(PathBuf::from(path))
+    }
+}
