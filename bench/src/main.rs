@@ -100,7 +100,7 @@ async fn run(args: Args) -> Result<(), String> {
         let samples = measure::pod_size(&bench, *mib, args.repeats).await?;
         all.extend(rows(*mib, &samples));
     }
-    let mut skews = Vec::new();
+    let (mut skews, mut restores) = (Vec::new(), Vec::new());
     if args.parts.iter().any(|p| p == "migration") {
         let helm = std::env::var_os("CRYOPOD_HELM")
             .ok_or("CRYOPOD_HELM is not set (bench/run.sh sets it from hack/ensure-helm.sh)")?;
@@ -115,9 +115,12 @@ async fn run(args: Args) -> Result<(), String> {
         )
         .await?;
         for (mib, samples) in measured {
-            let skew = report::Summary::of(&samples.iter().map(|s| s.capture_skew_ms).collect::<Vec<_>>());
-            if let Some(skew) = skew {
-                skews.push(format!("{} ms at 2 × {} MiB", skew.median.round(), mib / 2));
+            let median = |f: fn(&migration::MigrationSample) -> f64| {
+                report::Summary::of(&samples.iter().map(f).collect::<Vec<_>>()).map(|s| s.median.round())
+            };
+            if let (Some(skew), Some(restore)) = (median(|s| s.capture_skew_ms), median(|s| s.restore_ms)) {
+                skews.push(format!("{skew} ms at 2 × {} MiB", mib / 2));
+                restores.push(format!("{restore} ms at 2 × {} MiB", mib / 2));
             }
             all.extend(migration_rows(mib, &samples));
         }
@@ -154,6 +157,7 @@ async fn run(args: Args) -> Result<(), String> {
          process was about 3× slower than the next ones here, whichever tool made it. Within a repeat \
          the baseline and cryopod take turns at going first."
             .to_owned(),
+        "Each measured step starts after a `sync`, so none pays for the disk writeback of the one before.".to_owned(),
         "The workload keeps its memory half pseudo-random and half a repeated pattern, so zstd halves it.".to_owned(),
         "The agent code runs as in the images: profile `image`, dependencies at opt-level 2 and \
          cryopod's crates at 1, static."
@@ -174,6 +178,16 @@ async fn run(args: Args) -> Result<(), String> {
          CreateContainer fails with \"no command specified\"), so its restore is credited with cryopod's \
          own restore time from the same repeat, which favours the baseline."
             .to_owned(),
+        format!(
+            "cryopod's restore through Kubernetes, the downtime after the checkpoint was stored (the \
+             PodRestore, the agent's fetch and verification on the target, the pod's creation, the runtime \
+             handler's restore of each container, Ready), took {} (medians).",
+            if restores.is_empty() {
+                "—".to_owned()
+            } else {
+                restores.join(", ")
+            }
+        ),
         format!(
             "The per-container path breaks a pod's shared state: it takes its containers at different \
              instants (the second checkpoint began {} after the first, medians) while they share \

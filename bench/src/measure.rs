@@ -310,15 +310,20 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
         let raw = work.join(format!("raw-{mib}-{repeat}"));
         let raw_prefix = format!("bench/{}/raw-{repeat}/", ns.name);
         let outcome = if repeat % 2 == 0 {
+            settle_disk();
             baseline(source, &runtime, store, &raw, &raw_prefix, &mut sample).await?;
+            settle_disk();
             ours(source, store, &request, &mut sample).await?
         } else {
+            settle_disk();
             let outcome = ours(source, store, &request, &mut sample).await?;
+            settle_disk();
             baseline(source, &runtime, store, &raw, &raw_prefix, &mut sample).await?;
             outcome
         };
 
         // The restore's preparation on the other node, against a plain fetch.
+        settle_disk();
         let started = Instant::now();
         plain_fetch(store, &prefix).await?;
         sample.fetch_ms = ms(started.elapsed());
@@ -328,6 +333,7 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
             manifest_digest: Some(outcome.manifest_digest.clone()),
             identities: vec![],
         };
+        settle_disk();
         let started = Instant::now();
         let prepared = prepare_restore(store, &restore, &target.facts, &target.restores)
             .await
@@ -351,6 +357,12 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
         samples.push(sample);
     }
     Ok(samples)
+}
+
+/// Writes back every dirty page (`sync`), so that no measured step pays for the disk
+/// writes of the one before (gigabytes of dumps and stored objects).
+pub fn settle_disk() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 /// The baselines: raw CRIU dumps of the containers through runc, in parallel,

@@ -18,7 +18,7 @@ use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use object_store::ObjectStore;
 use serde_json::json;
 
-use crate::measure::{Failure, memory_pod, ms, plain_upload_file, wait_filled};
+use crate::measure::{Failure, memory_pod, ms, plain_upload_file, settle_disk, wait_filled};
 
 /// The release the bench installs.
 const RELEASE: &str = "cryopod";
@@ -274,6 +274,7 @@ impl Run<'_> {
         let pods = self.start(name, mib).await?;
         let ns = self.ns.name.as_str();
         let migration = format!("{name}-move");
+        settle_disk();
         apply(
             self.tb,
             ns,
@@ -361,6 +362,7 @@ impl Run<'_> {
     async fn per_container(&self, name: &str, mib: u64) -> Result<(f64, f64, f64), Failure> {
         let pods = self.start(name, mib).await?;
         let ns = self.ns.name.as_str();
+        settle_disk();
         let started = Instant::now();
         let mut began = Vec::new();
         let mut archives = Vec::new();

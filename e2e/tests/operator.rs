@@ -95,6 +95,96 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// Two PodCheckpoints of one pod, applied together: the operator runs them one after
+/// the other (never both in flight, as the watch sees every status write), the second
+/// saying it waits for the first, and both end Ready with the pod still counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_of_one_pod_take_turns() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-turns").await.unwrap();
+    let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
+    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
+    let log = state.join("operator.log");
+    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+
+    // Every status the watch shows, in order: (name, phase, Ready message).
+    let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (listening, listened) = tokio::sync::oneshot::channel();
+    let recorder = {
+        let (api, seen) = (api.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut events = kube::runtime::watcher(api, Default::default()).boxed();
+            let mut listening = Some(listening);
+            while let Some(Ok(event)) = events.next().await {
+                if let kube::runtime::watcher::Event::InitDone = event
+                    && let Some(listening) = listening.take()
+                {
+                    let _ = listening.send(());
+                }
+                if let kube::runtime::watcher::Event::Apply(cp) = event {
+                    let status = cp.status.clone().unwrap_or_default();
+                    let message = status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Ready")
+                        .map(|c| c.message.clone())
+                        .unwrap_or_default();
+                    seen.lock()
+                        .unwrap()
+                        .push((cp.metadata.name.clone().unwrap(), status.phase, message));
+                }
+            }
+        })
+    };
+    listened.await.unwrap();
+    let at_start = counts(&trio.data);
+    let checkpoint = |name: &str| {
+        json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": name},
+               "spec": {"sourcePodName": "trio", "storage": storage}})
+    };
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "v1", "kind": "List", "items": [checkpoint("first"), checkpoint("second")]}),
+    );
+    kubectl_wait_ready(&tb, &ns.name, "podcheckpoint/first", &log);
+    kubectl_wait_ready(&tb, &ns.name, "podcheckpoint/second", &log);
+    recorder.abort();
+
+    let seen = seen.lock().unwrap().clone();
+    let mut current = std::collections::HashMap::new();
+    for (name, phase, _) in &seen {
+        current.insert(name.clone(), *phase);
+        let in_flight = current
+            .values()
+            .filter(|p| matches!(p, Some(CheckpointPhase::Checkpointing | CheckpointPhase::Uploading)))
+            .count();
+        assert!(in_flight <= 1, "both checkpoints of the pod ran at once: {seen:#?}");
+    }
+    assert!(
+        seen.iter()
+            .any(|(_, _, message)| message.contains("of the same pod to finish")),
+        "neither checkpoint said it waited for the other: {seen:#?}"
+    );
+    assert_counting_on(&ns, &client, &trio.data, &at_start).await;
+    for name in ["first", "second"] {
+        api.delete(name, &Default::default()).await.unwrap();
+    }
+    wait_until("the PodCheckpoints to go", Duration::from_secs(60), || async {
+        api.list(&Default::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 /// Impossible requests end Failed with a reason and a message naming the cause, an
 /// event, and nothing else changes; a migration its pod's disruption budget forbids
 /// is refused before anything is touched.
