@@ -165,9 +165,10 @@ pub fn markdown(rows: &[Row], machine: &Machine, repeats: usize, plot: &str, not
     let mut out = String::from(
         "# Performance\n\n\
          Written by `make bench` (`bench/`); do not edit by hand. Every figure is measured\n\
-         against its baseline in the same run, on the local cluster (`docs/testbed.md`),\n\
-         through the node agent's library as the agent binary runs it. Ratios compare\n\
-         medians; lower is better.\n\n",
+         against its baseline in the same run, on the local cluster (`docs/testbed.md`):\n\
+         the pod figures through the node agent's library as the agent binary runs it,\n\
+         migrations through the chart installed by Helm, the scale figures through the\n\
+         operator binary. Ratios compare medians; lower is better.\n\n",
     );
     let _ = writeln!(
         out,
