@@ -109,7 +109,6 @@ async fn run(args: Args) -> Result<(), String> {
             &bench.client,
             &bench.store,
             std::path::Path::new(&helm),
-            &work,
             &args.migrate_sizes,
             args.repeats,
         )

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryopod_crds::v1alpha1::{MigrationPhase, PodCheckpoint, PodMigration};
+use cryopod_crds::v1alpha1::{MigrationPhase, PodCheckpoint, PodMigration, PodRestore};
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, LogParams, PostParams};
@@ -93,10 +93,64 @@ struct Installed {
     helm_bin: PathBuf,
 }
 
+/// `helm uninstall` of the bench's release, if there is one.
+fn uninstall(tb: &Testbed, helm_bin: &Path) {
+    let _ = helm(
+        tb,
+        helm_bin,
+        &[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            RELEASE_NS,
+            "--ignore-not-found",
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    );
+}
+
+/// Deletes every object of kind `K` in `ns`, and after `patience` strips the
+/// finalizers of those left (their controller may be gone).
+async fn delete_all<K>(client: &kube::Client, ns: &str, patience: Duration)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let _ = api
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+    let gone = wait_until("the bench's objects deleted", patience, || async {
+        api.list(&Default::default()).await.ok().filter(|l| l.items.is_empty())
+    })
+    .await;
+    if gone.is_err()
+        && let Ok(left) = api.list(&Default::default()).await
+    {
+        for object in left.items {
+            let name = object.meta().name.clone().unwrap_or_default();
+            let _ = api
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+}
+
 impl Installed {
     async fn install(tb: &Testbed, client: &kube::Client, helm_bin: &Path) -> Result<Self, Failure> {
         tb.install_crds()?;
-        // The chart owns these; a run of the e2e tests may have applied them bare.
+        // A release left by an interrupted run goes first. The chart owns these
+        // objects; a run of the e2e tests may have applied them bare.
+        uninstall(tb, helm_bin);
         let _ = tb
             .kubectl()
             .args([
@@ -108,65 +162,51 @@ impl Installed {
             ])
             .output();
         let install = cryopod_e2e::chart::testbed_install_args(tb, RELEASE, RELEASE_NS);
-        helm(tb, helm_bin, &install.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let ns = TestNamespace::create(tb, client, "bench-migrate")
-            .await
-            .map_err(|e| e.to_string())?;
-        let storage = format!("s3-{}", ns.name);
-        let installed = Self {
-            ns,
-            storage,
-            helm_bin: helm_bin.to_owned(),
-        };
-        let name = installed.ns.name.clone();
-        apply(
-            tb,
-            &name,
-            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                    "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
-        )?;
-        apply(
-            tb,
-            &name,
-            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage",
-                    "metadata": {"name": installed.storage},
-                    "spec": {"type": "S3", "prefix": "bench-migrate",
-                             "s3": {"endpoint": tb.s3.cluster_endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
-                                    "credentialsSecretRef": {"name": "s3-creds", "namespace": name}}}}),
-        )?;
-        Ok(installed)
+        let installed = async {
+            helm(tb, helm_bin, &install.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let ns = TestNamespace::create(tb, client, "bench-migrate")
+                .await
+                .map_err(|e| e.to_string())?;
+            let storage = format!("s3-{}", ns.name);
+            let name = ns.name.clone();
+            apply(
+                tb,
+                &name,
+                &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                        "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+            )?;
+            apply(
+                tb,
+                &name,
+                &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage",
+                        "metadata": {"name": storage},
+                        "spec": {"type": "S3", "prefix": "bench-migrate",
+                                 "s3": {"endpoint": tb.s3.cluster_endpoint, "bucket": tb.s3.bucket,
+                                        "forcePathStyle": true,
+                                        "credentialsSecretRef": {"name": "s3-creds", "namespace": name}}}}),
+            )?;
+            Ok::<_, Failure>(Self {
+                ns,
+                storage,
+                helm_bin: helm_bin.to_owned(),
+            })
+        }
+        .await;
+        if installed.is_err() {
+            uninstall(tb, helm_bin);
+        }
+        installed
     }
 
-    /// Deletes the namespace while the operator still runs (its finalizers delete the
-    /// stored checkpoints), then uninstalls the chart.
+    /// Deletes the bench's objects while the operator still runs (its finalizers
+    /// delete the stored checkpoints), then the namespace, then the release.
     async fn remove(self, tb: &Testbed, client: &kube::Client) {
         let name = self.ns.name.clone();
-        let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &name);
-        let _ = checkpoints
-            .delete_collection(&DeleteParams::default(), &Default::default())
-            .await;
-        let _ = wait_until("the bench's checkpoints deleted", Duration::from_secs(120), || async {
-            checkpoints
-                .list(&Default::default())
-                .await
-                .ok()
-                .filter(|l| l.items.is_empty())
-        })
-        .await;
+        delete_all::<PodMigration>(client, &name, Duration::from_secs(60)).await;
+        delete_all::<PodRestore>(client, &name, Duration::from_secs(60)).await;
+        delete_all::<PodCheckpoint>(client, &name, Duration::from_secs(120)).await;
         drop(self.ns);
-        let _ = helm(
-            tb,
-            &self.helm_bin,
-            &[
-                "uninstall",
-                RELEASE,
-                "--namespace",
-                RELEASE_NS,
-                "--wait",
-                "--timeout",
-                "2m",
-            ],
-        );
+        uninstall(tb, &self.helm_bin);
     }
 }
 
@@ -177,7 +217,6 @@ pub async fn migrations(
     client: &kube::Client,
     store: &Arc<dyn ObjectStore>,
     helm_bin: &Path,
-    work: &Path,
     sizes: &[u64],
     repeats: usize,
 ) -> Result<Vec<(u64, Vec<MigrationSample>)>, Failure> {
@@ -199,7 +238,6 @@ pub async fn migrations(
                 storage: &installed.storage,
                 source,
                 target,
-                work: &work.join(format!("migrate-{mib}-{repeat}")),
             };
             match run.one(mib, repeat).await {
                 Ok(sample) => {
@@ -237,7 +275,6 @@ struct Run<'a> {
     storage: &'a str,
     source: &'a str,
     target: &'a str,
-    work: &'a Path,
 }
 
 impl Run<'_> {
@@ -362,27 +399,30 @@ impl Run<'_> {
     async fn per_container(&self, name: &str, mib: u64) -> Result<(f64, f64, f64), Failure> {
         let pods = self.start(name, mib).await?;
         let ns = self.ns.name.as_str();
-        settle_disk();
-        let started = Instant::now();
-        let mut began = Vec::new();
-        let mut archives = Vec::new();
-        for container in ["a", "b"] {
-            began.push(started.elapsed());
-            archives.push(self.kubelet_checkpoint(ns, name, container).await?);
-        }
-        let checkpoints = ms(started.elapsed());
-        let skew = ms(began[1] - began[0]);
-        let started = Instant::now();
         let prefix = format!("bench-per-container/{ns}/{name}/");
-        for archive in &archives {
-            plain_upload_file(self.store, archive, &prefix).await?;
+        let mut archives = Vec::new();
+        let measured = async {
+            settle_disk();
+            let started = Instant::now();
+            let mut began = Vec::new();
+            for container in ["a", "b"] {
+                began.push(started.elapsed());
+                archives.push(self.kubelet_checkpoint(ns, name, container).await?);
+            }
+            let checkpoints = ms(started.elapsed());
+            let skew = ms(began[1] - began[0]);
+            let started = Instant::now();
+            for archive in &archives {
+                plain_upload_file(self.store, archive, &prefix).await?;
+            }
+            Ok::<_, Failure>((checkpoints, skew, ms(started.elapsed())))
         }
-        let uploads = ms(started.elapsed());
+        .await;
+        // Whatever happened: the archives are as large as the containers' memory.
         let _ = cryopod_node_agent::store::delete_prefix(self.store, &prefix).await;
         for archive in &archives {
             let _ = std::fs::remove_file(archive);
         }
-        let _ = std::fs::remove_dir_all(self.work);
         let _ = pods
             .delete(
                 name,
@@ -392,7 +432,7 @@ impl Run<'_> {
                 },
             )
             .await;
-        Ok((checkpoints, skew, uploads))
+        measured
     }
 
     /// `POST /checkpoint/{ns}/{pod}/{container}` on the source's kubelet, through the

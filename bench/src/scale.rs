@@ -151,7 +151,16 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(tb: &Testbed, bin: &Path, ns: &str, tls: &AgentTls, port: u16, log: &Path) -> Result<Self, Failure> {
+    /// Starts the operator for `ns`; `lease` is new each round, so a killed
+    /// predecessor's unexpired Lease does not make it wait.
+    fn start(
+        tb: &Testbed,
+        bin: &Path,
+        (ns, lease): (&str, &str),
+        tls: &AgentTls,
+        port: u16,
+        log: &Path,
+    ) -> Result<Self, Failure> {
         let endpoints: Vec<String> = (1..=NODES)
             .map(|i| format!("{}=https://localhost:{port}", node_name(i)))
             .collect();
@@ -163,6 +172,7 @@ impl Operator {
             .env("CRYOPOD_AGENT_ENDPOINTS", endpoints.join(","))
             .env("CRYOPOD_WATCH_NAMESPACE", ns)
             .env("CRYOPOD_NAMESPACE", ns)
+            .env("CRYOPOD_LEASE_NAME", lease)
             .env("CRYOPOD_METRICS_LISTEN", "127.0.0.1:0")
             .stderr(log)
             .spawn()
@@ -226,6 +236,22 @@ impl Fixture {
     /// pods bound to them and marked Running, as a kubelet would.
     async fn populate(&self, count: usize) -> Result<(), Failure> {
         let nodes: Api<Node> = Api::all(self.client.clone());
+        // Left by an interrupted run, they would stop this one.
+        let _ = nodes
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
+            )
+            .await;
+        wait_until("no Node left by an earlier run", Duration::from_secs(60), || async {
+            nodes
+                .list(&ListParams::default().labels(&format!("{BENCH_LABEL}=true")))
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         for i in 1..=NODES {
             let node: Node = serde_json::from_value(json!({
                 "metadata": {"name": node_name(i), "labels": {BENCH_LABEL: "true"}}
@@ -484,7 +510,13 @@ async fn one_round(
     let status_writes_s = started.elapsed().as_secs_f64();
     let limit = Duration::from_secs(600);
     let started = Instant::now();
-    let operator = Operator::start(tb, operator_bin, ours, tls, port, log)?;
+    let lease = format!(
+        "bench-{}",
+        log.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let operator = Operator::start(tb, operator_bin, (ours, &lease), tls, port, log)?;
     all_ready(client, ours, count, limit)
         .await
         .map_err(|e| format!("{e} (operator log: {})", log.display()))?;

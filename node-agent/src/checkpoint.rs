@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -93,41 +94,80 @@ pub struct CheckpointRequest {
 /// Writes one object of the checkpoint on the local disk.
 type PackageJob = Box<dyn FnOnce() -> Result<LocalObject, PackageError> + Send>;
 
-/// Runs every job and stores its object, all at once; on any failure removes every
-/// object stored and returns the first error. The objects come back in job order.
+/// Objects packaged and stored at once: enough to overlap one's compression with
+/// another's upload and to use both directions of the link, few enough that their
+/// upload buffers (four 8 MiB parts in flight each) stay well inside the agent's memory.
+const OBJECTS_AT_ONCE: usize = 3;
+
+/// Runs the jobs, [`OBJECTS_AT_ONCE`] at a time, storing each object as soon as it is
+/// packaged. After a failure no further job starts; once the running ones have ended,
+/// every object stored is removed and the first error returned. The objects come back
+/// in job order.
 async fn package_and_store(
     store: &Arc<dyn ObjectStore>,
     prefix: &str,
     jobs: Vec<PackageJob>,
 ) -> Result<Vec<LocalObject>, CheckpointError> {
-    let results = futures::future::join_all(jobs.into_iter().map(|job| async move {
-        let object = tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|_| CheckpointError::Task { step: "package" })?
-            .map_err(|source| CheckpointError::Package { source })?;
-        store_object(store, prefix, &object)
-            .await
-            .map_err(|source| CheckpointError::Store { source })?;
-        Ok::<_, CheckpointError>(object)
-    }))
-    .await;
-    if results.iter().all(Result::is_ok) {
-        return Ok(results.into_iter().flatten().collect());
+    use futures::StreamExt;
+    let failed = AtomicBool::new(false);
+    let stop = || failed.load(Ordering::Relaxed);
+    // Futures made up front (they start only when polled): a stream closure here
+    // would trip the compiler's Send check of the agent's service.
+    let runs: Vec<_> = jobs
+        .into_iter()
+        .map(|job| package_then_store(store, prefix, &failed, job))
+        .collect();
+    let results: Vec<Result<Option<LocalObject>, CheckpointError>> =
+        futures::stream::iter(runs).buffered(OBJECTS_AT_ONCE).collect().await;
+    if !stop() {
+        return Ok(results.into_iter().flatten().flatten().collect());
     }
     let mut first = None;
     for result in results {
         match result {
-            Ok(object) => {
+            Ok(Some(object)) => {
                 let _ = store
                     .delete(&object_store::path::Path::from(format!("{prefix}{}", object.entry.key)))
                     .await;
             }
+            Ok(None) => {}
             Err(e) => {
                 first.get_or_insert(e);
             }
         }
     }
     Err(first.unwrap_or(CheckpointError::Task { step: "package" }))
+}
+
+/// One job of [`package_and_store`]: nothing once `failed` is set, else the object
+/// packaged and stored; a failure sets `failed`.
+async fn package_then_store(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    failed: &AtomicBool,
+    job: PackageJob,
+) -> Result<Option<LocalObject>, CheckpointError> {
+    let result = async {
+        if failed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let object = tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|_| CheckpointError::Task { step: "package" })?
+            .map_err(|source| CheckpointError::Package { source })?;
+        if failed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        store_object(store, prefix, &object)
+            .await
+            .map_err(|source| CheckpointError::Store { source })?;
+        Ok(Some(object))
+    }
+    .await;
+    if result.is_err() {
+        failed.store(true, Ordering::Relaxed);
+    }
+    result
 }
 
 /// What the agent works with on its node.
@@ -640,6 +680,18 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "left behind: {left:?}");
+
+        // After a failure, a job that has not started never does (the first three
+        // fill every slot and all fail, so the fourth can only start after one has).
+        let mut jobs: Vec<PackageJob> = ["containers/x.tar.zst", "containers/y.tar.zst", "containers/z.tar.zst"]
+            .into_iter()
+            .map(|key| job(dir.path(), key, None))
+            .collect();
+        assert_eq!(jobs.len(), OBJECTS_AT_ONCE);
+        jobs.push(job(dir.path(), "pod/late.tar.zst", Some(b"data")));
+        let dropped = dir.path().join("pod_late.tar.zst");
+        assert!(package_and_store(&store, "r/", jobs).await.is_err());
+        assert!(!dropped.exists(), "a job started after the failure");
     }
 
     /// A runtime that knows no pods.

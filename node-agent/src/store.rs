@@ -188,20 +188,29 @@ pub async fn store_checkpoint(
 }
 
 /// Removes a stored checkpoint: the manifest first, so a half-removed checkpoint is
-/// never taken for a whole one, then every object. Missing objects are fine.
+/// never taken for a whole one, then every object, even when a delete failed (a
+/// manifest left without its objects restores nothing: every digest is checked).
+/// Missing objects are fine; the first failure is returned.
 pub async fn delete_checkpoint(
     store: &Arc<dyn ObjectStore>,
     prefix: &str,
     manifest: &Manifest,
 ) -> Result<(), StoreError> {
     let keys = std::iter::once("manifest.json".to_owned()).chain(manifest.objects.iter().map(|o| o.key.clone()));
+    // Every key is tried, whatever failed before: a store that fails one delete may
+    // take the next.
+    let mut first = Ok(());
     for key in keys {
         match store.delete(&ObjectPath::from(format!("{prefix}{key}"))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => return Err(StoreError::Delete { key, source }),
+            Err(source) => {
+                if first.is_ok() {
+                    first = Err(StoreError::Delete { key, source });
+                }
+            }
         }
     }
-    Ok(())
+    first
 }
 
 /// Removes every object under `prefix`: the manifest first (so what remains is never

@@ -288,13 +288,10 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     status.checkpoint_location = Some(resolved.storage.location.clone());
     status.observed_generation = cp.metadata.generation;
     let message = format!("checkpointing pod {} on node {node}", spec.source_pod_name);
-    let status = match begin(cp, ctx, status, reasons::CHECKPOINT_IN_PROGRESS, "Checkpoint", message).await {
-        Ok(status) => status,
-        Err(e) => {
-            ctx.starts.lock().await.release(&uid);
-            return Err(e);
-        }
-    };
+    // A failed write keeps the claim: the write may have landed all the same. This
+    // checkpoint's retry passes its own claim, others of the pod wait, and the claim
+    // ends once the watch shows this one started, or gone.
+    let status = begin(cp, ctx, status, reasons::CHECKPOINT_IN_PROGRESS, "Checkpoint", message).await?;
     let mut cp = cp.clone();
     cp.status = Some(status);
     run_on_agent(&cp, ctx, &node, resolved).await
@@ -343,11 +340,6 @@ impl Starts {
     /// Records a start.
     pub fn claim(&mut self, uid: &str, flight: InFlight) {
         self.0.insert(uid.to_owned(), flight);
-    }
-
-    /// Forgets a start that did not happen.
-    pub fn release(&mut self, uid: &str) {
-        self.0.remove(uid);
     }
 
     /// The checkpoints in flight, `except` this one: those the watch shows
@@ -978,9 +970,6 @@ mod tests {
         assert_eq!(starts.in_flight(&view, "b"), vec![]);
         starts.claim("c", flight.clone());
         assert_eq!(starts.in_flight(&view, "b"), vec![]);
-        starts.claim("b", flight.clone());
-        starts.release("b");
-        assert_eq!(starts.in_flight(&view, "x"), vec![]);
     }
 
     #[test]
