@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use cryopod_crds::v1alpha1::{CheckpointPhase, PodCheckpoint};
+use cryopod_crds::v1alpha1::{CheckpointPhase, CheckpointStorage, PodCheckpoint};
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use cryopod_e2e::tls::AgentTls;
 use cryopod_node_agent::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, Stage};
@@ -210,22 +210,27 @@ struct Fixture {
     client: kube::Client,
     ours: TestNamespace,
     base: TestNamespace,
+    /// A Local CheckpointStorage in the bench's work directory: the stub agent runs
+    /// on this machine and opens what it is given.
+    storage: String,
 }
 
 impl Fixture {
-    async fn create(tb: &Testbed, client: &kube::Client, count: usize) -> Result<Self, Failure> {
+    async fn create(tb: &Testbed, client: &kube::Client, count: usize, work: &Path) -> Result<Self, Failure> {
         let ours = TestNamespace::create(tb, client, "bench-scale")
             .await
             .map_err(|e| e.to_string())?;
         let base = TestNamespace::create(tb, client, "bench-scale-base")
             .await
             .map_err(|e| e.to_string())?;
+        let storage = format!("bench-{}", ours.name);
         let fixture = Self {
             client: client.clone(),
             ours,
             base,
+            storage,
         };
-        if let Err(e) = fixture.populate(count).await {
+        if let Err(e) = fixture.populate(count, &work.join("scale-store")).await {
             fixture.teardown().await;
             return Err(e);
         }
@@ -234,7 +239,18 @@ impl Fixture {
 
     /// Node objects (so the pod garbage collector keeps their pods) and `count`
     /// pods bound to them and marked Running, as a kubelet would.
-    async fn populate(&self, count: usize) -> Result<(), Failure> {
+    async fn populate(&self, count: usize, store_dir: &Path) -> Result<(), Failure> {
+        let storages: Api<CheckpointStorage> = Api::all(self.client.clone());
+        let storage: CheckpointStorage = serde_json::from_value(json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage",
+            "metadata": {"name": self.storage, "labels": {BENCH_LABEL: "true"}},
+            "spec": {"type": "Local", "local": {"path": store_dir}}
+        }))
+        .map_err(|e| e.to_string())?;
+        storages
+            .create(&PostParams::default(), &storage)
+            .await
+            .map_err(|e| format!("create CheckpointStorage {}: {e}", self.storage))?;
         let nodes: Api<Node> = Api::all(self.client.clone());
         // Left by an interrupted run, they would stop this one.
         let _ = nodes
@@ -336,11 +352,13 @@ impl Fixture {
                 &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
             )
             .await;
+        let storages: Api<CheckpointStorage> = Api::all(self.client.clone());
+        let _ = storages.delete(&self.storage, &DeleteParams::default()).await;
     }
 }
 
 /// Creates `count` PodCheckpoints in `ns`, one per pod `app-<i>`.
-async fn create_checkpoints(client: &kube::Client, ns: &str, count: usize) -> Result<(), Failure> {
+async fn create_checkpoints(client: &kube::Client, ns: &str, storage: &str, count: usize) -> Result<(), Failure> {
     let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), ns);
     futures::stream::iter(0..count)
         .map(|i| {
@@ -349,7 +367,7 @@ async fn create_checkpoints(client: &kube::Client, ns: &str, count: usize) -> Re
                 let cp: PodCheckpoint = serde_json::from_value(json!({
                     "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
                     "metadata": {"name": format!("cp-{i}")},
-                    "spec": {"sourcePodName": format!("app-{i}")}
+                    "spec": {"sourcePodName": format!("app-{i}"), "storage": storage}
                 }))
                 .map_err(|e| e.to_string())?;
                 api.create(&PostParams::default(), &cp)
@@ -454,7 +472,7 @@ pub async fn operator_at_scale(
     tb.install_crds()?;
     let tls = cryopod_e2e::tls::agent_tls()?;
     let (port, stub) = serve_stub(&tls).await?;
-    let fixture = Fixture::create(tb, client, count).await?;
+    let fixture = Fixture::create(tb, client, count, work).await?;
     let mut samples = Vec::new();
     let mut result = Ok(());
     for repeat in 1..=repeats {
@@ -503,8 +521,8 @@ async fn one_round(
 ) -> Result<ScaleSample, Failure> {
     let client = &fixture.client;
     let (ours, base) = (fixture.ours.name.as_str(), fixture.base.name.as_str());
-    create_checkpoints(client, base, count).await?;
-    create_checkpoints(client, ours, count).await?;
+    create_checkpoints(client, base, &fixture.storage, count).await?;
+    create_checkpoints(client, ours, &fixture.storage, count).await?;
     let started = Instant::now();
     write_statuses(client, base, count).await?;
     let status_writes_s = started.elapsed().as_secs_f64();
