@@ -295,14 +295,26 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
 /// Running and Ready, its counters going on from the checkpoint.
 #[tokio::test]
 async fn a_pod_restore_brings_the_pod_back_on_the_other_node() {
+    restore_on_the_other_node("e2e-operator-restore", false).await;
+}
+
+/// The same with `shareProcessNamespace`: the runtime handler restores the containers
+/// stopped and continues them together once the last is back, so no restored process
+/// takes a PID a later container needs.
+#[tokio::test]
+async fn a_pod_sharing_its_pid_namespace_restores_on_the_other_node() {
+    restore_on_the_other_node("e2e-operator-sharedpid", true).await;
+}
+
+async fn restore_on_the_other_node(prefix: &str, shared_pids: bool) {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     tb.install_crds().unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-operator-restore")
-        .await
-        .unwrap();
+    let ns = TestNamespace::create(&tb, &client, prefix).await.unwrap();
     let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
-    let trio = start_trio(&tb, &client, &ns, &source).await;
+    let mut pod = counting_pod(&source);
+    pod.spec.as_mut().unwrap().share_process_namespace = Some(shared_pids);
+    let trio = start_counting(&tb, &client, &ns, pod).await;
     let Control {
         state,
         log,

@@ -221,6 +221,38 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The pod's PID namespace when the container joins it (`shareProcessNamespace`).
+pub fn joined_pid_namespace(spec: &serde_json::Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "pid")
+        .and_then(|n| n["path"].as_str())
+        .map(PathBuf::from)
+}
+
+/// Sends SIGCONT to every process of the PID namespace at `ns` (a `/proc/<pid>/ns/pid`
+/// path); returns how many it reached.
+///
+/// Containers sharing a PID namespace are restored stopped, one after the other, and
+/// continued together: a restored container that ran would fork children onto PIDs
+/// that the next container's processes need ("Can't fork for 90: File exists").
+pub fn continue_pid_namespace(ns: &Path) -> std::io::Result<usize> {
+    let target = std::fs::read_link(ns)?;
+    let mut reached = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("ns/pid")).is_ok_and(|link| link == target)
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).is_ok()
+        {
+            reached += 1;
+        }
+    }
+    Ok(reached)
+}
+
 /// Puts the pod's shared state back into the mounts of this container that hold it
 /// (`/dev/shm`, emptyDirs), each once per restore; returns what it restored.
 pub fn restore_shared_state(spec: &serde_json::Value, dir: &Path) -> std::io::Result<Vec<String>> {
@@ -306,7 +338,8 @@ impl ContainerRestore<'_> {
         // Connections on the old pod IP cannot come back on the new one. CRIU cannot
         // close some connections and keep others, so then all come back closed.
         let close_tcp = !manifest.pod_ip_connections.is_empty();
-        let result = self.restore(&mut spec, &spec_path, &bundle, &id, close_tcp);
+        let shared_pids = joined_pid_namespace(&spec);
+        let result = self.restore(&mut spec, &spec_path, &bundle, &id, close_tcp, shared_pids.is_some());
         if let Err(reason) = &result {
             self.fail_restore(reason);
         }
@@ -314,6 +347,13 @@ impl ContainerRestore<'_> {
             .containers
             .iter()
             .all(|c| restored_marker(self.dir, &c.name).exists());
+        // Processes restored stopped go on together, once all are back (or the
+        // restore failed: nothing stays stopped).
+        if (result.is_err() || all_back)
+            && let Some(pid_ns) = &shared_pids
+        {
+            continue_pid_namespace(pid_ns).map_err(|e| format!("cannot continue the pod's processes: {e}"))?;
+        }
         if (result.is_err() || all_back)
             && let Some(netns) = &netns
             && held.exists()
@@ -331,6 +371,7 @@ impl ContainerRestore<'_> {
         bundle: &Path,
         id: &str,
         close_tcp: bool,
+        leave_stopped: bool,
     ) -> Result<(), String> {
         let container_dir = self.dir.join("containers").join(self.name);
         restore_shared_state(spec, self.dir).map_err(|e| format!("cannot restore the pod's shared state: {e}"))?;
@@ -347,11 +388,13 @@ impl ContainerRestore<'_> {
         // hierarchy; its compatibility mode can (docs/design.md). runc 1.1 has no
         // --tcp-close, so closing goes through CRIU's configuration file too.
         let criu_conf = self.dir.join("criu.conf");
-        let options = if close_tcp {
-            "mntns-compat-mode\ntcp-close\n"
-        } else {
-            "mntns-compat-mode\n"
-        };
+        let mut options = String::from("mntns-compat-mode\n");
+        if close_tcp {
+            options.push_str("tcp-close\n");
+        }
+        if leave_stopped {
+            options.push_str("leave-stopped\n");
+        }
         std::fs::write(&criu_conf, options).map_err(|e| format!("cannot write {criu_conf:?}: {e}"))?;
         spec["annotations"][CRIU_CONFIG_ANNOTATION] = serde_json::json!(criu_conf);
         std::fs::write(spec_path, serde_json::to_vec(spec).map_err(|e| e.to_string())?)
@@ -624,6 +667,17 @@ mod tests {
         let delete = RuncCall::parse(&words("--root /r delete --force abc")).unwrap();
         assert_eq!(action(&delete, &config), Action::Runc);
         assert_eq!(action(&start, &config), Action::Runc);
+    }
+
+    #[test]
+    fn only_a_joined_pid_namespace_is_held() {
+        let with = |pid: serde_json::Value| serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": "/proc/9/ns/net"}, pid]}});
+        assert_eq!(
+            joined_pid_namespace(&with(serde_json::json!({"type": "pid", "path": "/proc/9/ns/pid"}))),
+            Some(PathBuf::from("/proc/9/ns/pid"))
+        );
+        assert_eq!(joined_pid_namespace(&with(serde_json::json!({"type": "pid"}))), None);
+        assert!(continue_pid_namespace(Path::new("/nonexistent/ns/pid")).is_err());
     }
 
     #[test]

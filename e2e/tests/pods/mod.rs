@@ -686,6 +686,7 @@ pub fn restore_containers(
     // (mount-v2 "Failed to copy sharing"); its compatibility mode can.
     let criu_conf = dir.join("criu.conf");
     std::fs::write(&criu_conf, "mntns-compat-mode\n").unwrap();
+    let mut shared_pids = None;
     for c in &manifest.containers {
         let members = tar_members(&objects[&c.archive]);
         let bundle = dir.join(&c.name);
@@ -766,6 +767,12 @@ pub fn restore_containers(
             };
             mount["source"] = json!(replacement);
         }
+        // Sharing the sandbox's PID namespace, the containers are restored stopped and
+        // continued together, as the runtime handler does.
+        shared_pids = cryopod_node_agent::handler::joined_pid_namespace(&spec);
+        if shared_pids.is_some() {
+            std::fs::write(&criu_conf, "mntns-compat-mode\nleave-stopped\n").unwrap();
+        }
         spec["annotations"]["org.criu.config"] = json!(criu_conf);
         std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
         let id = format!("{}-{}", ns_name, c.name);
@@ -800,6 +807,35 @@ pub fn restore_containers(
             cryopod_node_agent::dump::criu_log_excerpt(&criu_log)
         );
         restore.ids.push(id);
+    }
+    if let Some(pid_ns) = shared_pids {
+        // Until then every restored process is stopped: none could take a PID that a
+        // later container's process needed.
+        let target = std::fs::read_link(&pid_ns).unwrap();
+        let running: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|p| p != sandbox_pid)
+            })
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).is_ok_and(|l| l == target))
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|stat| {
+                let state = stat
+                    .rsplit_once(") ")
+                    .map(|(_, rest)| rest.chars().next())
+                    .unwrap_or_default();
+                !matches!(state, Some('T' | 't' | 'Z'))
+            })
+            .collect();
+        assert!(
+            running.is_empty(),
+            "restored processes ran before the last container was back: {running:?}"
+        );
+        assert!(cryopod_node_agent::handler::continue_pid_namespace(&pid_ns).unwrap() > 0);
     }
 
     if hold_network {
