@@ -223,8 +223,9 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
             "not 00000000-0000-0000-0000-000000000000",
         ),
         (
+            // Waits for an agent to become ready, then fails at its deadline.
             "no-agent",
-            json!({"sourcePodName": "trio"}),
+            json!({"sourcePodName": "trio", "timeoutSeconds": 10}),
             "NodeAgentUnavailable",
             &format!("runs on node {}, where no cryopod node agent runs", tb.nodes[1]),
         ),

@@ -249,13 +249,28 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(|source| Error::Agent { source })?
     {
+        // An agent may be starting or rolling out: wait for one, within the deadline.
+        let age_ms = cp
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| Timestamp::now().as_millisecond() - t.0.as_millisecond());
+        if age_ms < i64::from(spec.timeout_seconds) * 1000 {
+            return pending(
+                cp,
+                ctx,
+                format!("waiting for a ready cryopod node agent on node {node}"),
+            )
+            .await;
+        }
         return fail(
             cp,
             ctx,
             reasons::NODE_AGENT_UNAVAILABLE,
             format!(
-                "pod {} runs on node {node}, where no cryopod node agent runs",
-                spec.source_pod_name
+                "pod {} runs on node {node}, where no cryopod node agent runs (none was ready within \
+                 spec.timeoutSeconds, {} s)",
+                spec.source_pod_name, spec.timeout_seconds
             ),
         )
         .await;
