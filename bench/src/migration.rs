@@ -67,23 +67,7 @@ fn helm(tb: &Testbed, helm_bin: &Path, args: &[&str]) -> Result<String, Failure>
 
 /// Applies one object with kubectl.
 fn apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) -> Result<(), Failure> {
-    let mut child = tb
-        .kubectl()
-        .args(["apply", "-n", ns, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("kubectl: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        std::io::Write::write_all(&mut stdin, doc.to_string().as_bytes()).map_err(|e| format!("kubectl: {e}"))?;
-    }
-    let out = child.wait_with_output().map_err(|e| format!("kubectl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr)))
-    }
+    tb.kubectl_apply(Some(ns), &doc.to_string())
 }
 
 /// The chart installed, and a namespace with S3 storage; removed by [`Installed::remove`].

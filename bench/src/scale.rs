@@ -204,6 +204,16 @@ fn node_name(i: usize) -> String {
     format!("bench-node-{i}")
 }
 
+/// Deletes the Node objects a scale run makes.
+async fn delete_bench_nodes(nodes: &Api<Node>) {
+    let _ = nodes
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
+        )
+        .await;
+}
+
 /// What the scale run made: two namespaces (the operator's and the baseline's), the
 /// pods and Node objects.
 struct Fixture {
@@ -253,12 +263,7 @@ impl Fixture {
             .map_err(|e| format!("create CheckpointStorage {}: {e}", self.storage))?;
         let nodes: Api<Node> = Api::all(self.client.clone());
         // Left by an interrupted run, they would stop this one.
-        let _ = nodes
-            .delete_collection(
-                &DeleteParams::default(),
-                &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
-            )
-            .await;
+        delete_bench_nodes(&nodes).await;
         wait_until("no Node left by an earlier run", Duration::from_secs(60), || async {
             nodes
                 .list(&ListParams::default().labels(&format!("{BENCH_LABEL}=true")))
@@ -345,13 +350,7 @@ impl Fixture {
                 )
                 .await;
         }
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let _ = nodes
-            .delete_collection(
-                &DeleteParams::default(),
-                &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
-            )
-            .await;
+        delete_bench_nodes(&Api::all(self.client.clone())).await;
         let storages: Api<CheckpointStorage> = Api::all(self.client.clone());
         let _ = storages.delete(&self.storage, &DeleteParams::default()).await;
     }

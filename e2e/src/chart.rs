@@ -3,14 +3,18 @@
 
 use std::path::PathBuf;
 
+/// The chart in this checkout.
+pub fn chart_dir() -> PathBuf {
+    crate::testbed::repo_root().join("charts/cryopod")
+}
+
 /// `helm install` of the chart on the testbed, as `release` in `namespace`: the
 /// images imported on the nodes (never pulled) and CRIU from the node packages.
 pub fn testbed_install_args(tb: &crate::testbed::Testbed, release: &str, namespace: &str) -> Vec<String> {
-    let chart = crate::testbed::repo_root().join("charts/cryopod");
     let mut args: Vec<String> = ["install", release]
         .into_iter()
         .map(str::to_owned)
-        .chain([chart.to_string_lossy().into_owned()])
+        .chain([chart_dir().to_string_lossy().into_owned()])
         .collect();
     args.extend(
         [
@@ -35,10 +39,9 @@ pub fn testbed_install_args(tb: &crate::testbed::Testbed, release: &str, namespa
 /// Renders the chart with `--set` values; the error is helm's message.
 pub fn render(sets: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let helm = std::env::var("CRYOPOD_HELM").map_err(|_| "CRYOPOD_HELM is not set (make unit sets it)".to_owned())?;
-    let chart: PathBuf = crate::testbed::repo_root().join("charts/cryopod");
     let mut cmd = std::process::Command::new(helm);
     cmd.args(["template", "cryopod", "--namespace", "cryopod-system"])
-        .arg(&chart);
+        .arg(chart_dir());
     for set in sets {
         cmd.args(["--set", set]);
     }

@@ -144,29 +144,38 @@ impl Testbed {
         cmd
     }
 
+    /// `kubectl apply` of one document (JSON or YAML), in namespace `ns` if given; the
+    /// error carries kubectl's.
+    pub fn kubectl_apply(&self, ns: Option<&str>, doc: &str) -> Result<(), String> {
+        let mut cmd = self.kubectl();
+        cmd.arg("apply");
+        if let Some(ns) = ns {
+            cmd.args(["-n", ns]);
+        }
+        let mut apply = cmd
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("kubectl: {e}"))?;
+        if let Some(mut stdin) = apply.stdin.take() {
+            std::io::Write::write_all(&mut stdin, doc.as_bytes()).map_err(|e| format!("kubectl: {e}"))?;
+        }
+        let out = apply.wait_with_output().map_err(|e| format!("kubectl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
     /// Installs the generated CRDs, the restore fence policy and the RuntimeClass (as
     /// the chart does) and waits until the CRDs serve.
     pub fn install_crds(&self) -> Result<(), String> {
         let runtime_class = r#"{"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
                                 "metadata": {"name": "cryopod"}, "handler": "cryopod"}"#;
-        let mut apply = self
-            .kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        if let Some(mut stdin) = apply.stdin.take() {
-            std::io::Write::write_all(&mut stdin, runtime_class.as_bytes()).map_err(|e| e.to_string())?;
-        }
-        let out = apply.wait_with_output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "kubectl apply RuntimeClass: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        self.kubectl_apply(None, runtime_class)?;
         let dir = repo_root().join("charts/cryopod/crds");
         let dir = dir.to_string_lossy();
         let fence = repo_root().join("charts/cryopod/files/restore-fence.yaml");

@@ -196,7 +196,8 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
         ],
     );
     let install = cryopod_e2e::chart::testbed_install_args(&tb, RELEASE, RELEASE_NS);
-    let chart = install[2].as_str();
+    let chart = cryopod_e2e::chart::chart_dir();
+    let chart = chart.to_str().unwrap();
     let installed = helm(&tb, &install.iter().map(String::as_str).collect::<Vec<_>>());
     println!("{installed}");
     let ca_before = release_ca(&tb);

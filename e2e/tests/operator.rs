@@ -29,11 +29,13 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
     tb.install_crds().unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-operator").await.unwrap();
     let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
-    let log = state.join("operator.log");
-    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
+    let OneNodeControl {
+        state,
+        log,
+        _agent,
+        _operator,
+        _tls,
+    } = start_one_node_control(&tb, &ns.name).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
 
     let at_start = counts(&trio.data);
@@ -105,11 +107,13 @@ async fn checkpoints_of_one_pod_take_turns() {
     tb.install_crds().unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-turns").await.unwrap();
     let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
-    let log = state.join("operator.log");
-    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
+    let OneNodeControl {
+        state,
+        log,
+        _agent,
+        _operator,
+        _tls,
+    } = start_one_node_control(&tb, &ns.name).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
 
     // Every status the watch shows, in order: (name, phase, Ready message).
@@ -194,11 +198,13 @@ async fn impossible_checkpoints_fail_naming_the_cause() {
     let client = tb.client().await.unwrap();
     tb.install_crds().unwrap();
     let ns = TestNamespace::create(&tb, &client, "e2e-operator-bad").await.unwrap();
-    let tls = agent_tls();
-    let state = tb.dir.join(format!("e2e-agent-state-{}", ns.name));
-    let (agent, _) = start_agent(&tb, &tb.nodes[0], &tls, &state).await;
-    let log = state.join("operator.log");
-    let _operator = start_operator(&tb, &ns.name, &tls, &[(&tb.nodes[0], agent.port)], &log);
+    let OneNodeControl {
+        state,
+        log: _,
+        _agent,
+        _operator,
+        _tls,
+    } = start_one_node_control(&tb, &ns.name).await;
     // A pod on node-2, where this operator knows no agent.
     let elsewhere = start_trio(&tb, &client, &ns, &tb.nodes[1]).await;
     let _ = elsewhere;

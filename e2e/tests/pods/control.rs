@@ -61,22 +61,7 @@ pub fn start_operator(
 }
 
 pub fn kubectl_apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) {
-    let mut child = tb
-        .kubectl()
-        .args(["apply", "-n", ns, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), doc.to_string().as_bytes()).unwrap();
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tb.kubectl_apply(Some(ns), &doc.to_string()).unwrap();
 }
 
 /// A CheckpointStorage on the testbed's S3 server, credentials in a Secret of `ns`.
@@ -106,6 +91,31 @@ pub struct Control {
     pub agents: [AgentProcess; 2],
     pub _operator: Operator,
     pub tls: AgentTls,
+}
+
+/// The agent of node-1 and an operator for namespace `ns` that knows only it.
+pub struct OneNodeControl {
+    pub state: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+    pub _agent: AgentProcess,
+    pub _operator: Operator,
+    pub _tls: AgentTls,
+}
+
+/// Starts [`OneNodeControl`]; the agent keeps its state apart, in this test's own directory.
+pub async fn start_one_node_control(tb: &Testbed, ns: &str) -> OneNodeControl {
+    let tls = agent_tls();
+    let state = tb.dir.join(format!("e2e-agent-state-{ns}"));
+    let (agent, _) = start_agent(tb, &tb.nodes[0], &tls, &state).await;
+    let log = state.join("operator.log");
+    let operator = start_operator(tb, ns, &tls, &[(&tb.nodes[0], agent.port)], &log);
+    OneNodeControl {
+        state,
+        log,
+        _agent: agent,
+        _operator: operator,
+        _tls: tls,
+    }
 }
 
 /// Starts the agent binaries of node-1 and node-2 (node-2's preparing restores where
