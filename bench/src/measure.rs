@@ -332,6 +332,11 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
             prefix: prefix.clone(),
             manifest_digest: Some(outcome.manifest_digest.clone()),
             identities: vec![],
+            // Prepared and removed again: no pod uses it.
+            restored_pod: cryopod_node_agent::handler::RestoredPod {
+                namespace: ns.name.clone(),
+                name: "bench-restored".into(),
+            },
         };
         settle_disk();
         let started = Instant::now();

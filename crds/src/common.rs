@@ -68,6 +68,28 @@ pub fn bounded_string_map(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Schema of labels or annotations a tenant sets on a pod the operator creates: keys
+/// under `cryopod.io/` are the operator's own (a restore's binding among them).
+pub fn tenant_string_map(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": 64,
+        "additionalProperties": { "type": "string", "maxLength": 4096 },
+        "x-kubernetes-validations": [{
+            "rule": "self.all(k, !k.startsWith('cryopod.io/') && !k.contains('.cryopod.io/'))",
+            "message": "keys under cryopod.io/ are reserved for the operator",
+        }],
+    })
+}
+
+/// Whether `key` is one of the operator's own label or annotation keys.
+pub fn reserved_key(key: &str) -> bool {
+    key.starts_with(RESERVED_PREFIX) || key.contains(&format!(".{RESERVED_PREFIX}"))
+}
+
+/// The prefix of the operator's own keys.
+pub const RESERVED_PREFIX: &str = "cryopod.io/";
+
 /// Schema of a value that the operator stores verbatim (a sanitized Pod template).
 pub fn preserve_unknown_object(_: &mut SchemaGenerator) -> Schema {
     json_schema!({

@@ -328,6 +328,10 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
             prefix: req.prefix.clone(),
             manifest_digest: None,
             identities: vec![],
+            restored_pod: cryopod_node_agent::handler::RestoredPod {
+                namespace: ns.name.clone(),
+                name: "caller-restored".into(),
+            },
         },
         &agent.node,
         &agent.restores,

@@ -509,6 +509,130 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// The double run: a migration whose source was thawed while held (here its agent
+/// restarted, and its journal recovery thawed it) must not delete the source and say
+/// Succeeded. The source ran on past the checkpoint, so it stays with its newer
+/// state, the restored pod is deleted, and the migration fails naming why.
+#[tokio::test]
+async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
+    use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-ran-on").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let pods = ns.pods(&client);
+    pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
+    let source_uid = ns
+        .wait_ready(&client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let Control {
+        state,
+        log,
+        agents: [agent_1, agent_2],
+        _operator,
+        tls,
+    } = start_control(&tb, &ns.name).await;
+    // The target's agent is away, so the restore waits while the source is held.
+    let target_port = agent_2.port;
+    drop(agent_2);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "twice"},
+                "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target}}}),
+    );
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let checkpoint = wait_until(
+        "the source to be checkpointed and held",
+        Duration::from_secs(90),
+        || async {
+            let cp = checkpoints.list(&Default::default()).await.ok()?.items.pop()?;
+            (cp.status.as_ref()?.phase? == CheckpointPhase::Ready).then_some(cp)
+        },
+    )
+    .await
+    .unwrap();
+    let captured = captured_numbers(&tb, &checkpoint, &["a"]).await[0];
+
+    // The source's agent restarts: its recovery thaws the held source, which runs on.
+    let source_port = agent_1.port;
+    drop(agent_1);
+    let (_agent_1, _) = start_agent_at(&tb, &source, &tls, &state, &[], source_port).await;
+    let source_pod = pods.get("stateful").await.unwrap();
+    let data = pod_data(&tb, &source_pod);
+    let number = || -> u64 {
+        std::fs::read_to_string(data.join("a"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until("the thawed source to count on", Duration::from_secs(30), || async {
+        (number() > captured + 5).then_some(())
+    })
+    .await
+    .unwrap();
+    let (_agent_2, _) = start_agent_at(
+        &tb,
+        &target,
+        &tls,
+        &tb.dir.join(&target).join("cryopod"),
+        &[],
+        target_port,
+    )
+    .await;
+
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let status = wait_until("the migration to end", Duration::from_secs(120), || async {
+        let status = migrations.get("twice").await.ok()?.status?;
+        matches!(
+            status.phase?,
+            MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::RolledBack
+        )
+        .then_some(status)
+    })
+    .await
+    .unwrap();
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("{:?} {reason}: {message}", status.phase);
+    assert_eq!(
+        status.phase,
+        Some(MigrationPhase::Failed),
+        "{message}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(reason, "SourceResumed", "{message}");
+    assert!(message.contains("the agent restarted and thawed it"), "{message}");
+    // One pod runs: the source, the same process, still counting; the restored pod is gone.
+    let left = wait_until("the restored pod to go", Duration::from_secs(60), || async {
+        let all = pods.list(&Default::default()).await.ok()?.items;
+        (all.len() == 1).then_some(all)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        left[0].metadata.uid.as_deref(),
+        Some(source_uid.as_str()),
+        "the source stays"
+    );
+    assert!(ns.ready_without_restarts(&client, "stateful").await.unwrap());
+    let before = number();
+    wait_until("the source to go on counting", Duration::from_secs(20), || async {
+        (number() > before).then_some(())
+    })
+    .await
+    .unwrap();
+    let events = event_reasons(&tb, &ns.name, "twice");
+    assert!(events.contains("SourceResumed"), "{events}");
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 /// Every example in `examples/` applied as it is (pod "counter" on node-1, node-2
 /// labelled as the migration target, the example's default storage pointed at the
 /// testbed's S3 server): the PodCheckpoint, the PodRestore and the PodMigration each

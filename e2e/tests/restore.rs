@@ -126,6 +126,11 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
             prefix: prefix.clone(),
             manifest_digest: outcome.manifest_digest.clone(),
             age_identities: vec![],
+            restored_pod: Some(cryopod_node_agent::server::pb::PodRef {
+                namespace: ns.name.clone(),
+                name: "stateful-restored".into(),
+                uid: String::new(),
+            }),
         })
         .await
         .unwrap()
@@ -342,11 +347,16 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
     let store: Arc<dyn object_store::ObjectStore> = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
     let restores = restores_dir(&tb, &target);
     let facts = target_facts(&tb, &target).await;
+    // Every restore here is bound to the pod "half", the one pod this test creates.
     let request = |id: &str| RestoreRequest {
         restore_id: id.to_owned(),
         prefix: prefix.clone(),
         manifest_digest: Some(outcome.manifest_digest.clone()),
         identities: vec![],
+        restored_pod: cryopod_node_agent::handler::RestoredPod {
+            namespace: ns.name.clone(),
+            name: "half".into(),
+        },
     };
     let archive = &outcome.manifest.containers[0].archive;
     let key = ObjectPath::from(format!("{prefix}{archive}"));

@@ -2,13 +2,24 @@
 //! and the emptyDir volumes, read through a container's `/proc/<pid>/root` so the
 //! agent sees them whatever mount namespace it runs in; and each container's rootfs
 //! changes (its overlay upper directory), with deletions as OCI whiteouts.
+//!
+//! Everything below those roots belongs to the tenant. A mount destination is resolved
+//! inside the container's root (`RESOLVE_IN_ROOT`), as runc resolved it when mounting,
+//! so an image's `x -> /` cannot point the agent at its own files; the walk below is fd
+//! by fd and never follows a symlink (symlinks are archived as symlinks).
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+
 use crate::discovery::RunningContainer;
+use crate::safe_fs;
 
 /// Where kubelet keeps emptyDir volumes; the last path component is the volume name.
 pub const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
@@ -22,6 +33,12 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A mount's destination cannot be resolved inside the container's root.
+    Resolve {
+        container: String,
+        mount: String,
+        source: std::io::Error,
+    },
     /// The container's root filesystem is not an overlay with an upper directory.
     NoUpperDir { container: String },
 }
@@ -30,6 +47,12 @@ impl std::fmt::Display for CaptureError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Archive { what, path, .. } => write!(f, "cannot capture {what} from {}", path.display()),
+            Self::Resolve { container, mount, .. } => {
+                write!(
+                    f,
+                    "cannot resolve mount {mount} inside the root of container {container}: refused"
+                )
+            }
             Self::NoUpperDir { container } => {
                 write!(
                     f,
@@ -43,7 +66,7 @@ impl std::fmt::Display for CaptureError {
 impl std::error::Error for CaptureError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Archive { source, .. } => Some(source),
+            Self::Archive { source, .. } | Self::Resolve { source, .. } => Some(source),
             Self::NoUpperDir { .. } => None,
         }
     }
@@ -58,72 +81,124 @@ pub struct SharedState {
     pub tar: PathBuf,
 }
 
-/// Walks `root` into `builder` under relative names, in a stable order. Sockets are
-/// left out (a bound unix socket is recreated by its owner's CRIU restore). With
+/// A tar header for `st`, with its owner, mode and time.
+fn header_for(st: &Stat, kind: tar::EntryType) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(st.st_mode & 0o7777);
+    header.set_uid(st.st_uid.into());
+    header.set_gid(st.st_gid.into());
+    header.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+    header.set_size(match kind {
+        tar::EntryType::Regular => u64::try_from(st.st_size).unwrap_or(0),
+        _ => 0,
+    });
+    if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+        let _ = header.set_device_major(rustix::fs::major(st.st_rdev));
+        let _ = header.set_device_minor(rustix::fs::minor(st.st_rdev));
+    }
+    header
+}
+
+/// The carried xattrs of `fd` as a pax header before the entry (`SCHILY.xattr.*`,
+/// which the unpack reads back).
+fn append_xattrs<W: std::io::Write>(builder: &mut tar::Builder<W>, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let xattrs = safe_fs::read_xattrs(fd)?;
+    let keyed: Vec<(String, &[u8])> = xattrs
+        .iter()
+        .filter_map(|(name, value)| Some((format!("{}{}", safe_fs::PAX_XATTR, name.to_str()?), value.as_slice())))
+        .collect();
+    builder.append_pax_extensions(keyed.iter().map(|(k, v)| (k.as_str(), *v)))
+}
+
+/// Walks the directory `root` into `builder` under relative names, in a stable order,
+/// opening every directory below `root` without following symlinks. Sockets are left
+/// out (a bound unix socket is recreated by its owner's CRIU restore). With
 /// `whiteouts`, overlay deletion markers (0:0 character devices) become OCI `.wh.`
 /// entries and are returned as deleted paths.
 fn append_tree<W: std::io::Write>(
     builder: &mut tar::Builder<W>,
-    root: &Path,
+    root: BorrowedFd<'_>,
     whiteouts: bool,
 ) -> Result<Vec<String>, (PathBuf, std::io::Error)> {
     let mut deleted = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
-        let dir = root.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .and_then(|d| d.collect::<Result<_, _>>())
-            .map_err(|e| (dir.clone(), e))?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = rel.join(entry.file_name());
-            let source = entry.path();
-            let meta = std::fs::symlink_metadata(&source).map_err(|e| (source.clone(), e))?;
-            let kind = meta.file_type();
-            let special = |entry_type: tar::EntryType| {
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata(&meta);
-                header.set_entry_type(entry_type);
-                header.set_size(0);
-                let rdev = meta.rdev();
-                let _ = header.set_device_major(((rdev >> 8) & 0xfff) as u32);
-                let _ = header.set_device_minor(((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32);
-                header
-            };
-            let added = if whiteouts && kind.is_char_device() && meta.rdev() == 0 {
-                let name = rel.join(format!(".wh.{}", entry.file_name().to_string_lossy()));
-                deleted.push(format!("/{}", path.display()));
-                let mut header = tar::Header::new_gnu();
-                header.set_entry_type(tar::EntryType::Regular);
-                header.set_size(0);
-                header.set_mode(0);
-                builder.append_data(&mut header, name, std::io::empty())
-            } else if kind.is_socket() {
-                continue;
-            } else if kind.is_fifo() {
-                builder.append_data(&mut special(tar::EntryType::Fifo), &path, std::io::empty())
-            } else if kind.is_char_device() {
-                builder.append_data(&mut special(tar::EntryType::Char), &path, std::io::empty())
-            } else if kind.is_block_device() {
-                builder.append_data(&mut special(tar::EntryType::Block), &path, std::io::empty())
-            } else {
-                // Directories, regular files and symlinks (not followed).
-                builder.append_path_with_name(&source, &path)
-            };
-            added.map_err(|e| (source.clone(), e))?;
-            if kind.is_dir() {
-                // An opaque directory hides everything below it in the image: the OCI
-                // marker comes right after the directory, before what it holds now.
-                if whiteouts && is_opaque(&source) {
+        let dir = safe_fs::open_dir_beneath(root, &rel).map_err(|e| (rel.clone(), e))?;
+        let names = safe_fs::list_dir(dir.as_fd()).map_err(|e| (rel.clone(), e))?;
+        for name in names {
+            let path = rel.join(&name);
+            let at = |e: std::io::Error| (path.clone(), e);
+            let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| at(e.into()))?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::CharacterDevice if whiteouts && st.st_rdev == 0 => {
+                    let marker = rel.join(format!(".wh.{}", name.to_string_lossy()));
+                    deleted.push(format!("/{}", path.display()));
                     let mut header = tar::Header::new_gnu();
                     header.set_entry_type(tar::EntryType::Regular);
                     header.set_size(0);
                     header.set_mode(0);
-                    builder
-                        .append_data(&mut header, path.join(OPAQUE_MARKER), std::io::empty())
-                        .map_err(|e| (source.clone(), e))?;
+                    builder.append_data(&mut header, marker, std::io::empty()).map_err(at)?;
                 }
-                pending.push(path);
+                FileType::Socket | FileType::Unknown => {}
+                kind @ (FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice) => {
+                    let entry_type = match kind {
+                        FileType::Fifo => tar::EntryType::Fifo,
+                        FileType::CharacterDevice => tar::EntryType::Char,
+                        _ => tar::EntryType::Block,
+                    };
+                    builder
+                        .append_data(&mut header_for(&st, entry_type), &path, std::io::empty())
+                        .map_err(at)?;
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&dir, &name, Vec::new()).map_err(|e| at(e.into()))?;
+                    let target = Path::new(OsStr::from_bytes(target.as_bytes()));
+                    builder
+                        .append_link(&mut header_for(&st, tar::EntryType::Symlink), &path, target)
+                        .map_err(at)?;
+                }
+                FileType::RegularFile => {
+                    // NONBLOCK: a fifo swapped in since the stat must not hang the capture.
+                    let fd = rustix::fs::openat(
+                        &dir,
+                        &name,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| at(e.into()))?;
+                    let st = rustix::fs::fstat(&fd).map_err(|e| at(e.into()))?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                        return Err(at(std::io::Error::other("replaced while the pod was frozen")));
+                    }
+                    append_xattrs(builder, fd.as_fd()).map_err(at)?;
+                    let mut header = header_for(&st, tar::EntryType::Regular);
+                    let size = header.size().unwrap_or(0);
+                    let file = File::from(fd);
+                    builder
+                        .append_data(&mut header, &path, (&file).take(size))
+                        .map_err(at)?;
+                }
+                FileType::Directory => {
+                    let fd = safe_fs::open_dir_beneath(dir.as_fd(), Path::new(&name)).map_err(at)?;
+                    let st = rustix::fs::fstat(&fd).map_err(|e| at(e.into()))?;
+                    append_xattrs(builder, fd.as_fd()).map_err(at)?;
+                    builder
+                        .append_data(&mut header_for(&st, tar::EntryType::Directory), &path, std::io::empty())
+                        .map_err(at)?;
+                    // An opaque directory hides everything below it in the image: the OCI
+                    // marker comes right after the directory, before what it holds now.
+                    if whiteouts && is_opaque(fd.as_fd()) {
+                        let mut header = tar::Header::new_gnu();
+                        header.set_entry_type(tar::EntryType::Regular);
+                        header.set_size(0);
+                        header.set_mode(0);
+                        builder
+                            .append_data(&mut header, path.join(OPAQUE_MARKER), std::io::empty())
+                            .map_err(at)?;
+                    }
+                    pending.push(path);
+                }
             }
         }
     }
@@ -135,15 +210,22 @@ pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Whether overlayfs marked this upper directory opaque (`trusted.` as root, `user.`
 /// with the `userxattr` mount option).
-fn is_opaque(dir: &Path) -> bool {
+fn is_opaque(dir: BorrowedFd<'_>) -> bool {
     ["trusted.overlay.opaque", "user.overlay.opaque"].iter().any(|name| {
         let mut value = [0u8; 4];
-        matches!(rustix::fs::lgetxattr(dir, *name, &mut value[..]), Ok(n) if value[..n] == *b"y")
+        matches!(rustix::fs::fgetxattr(dir, *name, &mut value[..]), Ok(n) if value[..n] == *b"y")
     })
 }
 
-/// Tars the tree at `source` into `out`; returns the deleted paths with `whiteouts`.
-fn tar_tree(what: &str, source: &Path, out: &Path, whiteouts: bool) -> Result<Vec<String>, CaptureError> {
+/// Tars the directory open at `source` (shown as `shown` in errors) into `out`;
+/// returns the deleted paths with `whiteouts`.
+fn tar_tree(
+    what: &str,
+    source: BorrowedFd<'_>,
+    shown: &Path,
+    out: &Path,
+    whiteouts: bool,
+) -> Result<Vec<String>, CaptureError> {
     let err = |(path, source): (PathBuf, std::io::Error)| CaptureError::Archive {
         what: what.to_owned(),
         path,
@@ -153,14 +235,30 @@ fn tar_tree(what: &str, source: &Path, out: &Path, whiteouts: bool) -> Result<Ve
         std::fs::create_dir_all(parent).map_err(|e| err((parent.to_path_buf(), e)))?;
     }
     let file = File::create(out).map_err(|e| err((out.to_path_buf(), e)))?;
-    let mut builder = tar::Builder::new(file);
-    builder.follow_symlinks(false);
-    let deleted = append_tree(&mut builder, source, whiteouts).map_err(err)?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    let deleted = append_tree(&mut builder, source, whiteouts).map_err(|(path, e)| err((shown.join(path), e)))?;
     builder
         .into_inner()
+        .and_then(|w| w.into_inner().map_err(std::io::IntoInnerError::into_error))
         .and_then(|f| f.sync_all())
         .map_err(|e| err((out.to_path_buf(), e)))?;
     Ok(deleted)
+}
+
+/// Tars the directory at `destination` as seen inside the container root `root` (its
+/// `/proc/<pid>/root`) into `out`.
+fn tar_mount(container: &str, what: &str, root: &Path, destination: &str, out: &Path) -> Result<(), CaptureError> {
+    let refused = |source| CaptureError::Resolve {
+        container: container.to_owned(),
+        mount: destination.to_owned(),
+        source,
+    };
+    let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| refused(e.into()))?;
+    let dir = safe_fs::open_dir_in_root(root_fd.as_fd(), Path::new(destination)).map_err(refused)?;
+    let shown = root.join(destination.trim_start_matches('/'));
+    tar_tree(what, dir.as_fd(), &shown, out, false)?;
+    Ok(())
 }
 
 /// Captures `/dev/shm` and every emptyDir once, into `<out>/pod/`.
@@ -182,12 +280,7 @@ pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Resu
                 continue;
             }
             let tar = out.join("pod").join(format!("{name}.tar"));
-            tar_tree(
-                &name,
-                &root.join(mount.destination.trim_start_matches('/')),
-                &tar,
-                false,
-            )?;
+            tar_mount(&container.name, &name, &root, &mount.destination, &tar)?;
             captured.push(SharedState { name, tar });
         }
     }
@@ -235,7 +328,13 @@ pub fn rootfs_diff(container: &RunningContainer, node_root: &Path, out: &Path) -
     })?;
     let what = format!("the rootfs changes of container {}", container.name);
     let upper = node_root.join(upper.strip_prefix("/").unwrap_or(&upper));
-    let deleted = tar_tree(&what, &upper, out, true)?;
+    // The upper directory's path is the runtime's; what is below it is the tenant's.
+    let upper_fd = safe_fs::open_root(&upper).map_err(|source| CaptureError::Archive {
+        what: what.clone(),
+        path: upper.clone(),
+        source,
+    })?;
+    let deleted = tar_tree(&what, upper_fd.as_fd(), &upper, out, true)?;
     Ok(RootfsDiff {
         tar: out.to_path_buf(),
         deleted,
@@ -245,7 +344,95 @@ pub fn rootfs_diff(container: &RunningContainer, node_root: &Path, out: &Path) -
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
     use super::*;
+
+    fn tar_dir(src: &Path, out: &Path, whiteouts: bool) -> Result<Vec<String>, CaptureError> {
+        let fd = safe_fs::open_root(src).unwrap();
+        tar_tree("test", fd.as_fd(), src, out, whiteouts)
+    }
+
+    fn names(tar: &Path) -> Vec<String> {
+        let bytes = std::fs::read(tar).unwrap();
+        let mut names: Vec<String> = tar::Archive::new(bytes.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn mounts_resolve_inside_the_container_root_not_through_its_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        // The agent's own secret, on the host.
+        let host_secret = dir.path().join("agent/tls");
+        std::fs::create_dir_all(&host_secret).unwrap();
+        std::fs::write(host_secret.join("tls.key"), b"agent key").unwrap();
+        // The container's root: its image holds `x -> /`, and its emptyDir is mounted at
+        // `/x/<the agent's tls dir>`, which runc resolved inside the root.
+        let root = dir.path().join("root");
+        let pod_side = root.join(host_secret.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&pod_side).unwrap();
+        std::fs::write(pod_side.join("marker"), b"pod data").unwrap();
+        std::os::unix::fs::symlink("/", root.join("x")).unwrap();
+        let destination = format!("/x{}", host_secret.display());
+        let out = dir.path().join("volume.tar");
+        tar_mount("app", "volume/tls", &root, &destination, &out).unwrap();
+        assert_eq!(names(&out), ["marker"]);
+        // `..` stays inside the root too.
+        let climbing = format!("/../../..{}", host_secret.display());
+        tar_mount("app", "volume/tls", &root, &climbing, &out).unwrap();
+        assert_eq!(names(&out), ["marker"]);
+        // What does not resolve inside is refused, naming the mount and the container.
+        let err = tar_mount("app", "volume/tls", &root, "/x/missing", &out).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot resolve mount /x/missing inside the root of container app: refused"
+        );
+    }
+
+    #[test]
+    fn the_walk_archives_symlinked_dirs_as_links_without_entering_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"host").unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("out")).unwrap();
+        let out = dir.path().join("out.tar");
+        tar_dir(&src, &out, false).unwrap();
+        assert_eq!(names(&out), ["out"]);
+    }
+
+    #[test]
+    fn owners_setuid_and_xattrs_survive_capture_and_unpack() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        let file = src.join("d/suid");
+        std::fs::write(&file, b"#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&file, Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        std::os::unix::fs::chown(src.join("d"), Some(1000), Some(1000)).unwrap();
+        rustix::fs::setxattr(file.as_path(), "user.note", b"kept", rustix::fs::XattrFlags::empty()).unwrap();
+        let out = dir.path().join("tree.tar");
+        tar_dir(&src, &out, false).unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(&target).unwrap();
+        safe_fs::unpack(File::open(&out).unwrap(), &target, safe_fs::UnpackOptions::TREE).unwrap();
+        let meta = std::fs::metadata(target.join("d/suid")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o4755);
+        let dir_meta = std::fs::metadata(target.join("d")).unwrap();
+        assert_eq!((dir_meta.uid(), dir_meta.gid()), (1000, 1000));
+        let mut value = [0u8; 8];
+        let n = rustix::fs::getxattr(target.join("d/suid").as_path(), "user.note", &mut value[..]).unwrap();
+        assert_eq!(&value[..n], b"kept");
+    }
 
     #[test]
     fn trees_keep_fifos_and_links_and_skip_sockets() {
@@ -263,7 +450,7 @@ mod tests {
         );
         let _socket = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
         let out = dir.path().join("out.tar");
-        assert!(tar_tree("test", &src, &out, false).unwrap().is_empty());
+        assert!(tar_dir(&src, &out, false).unwrap().is_empty());
         let bytes = std::fs::read(&out).unwrap();
         let mut archive = tar::Archive::new(bytes.as_slice());
         let mut kinds: Vec<(String, tar::EntryType)> = archive
@@ -301,7 +488,7 @@ mod tests {
         )
         .unwrap();
         let out = dir.path().join("diff.tar");
-        assert!(tar_tree("test", &upper, &out, true).unwrap().is_empty());
+        assert!(tar_dir(&upper, &out, true).unwrap().is_empty());
         let bytes = std::fs::read(&out).unwrap();
         let names: Vec<String> = tar::Archive::new(bytes.as_slice())
             .entries()

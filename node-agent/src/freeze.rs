@@ -8,6 +8,10 @@
 //! Before anything is frozen the crash journal records it. A watchdog thaws the pod
 //! when `max_freeze` passes, whatever the caller is doing; a crashed agent thaws on
 //! restart from the journal. Every error path thaws before it returns.
+//!
+//! Whoever ends a freeze first (a release, the watchdog, a drop) claims it and
+//! records how in the journal. A release that comes after the watchdog neither kills
+//! nor claims the pod, which ran on: it reads that end instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cgroup::{CgroupError, CgroupPath, Freezer, FreezerState};
-use crate::journal::{Journal, JournalEntry, JournalError};
+use crate::journal::{FreezeEnd, Journal, JournalEntry, JournalError};
 
 /// The cgroups of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +184,8 @@ pub struct FrozenPod {
     settle: Duration,
     max_freeze: Duration,
     expired: Arc<AtomicBool>,
+    /// Set by whoever ends the freeze first.
+    claimed: Arc<AtomicBool>,
     disarm: Option<mpsc::Sender<()>>,
     watchdog: Option<JoinHandle<()>>,
 }
@@ -215,17 +221,39 @@ impl FrozenPod {
         self.max_freeze.saturating_sub(self.started.elapsed())
     }
 
+    /// The journal this freeze is recorded in.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Claims the end of the freeze for `end` and records it; `false` when the
+    /// watchdog ended it first (the pod ran on).
+    fn claim(&self, end: &FreezeEnd) -> bool {
+        if self.claimed.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        if let Err(e) = self.journal.record_end(&self.operation_id, end) {
+            // The pod is thawed all the same; a later release reads no end and is
+            // told the agent cannot say whether the pod ran on.
+            tracing::warn!(operation_id = %self.operation_id, error = %e, "cannot record how the freeze ended");
+        }
+        true
+    }
+
     /// Thaws every container and removes the journal entry.
     pub fn thaw(mut self) -> Result<FreezeReport, FreezeError> {
+        self.claim(&FreezeEnd::released(false));
         self.finish()
     }
 
     /// Stops these containers for good: SIGKILL to each of their processes while
     /// frozen, then the thaw, on which they die without running another
     /// instruction. Other cgroups (the sandbox's) just thaw.
+    /// When the watchdog thawed the pod first, nothing is killed: it runs on.
     pub fn stop(mut self, containers: &[CgroupPath]) -> Result<FreezeReport, FreezeError> {
         let mut first = None;
-        for cgroup in containers {
+        let ours = self.claim(&FreezeEnd::released(true));
+        for cgroup in containers.iter().filter(|_| ours) {
             if let Err(source) = kill_all(&cgroup.under(self.freezer.root())) {
                 first.get_or_insert(FreezeError::Kill {
                     cgroup: cgroup.clone(),
@@ -264,6 +292,9 @@ impl FrozenPod {
 impl Drop for FrozenPod {
     fn drop(&mut self) {
         if self.disarm.is_some() {
+            self.claim(&FreezeEnd::thawed_without_release(
+                "its operation ended without releasing it",
+            ));
             // If this thaw fails too, the watchdog (detached with the handle) thaws
             // at the deadline, and the journal entry stays for a restarted agent.
             let _ = self.finish();
@@ -312,9 +343,11 @@ pub fn freeze_pod(
     let started = Instant::now();
     let began = std::time::SystemTime::now();
     let expired = Arc::new(AtomicBool::new(false));
+    let claimed = Arc::new(AtomicBool::new(false));
     let (disarm, disarmed) = mpsc::channel::<()>();
     let watchdog = {
-        let (freezer, cgroups, expired) = (freezer.clone(), cgroups.clone(), expired.clone());
+        let (freezer, cgroups, expired, claimed) = (freezer.clone(), cgroups.clone(), expired.clone(), claimed.clone());
+        let (journal, operation_id) = (journal.clone(), operation_id.to_owned());
         std::thread::Builder::new()
             .name(format!("thaw-{operation_id}"))
             .spawn(move || {
@@ -330,8 +363,22 @@ pub fn freeze_pod(
                         Err(_) => break,
                     }
                 }
-                expired.store(true, Ordering::SeqCst);
+                if claimed.swap(true, Ordering::SeqCst) {
+                    // A release is ending it (killing, then thawing): thaw only if it
+                    // failed to, never in the middle of its kill.
+                    if disarmed.recv().is_ok() {
+                        return;
+                    }
+                    let _ = thaw_all(freezer.as_ref(), &cgroups);
+                    return;
+                }
+                // Thawed first, recorded after: the pod's deadline comes before the books.
                 let _ = thaw_all(freezer.as_ref(), &cgroups);
+                let why = format!("its freeze deadline ({} s) passed", limits.max_freeze.as_secs());
+                if let Err(e) = journal.record_end(&operation_id, &FreezeEnd::thawed_without_release(why)) {
+                    tracing::warn!(%operation_id, error = %e, "cannot record how the freeze ended");
+                }
+                expired.store(true, Ordering::SeqCst);
             })
     };
     let watchdog = match watchdog {
@@ -351,6 +398,7 @@ pub fn freeze_pod(
         settle: Duration::ZERO,
         max_freeze: limits.max_freeze,
         expired,
+        claimed,
         disarm: Some(disarm),
         watchdog: Some(watchdog),
     };
@@ -383,8 +431,9 @@ pub fn freeze_pod(
         }
         wait_until_frozen(freezer.as_ref(), cgroup, limits.settle)?;
     }
-    // Had the watchdog fired meanwhile, the freezes above would have outlived it.
-    if frozen.expired() {
+    // Had the watchdog fired meanwhile (only it can have claimed the end yet), the
+    // freezes above would have outlived it.
+    if frozen.claimed.load(Ordering::SeqCst) {
         return Err(FreezeError::Expired {
             after: limits.max_freeze,
         });
@@ -536,6 +585,15 @@ mod tests {
         assert!(journal.entries().unwrap().is_empty());
     }
 
+    /// Waits for the watchdog to fire (5 s at the most).
+    fn wait_expired(frozen: &FrozenPod) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !frozen.expired() {
+            assert!(Instant::now() < deadline, "the watchdog did not fire");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn the_watchdog_thaws_at_the_deadline() {
         let freezer = Arc::new(FakeFreezer::default());
@@ -546,13 +604,90 @@ mod tests {
             ..LIMITS
         };
         let frozen = freeze_pod(freezer.clone(), &journal, "op-4", &pod(), limits).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !frozen.expired() {
-            assert!(Instant::now() < deadline, "the watchdog did not fire");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_expired(&frozen);
         assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
         assert!(frozen.thaw().unwrap().expired);
+    }
+
+    #[test]
+    fn a_release_after_the_watchdog_kills_nothing_and_learns_the_pod_ran_on() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let limits = FreezeLimits {
+            max_freeze: Duration::from_millis(50),
+            ..LIMITS
+        };
+        let frozen = freeze_pod(freezer.clone(), &journal, "op-late", &pod(), limits).unwrap();
+        wait_expired(&frozen);
+        // Killing would read the fake cgroups' pids and fail: Ok means nothing was tried.
+        let report = frozen.stop(&[CgroupPath::new("/p/a")]).unwrap();
+        assert!(report.expired);
+        match journal.end_of("op-late").unwrap() {
+            Some(FreezeEnd::ThawedWithoutRelease { why, .. }) => assert_eq!(why, "its freeze deadline (0 s) passed"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_freeze_records_how_it_ended_once() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        freeze_pod(freezer.clone(), &journal, "op-t", &pod(), LIMITS)
+            .unwrap()
+            .thaw()
+            .unwrap();
+        assert!(matches!(
+            journal.end_of("op-t").unwrap(),
+            Some(FreezeEnd::Released { stopped: false, .. })
+        ));
+        drop(freeze_pod(freezer.clone(), &journal, "op-d", &pod(), LIMITS).unwrap());
+        assert!(matches!(
+            journal.end_of("op-d").unwrap(),
+            Some(FreezeEnd::ThawedWithoutRelease { .. })
+        ));
+        // A later end (a restarted agent's recovery) does not overwrite the first.
+        assert!(
+            !journal
+                .record_end("op-t", &FreezeEnd::thawed_without_release("later"))
+                .unwrap()
+        );
+        assert!(matches!(
+            journal.end_of("op-t").unwrap(),
+            Some(FreezeEnd::Released { .. })
+        ));
+        assert_eq!(journal.end_of("op-never").unwrap(), None);
+        assert!(journal.entries().unwrap().is_empty(), "ends are not entries");
+    }
+
+    #[test]
+    fn recovery_records_that_the_pod_ran_on_unless_it_was_released_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        for id in ["op-crash", "op-released"] {
+            // What a killed agent leaves (a hierarchy that is not mounted here).
+            journal
+                .record(&JournalEntry {
+                    operation_id: id.into(),
+                    version: CgroupVersion::V1,
+                    root: dir.path().join("no-hierarchy"),
+                    pod: CgroupPath::new("/p"),
+                    containers: vec![CgroupPath::new("/p/a")],
+                    deadline_unix_millis: 0,
+                })
+                .unwrap();
+        }
+        journal.record_end("op-released", &FreezeEnd::released(true)).unwrap();
+        crate::journal::recover(&journal).unwrap();
+        assert!(matches!(
+            journal.end_of("op-crash").unwrap(),
+            Some(FreezeEnd::ThawedWithoutRelease { why, .. }) if why == "the agent restarted and thawed it"
+        ));
+        assert!(matches!(
+            journal.end_of("op-released").unwrap(),
+            Some(FreezeEnd::Released { stopped: true, .. })
+        ));
     }
 
     #[test]

@@ -8,11 +8,10 @@
 //! container of the checkpoint is back, so loopback TCP peers never see the other
 //! end missing. A container restarted later starts fresh: each is restored once.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::capture::OPAQUE_MARKER;
 use crate::package::Manifest;
 use crate::restore::PREPARED_MANIFEST;
 
@@ -22,8 +21,24 @@ pub const RESTORE_ANNOTATION: &str = "cryopod.io/restore";
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// CRI annotation of the container's name in the pod.
 const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+/// CRI annotations of the pod a container belongs to.
+const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
 /// runc reads CRIU's configuration file from this annotation.
 const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// The file of a prepared restore naming the one pod that may use it.
+pub const RESTORED_POD_FILE: &str = "restored-pod.json";
+
+/// The pod a prepared restore is bound to. Any pod may carry the restore annotation
+/// (a tenant can copy another restore's id); only this one gets the memory.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct RestoredPod {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+}
 
 /// The handler's settings: `<handler binary>.json` beside the binary.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -155,6 +170,27 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
             dir.display()
         ));
     }
+    let bound: Option<RestoredPod> = std::fs::read(dir.join(RESTORED_POD_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (namespace, pod) = (
+        annotations[SANDBOX_NAMESPACE].as_str().unwrap_or_default(),
+        annotations[SANDBOX_NAME].as_str().unwrap_or_default(),
+    );
+    match bound {
+        Some(b) if b.namespace == namespace && b.name == pod => {}
+        Some(b) => {
+            return Err(format!(
+                "restore {restore_id} belongs to pod {}/{}, not to {namespace}/{pod}: refused",
+                b.namespace, b.name
+            ));
+        }
+        None => {
+            return Err(format!(
+                "restore {restore_id} names no pod that may use it ({RESTORED_POD_FILE} is missing or unreadable): refused"
+            ));
+        }
+    }
     if let Ok(reason) = std::fs::read_to_string(failed_marker(&dir)) {
         // Half a pod restored is worse than none: once one container failed, none runs.
         return Err(format!(
@@ -172,53 +208,13 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
     })
 }
 
-/// A relative path from a tar entry that stays inside its root.
-fn inside(root: &Path, relative: &Path) -> Option<PathBuf> {
-    relative
-        .components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-        .then(|| root.join(relative))
-}
-
-/// Applies a `rootfs-diff.tar` to a rootfs: OCI whiteouts delete, an opaque marker
-/// empties its directory, every other entry is written (never outside `rootfs`).
+/// Applies a `rootfs-diff.tar` to a rootfs built from the tenant's image: OCI whiteouts
+/// delete, an opaque marker empties its directory, every other entry is written with
+/// its owner, mode and xattrs. Nothing is written or deleted outside `rootfs`, not even
+/// through a symlink of the image (`x -> /`): this runs as host root.
 pub fn apply_rootfs_diff(diff: &Path, rootfs: &Path) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(std::fs::File::open(diff)?);
-    archive.set_overwrite(true);
-    archive.set_preserve_permissions(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        let parent = path.parent().unwrap_or(Path::new(""));
-        let bad = || std::io::Error::other(format!("{} leaves the rootfs", path.display()));
-        if name == OPAQUE_MARKER {
-            let dir = inside(rootfs, parent).ok_or_else(bad)?;
-            if let Ok(children) = std::fs::read_dir(&dir) {
-                for child in children.flatten() {
-                    remove_any(&child.path())?;
-                }
-            }
-        } else if let Some(deleted) = name.strip_prefix(".wh.") {
-            let target = inside(rootfs, &parent.join(deleted)).ok_or_else(bad)?;
-            remove_any(&target)?;
-        } else {
-            entry.unpack_in(rootfs)?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_any(path: &Path) -> std::io::Result<()> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    let file = std::fs::File::open(diff)?;
+    crate::safe_fs::unpack(file, rootfs, crate::safe_fs::UnpackOptions::ROOTFS_DIFF).map_err(std::io::Error::other)
 }
 
 /// The pod's PID namespace when the container joins it (`shareProcessNamespace`).
@@ -274,10 +270,13 @@ pub fn restore_shared_state(spec: &serde_json::Value, dir: &Path) -> std::io::Re
         if !tar.exists() || done.exists() {
             continue;
         }
-        let mut archive = tar::Archive::new(std::fs::File::open(&tar)?);
-        archive.set_overwrite(true);
-        archive.set_preserve_permissions(true);
-        archive.unpack(source)?;
+        // The tar is the tenant's: it stays inside the volume, owners and all.
+        crate::safe_fs::unpack(
+            std::fs::File::open(&tar)?,
+            Path::new(source),
+            crate::safe_fs::UnpackOptions::TREE,
+        )
+        .map_err(std::io::Error::other)?;
         std::fs::write(&done, b"")?;
         restored.push(destination.to_owned());
     }
@@ -360,6 +359,13 @@ impl ContainerRestore<'_> {
         {
             self.iptables(netns, "-D")?;
             let _ = std::fs::remove_file(&held);
+        }
+        // The pod's memory and shared state are not needed once every container is
+        // back, or none will be: they leave the node now, not at the next sweep.
+        if (result.is_err() || all_back)
+            && let Err(e) = crate::sweep::scrub(self.dir)
+        {
+            eprintln!("cryopod-runc: cannot remove the data of {}: {e}", self.dir.display());
         }
         result
     }
@@ -605,7 +611,8 @@ mod tests {
     }
 
     fn spec(kind: &str, restore: Option<&str>) -> serde_json::Value {
-        let mut annotations = json!({CONTAINER_TYPE: kind, CONTAINER_NAME: "app"});
+        let mut annotations =
+            json!({CONTAINER_TYPE: kind, CONTAINER_NAME: "app", SANDBOX_NAMESPACE: "ns", SANDBOX_NAME: "p"});
         if let Some(id) = restore {
             annotations[RESTORE_ANNOTATION] = json!(id);
         }
@@ -630,6 +637,21 @@ mod tests {
 
         std::fs::create_dir_all(root.join("r1/containers/app/checkpoint")).unwrap();
         std::fs::write(root.join("r1/manifest.json"), b"{}").unwrap();
+        let err = decide_create(&spec("container", Some("r1")), root).unwrap_err();
+        assert!(err.contains("names no pod that may use it"), "{err}");
+        std::fs::write(
+            root.join("r1").join(RESTORED_POD_FILE),
+            br#"{"namespace":"ns","name":"p"}"#,
+        )
+        .unwrap();
+        // Another pod carrying the same restore id gets nothing.
+        let mut thief = spec("container", Some("r1"));
+        thief["annotations"][SANDBOX_NAMESPACE] = json!("tenant-b");
+        let err = decide_create(&thief, root).unwrap_err();
+        assert_eq!(err, "restore r1 belongs to pod ns/p, not to tenant-b/p: refused");
+        thief["annotations"][SANDBOX_NAMESPACE] = json!("ns");
+        thief["annotations"][SANDBOX_NAME] = json!("p2");
+        assert!(decide_create(&thief, root).is_err());
         assert_eq!(
             decide_create(&spec("container", Some("r1")), root),
             Ok(CreateDecision::Restore {
@@ -706,6 +728,66 @@ mod tests {
         assert!(!rootfs.join("bin/true").exists());
         assert!(!rootfs.join("etc/app/old.conf").exists());
         assert_eq!(std::fs::read(rootfs.join("etc/app/new.conf")).unwrap(), b"new");
-        assert!(inside(&rootfs, Path::new("../etc")).is_none());
+    }
+
+    /// A tar of raw entries, names as an attacker writes them (the builder refuses `..`).
+    fn raw_tar(path: &Path, entries: &[(&str, u64, u32)]) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+        for (name, uid, mode) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(*mode);
+            h.set_uid(*uid);
+            h.set_gid(*uid);
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+        }
+        b.finish().unwrap();
+    }
+
+    #[test]
+    fn rootfs_diffs_never_write_or_delete_through_the_images_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rootfs, host) = (dir.path().join("rootfs"), dir.path().join("host"));
+        std::fs::create_dir_all(host.join("etc")).unwrap();
+        std::fs::write(host.join("etc/passwd"), b"host").unwrap();
+        std::fs::create_dir_all(&rootfs).unwrap();
+        // The tenant's image holds `x -> /` (here: -> the stand-in for the host's root).
+        std::os::unix::fs::symlink(&host, rootfs.join("x")).unwrap();
+        let diff = dir.path().join("diff.tar");
+        for entry in [
+            "x/etc/.wh.passwd",
+            "x/etc/.wh..wh..opq",
+            "x/etc/passwd",
+            "../host/etc/passwd",
+        ] {
+            raw_tar(&diff, &[(entry, 0, 0o644)]);
+            let err = apply_rootfs_diff(&diff, &rootfs).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("archive entry {entry} refused")), "{err}");
+            assert_eq!(std::fs::read(host.join("etc/passwd")).unwrap(), b"host", "{entry}");
+        }
+    }
+
+    #[test]
+    fn shared_state_stays_in_its_volume_and_keeps_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("kubelet/pods/u/volumes/kubernetes.io~empty-dir/data");
+        std::fs::create_dir_all(&volume).unwrap();
+        std::fs::create_dir_all(dir.path().join("restore/pod/volume")).unwrap();
+        let spec = serde_json::json!({"mounts": [{"destination": "/data", "source": volume.to_str().unwrap()}]});
+        let tar = dir.path().join("restore/pod/volume/data.tar");
+        raw_tar(&tar, &[("suid", 1000, 0o4755), ("../../../../../../escaped", 0, 0o644)]);
+        let err = restore_shared_state(&spec, &dir.path().join("restore"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("escaped refused: it climbs out"), "{err}");
+        assert!(!dir.path().join("escaped").exists());
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(volume.join("suid")).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+            (1000, 1000, 0o4755)
+        );
     }
 }

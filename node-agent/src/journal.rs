@@ -1,6 +1,11 @@
 //! The crash journal: before the agent freezes a pod it writes down what it is about
 //! to freeze, durably; after the thaw it removes the entry. An agent that starts and
 //! finds entries thaws what they name, so a crash never leaves a pod frozen.
+//!
+//! How each freeze ended is kept too (`ended/<operation id>.json`), written once by
+//! whoever ended it first: a release, the deadline watchdog, an error path or the
+//! recovery of a restarted agent. A late or repeated release reads it, so it can tell
+//! "released" from "the pod ran on after its checkpoint".
 
 use std::fs::File;
 use std::io::Write;
@@ -34,6 +39,41 @@ impl JournalEntry {
     pub fn deadline(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.deadline_unix_millis)
     }
+}
+
+/// How a freeze ended. Only the first end counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum FreezeEnd {
+    /// Its operation released it: the containers killed (`stopped`) or thawed.
+    #[serde(rename_all = "camelCase")]
+    Released { stopped: bool, at_unix_millis: u64 },
+    /// Thawed without a release: the pod ran on past its checkpoint.
+    #[serde(rename_all = "camelCase")]
+    ThawedWithoutRelease { at_unix_millis: u64, why: String },
+}
+
+impl FreezeEnd {
+    /// A release now.
+    pub fn released(stopped: bool) -> Self {
+        Self::Released {
+            stopped,
+            at_unix_millis: unix_millis(SystemTime::now()),
+        }
+    }
+
+    /// A thaw without release now, for `why`.
+    pub fn thawed_without_release(why: impl Into<String>) -> Self {
+        Self::ThawedWithoutRelease {
+            at_unix_millis: unix_millis(SystemTime::now()),
+            why: why.into(),
+        }
+    }
+}
+
+/// Milliseconds since the epoch (0 before it).
+pub fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A journal operation failed.
@@ -74,6 +114,9 @@ impl std::error::Error for JournalError {
         }
     }
 }
+
+/// The subdirectory of freeze ends.
+const ENDED: &str = "ended";
 
 /// A directory of entries, one file per operation; private to root (0700).
 #[derive(Debug, Clone)]
@@ -182,6 +225,73 @@ impl Journal {
         self.entry_paths()?.iter().map(|p| self.read_entry(p)).collect()
     }
 
+    fn end_path(&self, operation_id: &str) -> Result<PathBuf, JournalError> {
+        Self::check_operation_id(operation_id)?;
+        Ok(self.dir.join(ENDED).join(format!("{operation_id}.json")))
+    }
+
+    /// Records how the freeze of `operation_id` ended, unless an end was recorded
+    /// before (that one stands). Durable; `true` when this end was the first.
+    pub fn record_end(&self, operation_id: &str, end: &FreezeEnd) -> Result<bool, JournalError> {
+        let path = self.end_path(operation_id)?;
+        let werr = |source| JournalError::Write {
+            path: path.clone(),
+            source,
+        };
+        let dir = self.dir.join(ENDED);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(werr)?;
+        let tmp = dir.join(format!(".{operation_id}.{}.tmp", std::process::id()));
+        let bytes = serde_json::to_vec(end).map_err(|e| werr(e.into()))?;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+        // A hard link is created only where nothing is: the first end wins, atomically.
+        let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => File::open(&dir).and_then(|d| d.sync_all()).map(|()| true).map_err(werr),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(werr(e)),
+        }
+    }
+
+    /// How the freeze of `operation_id` ended, if it did and it was recorded.
+    pub fn end_of(&self, operation_id: &str) -> Result<Option<FreezeEnd>, JournalError> {
+        let path = self.end_path(operation_id)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| JournalError::Read { path, source: e.into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError::Read { path, source }),
+        }
+    }
+
+    /// Forgets ends recorded longer than `age` ago: no release comes that late (a hold
+    /// lasts at most an hour). What could not be removed is returned.
+    pub fn forget_ends_before(&self, age: Duration) -> Vec<PathBuf> {
+        let now = SystemTime::now();
+        std::fs::read_dir(self.dir.join(ENDED))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > age)
+            })
+            .filter_map(|e| std::fs::remove_file(e.path()).err().map(|_| e.path()))
+            .collect()
+    }
+
     /// The journal's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -236,6 +346,12 @@ pub fn recover(journal: &Journal) -> Result<Vec<Recovered>, JournalError> {
                 failures.push((cgroup.clone(), e.to_string()));
             }
         }
+        // Recorded before the entry goes: a pod thawed here ran on after its
+        // checkpoint, unless its release was recorded first (that end stands).
+        journal.record_end(
+            &entry.operation_id,
+            &FreezeEnd::thawed_without_release("the agent restarted and thawed it"),
+        )?;
         if failures.is_empty() {
             journal.clear(&entry.operation_id)?;
         }

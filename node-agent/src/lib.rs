@@ -30,5 +30,7 @@ pub mod package;
 pub mod process;
 pub mod restore;
 pub mod run;
+pub mod safe_fs;
 pub mod server;
 pub mod store;
+pub mod sweep;

@@ -14,6 +14,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
 
+use crate::handler::{RESTORED_POD_FILE, RestoredPod};
 use crate::journal::Journal;
 use crate::package::{AGE_SCHEME, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts, sha256_hex};
 
@@ -31,6 +32,8 @@ pub struct RestoreRequest {
     pub manifest_digest: Option<String>,
     /// age identities for an encrypted checkpoint.
     pub identities: Vec<age::x25519::Identity>,
+    /// The only pod the runtime handler lets use this restore.
+    pub restored_pod: RestoredPod,
 }
 
 impl std::fmt::Debug for RestoreRequest {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for RestoreRequest {
             .field("prefix", &self.prefix)
             .field("manifest_digest", &self.manifest_digest)
             .field("identities", &self.identities.len())
+            .field("restored_pod", &self.restored_pod)
             .finish()
     }
 }
@@ -339,6 +343,14 @@ async fn prepare_in(
         detail: "the unpack task died".to_owned(),
     })??;
     let _ = std::fs::remove_dir_all(&fetched_dir);
+    // The binding the runtime handler checks before it restores into any pod.
+    let binding_path = partial.join(RESTORED_POD_FILE);
+    let binding =
+        serde_json::to_vec(&req.restored_pod).map_err(|e| RestoreError::Manifest { detail: e.to_string() })?;
+    std::fs::write(&binding_path, binding).map_err(|source| RestoreError::Local {
+        path: binding_path,
+        source,
+    })?;
     let manifest_path = partial.join(PREPARED_MANIFEST);
     std::fs::write(&manifest_path, &manifest_bytes).map_err(|source| RestoreError::Local {
         path: manifest_path,
@@ -432,6 +444,15 @@ fn unpack_object(
     };
     let decoder = zstd::Decoder::new(plain).map_err(local(path))?;
     let stem = key.strip_suffix(".tar.zst").unwrap_or(key);
+    if crate::safe_fs::plain_relative(Path::new(stem)).is_err() {
+        return Err(RestoreError::Local {
+            path: target.join(stem),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("object key {key} leaves the restore directory"),
+            ),
+        });
+    }
     // `pod/volume/data` holds `data.tar`, `pod/shm` holds `shm.tar`: they unpack beside
     // their siblings; a container archive unpacks into its own directory.
     let dest = match stem.strip_prefix("pod/") {
@@ -439,11 +460,12 @@ fn unpack_object(
         None => target.join(stem),
     };
     std::fs::create_dir_all(&dest).map_err(local(&dest))?;
-    let mut archive = tar::Archive::new(decoder);
-    archive.set_preserve_permissions(true);
-    archive
-        .unpack(&dest)
-        .map_err(|source| RestoreError::Local { path: dest, source })
+    // Bucket objects are hostile: plain files and directories only, all inside `dest`,
+    // so no prepared path the handler later opens can be a link elsewhere.
+    crate::safe_fs::unpack(decoder, &dest, crate::safe_fs::UnpackOptions::FILES).map_err(|e| RestoreError::Local {
+        path: dest,
+        source: std::io::Error::other(e),
+    })
 }
 
 #[cfg(test)]
@@ -534,6 +556,10 @@ mod tests {
             prefix: "ck/".into(),
             manifest_digest: digest,
             identities: vec![],
+            restored_pod: RestoredPod {
+                namespace: "ns".into(),
+                name: "p".into(),
+            },
         }
     }
 

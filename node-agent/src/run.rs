@@ -226,6 +226,23 @@ pub async fn node_facts(config: &AgentConfig, exec: &NodeExec) -> NodeFacts {
     }
 }
 
+/// How long a prepared restore may wait for its pod before its data is removed.
+const PREPARED_RESTORE_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long the record of how a freeze ended is kept: well past any hold (at most an
+/// hour), for a release that comes late.
+const FREEZE_END_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How often the state directory is swept.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn log_sweep(swept: &crate::sweep::Swept) {
+    if !swept.scrubbed.is_empty() || !swept.removed.is_empty() {
+        tracing::info!(scrubbed = ?swept.scrubbed, removed = ?swept.removed, "removed data no operation will use");
+    }
+    if !swept.failures.is_empty() {
+        tracing::error!(failures = ?swept.failures, "cannot remove data no operation will use");
+    }
+}
+
 /// Recovers from the journal, then serves until the server fails.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let journal = Journal::open(config.state_dir.join("journal")).map_err(|source| RunError::Journal { source })?;
@@ -241,6 +258,28 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
             tracing::error!(operation_id = id, failures = ?recovered.failures, "recovery incomplete");
         }
     }
+    // Then remove what a predecessor left that no operation will use (decrypted
+    // memory of prepared restores, raw dumps), now and every few minutes.
+    let (restores, work) = (config.state_dir.join("restores"), config.state_dir.join("work"));
+    log_sweep(&crate::sweep::sweep(&restores, &work, true, PREPARED_RESTORE_TTL));
+    let ends = journal.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            for path in ends.forget_ends_before(FREEZE_END_TTL) {
+                tracing::warn!(path = %path.display(), "cannot remove an old freeze end");
+            }
+            let (restores, work) = (restores.clone(), work.clone());
+            if let Ok(swept) =
+                tokio::task::spawn_blocking(move || crate::sweep::sweep(&restores, &work, false, PREPARED_RESTORE_TTL))
+                    .await
+            {
+                log_sweep(&swept);
+            }
+        }
+    });
     let read = |name: &str| {
         let path = config.tls_dir.join(name);
         std::fs::read(&path).map_err(|source| RunError::Tls { path, source })
@@ -283,6 +322,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         .await
         .map_err(|source| RunError::Serve { source });
     metrics_server.abort();
+    sweeper.abort();
     served
 }
 

@@ -33,6 +33,123 @@ pub mod pb {
     tonic::include_proto!("cryopod.agent.v1alpha1");
 }
 
+/// Debug of the messages that carry credentials, keys or a pod's spec (build.rs
+/// leaves their derived Debug out): what identifies a request shows, secrets do not.
+mod redacted {
+    use std::fmt::{Debug, Formatter, Result};
+
+    use super::pb;
+
+    const HIDDEN: &str = "<redacted>";
+
+    impl Debug for pb::S3Storage {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("S3Storage")
+                .field("endpoint", &self.endpoint)
+                .field("bucket", &self.bucket)
+                .field("region", &self.region)
+                .field("force_path_style", &self.force_path_style)
+                .field("access_key_id", &HIDDEN)
+                .field("secret_access_key", &HIDDEN)
+                .finish()
+        }
+    }
+
+    impl Debug for pb::GcsStorage {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("GcsStorage")
+                .field("bucket", &self.bucket)
+                .field("service_account_key", &HIDDEN)
+                .finish()
+        }
+    }
+
+    impl Debug for pb::AzureStorage {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("AzureStorage")
+                .field("account", &self.account)
+                .field("container", &self.container)
+                .field("endpoint", &self.endpoint)
+                .field("access_key", &HIDDEN)
+                .finish()
+        }
+    }
+
+    impl Debug for pb::CheckpointRequest {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("CheckpointRequest")
+                .field("operation_id", &self.operation_id)
+                .field("pod", &self.pod)
+                .field("storage", &self.storage)
+                .field("prefix", &self.prefix)
+                .field("max_freeze_seconds", &self.max_freeze_seconds)
+                .field("post_checkpoint_state", &self.post_checkpoint_state)
+                .field("hooks", &self.hooks.len())
+                .field("age_recipients", &self.age_recipients.len())
+                .field("pod_template_json", &self.pod_template_json.len())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl Debug for pb::PrepareRestoreRequest {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("PrepareRestoreRequest")
+                .field("operation_id", &self.operation_id)
+                .field("storage", &self.storage)
+                .field("prefix", &self.prefix)
+                .field("manifest_digest", &self.manifest_digest)
+                .field("age_identities", &self.age_identities.len())
+                .field("restored_pod", &self.restored_pod)
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn credentials_never_show_in_debug() {
+            let storage = pb::Storage {
+                backend: Some(pb::storage::Backend::S3(pb::S3Storage {
+                    access_key_id: "AKIDSECRET".into(),
+                    secret_access_key: "verysecret".into(),
+                    ..Default::default()
+                })),
+            };
+            let restore = pb::PrepareRestoreRequest {
+                storage: Some(storage.clone()),
+                age_identities: vec!["AGE-SECRET-KEY-1XYZ".into()],
+                ..Default::default()
+            };
+            let checkpoint = pb::CheckpointRequest {
+                storage: Some(storage),
+                pod_template_json: br#"{"env":"PASSWORD=hunter2"}"#.to_vec(),
+                ..Default::default()
+            };
+            let gcs = pb::GcsStorage {
+                service_account_key: "{private_key}".into(),
+                ..Default::default()
+            };
+            let azure = pb::AzureStorage {
+                access_key: "azkey".into(),
+                ..Default::default()
+            };
+            let printed = format!("{restore:?} {checkpoint:?} {gcs:?} {azure:?}");
+            for secret in [
+                "AKIDSECRET",
+                "verysecret",
+                "AGE-SECRET",
+                "hunter2",
+                "private_key",
+                "azkey",
+            ] {
+                assert!(!printed.contains(secret), "{secret} in {printed}");
+            }
+        }
+    }
+}
+
 /// How long the kernel may take to stop a pod's tasks.
 const SETTLE: Duration = Duration::from_secs(5);
 
@@ -53,6 +170,40 @@ pub trait AgentBackend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<PreparedRestore, RestoreError>> + Send;
     /// Facts of this node.
     fn node_facts(&self) -> NodeFacts;
+    /// How the freeze of `operation_id` ended, if this node recorded it (it survives
+    /// a restart of the agent).
+    fn freeze_end(&self, operation_id: &str) -> Option<crate::journal::FreezeEnd> {
+        let _ = operation_id;
+        None
+    }
+}
+
+/// The answer to a release whose hold ended with `end`; `now`: this call ended it.
+pub fn release_response(end: &crate::journal::FreezeEnd, now: bool, window_millis: u64) -> pb::ReleaseResponse {
+    use crate::journal::FreezeEnd;
+    match end {
+        FreezeEnd::Released {
+            stopped,
+            at_unix_millis,
+        } => pb::ReleaseResponse {
+            freeze_window_millis: window_millis,
+            outcome: if now {
+                pb::ReleaseOutcome::Released
+            } else {
+                pb::ReleaseOutcome::AlreadyReleased
+            } as i32,
+            stopped: *stopped,
+            ended_unix_millis: *at_unix_millis,
+            why: String::new(),
+        },
+        FreezeEnd::ThawedWithoutRelease { at_unix_millis, why } => pb::ReleaseResponse {
+            freeze_window_millis: window_millis,
+            outcome: pb::ReleaseOutcome::ThawedWithoutRelease as i32,
+            stopped: false,
+            ended_unix_millis: *at_unix_millis,
+            why: why.clone(),
+        },
+    }
 }
 
 impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
@@ -75,6 +226,14 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
 
     fn node_facts(&self) -> NodeFacts {
         self.node.clone()
+    }
+
+    fn freeze_end(&self, operation_id: &str) -> Option<crate::journal::FreezeEnd> {
+        self.journal
+            .end_of(operation_id)
+            .inspect_err(|e| tracing::warn!(%operation_id, error = %e, "cannot read how the freeze ended"))
+            .ok()
+            .flatten()
     }
 }
 
@@ -107,6 +266,24 @@ pub fn restore_request(req: pb::PrepareRestoreRequest) -> Result<(RestoreRequest
     if req.prefix.is_empty() || !req.prefix.ends_with('/') {
         return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
     }
+    // The digest anchors everything unpacked as root: no digest, no restore.
+    if req.manifest_digest.is_empty() {
+        return Err(Status::invalid_argument(
+            "manifest_digest: required (the digest of the checkpoint's manifest)",
+        ));
+    }
+    // A prepared restore is bound to the one pod the operator will create for it.
+    let restored_pod = req
+        .restored_pod
+        .as_ref()
+        .map(|p| crate::handler::RestoredPod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        })
+        .filter(|p| !p.namespace.is_empty() && !p.name.is_empty())
+        .ok_or_else(|| {
+            Status::invalid_argument("restored_pod: the namespace and name of the restored pod are required")
+        })?;
     let identities = if req.age_identities.is_empty() {
         vec![]
     } else {
@@ -117,8 +294,9 @@ pub fn restore_request(req: pb::PrepareRestoreRequest) -> Result<(RestoreRequest
         RestoreRequest {
             restore_id: req.operation_id,
             prefix: req.prefix,
-            manifest_digest: Some(req.manifest_digest).filter(|d| !d.is_empty()),
+            manifest_digest: Some(req.manifest_digest),
             identities,
+            restored_pod,
         },
         store,
     ))
@@ -567,24 +745,23 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
         let req = request.into_inner();
-        let pod = self
+        let held = self
             .held
             .lock()
             .map_err(|_| Status::internal("held table poisoned"))?
-            .remove(&req.operation_id)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "operation {} holds no pod (released before, or the agent restarted and thawed it)",
+            .remove(&req.operation_id);
+        let Some(pod) = held else {
+            // Not held now: say how its hold ended, as recorded then.
+            return match self.agent.freeze_end(&req.operation_id) {
+                Some(end) => Ok(Response::new(release_response(&end, false, 0))),
+                None => Err(Status::not_found(format!(
+                    "operation {} holds no pod, and this agent has no record of its hold ending",
                     req.operation_id
-                ))
-            })?;
-        if pod.frozen.expired() {
-            return Err(Status::failed_precondition(format!(
-                "the pod of operation {} reached its freeze deadline and was thawed",
-                req.operation_id
-            )));
-        }
+                ))),
+            };
+        };
         let stop = req.stop;
+        let journal = pod.frozen.journal().clone();
         let report = tokio::task::spawn_blocking(move || {
             if stop {
                 pod.frozen.stop(&pod.containers)
@@ -595,10 +772,18 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         .await
         .map_err(|_| Status::internal("the release task died"))?
         .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(operation_id = %req.operation_id, stop, window_ms = report.window.as_millis() as u64, "held pod released");
-        Ok(Response::new(pb::ReleaseResponse {
-            freeze_window_millis: report.window.as_millis() as u64,
-        }))
+        // The end recorded first is the truth: the watchdog may have thawed it before.
+        let end = journal
+            .end_of(&req.operation_id)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| crate::journal::FreezeEnd::released(stop));
+        tracing::info!(operation_id = %req.operation_id, stop, ?end, window_ms = report.window.as_millis() as u64, "held pod released");
+        Ok(Response::new(release_response(
+            &end,
+            true,
+            report.window.as_millis() as u64,
+        )))
     }
 
     async fn delete_checkpoint(

@@ -398,11 +398,25 @@ async fn restores_are_prepared_as_operations_and_bad_requests_name_the_field() {
         operation_id: id.into(),
         storage: request("x").storage,
         prefix: prefix.into(),
+        restored_pod: Some(pb::PodRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: String::new(),
+        }),
+        manifest_digest: "sha256:abc".into(),
         ..Default::default()
     };
     let status = agent.prepare_restore(request("r-1", "no-slash")).await.err().unwrap();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(status.message(), "prefix: must be a key prefix ending in /");
+    // Nothing unpacks as root without the digest that anchors it.
+    let mut undigested = request("r-1", "ns/p/");
+    undigested.manifest_digest.clear();
+    let status = agent.prepare_restore(undigested).await.err().unwrap();
+    assert_eq!(
+        status.message(),
+        "manifest_digest: required (the digest of the checkpoint's manifest)"
+    );
     let mut bad = request("r-1", "ns/p/");
     bad.age_identities = vec!["AGE-SECRET-KEY-NOPE".into()];
     let status = agent.prepare_restore(bad).await.err().unwrap();

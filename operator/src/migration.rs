@@ -416,9 +416,17 @@ async fn ensure_restore(
         .map_err(kube_err("create the migration's PodRestore"))
 }
 
+/// Where retiring a StatefulSet's source stands.
+enum Retired {
+    Gone,
+    Going,
+    /// Its hold had ended without a release: it ran on and must stay.
+    RanOn(String),
+}
+
 /// Stops a StatefulSet's source pod and deletes it, so that its name is free for
-/// the restore; `true` once it is gone.
-async fn retire_statefulset_source(migration: &PodMigration, ctx: &Context) -> Result<bool, Error> {
+/// the restore.
+async fn retire_statefulset_source(migration: &PodMigration, ctx: &Context) -> Result<Retired, Error> {
     let ns = migration.namespace().unwrap_or_default();
     let uid = migration
         .status
@@ -431,10 +439,12 @@ async fn retire_statefulset_source(migration: &PodMigration, ctx: &Context) -> R
         .await
         .map_err(kube_err("read the source pod"))?
         .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
-    let Some(source) = source else { return Ok(true) };
+    let Some(source) = source else { return Ok(Retired::Gone) };
     if source.metadata.deletion_timestamp.is_none() {
-        if let Err(note) = release(migration, ctx, true).await? {
-            tracing::info!(%note, "the source was released before");
+        match release(migration, ctx, true).await? {
+            Released::Stopped => {}
+            Released::Thawed => return Ok(Retired::RanOn("an earlier release thawed it".to_owned())),
+            Released::RanOn(why) => return Ok(Retired::RanOn(why)),
         }
         // Killed already: a short grace ends whatever the kubelet restarted since.
         let delete = DeleteParams {
@@ -447,7 +457,7 @@ async fn retire_statefulset_source(migration: &PodMigration, ctx: &Context) -> R
         };
         let _ = pods.delete(&migration.spec.source_pod_name, &delete).await;
     }
-    Ok(false)
+    Ok(Retired::Going)
 }
 
 async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
@@ -473,10 +483,12 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
         }
         _ => return Ok(Action::requeue(Duration::from_secs(1))),
     }
-    if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref())
-        && !retire_statefulset_source(migration, ctx).await?
-    {
-        return Ok(Action::requeue(Duration::from_secs(1)));
+    if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
+        match retire_statefulset_source(migration, ctx).await? {
+            Retired::Gone => {}
+            Retired::Going => return Ok(Action::requeue(Duration::from_secs(1))),
+            Retired::RanOn(why) => return source_resumed(migration, ctx, None, &why).await,
+        }
     }
     let restore_name = format!("{}-restore", migration.name_any());
     status.phase = Some(MigrationPhase::Restoring);
@@ -488,8 +500,44 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-/// Ends the hold of the source on its agent: stop it for good, or thaw it.
-async fn release(migration: &PodMigration, ctx: &Context, stop: bool) -> Result<Result<(), String>, Error> {
+/// How the hold of the source ended, as its agent recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Its containers were killed by a release (this one or an earlier one).
+    Stopped,
+    /// It was thawed by a release (a rollback).
+    Thawed,
+    /// It was thawed without a release, or its agent has no record of the hold: it
+    /// ran on past its checkpoint. The text says why.
+    RanOn(String),
+}
+
+/// Reads the agent's answer to a release that asked to `stop` (or to thaw).
+pub fn released_as(answer: Result<&pb::ReleaseResponse, &tonic::Status>, stop: bool) -> Released {
+    let response = match answer {
+        Ok(response) => response,
+        Err(status) => return Released::RanOn(format!("its agent does not know the hold: {}", status.message())),
+    };
+    match pb::ReleaseOutcome::try_from(response.outcome) {
+        Ok(pb::ReleaseOutcome::ThawedWithoutRelease) => Released::RanOn(format!(
+            "it was thawed without a release: {}",
+            if response.why.is_empty() {
+                "no reason given"
+            } else {
+                &response.why
+            }
+        )),
+        Ok(pb::ReleaseOutcome::Released | pb::ReleaseOutcome::AlreadyReleased) if response.stopped => Released::Stopped,
+        Ok(pb::ReleaseOutcome::Released | pb::ReleaseOutcome::AlreadyReleased) => Released::Thawed,
+        // An agent older than the outcome released it as asked, or it would have failed.
+        _ if stop => Released::Stopped,
+        _ => Released::Thawed,
+    }
+}
+
+/// Ends the hold of the source on its agent: stop it for good, or thaw it, and says
+/// how the hold really ended.
+async fn release(migration: &PodMigration, ctx: &Context, stop: bool) -> Result<Released, Error> {
     let status = migration.status.clone().unwrap_or_default();
     let node = status.source_node_name.unwrap_or_default();
     let ns = migration.namespace().unwrap_or_default();
@@ -506,16 +554,51 @@ async fn release(migration: &PodMigration, ctx: &Context, stop: bool) -> Result<
         .await
         .map_err(|source| Error::Agent { source })?;
     match client.release(pb::ReleaseRequest { operation_id, stop }).await {
-        Ok(_) => Ok(Ok(())),
-        // Released before (an operator restarted after it), or thawed by the agent.
-        Err(s) if s.code() == tonic::Code::NotFound || s.code() == tonic::Code::FailedPrecondition => {
-            Ok(Err(s.message().to_owned()))
-        }
+        Ok(response) => Ok(released_as(Ok(response.get_ref()), stop)),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(released_as(Err(&s), stop)),
         Err(source) => Err(Error::Grpc {
             action: "release the source pod",
             source,
         }),
     }
+}
+
+/// Ends a migration whose source ran on past its checkpoint: the source has the
+/// newer state and stays; the restored pod, if any, is deleted so the pod never runs
+/// twice.
+async fn source_resumed(
+    migration: &PodMigration,
+    ctx: &Context,
+    restored_pod: Option<&str>,
+    why: &str,
+) -> Result<Action, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    let deleted = match restored_pod {
+        Some(name) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            match pods.delete(name, &DeleteParams::default()).await {
+                Ok(_) => format!("; the restored pod {name} was deleted"),
+                Err(kube::Error::Api(e)) if e.code == 404 => String::new(),
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: "delete the restored pod of a source that ran on",
+                        source,
+                    });
+                }
+            }
+        }
+        None => String::new(),
+    };
+    fail(
+        migration,
+        ctx,
+        reasons::SOURCE_RESUMED,
+        format!(
+            "the source pod {} ran on past its checkpoint ({why}), so it stays where it is with its newer state{deleted}",
+            migration.spec.source_pod_name
+        ),
+    )
+    .await
 }
 
 /// Hands a ReplicaSet's place over to the restored pod: the source is marked
@@ -618,8 +701,21 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
         Some(RestorePhase::Ready) => {
             // The target runs: the source stops for good and goes.
             if status.phase != Some(MigrationPhase::Finalizing) {
-                if let Err(note) = release(migration, ctx, true).await? {
-                    tracing::info!(%note, "the source was released before");
+                // A StatefulSet's source was stopped before its restore.
+                if !matches!(workload, Workload::StatefulSet(_)) {
+                    match release(migration, ctx, true).await? {
+                        Released::Stopped => {}
+                        // Both ran: the source, newer, stays; the target goes.
+                        Released::Thawed => {
+                            let why = "an earlier release thawed it";
+                            return source_resumed(migration, ctx, restore_status.restored_pod_name.as_deref(), why)
+                                .await;
+                        }
+                        Released::RanOn(why) => {
+                            return source_resumed(migration, ctx, restore_status.restored_pod_name.as_deref(), &why)
+                                .await;
+                        }
+                    }
                 }
                 status.phase = Some(MigrationPhase::Finalizing);
                 status.target_pod_name = restore_status.restored_pod_name.clone();
@@ -709,13 +805,14 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                     .await;
                 }
                 // Roll back: the source thaws and carries on where it was frozen.
-                _ => {
-                    let note = release(migration, ctx, false).await?.err();
-                    format!(
-                        "the restore failed ({cause}); the source pod was thawed and runs on{}",
-                        note.map(|n| format!(" ({n})")).unwrap_or_default()
-                    )
-                }
+                _ => match release(migration, ctx, false).await? {
+                    Released::Thawed => format!("the restore failed ({cause}); the source pod was thawed and runs on"),
+                    Released::RanOn(why) => format!("the restore failed ({cause}); the source pod runs on ({why})"),
+                    Released::Stopped => format!(
+                        "the restore failed ({cause}); the source pod had been stopped by an earlier release and \
+                         does not run"
+                    ),
+                },
             };
             lift_fence(migration, ctx).await?;
             status.phase = Some(MigrationPhase::RolledBack);
@@ -742,6 +839,47 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_release_tells_a_stopped_source_from_one_that_ran_on() {
+        let answer = |outcome: pb::ReleaseOutcome, stopped: bool, why: &str| pb::ReleaseResponse {
+            outcome: outcome as i32,
+            stopped,
+            why: why.into(),
+            ..Default::default()
+        };
+        let deadline = "its freeze deadline (30 s) passed";
+        let table = [
+            (answer(pb::ReleaseOutcome::Released, true, ""), true, Released::Stopped),
+            // An operator restarted after its release asks again.
+            (
+                answer(pb::ReleaseOutcome::AlreadyReleased, true, ""),
+                true,
+                Released::Stopped,
+            ),
+            (answer(pb::ReleaseOutcome::Released, false, ""), false, Released::Thawed),
+            (
+                answer(pb::ReleaseOutcome::AlreadyReleased, false, ""),
+                true,
+                Released::Thawed,
+            ),
+            (
+                answer(pb::ReleaseOutcome::ThawedWithoutRelease, false, deadline),
+                true,
+                Released::RanOn(format!("it was thawed without a release: {deadline}")),
+            ),
+            (
+                answer(pb::ReleaseOutcome::Unspecified, false, ""),
+                true,
+                Released::Stopped,
+            ),
+        ];
+        for (response, stop, expected) in table {
+            assert_eq!(released_as(Ok(&response), stop), expected, "{response:?}");
+        }
+        let unknown = tonic::Status::not_found("operation x holds no pod");
+        assert!(matches!(released_as(Err(&unknown), true), Released::RanOn(why) if why.contains("holds no pod")));
+    }
 
     #[test]
     fn the_target_is_another_ready_node() {

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, reserved_key, set_condition};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus,
     RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
@@ -200,6 +200,9 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     if let Some(message) = refused_grant(restore, &checkpoint) {
         return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
     }
+    if let Some(message) = reserved_keys(&restore.spec) {
+        return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
+    }
     match checkpoint.status.as_ref().and_then(|s| s.phase) {
         Some(CheckpointPhase::Ready) => {}
         Some(CheckpointPhase::Failed) => {
@@ -252,6 +255,32 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let mut restore = restore.clone();
     restore.status = Some(status);
     fetch(&restore, ctx).await
+}
+
+/// Why a restore's labels or annotations are refused: keys under `cryopod.io/` are
+/// the operator's (the schema refuses them too, where the CRD is current).
+pub fn reserved_keys(spec: &cryopod_crds::v1alpha1::PodRestoreSpec) -> Option<String> {
+    let found: Vec<String> = [("labels", &spec.labels), ("annotations", &spec.annotations)]
+        .iter()
+        .flat_map(|(field, map)| {
+            map.keys()
+                .filter(|k| reserved_key(k))
+                .map(move |k| format!("spec.{field}[{k}]"))
+        })
+        .collect();
+    (!found.is_empty()).then(|| {
+        format!(
+            "{}: keys under cryopod.io/ are reserved for the operator",
+            found.join(", ")
+        )
+    })
+}
+
+/// A tenant's labels or annotations without the operator's own keys.
+fn tenant_entries(map: &std::collections::BTreeMap<String, String>) -> impl Iterator<Item = (String, String)> + '_ {
+    map.iter()
+        .filter(|(k, _)| !reserved_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
 }
 
 /// The reason a failed PrepareRestore ends the PodRestore with.
@@ -307,6 +336,40 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             }
         }
     };
+    // The pod: its name is chosen before the restore is prepared, which is bound to
+    // it (the runtime handler restores into no other pod), and recorded before the
+    // pod is created, so it is created once.
+    // By default the checkpointed pod's name when it is free.
+    let pod_name = match restore
+        .spec
+        .pod_name
+        .clone()
+        .or_else(|| status.restored_pod_name.clone())
+    {
+        Some(name) => name,
+        None => {
+            let original = checkpoint
+                .status
+                .as_ref()
+                .and_then(|s| s.checkpointed_pod_template.as_ref())
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.name.clone())
+                .unwrap_or_else(|| checkpoint.spec.source_pod_name.clone());
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            if pods.get_opt(&original).await.map_err(kube_err("read a pod"))?.is_none() {
+                original
+            } else {
+                let uid = restore.uid().unwrap_or_default();
+                format!("{original}-restored-{}", &uid[..uid.len().min(5)])
+            }
+        }
+    };
+    let mut status = status;
+    if status.restored_pod_name.is_none() {
+        // Recorded first: a restarted operator binds the restore to the same name.
+        status.restored_pod_name = Some(pod_name.clone());
+        write_status(restore, ctx, &status).await?;
+    }
     let request = pb::PrepareRestoreRequest {
         operation_id: restore.uid().unwrap_or_default(),
         storage: Some(storage),
@@ -317,6 +380,11 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             .and_then(|s| s.manifest_digest.clone())
             .unwrap_or_default(),
         age_identities: identities,
+        restored_pod: Some(pb::PodRef {
+            namespace: ns.clone(),
+            name: pod_name.clone(),
+            uid: String::new(),
+        }),
     };
     let mut client = ctx
         .agents
@@ -365,27 +433,6 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     }
     let fetch_millis = op.restore.as_ref().map(|r| (r.fetch_millis + r.unpack_millis) as i64);
 
-    // The pod: its name is recorded before it is created, so it is created once.
-    // By default the checkpointed pod's name when it is free.
-    let pod_name = match restore.spec.pod_name.clone() {
-        Some(name) => name,
-        None => {
-            let original = checkpoint
-                .status
-                .as_ref()
-                .and_then(|s| s.checkpointed_pod_template.as_ref())
-                .and_then(|t| t.metadata.as_ref())
-                .and_then(|m| m.name.clone())
-                .unwrap_or_else(|| checkpoint.spec.source_pod_name.clone());
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            if pods.get_opt(&original).await.map_err(kube_err("read a pod"))?.is_none() {
-                original
-            } else {
-                let uid = restore.uid().unwrap_or_default();
-                format!("{original}-restored-{}", &uid[..uid.len().min(5)])
-            }
-        }
-    };
     let mut next = status.clone();
     next.phase = Some(RestorePhase::Restoring);
     next.restored_pod_name = Some(pod_name.clone());
@@ -432,7 +479,7 @@ async fn create_pod(
     let mut pod = restore_pod(&template, pod_name, node, &restore.uid().unwrap_or_default(), &images);
     pod.metadata.namespace = Some(ns);
     let labels = pod.metadata.labels.get_or_insert_with(Default::default);
-    labels.extend(restore.spec.labels.clone());
+    labels.extend(tenant_entries(&restore.spec.labels));
     labels.insert(RESTORED_LABEL.to_owned(), "true".to_owned());
     // A migration keeps the pod out of its ReplicaSet until it is Ready.
     for key in parse_withheld(
@@ -444,7 +491,9 @@ async fn create_pod(
         labels.remove(&key);
     }
     let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
-    annotations.extend(restore.spec.annotations.clone());
+    // The operator's own keys stay as `restore_pod` set them (refused at start, and
+    // left out here too).
+    annotations.extend(tenant_entries(&restore.spec.annotations));
     annotations.insert(PODRESTORE_ANNOTATION.to_owned(), restore.name_any());
     pods.create(&PostParams::default(), &pod)
         .await
@@ -579,6 +628,32 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn the_operators_keys_are_refused_naming_the_field() {
+        let spec = |labels: serde_json::Value, annotations: serde_json::Value| {
+            serde_json::from_value::<cryopod_crds::v1alpha1::PodRestoreSpec>(serde_json::json!({
+                "checkpointName": "cp", "labels": labels, "annotations": annotations
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            reserved_keys(&spec(
+                serde_json::json!({"app": "db"}),
+                serde_json::json!({"note": "x"})
+            )),
+            None
+        );
+        assert_eq!(
+            reserved_keys(&spec(
+                serde_json::json!({"cryopod.io/restored": "true"}),
+                serde_json::json!({"cryopod.io/restore": "someone-elses", "team.cryopod.io/x": "y"})
+            ))
+            .unwrap(),
+            "spec.labels[cryopod.io/restored], spec.annotations[cryopod.io/restore], \
+             spec.annotations[team.cryopod.io/x]: keys under cryopod.io/ are reserved for the operator"
+        );
+    }
 
     fn restore(target: serde_json::Value) -> PodRestore {
         serde_json::from_value(serde_json::json!({

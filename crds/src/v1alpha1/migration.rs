@@ -30,6 +30,10 @@ pub mod migration_reasons {
     pub const NO_COMPATIBLE_NODE: &str = "NoCompatibleNode";
     /// `timeoutSeconds` elapsed.
     pub const TIMED_OUT: &str = "TimedOut";
+    /// The source was thawed before the target took over (its freeze deadline passed,
+    /// or its agent restarted): it ran on past the checkpoint, so it stays and the
+    /// restored pod is deleted. The message says why.
+    pub const SOURCE_RESUMED: &str = "SourceResumed";
 }
 
 /// Move a running pod to another node without losing its in-memory state:

@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{DNS_LABEL, DNS_SUBDOMAIN, NodeTarget, bounded_string_map, conditions_schema};
+use crate::common::{DNS_LABEL, DNS_SUBDOMAIN, NodeTarget, conditions_schema, tenant_string_map};
 
 /// Condition reasons of a PodRestore's `Ready` condition.
 pub mod restore_reasons {
@@ -84,14 +84,17 @@ pub struct PodRestoreSpec {
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub pod_name: Option<String>,
 
-    /// Labels set on the new pod, over the checkpointed ones.
+    /// Labels set on the new pod, over the checkpointed ones. Keys under
+    /// `cryopod.io/` are refused: they are the operator's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "bounded_string_map")]
+    #[schemars(schema_with = "tenant_string_map")]
     pub labels: BTreeMap<String, String>,
 
-    /// Annotations set on the new pod, over the checkpointed ones.
+    /// Annotations set on the new pod, over the checkpointed ones. Keys under
+    /// `cryopod.io/` are refused: they are the operator's (the restore's binding
+    /// among them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "bounded_string_map")]
+    #[schemars(schema_with = "tenant_string_map")]
     pub annotations: BTreeMap<String, String>,
 
     /// Deadline for fetch, verification, restore and readiness.

@@ -371,14 +371,30 @@ pub async fn start_agent_with(
     AgentProcess,
     cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
 ) {
-    use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-    let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    start_agent_at(tb, node, tls, state, env, port).await
+}
+
+/// [`start_agent_with`] on this gRPC port: an agent started again where the
+/// operator knows it.
+pub async fn start_agent_at(
+    tb: &Testbed,
+    node: &str,
+    tls: &AgentTls,
+    state: &std::path::Path,
+    env: &[(&str, &str)],
+    port: u16,
+) -> (
+    AgentProcess,
+    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+) {
+    use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
