@@ -123,16 +123,25 @@ fn append_tree<W: std::io::Write>(
 ) -> Result<Vec<String>, (PathBuf, std::io::Error)> {
     let mut deleted = Vec::new();
     let mut pending = vec![PathBuf::new()];
+    let volume = mount_id(root, OsStr::new("")).map_err(|e| (PathBuf::new(), e))?;
     while let Some(rel) = pending.pop() {
         let dir = safe_fs::open_dir_beneath(root, &rel).map_err(|e| (rel.clone(), e))?;
         let names = safe_fs::list_dir(dir.as_fd()).map_err(|e| (rel.clone(), e))?;
         for name in names {
             let path = rel.join(&name);
             let at = |e: std::io::Error| (path.clone(), e);
+            // Another mount inside the volume (a Secret, a ConfigMap file, a PVC) is
+            // not the volume's: it is not captured.
+            if mount_id(dir.as_fd(), &name).map_err(at)? != volume {
+                continue;
+            }
             let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| at(e.into()))?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::CharacterDevice if whiteouts && st.st_rdev == 0 => {
-                    let marker = rel.join(format!(".wh.{}", name.to_string_lossy()));
+                    // From the name's bytes: a lossy name would delete another file.
+                    let mut wh = std::ffi::OsString::from(".wh.");
+                    wh.push(&name);
+                    let marker = rel.join(wh);
                     deleted.push(format!("/{}", path.display()));
                     let mut header = tar::Header::new_gnu();
                     header.set_entry_type(tar::EntryType::Regular);
@@ -141,14 +150,16 @@ fn append_tree<W: std::io::Write>(
                     builder.append_data(&mut header, marker, std::io::empty()).map_err(at)?;
                 }
                 FileType::Socket | FileType::Unknown => {}
-                kind @ (FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice) => {
-                    let entry_type = match kind {
-                        FileType::Fifo => tar::EntryType::Fifo,
-                        FileType::CharacterDevice => tar::EntryType::Char,
-                        _ => tar::EntryType::Block,
-                    };
+                // A restore refuses device nodes: refused here, before anything is
+                // stopped for a checkpoint that could never come back.
+                FileType::CharacterDevice | FileType::BlockDevice => {
+                    return Err(at(std::io::Error::other(
+                        "a device node cannot be checkpointed (a restore would refuse it)",
+                    )));
+                }
+                FileType::Fifo => {
                     builder
-                        .append_data(&mut header_for(&st, entry_type), &path, std::io::empty())
+                        .append_data(&mut header_for(&st, tar::EntryType::Fifo), &path, std::io::empty())
                         .map_err(at)?;
                 }
                 FileType::Symlink => {
@@ -175,9 +186,11 @@ fn append_tree<W: std::io::Write>(
                     let mut header = header_for(&st, tar::EntryType::Regular);
                     let size = header.size().unwrap_or(0);
                     let file = File::from(fd);
-                    builder
-                        .append_data(&mut header, &path, (&file).take(size))
-                        .map_err(at)?;
+                    let exact = Exact {
+                        inner: (&file).take(size),
+                        left: size,
+                    };
+                    builder.append_data(&mut header, &path, exact).map_err(at)?;
                 }
                 FileType::Directory => {
                     let fd = safe_fs::open_dir_beneath(dir.as_fd(), Path::new(&name)).map_err(at)?;
@@ -203,6 +216,78 @@ fn append_tree<W: std::io::Write>(
         }
     }
     Ok(deleted)
+}
+
+/// The mount an entry of `dir` is on (`""`: `dir` itself). Kernel 5.8 or later.
+fn mount_id(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<u64> {
+    let flags = if name.is_empty() {
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW
+    } else {
+        AtFlags::SYMLINK_NOFOLLOW
+    };
+    let stx = rustix::fs::statx(dir, name, flags, rustix::fs::StatxFlags::MNT_ID)?;
+    if stx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() == 0 {
+        return Err(std::io::Error::other(
+            "the kernel does not report mount ids (Linux 5.8 or later is needed)",
+        ));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+/// A file's bytes, exactly as many as its header says: a file that shrank since its
+/// stat fails instead of padding the archive with what follows.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file shrank while it was read ({} bytes missing)", self.left),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The id of the mount whose mount point is `destination` in a process's mountinfo
+/// (the last one, which is on top), mount points unescaped.
+pub fn mount_id_at(mountinfo: &str, destination: &str) -> Option<u64> {
+    let unescape = |field: &str| {
+        let mut out = Vec::with_capacity(field.len());
+        let bytes = field.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let octal = bytes
+                .get(i + 1..i + 4)
+                .and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok());
+            match (bytes[i], octal) {
+                (b'\\', Some(byte)) => {
+                    out.push(byte);
+                    i += 4;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        out
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let id = fields.next()?.parse().ok()?;
+            let point = fields.nth(3)?;
+            (unescape(point) == destination.as_bytes()).then_some(id)
+        })
+        .next_back()
 }
 
 /// The OCI layer entry marking a directory opaque.
@@ -245,9 +330,31 @@ fn tar_tree(
     Ok(deleted)
 }
 
-/// Tars the directory at `destination` as seen inside the container root `root` (its
-/// `/proc/<pid>/root`) into `out`.
-fn tar_mount(container: &str, what: &str, root: &Path, destination: &str, out: &Path) -> Result<(), CaptureError> {
+/// Tars the directory at `destination` as seen inside the container of process
+/// `pid` into `out`.
+fn tar_mount(container: &str, what: &str, pid: u32, destination: &str, out: &Path) -> Result<(), CaptureError> {
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|source| CaptureError::Resolve {
+            container: container.to_owned(),
+            mount: destination.to_owned(),
+            source,
+        })?;
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    tar_mount_in(container, what, &root, &mountinfo, destination, out)
+}
+
+/// [`tar_mount`] inside the root `root` whose mounts `mountinfo` lists. What is found
+/// at `destination` must be the mount the runtime made there: a tenant who moved a
+/// directory above it and put a symlink in its place (runc resolved the path long
+/// ago) would point the agent at a file system that is not the pod's.
+fn tar_mount_in(
+    container: &str,
+    what: &str,
+    root: &Path,
+    mountinfo: &str,
+    destination: &str,
+    out: &Path,
+) -> Result<(), CaptureError> {
     let refused = |source| CaptureError::Resolve {
         container: container.to_owned(),
         mount: destination.to_owned(),
@@ -256,6 +363,12 @@ fn tar_mount(container: &str, what: &str, root: &Path, destination: &str, out: &
     let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| refused(e.into()))?;
     let dir = safe_fs::open_dir_in_root(root_fd.as_fd(), Path::new(destination)).map_err(refused)?;
+    let found = mount_id(dir.as_fd(), OsStr::new("")).map_err(refused)?;
+    if mount_id_at(mountinfo, destination) != Some(found) {
+        return Err(refused(std::io::Error::other(
+            "what is there now is not the volume the runtime mounted (a directory above it was moved)",
+        )));
+    }
     let shown = root.join(destination.trim_start_matches('/'));
     tar_tree(what, dir.as_fd(), &shown, out, false)?;
     Ok(())
@@ -266,7 +379,6 @@ pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Resu
     let mut seen = BTreeSet::new();
     let mut captured = Vec::new();
     for container in containers {
-        let root = PathBuf::from(format!("/proc/{}/root", container.pid));
         for mount in &container.mounts {
             let name = if mount.destination == "/dev/shm" {
                 "shm".to_owned()
@@ -280,7 +392,7 @@ pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Resu
                 continue;
             }
             let tar = out.join("pod").join(format!("{name}.tar"));
-            tar_mount(&container.name, &name, &root, &mount.destination, &tar)?;
+            tar_mount(&container.name, &name, container.pid, &mount.destination, &tar)?;
             captured.push(SharedState { name, tar });
         }
     }
@@ -343,7 +455,7 @@ pub fn rootfs_diff(container: &RunningContainer, node_root: &Path, out: &Path) -
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
@@ -379,19 +491,81 @@ mod tests {
         std::fs::write(pod_side.join("marker"), b"pod data").unwrap();
         std::os::unix::fs::symlink("/", root.join("x")).unwrap();
         let destination = format!("/x{}", host_secret.display());
+        let climbing = format!("/../../..{}", host_secret.display());
+        // The runtime's mount there, as the kernel lists it.
+        let id = mount_id(safe_fs::open_root(&pod_side).unwrap().as_fd(), OsStr::new("")).unwrap();
+        let mountinfo =
+            format!("{id} 1 0:1 / {destination} rw - tmpfs tmpfs rw\n{id} 1 0:1 / {climbing} rw - tmpfs tmpfs rw\n");
         let out = dir.path().join("volume.tar");
-        tar_mount("app", "volume/tls", &root, &destination, &out).unwrap();
+        tar_mount_in("app", "volume/tls", &root, &mountinfo, &destination, &out).unwrap();
         assert_eq!(names(&out), ["marker"]);
         // `..` stays inside the root too.
-        let climbing = format!("/../../..{}", host_secret.display());
-        tar_mount("app", "volume/tls", &root, &climbing, &out).unwrap();
+        tar_mount_in("app", "volume/tls", &root, &mountinfo, &climbing, &out).unwrap();
         assert_eq!(names(&out), ["marker"]);
         // What does not resolve inside is refused, naming the mount and the container.
-        let err = tar_mount("app", "volume/tls", &root, "/x/missing", &out).unwrap_err();
+        let err = tar_mount_in("app", "volume/tls", &root, &mountinfo, "/x/missing", &out).unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot resolve mount /x/missing inside the root of container app: refused"
         );
+    }
+
+    #[test]
+    fn a_volume_whose_path_was_moved_and_replaced_by_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("tmp/moved/kernel")).unwrap();
+        // The emptyDir was mounted at /tmp/x/kernel; the tenant moved /tmp/x away and
+        // made it a link to a file system of the node's (here /proc, another mount).
+        let id = mount_id(
+            safe_fs::open_root(&root.join("tmp/moved/kernel")).unwrap().as_fd(),
+            OsStr::new(""),
+        )
+        .unwrap();
+        let mountinfo = format!("{id} 1 0:1 / /tmp/moved/kernel rw - tmpfs tmpfs rw\n");
+        std::os::unix::fs::symlink("/proc/..", root.join("tmp/x")).unwrap();
+        std::fs::create_dir_all(root.join("proc/self")).unwrap();
+        let out = dir.path().join("volume.tar");
+        let err = tar_mount_in("app", "volume/data", &root, &mountinfo, "/tmp/x/proc", &out).unwrap_err();
+        assert!(matches!(err, CaptureError::Resolve { .. }), "{err}");
+        assert!(!out.exists(), "nothing was read");
+        // Mount points are unescaped as the kernel escapes them.
+        assert_eq!(mount_id_at("7 1 0:1 / /a\\040b rw - x x rw", "/a b"), Some(7));
+    }
+
+    #[test]
+    fn device_nodes_are_refused_at_capture_not_at_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.join("null").as_path(),
+            FileType::CharacterDevice,
+            Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        let err = tar_dir(&src, &dir.path().join("out.tar"), false).unwrap_err();
+        let CaptureError::Archive { source, path, .. } = err else {
+            panic!("{err}")
+        };
+        assert!(path.ends_with("null"), "{}", path.display());
+        assert_eq!(
+            source.to_string(),
+            "a device node cannot be checkpointed (a restore would refuse it)"
+        );
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_read_fails_the_capture() {
+        let mut exact = Exact {
+            inner: &b"abc"[..],
+            left: 5,
+        };
+        let mut sink = Vec::new();
+        let err = std::io::copy(&mut exact, &mut sink).unwrap_err();
+        assert_eq!(err.to_string(), "the file shrank while it was read (2 bytes missing)");
     }
 
     #[test]

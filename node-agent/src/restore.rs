@@ -443,22 +443,18 @@ fn unpack_object(
         Box::new(std::io::BufReader::new(file))
     };
     let decoder = zstd::Decoder::new(plain).map_err(local(path))?;
-    let stem = key.strip_suffix(".tar.zst").unwrap_or(key);
-    if crate::safe_fs::plain_relative(Path::new(stem)).is_err() {
+    let Some(dest) = object_destination(key) else {
         return Err(RestoreError::Local {
-            path: target.join(stem),
+            path: target.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("object key {key} leaves the restore directory"),
+                format!(
+                    "object key {key} is not one of a checkpoint's (containers/<name>, pod/shm, pod/volume/<name>)"
+                ),
             ),
         });
-    }
-    // `pod/volume/data` holds `data.tar`, `pod/shm` holds `shm.tar`: they unpack beside
-    // their siblings; a container archive unpacks into its own directory.
-    let dest = match stem.strip_prefix("pod/") {
-        Some(_) => target.join(Path::new(stem).parent().unwrap_or(Path::new("pod"))),
-        None => target.join(stem),
     };
+    let dest = target.join(dest);
     std::fs::create_dir_all(&dest).map_err(local(&dest))?;
     // Bucket objects are hostile: plain files and directories only, all inside `dest`,
     // so no prepared path the handler later opens can be a link elsewhere.
@@ -466,6 +462,25 @@ fn unpack_object(
         path: dest,
         source: std::io::Error::other(e),
     })
+}
+
+/// Where an object of the checkpoint layout unpacks, relative to the restore
+/// directory, or `None` for any other key. `pod/volume/data` holds `data.tar` and
+/// `pod/shm` holds `shm.tar`: they unpack beside their siblings; a container archive
+/// unpacks into its own directory.
+pub fn object_destination(key: &str) -> Option<PathBuf> {
+    let stem = key.strip_suffix(".tar.zst")?;
+    let one =
+        |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.starts_with('.');
+    match stem.split_once('/')? {
+        ("containers", name) if one(name) => Some(PathBuf::from(stem)),
+        ("pod", "shm") => Some(PathBuf::from("pod")),
+        ("pod", rest) => match rest.split_once('/')? {
+            ("volume", name) if one(name) => Some(PathBuf::from("pod/volume")),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +501,26 @@ mod tests {
             criu_version: criu.into(),
             cgroup_version: "V1".into(),
             cpu_flags: flags.iter().map(|f| (*f).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_checkpoint_layouts_keys_unpack_and_where_they_belong() {
+        let table = [
+            ("containers/app.tar.zst", Some("containers/app")),
+            ("pod/shm.tar.zst", Some("pod")),
+            ("pod/volume/data.tar.zst", Some("pod/volume")),
+            ("containers/.tar.zst", None),
+            ("containers/..tar.zst", None),
+            ("containers/a/b.tar.zst", None),
+            ("pod/volume/../x.tar.zst", None),
+            (".tar.zst", None),
+            ("manifest.json", None),
+            ("pod/other.tar.zst", None),
+            ("/etc/x.tar.zst", None),
+        ];
+        for (key, expected) in table {
+            assert_eq!(object_destination(key), expected.map(PathBuf::from), "{key}");
         }
     }
 

@@ -340,11 +340,11 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     // it (the runtime handler restores into no other pod), and recorded before the
     // pod is created, so it is created once.
     // By default the checkpointed pod's name when it is free.
-    let pod_name = match restore
-        .spec
-        .pod_name
+    // The recorded name first: the restore may already be bound to it.
+    let pod_name = match status
+        .restored_pod_name
         .clone()
-        .or_else(|| status.restored_pod_name.clone())
+        .or_else(|| restore.spec.pod_name.clone())
     {
         Some(name) => name,
         None => {
@@ -568,6 +568,16 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         create_pod(restore, ctx, &checkpoint, &node, &pod_name).await?;
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
+    // A pod of that name that this restore did not create is not its outcome.
+    if pod.annotations().get(PODRESTORE_ANNOTATION) != Some(&restore.name_any()) {
+        return fail(
+            restore,
+            ctx,
+            reasons::RESTORE_FAILED,
+            format!("pod {pod_name} exists and was not created by this PodRestore; choose another spec.podName"),
+        )
+        .await;
+    }
     match pod_progress(&pod) {
         PodProgress::Failed(message) => fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
         PodProgress::Waiting if remaining(restore).is_zero() => {
