@@ -60,6 +60,69 @@ fn kubectl(tb: &Testbed, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `kubectl create --dry-run=server` of `pod` in `ns` as `user`: what the API server said.
+fn create_as(tb: &Testbed, ns: &str, user: &str, pod: &serde_json::Value) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = tb
+        .kubectl()
+        .args(["create", "--dry-run=server", "-n", ns, "--as", user, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pod.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The attack of a tenant who may create pods in its namespace: a pod run by
+/// cryopod's runtime handler, or naming another pod's prepared restore, so the handler
+/// restores someone else's memory into it. The chart's admission policy refuses both
+/// to anyone but the operator; an ordinary pod still goes through.
+fn security_only_the_operator_creates_pods_that_restore(tb: &Testbed, ns: &str) {
+    let tenant = format!("system:serviceaccount:{ns}:default");
+    kubectl(
+        tb,
+        &[
+            "create",
+            "rolebinding",
+            "tenant-edit",
+            "-n",
+            ns,
+            "--clusterrole=edit",
+            &format!("--serviceaccount={ns}:default"),
+        ],
+    );
+    let pod = |annotations: serde_json::Value, runtime_class: Option<&str>| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "thief", "annotations": annotations},
+               "spec": {"runtimeClassName": runtime_class, "containers": [{"name": "app", "image": "busybox"}]}})
+    };
+    // RBAC lets the tenant create pods: an ordinary one passes.
+    create_as(tb, ns, &tenant, &pod(json!({}), None)).unwrap();
+    let attacks = [
+        pod(json!({}), Some("cryopod")),
+        pod(json!({"cryopod.io/restore": "someone-elses-restore"}), None),
+    ];
+    for attack in attacks {
+        let refused = create_as(tb, ns, &tenant, &attack).unwrap_err();
+        assert!(
+            refused.contains("only the cryopod operator creates pods with runtimeClassName cryopod"),
+            "{attack}: {refused}"
+        );
+        println!("refused: {}", refused.trim());
+    }
+}
+
 /// `helm uninstall`, waiting until the release's resources are gone.
 fn uninstall(tb: &Testbed, extra: &[&str]) {
     let mut args = vec![
@@ -203,6 +266,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let ca_before = release_ca(&tb);
 
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
+    security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
     // The agents reach the S3 server from the nodes' network, at the hub's address.
     let storage = format!("s3-{}", ns.name);
     kubectl_apply(

@@ -40,6 +40,9 @@ pub struct AgentConfig {
     pub node_exec: Vec<String>,
     /// `CRYOPOD_CRIU_DIR`: a directory put first in PATH for runc to find `criu`.
     pub criu_dir: Option<PathBuf>,
+    /// `CRYOPOD_DRAIN_SECONDS`, default 120: after SIGTERM, how long operations may
+    /// finish and held pods wait for their release before they are thawed.
+    pub drain: std::time::Duration,
 }
 
 /// Starting or running the agent failed.
@@ -114,6 +117,13 @@ impl AgentConfig {
             variable: "CRYOPOD_METRICS_LISTEN",
             problem: format!("{metrics_listen:?}: {e}"),
         })?;
+        let drain = match get("CRYOPOD_DRAIN_SECONDS") {
+            None => 120,
+            Some(v) => v.parse::<u64>().map_err(|e| RunError::Config {
+                variable: "CRYOPOD_DRAIN_SECONDS",
+                problem: format!("{v:?}: {e}"),
+            })?,
+        };
         let cgroup = match get("CRYOPOD_CGROUP") {
             Some(spec) => match spec.split_once(':') {
                 Some(("v1", root)) => (CgroupVersion::V1, PathBuf::from(root)),
@@ -146,6 +156,7 @@ impl AgentConfig {
                 .map(|v| v.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
+            drain: std::time::Duration::from_secs(drain),
         })
     }
 }
@@ -314,11 +325,35 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         .map_err(|source| RunError::Metrics { source })?;
     let metrics_server = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
+    let service = AgentService::new(agent, metrics);
+    let drain = service.drain_handle();
+    let drain_limit = config.drain;
+    // On SIGTERM (a rollout, an uninstall, a node drain) the agent keeps serving, so
+    // the operator can still release what it holds, but starts nothing new; it stops
+    // once nothing runs or is held, or at the limit, thawing what is left.
+    let shutdown = async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch for SIGTERM; stopping only when killed");
+                std::future::pending::<()>().await;
+            }
+        }
+        tracing::info!(limit_s = drain_limit.as_secs(), "SIGTERM: draining");
+        let drained = drain.drain(drain_limit).await;
+        if drained.thawed.is_empty() && drained.running.is_empty() {
+            tracing::info!("drained: nothing runs or is held");
+        } else {
+            tracing::warn!(thawed = ?drained.thawed, running = ?drained.running, "drain limit reached: held pods thawed without their release");
+        }
+    };
     let served = Server::builder()
         .tls_config(tls)
         .map_err(|source| RunError::Serve { source })?
-        .add_service(NodeAgentServer::new(AgentService::new(agent, metrics)))
-        .serve(config.listen)
+        .add_service(NodeAgentServer::new(service))
+        .serve_with_shutdown(config.listen, shutdown)
         .await
         .map_err(|source| RunError::Serve { source });
     metrics_server.abort();

@@ -541,6 +541,83 @@ pub struct AgentService<C> {
     operations: Arc<Mutex<HashMap<String, Tracked>>>,
     metrics: Arc<AgentMetrics>,
     held: Arc<Mutex<HashMap<String, HeldPod>>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The shutdown side of a service: once draining, it starts no new operation, while
+/// operations under way finish and held pods wait for their release.
+#[derive(Clone)]
+pub struct Drain {
+    operations: Arc<Mutex<HashMap<String, Tracked>>>,
+    held: Arc<Mutex<HashMap<String, HeldPod>>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain").finish_non_exhaustive()
+    }
+}
+
+/// What a drain left to do when its time ran out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Held pods thawed without their release, by operation id.
+    pub thawed: Vec<String>,
+    /// Operations still running, by id (their pods thaw as the agent exits, or from
+    /// the journal at the next start).
+    pub running: Vec<String>,
+}
+
+impl Drain {
+    fn busy(&self) -> (Vec<String>, Vec<String>) {
+        let running = self
+            .operations
+            .lock()
+            .map(|ops| {
+                ops.iter()
+                    .filter(|(_, t)| t.state.borrow().state == pb::State::Running as i32)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let held = self
+            .held
+            .lock()
+            .map(|held| {
+                held.iter()
+                    .filter(|(_, pod)| !pod.frozen.expired())
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (running, held)
+    }
+
+    /// Refuses new operations from now on, then waits up to `limit` for running ones
+    /// to end and held pods to be released (or thawed by their deadline). Whatever is
+    /// still held then is thawed here, so no pod outlives the agent frozen.
+    pub async fn drain(&self, limit: Duration) -> Drained {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        let running = loop {
+            let (running, held) = self.busy();
+            if (running.is_empty() && held.is_empty()) || tokio::time::Instant::now() >= deadline {
+                break running;
+            }
+            tracing::info!(running = ?running, held = ?held, "draining: waiting for operations and releases");
+            every.tick().await;
+        };
+        let left: Vec<(String, HeldPod)> = self.held.lock().map(|mut h| h.drain().collect()).unwrap_or_default();
+        let mut thawed = Vec::new();
+        for (id, pod) in left {
+            // Dropping a held pod thaws it and records that it ran on without a release.
+            drop(pod);
+            thawed.push(id);
+        }
+        Drained { thawed, running }
+    }
 }
 
 impl<C> std::fmt::Debug for AgentService<C> {
@@ -557,7 +634,26 @@ impl<C: AgentBackend> AgentService<C> {
             operations: Arc::default(),
             metrics,
             held: Arc::default(),
+            draining: Arc::default(),
         }
+    }
+
+    /// The handle that drains this service at shutdown.
+    pub fn drain_handle(&self) -> Drain {
+        Drain {
+            operations: self.operations.clone(),
+            held: self.held.clone(),
+            draining: self.draining.clone(),
+        }
+    }
+
+    fn refuse_when_draining(&self) -> Result<(), Status> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "the agent is shutting down: it starts no new operation",
+            ));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Tracked>>, Status> {
@@ -597,6 +693,7 @@ impl<C: AgentBackend> AgentService<C> {
     }
 
     fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
+        self.refuse_when_draining()?;
         let (request, store) = checkpoint_request(req)?;
         let span = tracing::info_span!(
             "checkpoint",
@@ -664,6 +761,7 @@ impl<C: AgentBackend> AgentService<C> {
     }
 
     fn start_restore(&self, req: pb::PrepareRestoreRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
+        self.refuse_when_draining()?;
         let (request, store) = restore_request(req)?;
         let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());

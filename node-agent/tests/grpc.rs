@@ -17,7 +17,7 @@ use cryopod_node_agent::package::{MANIFEST_API_VERSION, MANIFEST_KIND, Manifest,
 use cryopod_node_agent::restore::{PreparedRestore, RestoreError, RestoreRequest};
 use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
 use cryopod_node_agent::server::pb::node_agent_server::NodeAgentServer;
-use cryopod_node_agent::server::{AgentBackend, AgentService, pb};
+use cryopod_node_agent::server::{AgentBackend, AgentService, Drain, Drained, pb};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -142,6 +142,12 @@ fn pki() -> Pki {
 }
 
 async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics>) {
+    let (url, stand, metrics, _) = serve_with_drain(stand, pki).await;
+    (url, stand, metrics)
+}
+
+/// [`serve`], with the handle that drains the service as SIGTERM does.
+async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics>, Drain) {
     let stand = Arc::new(stand);
     struct Shared(Arc<Stand>);
     impl AgentBackend for Shared {
@@ -172,7 +178,9 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics
         .identity(pki.server.clone())
         .client_ca_root(Certificate::from_pem(&pki.ca));
     let metrics = Arc::new(AgentMetrics::new());
-    let service = NodeAgentServer::new(AgentService::new(Shared(stand.clone()), metrics.clone()));
+    let service = AgentService::new(Shared(stand.clone()), metrics.clone());
+    let drain = service.drain_handle();
+    let service = NodeAgentServer::new(service);
     tokio::spawn(
         Server::builder()
             .tls_config(tls)
@@ -180,7 +188,7 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics
             .add_service(service)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    (format!("https://localhost:{}", addr.port()), stand, metrics)
+    (format!("https://localhost:{}", addr.port()), stand, metrics, drain)
 }
 
 async fn client(
@@ -449,4 +457,43 @@ async fn restores_are_prepared_as_operations_and_bad_requests_name_the_field() {
             .encode()
             .contains(r#"cryopod_agent_operations_total{kind="restore",result="failed"} 1"#)
     );
+}
+
+#[tokio::test]
+async fn a_draining_agent_starts_nothing_new_and_reports_what_still_runs() {
+    let pki = pki();
+    let (url, _stand, _, drain) = serve_with_drain(stand("hang"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let mut running = agent.checkpoint(request("op-running")).await.unwrap().into_inner();
+    while let Some(op) = running.next().await {
+        if op.unwrap().stage == pb::Stage::Freezing as i32 {
+            break;
+        }
+    }
+    let drained = drain.drain(Duration::from_millis(300)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            thawed: vec![],
+            running: vec!["op-running".into()]
+        }
+    );
+    let refused = agent.checkpoint(request("op-new")).await.err().unwrap();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused.message(),
+        "the agent is shutting down: it starts no new operation"
+    );
+    // What runs can still be followed.
+    let mut again = agent.checkpoint(request("op-running")).await.unwrap().into_inner();
+    assert!(again.next().await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn an_idle_agent_drains_at_once() {
+    let pki = pki();
+    let (_, _, _, drain) = serve_with_drain(stand("ok"), &pki).await;
+    let started = std::time::Instant::now();
+    assert_eq!(drain.drain(Duration::from_secs(60)).await, Drained::default());
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
