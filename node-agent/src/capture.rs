@@ -330,28 +330,62 @@ fn tar_tree(
     Ok(deleted)
 }
 
-/// Tars the directory at `destination` as seen inside the container of process
-/// `pid` into `out`.
-fn tar_mount(container: &str, what: &str, pid: u32, destination: &str, out: &Path) -> Result<(), CaptureError> {
-    let mountinfo =
-        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|source| CaptureError::Resolve {
-            container: container.to_owned(),
-            mount: destination.to_owned(),
-            source,
-        })?;
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    tar_mount_in(container, what, &root, &mountinfo, destination, out)
+/// How to know the volume found at a mount's destination is the one the runtime
+/// mounted there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expected<'a> {
+    /// The volume's directory on the node (device, inode): a bind mount shows the
+    /// same inode, however the destination was spelled.
+    Inode(u64, u64),
+    /// The node's side is not visible from here: the mount the container's mountinfo
+    /// lists at the destination.
+    MountPoint(&'a str),
 }
 
-/// [`tar_mount`] inside the root `root` whose mounts `mountinfo` lists. What is found
-/// at `destination` must be the mount the runtime made there: a tenant who moved a
-/// directory above it and put a symlink in its place (runc resolved the path long
-/// ago) would point the agent at a file system that is not the pod's.
+/// Tars the directory at `destination` as seen inside the container of process
+/// `pid` into `out`; `source` is the volume's path on the node, seen from `node_root`.
+fn tar_mount(
+    container: &str,
+    what: &str,
+    pid: u32,
+    (source, node_root): (&str, &Path),
+    destination: &str,
+    out: &Path,
+) -> Result<(), CaptureError> {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    match rustix::fs::stat(node_root.join(source.trim_start_matches('/'))) {
+        Ok(st) => {
+            let expected = Expected::Inode(st.st_dev, st.st_ino);
+            tar_mount_in(container, what, &root, expected, destination, out)
+        }
+        Err(_) => {
+            let mountinfo =
+                std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|source| CaptureError::Resolve {
+                    container: container.to_owned(),
+                    mount: destination.to_owned(),
+                    source,
+                })?;
+            tar_mount_in(
+                container,
+                what,
+                &root,
+                Expected::MountPoint(&mountinfo),
+                destination,
+                out,
+            )
+        }
+    }
+}
+
+/// [`tar_mount`] inside the root `root`. What is found at `destination` must be the
+/// volume the runtime mounted there: a tenant who moved a directory above it and put
+/// a symlink in its place (runc resolved the path long ago) would point the agent at
+/// a file system that is not the pod's.
 fn tar_mount_in(
     container: &str,
     what: &str,
     root: &Path,
-    mountinfo: &str,
+    expected: Expected<'_>,
     destination: &str,
     out: &Path,
 ) -> Result<(), CaptureError> {
@@ -363,8 +397,16 @@ fn tar_mount_in(
     let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| refused(e.into()))?;
     let dir = safe_fs::open_dir_in_root(root_fd.as_fd(), Path::new(destination)).map_err(refused)?;
-    let found = mount_id(dir.as_fd(), OsStr::new("")).map_err(refused)?;
-    if mount_id_at(mountinfo, destination) != Some(found) {
+    let same = match expected {
+        Expected::Inode(dev, ino) => {
+            let st = rustix::fs::fstat(&dir).map_err(|e| refused(e.into()))?;
+            (st.st_dev, st.st_ino) == (dev, ino)
+        }
+        Expected::MountPoint(mountinfo) => {
+            mount_id_at(mountinfo, destination) == Some(mount_id(dir.as_fd(), OsStr::new("")).map_err(refused)?)
+        }
+    };
+    if !same {
         return Err(refused(std::io::Error::other(
             "what is there now is not the volume the runtime mounted (a directory above it was moved)",
         )));
@@ -375,7 +417,12 @@ fn tar_mount_in(
 }
 
 /// Captures `/dev/shm` and every emptyDir once, into `<out>/pod/`.
-pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Result<Vec<SharedState>, CaptureError> {
+/// `node_root`: where the node's (the runtime's) root is seen from here.
+pub fn capture_shared_state(
+    containers: &[RunningContainer],
+    node_root: &Path,
+    out: &Path,
+) -> Result<Vec<SharedState>, CaptureError> {
     let mut seen = BTreeSet::new();
     let mut captured = Vec::new();
     for container in containers {
@@ -392,7 +439,8 @@ pub fn capture_shared_state(containers: &[RunningContainer], out: &Path) -> Resu
                 continue;
             }
             let tar = out.join("pod").join(format!("{name}.tar"));
-            tar_mount(&container.name, &name, container.pid, &mount.destination, &tar)?;
+            let source = (mount.source.as_str(), node_root);
+            tar_mount(&container.name, &name, container.pid, source, &mount.destination, &tar)?;
             captured.push(SharedState { name, tar });
         }
     }
@@ -496,14 +544,15 @@ mod tests {
         let id = mount_id(safe_fs::open_root(&pod_side).unwrap().as_fd(), OsStr::new("")).unwrap();
         let mountinfo =
             format!("{id} 1 0:1 / {destination} rw - tmpfs tmpfs rw\n{id} 1 0:1 / {climbing} rw - tmpfs tmpfs rw\n");
+        let mountinfo = Expected::MountPoint(&mountinfo);
         let out = dir.path().join("volume.tar");
-        tar_mount_in("app", "volume/tls", &root, &mountinfo, &destination, &out).unwrap();
+        tar_mount_in("app", "volume/tls", &root, mountinfo, &destination, &out).unwrap();
         assert_eq!(names(&out), ["marker"]);
         // `..` stays inside the root too.
-        tar_mount_in("app", "volume/tls", &root, &mountinfo, &climbing, &out).unwrap();
+        tar_mount_in("app", "volume/tls", &root, mountinfo, &climbing, &out).unwrap();
         assert_eq!(names(&out), ["marker"]);
         // What does not resolve inside is refused, naming the mount and the container.
-        let err = tar_mount_in("app", "volume/tls", &root, &mountinfo, "/x/missing", &out).unwrap_err();
+        let err = tar_mount_in("app", "volume/tls", &root, mountinfo, "/x/missing", &out).unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot resolve mount /x/missing inside the root of container app: refused"
@@ -526,9 +575,26 @@ mod tests {
         std::os::unix::fs::symlink("/proc/..", root.join("tmp/x")).unwrap();
         std::fs::create_dir_all(root.join("proc/self")).unwrap();
         let out = dir.path().join("volume.tar");
-        let err = tar_mount_in("app", "volume/data", &root, &mountinfo, "/tmp/x/proc", &out).unwrap_err();
+        let err = tar_mount_in(
+            "app",
+            "volume/data",
+            &root,
+            Expected::MountPoint(&mountinfo),
+            "/tmp/x/proc",
+            &out,
+        )
+        .unwrap_err();
         assert!(matches!(err, CaptureError::Resolve { .. }), "{err}");
         assert!(!out.exists(), "nothing was read");
+        // Where the node's side is visible, the volume's inode decides: the real one
+        // passes whatever the destination's spelling, the stand-in does not.
+        let volume = rustix::fs::stat(root.join("tmp/moved/kernel")).unwrap();
+        let inode = Expected::Inode(volume.st_dev, volume.st_ino);
+        tar_mount_in("app", "volume/data", &root, inode, "/tmp/moved/kernel", &out).unwrap();
+        std::os::unix::fs::symlink("/tmp/moved", root.join("tmp/link")).unwrap();
+        tar_mount_in("app", "volume/data", &root, inode, "/tmp/link/kernel", &out).unwrap();
+        let err = tar_mount_in("app", "volume/data", &root, inode, "/tmp/x/proc", &out).unwrap_err();
+        assert!(err.to_string().starts_with("cannot resolve mount /tmp/x/proc"), "{err}");
         // Mount points are unescaped as the kernel escapes them.
         assert_eq!(mount_id_at("7 1 0:1 / /a\\040b rw - x x rw", "/a b"), Some(7));
     }

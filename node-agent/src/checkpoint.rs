@@ -377,7 +377,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         let node_root = self.exec.node_root();
         progress(Stage::Dumping);
         let captured = tokio::task::spawn_blocking(move || {
-            let shared = capture_shared_state(&containers, &state_dir)?;
+            let shared = capture_shared_state(&containers, &node_root, &state_dir)?;
             let diffs = containers
                 .iter()
                 .map(|c| {
