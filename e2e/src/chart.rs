@@ -84,6 +84,8 @@ mod tests {
             kinds,
             [
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
                 "ClusterRoleBinding",
                 "DaemonSet",
                 "Deployment",
@@ -95,6 +97,10 @@ mod tests {
                 "ServiceAccount",
                 "ServiceAccount",
                 "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+                "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding"
             ]
         );
@@ -191,6 +197,20 @@ mod tests {
         }
         let lease = find(&docs, "Role", "cryopod-operator-lease");
         assert_eq!(lease["rules"][0]["resources"][0], "leases");
+        // Users get the cryopod kinds through the built-in roles, by aggregation.
+        let labels = &find(&docs, "ClusterRole", "cryopod-edit")["metadata"]["labels"];
+        assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
+        assert!(labels.get("rbac.authorization.k8s.io/aggregate-to-view").is_none());
+        let labels = &find(&docs, "ClusterRole", "cryopod-view")["metadata"]["labels"];
+        assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-view"], "true");
+        // The admission policies exempt the operator's own account, and only it.
+        for policy in ["cryopod-restore-pods", "cryopod-requester-rights"] {
+            let policy = find(&docs, "ValidatingAdmissionPolicy", policy);
+            assert_eq!(
+                policy["spec"]["matchConditions"][0]["expression"],
+                "request.userInfo.username != \"system:serviceaccount:cryopod-system:cryopod-operator\""
+            );
+        }
     }
 
     #[test]

@@ -123,6 +123,51 @@ fn security_only_the_operator_creates_pods_that_restore(tb: &Testbed, ns: &str) 
     }
 }
 
+/// A tenant allowed to create PodRestores but not pods, or a PodCheckpoint with an
+/// exec hook without pods/exec, gets nothing done by the operator's rights: the
+/// chart's policy checks the requester's own. Someone with the built-in edit role
+/// (which the chart extends with the cryopod kinds) may.
+fn security_requests_need_the_requesters_own_rights(tb: &Testbed, ns: &str) {
+    let narrow = format!("system:serviceaccount:{ns}:restorer");
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "restorer"},
+                      "rules": [{"apiGroups": ["cryopod.io"], "resources": ["podrestores", "podcheckpoints"],
+                                 "verbs": ["create", "get"]}]});
+    tb.kubectl_apply(Some(ns), &role.to_string()).unwrap();
+    kubectl(
+        tb,
+        &[
+            "create",
+            "rolebinding",
+            "restorer",
+            "-n",
+            ns,
+            "--role=restorer",
+            &format!("--serviceaccount={ns}:restorer"),
+        ],
+    );
+    let restore = json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "r"},
+                         "spec": {"checkpointName": "any"}});
+    let hooked = json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "c"},
+                        "spec": {"sourcePodName": "any", "storage": "any",
+                                 "hooks": {"preCheckpoint": [{"container": "app", "exec": {"command": ["id"]}}]}}});
+    let refused = create_as(tb, ns, &narrow, &restore).unwrap_err();
+    assert!(
+        refused.contains(&format!(
+            "creating a PodRestore needs the right to create pods in namespace {ns}"
+        )),
+        "{refused}"
+    );
+    let refused = create_as(tb, ns, &narrow, &hooked).unwrap_err();
+    assert!(
+        refused.contains("spec.hooks: an exec hook needs the right to create pods/exec"),
+        "{refused}"
+    );
+    println!("refused: {}", refused.trim());
+    let editor = format!("system:serviceaccount:{ns}:default");
+    create_as(tb, ns, &editor, &restore).unwrap();
+    create_as(tb, ns, &editor, &hooked).unwrap();
+}
+
 /// `helm uninstall`, waiting until the release's resources are gone.
 fn uninstall(tb: &Testbed, extra: &[&str]) {
     let mut args = vec![
@@ -267,6 +312,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
 
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
     security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
+    security_requests_need_the_requesters_own_rights(&tb, &ns.name);
     // The agents reach the S3 server from the nodes' network, at the hub's address.
     let storage = format!("s3-{}", ns.name);
     kubectl_apply(
