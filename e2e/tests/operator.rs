@@ -566,12 +566,7 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     let (_agent_1, _) = start_agent_at(&tb, &source, &tls, &state, &[], source_port).await;
     let source_pod = pods.get("stateful").await.unwrap();
     let data = pod_data(&tb, &source_pod);
-    let number = || -> u64 {
-        std::fs::read_to_string(data.join("a"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let number = || number_in(&data.join("a"));
     wait_until("the thawed source to count on", Duration::from_secs(30), || async {
         (number() > captured + 5).then_some(())
     })
@@ -588,16 +583,7 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     .await;
 
     let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
-    let status = wait_until("the migration to end", Duration::from_secs(120), || async {
-        let status = migrations.get("twice").await.ok()?.status?;
-        matches!(
-            status.phase?,
-            MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::RolledBack
-        )
-        .then_some(status)
-    })
-    .await
-    .unwrap();
+    let status = migration_ended(&migrations, "twice").await;
     let (_, reason, message) = ready_of(&status.conditions);
     println!("{:?} {reason}: {message}", status.phase);
     assert_eq!(
@@ -629,6 +615,81 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     .unwrap();
     let events = event_reasons(&tb, &ns.name, "twice");
     assert!(events.contains("SourceResumed"), "{events}");
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// `spec.timeoutSeconds` holds: a migration whose restore cannot finish in time (the
+/// target's agent is away) is rolled back at its deadline, its PodRestore deleted
+/// before the source thaws, and the source counts on.
+#[tokio::test]
+async fn a_migration_that_outlives_its_timeout_rolls_back() {
+    use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration, PodRestore};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-mig-timeout").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let pods = ns.pods(&client);
+    pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
+    let source_pod = ns
+        .wait_ready(&client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let Control {
+        state,
+        log,
+        agents: [_agent_1, agent_2],
+        _operator,
+        tls: _,
+    } = start_control(&tb, &ns.name).await;
+    drop(agent_2);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "late"},
+                "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target},
+                         "timeoutSeconds": 30}}),
+    );
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let status = migration_ended(&migrations, "late").await;
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("{:?} {reason}: {message}", status.phase);
+    assert_eq!(
+        (status.phase, reason.as_str()),
+        (Some(MigrationPhase::RolledBack), "TimedOut"),
+        "{message}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        message.contains("did not finish within spec.timeoutSeconds (30 s)"),
+        "{message}"
+    );
+    assert!(message.contains("the source pod was thawed and runs on"), "{message}");
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    wait_until("the PodRestore to go", Duration::from_secs(30), || async {
+        restores
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let left = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(left.len(), 1, "only the source");
+    assert_eq!(left[0].metadata.uid, source_pod.metadata.uid);
+    let data = pod_data(&tb, &source_pod);
+    let number = || number_in(&data.join("a"));
+    let before = number();
+    wait_until("the source to count on", Duration::from_secs(20), || async {
+        (number() > before).then_some(())
+    })
+    .await
+    .unwrap();
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -145,13 +145,18 @@ async fn raise_fence(migration: &PodMigration, ctx: &Context, pod: &str) -> Resu
 /// Removes the migration's fence, if it has one.
 async fn lift_fence(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    match maps.delete(&fence_name(migration), &DeleteParams::default()).await {
+    delete_if_there(&maps, &fence_name(migration), "delete the fence").await
+}
+
+/// Deletes `name`; one that is gone already is fine.
+async fn delete_if_there<K>(api: &Api<K>, name: &str, action: &'static str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(source) => Err(Error::Kube {
-            action: "delete the fence",
-            source,
-        }),
+        Err(source) => Err(Error::Kube { action, source }),
     }
 }
 
@@ -481,6 +486,20 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
             )
             .await;
         }
+        _ if past_deadline(migration) => {
+            // The checkpoint has as long from its own start; its agent thaws the source then.
+            return fail(
+                migration,
+                ctx,
+                reasons::TIMED_OUT,
+                format!(
+                    "the checkpoint did not finish within spec.timeoutSeconds ({} s); the checkpoint has as long from \
+                     its own start, after which its agent thaws the source",
+                    migration.spec.timeout_seconds
+                ),
+            )
+            .await;
+        }
         _ => return Ok(Action::requeue(Duration::from_secs(1))),
     }
     if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
@@ -785,51 +804,96 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 .find(|c| c.type_ == CONDITION_READY)
                 .map(|c| c.message.clone())
                 .unwrap_or_else(|| format!("PodRestore {restore_name} failed"));
-            let message = match &workload {
-                // The source was stopped and deleted before the restore: the
-                // StatefulSet brings the pod back once the fence is lifted.
-                Workload::StatefulSet(set) => format!(
-                    "the restore failed ({cause}); StatefulSet {set} recreates pod {} from its template, with its \
-                     volumes and without its in-memory state",
-                    migration.spec.source_pod_name
-                ),
-                _ if migration.spec.failure_policy == MigrationFailurePolicy::Retain => {
-                    return fail(
-                        migration,
-                        ctx,
-                        reasons::MIGRATION_FAILED,
-                        format!(
-                            "the restore failed ({cause}); the source stays frozen until its deadline for inspection"
-                        ),
-                    )
-                    .await;
-                }
-                // Roll back: the source thaws and carries on where it was frozen.
-                _ => match release(migration, ctx, false).await? {
-                    Released::Thawed => format!("the restore failed ({cause}); the source pod was thawed and runs on"),
-                    Released::RanOn(why) => format!("the restore failed ({cause}); the source pod runs on ({why})"),
-                    Released::Stopped => format!(
-                        "the restore failed ({cause}); the source pod had been stopped by an earlier release and \
-                         does not run"
-                    ),
-                },
-            };
-            lift_fence(migration, ctx).await?;
-            status.phase = Some(MigrationPhase::RolledBack);
-            status.completion_time = Some(now());
-            finish(
+            roll_back(
                 migration,
                 ctx,
                 status,
-                Ending::RolledBack,
+                &workload,
                 reasons::ROLLED_BACK,
-                message,
+                &format!("the restore failed ({cause})"),
             )
-            .await?;
-            Ok(Action::await_change())
+            .await
+        }
+        _ if past_deadline(migration) => {
+            // Too late: the restore goes, with its pod if it made one, before the
+            // source thaws, so the pod never runs twice.
+            let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
+            delete_if_there(&restores, &restore_name, "delete the migration's PodRestore").await?;
+            if let Some(pod) = &restore_status.restored_pod_name {
+                let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+                delete_if_there(&pods, pod, "delete the restored pod").await?;
+            }
+            let cause = format!(
+                "the restore did not finish within spec.timeoutSeconds ({} s); PodRestore {restore_name} was deleted",
+                migration.spec.timeout_seconds
+            );
+            roll_back(migration, ctx, status, &workload, reasons::TIMED_OUT, &cause).await
         }
         _ => Ok(Action::requeue(Duration::from_secs(1))),
     }
+}
+
+/// Whether a migration that started at `started` has outlived `timeout_seconds` at
+/// `at`. Only before the target runs: once it does, the migration finishes.
+pub fn timed_out(phase: Option<MigrationPhase>, started: Option<&Time>, timeout_seconds: i32, at: Time) -> bool {
+    let before_target = matches!(phase, Some(MigrationPhase::Checkpointing | MigrationPhase::Restoring));
+    let Some(started) = started else { return false };
+    before_target && at.0.as_millisecond() - started.0.as_millisecond() > i64::from(timeout_seconds) * 1000
+}
+
+/// [`timed_out`] for `migration` now.
+fn past_deadline(migration: &PodMigration) -> bool {
+    let status = migration.status.as_ref();
+    timed_out(
+        status.and_then(|s| s.phase),
+        status.and_then(|s| s.start_time.as_ref()),
+        migration.spec.timeout_seconds,
+        now(),
+    )
+}
+
+/// Ends a migration whose target will not run: the source is thawed (a StatefulSet's,
+/// stopped before its restore, comes back from its template), and the migration
+/// ends `RolledBack` with `reason`, or `Failed` when its policy retains the source.
+async fn roll_back(
+    migration: &PodMigration,
+    ctx: &Context,
+    mut status: PodMigrationStatus,
+    workload: &Workload,
+    reason: &str,
+    cause: &str,
+) -> Result<Action, Error> {
+    let message = match workload {
+        // The source was stopped and deleted before the restore: the StatefulSet
+        // brings the pod back once the fence is lifted.
+        Workload::StatefulSet(set) => format!(
+            "{cause}; StatefulSet {set} recreates pod {} from its template, with its volumes and without its \
+             in-memory state",
+            migration.spec.source_pod_name
+        ),
+        _ if migration.spec.failure_policy == MigrationFailurePolicy::Retain => {
+            return fail(
+                migration,
+                ctx,
+                reason,
+                format!("{cause}; the source stays frozen until its deadline for inspection"),
+            )
+            .await;
+        }
+        // Roll back: the source thaws and carries on where it was frozen.
+        _ => match release(migration, ctx, false).await? {
+            Released::Thawed => format!("{cause}; the source pod was thawed and runs on"),
+            Released::RanOn(why) => format!("{cause}; the source pod runs on ({why})"),
+            Released::Stopped => {
+                format!("{cause}; the source pod had been stopped by an earlier release and does not run")
+            }
+        },
+    };
+    lift_fence(migration, ctx).await?;
+    status.phase = Some(MigrationPhase::RolledBack);
+    status.completion_time = Some(now());
+    finish(migration, ctx, status, Ending::RolledBack, reason, message).await?;
+    Ok(Action::await_change())
 }
 
 #[cfg(test)]
@@ -839,6 +903,28 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn a_migration_times_out_only_before_its_target_runs() {
+        let at = |ms: i64| Time(k8s_openapi::jiff::Timestamp::from_millisecond(ms).unwrap());
+        let start = at(1_000_000);
+        let table = [
+            (Some(MigrationPhase::Checkpointing), 61_000, true),
+            (Some(MigrationPhase::Restoring), 61_000, true),
+            (Some(MigrationPhase::Restoring), 59_000, false),
+            (Some(MigrationPhase::Finalizing), 600_000, false),
+            (Some(MigrationPhase::Succeeded), 600_000, false),
+            (None, 600_000, false),
+        ];
+        for (phase, after, expected) in table {
+            assert_eq!(
+                timed_out(phase, Some(&start), 60, at(1_000_000 + after)),
+                expected,
+                "{phase:?} {after}"
+            );
+        }
+        assert!(!timed_out(Some(MigrationPhase::Restoring), None, 60, at(0)));
+    }
 
     #[test]
     fn a_release_tells_a_stopped_source_from_one_that_ran_on() {

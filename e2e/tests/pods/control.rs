@@ -195,6 +195,33 @@ pub async fn restore_ended(api: &Api<PodRestore>, name: &str) -> PodRestore {
     .await
 }
 
+/// Waits for a PodMigration to end (Succeeded, Failed or RolledBack) and returns its status.
+pub async fn migration_ended(
+    api: &Api<cryopod_crds::v1alpha1::PodMigration>,
+    name: &str,
+) -> cryopod_crds::v1alpha1::PodMigrationStatus {
+    use cryopod_crds::v1alpha1::MigrationPhase;
+    ended_when(api, name, |m| {
+        m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+            matches!(
+                p,
+                MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::RolledBack
+            )
+        })
+    })
+    .await
+    .status
+    .unwrap()
+}
+
+/// The number a counter keeps in `path`, 0 while it has none.
+pub fn number_in(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The `Ready` condition's status, reason and message.
 pub fn ready_of(conditions: &[Condition]) -> (String, String, String) {
     let c = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
