@@ -641,7 +641,7 @@ async fn a_migration_that_outlives_its_timeout_rolls_back() {
         log,
         agents: [_agent_1, agent_2],
         _operator,
-        tls: _,
+        tls: _tls,
     } = start_control(&tb, &ns.name).await;
     drop(agent_2);
     let storage = s3_checkpoint_storage(&tb, &ns.name);

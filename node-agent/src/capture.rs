@@ -218,7 +218,7 @@ fn append_tree<W: std::io::Write>(
     Ok(deleted)
 }
 
-/// The mount an entry of `dir` is on (`""`: `dir` itself). Kernel 5.8 or later.
+/// The mount an entry of `dir` is on (`""`: `dir` itself).
 fn mount_id(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<u64> {
     let flags = if name.is_empty() {
         AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW
@@ -227,9 +227,9 @@ fn mount_id(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<u64> {
     };
     let stx = rustix::fs::statx(dir, name, flags, rustix::fs::StatxFlags::MNT_ID)?;
     if stx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() == 0 {
-        return Err(std::io::Error::other(
-            "the kernel does not report mount ids (Linux 5.8 or later is needed)",
-        ));
+        // Before Linux 5.8: the file system's device stands in (it tells a Secret's
+        // tmpfs from the volume's disk, not two bind mounts of one disk).
+        return Ok(1 << 63 | u64::from(stx.stx_dev_major) << 32 | u64::from(stx.stx_dev_minor));
     }
     Ok(stx.stx_mnt_id)
 }
@@ -331,15 +331,15 @@ fn tar_tree(
 }
 
 /// How to know the volume found at a mount's destination is the one the runtime
-/// mounted there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Expected<'a> {
+/// mounted there: either will do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Expected<'a> {
     /// The volume's directory on the node (device, inode): a bind mount shows the
     /// same inode, however the destination was spelled.
-    Inode(u64, u64),
-    /// The node's side is not visible from here: the mount the container's mountinfo
-    /// lists at the destination.
-    MountPoint(&'a str),
+    inode: Option<(u64, u64)>,
+    /// The container's mountinfo: the mount listed at the destination (where the
+    /// node's side is hidden from the runtime's view, e.g. a kubelet tmpfs).
+    mountinfo: Option<&'a str>,
 }
 
 /// Tars the directory at `destination` as seen inside the container of process
@@ -353,28 +353,15 @@ fn tar_mount(
     out: &Path,
 ) -> Result<(), CaptureError> {
     let root = PathBuf::from(format!("/proc/{pid}/root"));
-    match rustix::fs::stat(node_root.join(source.trim_start_matches('/'))) {
-        Ok(st) => {
-            let expected = Expected::Inode(st.st_dev, st.st_ino);
-            tar_mount_in(container, what, &root, expected, destination, out)
-        }
-        Err(_) => {
-            let mountinfo =
-                std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|source| CaptureError::Resolve {
-                    container: container.to_owned(),
-                    mount: destination.to_owned(),
-                    source,
-                })?;
-            tar_mount_in(
-                container,
-                what,
-                &root,
-                Expected::MountPoint(&mountinfo),
-                destination,
-                out,
-            )
-        }
-    }
+    let inode = rustix::fs::stat(node_root.join(source.trim_start_matches('/')))
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
+    let expected = Expected {
+        inode,
+        mountinfo: mountinfo.as_deref(),
+    };
+    tar_mount_in(container, what, &root, expected, destination, out)
 }
 
 /// [`tar_mount`] inside the root `root`. What is found at `destination` must be the
@@ -397,15 +384,11 @@ fn tar_mount_in(
     let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| refused(e.into()))?;
     let dir = safe_fs::open_dir_in_root(root_fd.as_fd(), Path::new(destination)).map_err(refused)?;
-    let same = match expected {
-        Expected::Inode(dev, ino) => {
-            let st = rustix::fs::fstat(&dir).map_err(|e| refused(e.into()))?;
-            (st.st_dev, st.st_ino) == (dev, ino)
-        }
-        Expected::MountPoint(mountinfo) => {
-            mount_id_at(mountinfo, destination) == Some(mount_id(dir.as_fd(), OsStr::new("")).map_err(refused)?)
-        }
-    };
+    let st = rustix::fs::fstat(&dir).map_err(|e| refused(e.into()))?;
+    let same = expected.inode == Some((st.st_dev, st.st_ino))
+        || expected.mountinfo.is_some_and(|mountinfo| {
+            mount_id(dir.as_fd(), OsStr::new("")).is_ok_and(|id| mount_id_at(mountinfo, destination) == Some(id))
+        });
     if !same {
         return Err(refused(std::io::Error::other(
             "what is there now is not the volume the runtime mounted (a directory above it was moved)",
@@ -544,7 +527,10 @@ mod tests {
         let id = mount_id(safe_fs::open_root(&pod_side).unwrap().as_fd(), OsStr::new("")).unwrap();
         let mountinfo =
             format!("{id} 1 0:1 / {destination} rw - tmpfs tmpfs rw\n{id} 1 0:1 / {climbing} rw - tmpfs tmpfs rw\n");
-        let mountinfo = Expected::MountPoint(&mountinfo);
+        let mountinfo = Expected {
+            inode: None,
+            mountinfo: Some(&mountinfo),
+        };
         let out = dir.path().join("volume.tar");
         tar_mount_in("app", "volume/tls", &root, mountinfo, &destination, &out).unwrap();
         assert_eq!(names(&out), ["marker"]);
@@ -575,21 +561,20 @@ mod tests {
         std::os::unix::fs::symlink("/proc/..", root.join("tmp/x")).unwrap();
         std::fs::create_dir_all(root.join("proc/self")).unwrap();
         let out = dir.path().join("volume.tar");
-        let err = tar_mount_in(
-            "app",
-            "volume/data",
-            &root,
-            Expected::MountPoint(&mountinfo),
-            "/tmp/x/proc",
-            &out,
-        )
-        .unwrap_err();
+        let listed = Expected {
+            inode: None,
+            mountinfo: Some(&mountinfo),
+        };
+        let err = tar_mount_in("app", "volume/data", &root, listed, "/tmp/x/proc", &out).unwrap_err();
         assert!(matches!(err, CaptureError::Resolve { .. }), "{err}");
         assert!(!out.exists(), "nothing was read");
         // Where the node's side is visible, the volume's inode decides: the real one
         // passes whatever the destination's spelling, the stand-in does not.
         let volume = rustix::fs::stat(root.join("tmp/moved/kernel")).unwrap();
-        let inode = Expected::Inode(volume.st_dev, volume.st_ino);
+        let inode = Expected {
+            inode: Some((volume.st_dev, volume.st_ino)),
+            mountinfo: Some(&mountinfo),
+        };
         tar_mount_in("app", "volume/data", &root, inode, "/tmp/moved/kernel", &out).unwrap();
         std::os::unix::fs::symlink("/tmp/moved", root.join("tmp/link")).unwrap();
         tar_mount_in("app", "volume/data", &root, inode, "/tmp/link/kernel", &out).unwrap();

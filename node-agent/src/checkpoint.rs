@@ -528,15 +528,15 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         let mut handed_back = None;
         let freeze = match held {
             Held::Thawed(report) => report,
-            Held::Frozen(frozen) if frozen.expired() || req.after == AfterDump::Held => {
-                // The pod must not have run on past its checkpoint; if the watchdog
-                // thawed it, the stored checkpoint is stale and goes.
-                if frozen.expired() {
-                    let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
-                    return Err(CheckpointError::FreezeExpired {
-                        after: req.limits.max_freeze,
-                    });
-                }
+            // The pod must not have run on past its checkpoint; if the watchdog thawed
+            // it, the stored checkpoint is stale and goes.
+            Held::Frozen(frozen) if frozen.deadline_passed() => {
+                let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
+                return Err(CheckpointError::FreezeExpired {
+                    after: req.limits.max_freeze,
+                });
+            }
+            Held::Frozen(frozen) if req.after == AfterDump::Held => {
                 tracing::info!("checkpoint stored; the pod stays frozen until it is released");
                 let report = frozen.report_so_far();
                 handed_back = Some(HeldPod {
@@ -546,19 +546,18 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 report
             }
             Held::Frozen(frozen) => {
-                // The pod must not have run on past its checkpoint; if the watchdog
-                // thawed it, the stored checkpoint is stale and goes.
-                if frozen.expired() {
-                    let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
-                    return Err(CheckpointError::FreezeExpired {
-                        after: req.limits.max_freeze,
-                    });
-                }
                 let containers: Vec<_> = pod.containers.iter().map(|c| c.cgroup.clone()).collect();
                 let stopped = tokio::task::spawn_blocking(move || frozen.stop(&containers))
                     .await
                     .map_err(|_| CheckpointError::Task { step: "stop" })?;
                 let report = stopped.map_err(|source| CheckpointError::Freeze { source })?;
+                // The watchdog came first: nothing was killed, the pod ran on.
+                if report.expired {
+                    let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
+                    return Err(CheckpointError::FreezeExpired {
+                        after: req.limits.max_freeze,
+                    });
+                }
                 tracing::info!("pod stopped after its checkpoint was stored");
                 progress(Stage::Thawed);
                 report

@@ -226,23 +226,36 @@ impl FrozenPod {
         &self.journal
     }
 
-    /// Claims the end of the freeze for `end` and records it; `false` when the
-    /// watchdog ended it first (the pod ran on).
-    fn claim(&self, end: &FreezeEnd) -> bool {
-        if self.claimed.swap(true, Ordering::SeqCst) {
-            return false;
+    /// Whether the watchdog ended the freeze (it alone can while the owner holds it):
+    /// the pod ran on, or is about to.
+    pub fn deadline_passed(&self) -> bool {
+        self.claimed.load(Ordering::SeqCst)
+    }
+
+    /// Claims the end of the freeze; `false` when the watchdog ended it first (the
+    /// pod ran on).
+    fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::SeqCst)
+    }
+
+    /// Records how the freeze ended, as its claimer.
+    fn record(&self, end: &FreezeEnd) {
+        match self.journal.record_end(&self.operation_id, end) {
+            Ok(true) => {}
+            // The pod is thawed all the same; a later release reads what was recorded
+            // (or nothing) and is told the pod may have run on.
+            Ok(false) => tracing::warn!(operation_id = %self.operation_id, "an end of this freeze was recorded before"),
+            Err(e) => {
+                tracing::warn!(operation_id = %self.operation_id, error = %e, "cannot record how the freeze ended");
+            }
         }
-        if let Err(e) = self.journal.record_end(&self.operation_id, end) {
-            // The pod is thawed all the same; a later release reads no end and is
-            // told the agent cannot say whether the pod ran on.
-            tracing::warn!(operation_id = %self.operation_id, error = %e, "cannot record how the freeze ended");
-        }
-        true
     }
 
     /// Thaws every container and removes the journal entry.
     pub fn thaw(mut self) -> Result<FreezeReport, FreezeError> {
-        self.claim(&FreezeEnd::released(false));
+        if self.claim() {
+            self.record(&FreezeEnd::released(false));
+        }
         self.finish()
     }
 
@@ -252,7 +265,7 @@ impl FrozenPod {
     /// When the watchdog thawed the pod first, nothing is killed: it runs on.
     pub fn stop(mut self, containers: &[CgroupPath]) -> Result<FreezeReport, FreezeError> {
         let mut first = None;
-        let ours = self.claim(&FreezeEnd::released(true));
+        let ours = self.claim();
         for cgroup in containers.iter().filter(|_| ours) {
             if let Err(source) = kill_all(&cgroup.under(self.freezer.root())) {
                 first.get_or_insert(FreezeError::Kill {
@@ -260,6 +273,13 @@ impl FrozenPod {
                     source,
                 });
             }
+        }
+        // Recorded once the kill is done: a failed kill leaves processes that run on.
+        if ours {
+            self.record(&match &first {
+                None => FreezeEnd::released(true),
+                Some(e) => FreezeEnd::thawed_without_release(format!("its containers could not all be killed: {e}")),
+            });
         }
         let report = self.finish()?;
         first.map_or(Ok(report), Err)
@@ -292,9 +312,11 @@ impl FrozenPod {
 impl Drop for FrozenPod {
     fn drop(&mut self) {
         if self.disarm.is_some() {
-            self.claim(&FreezeEnd::thawed_without_release(
-                "its operation ended without releasing it",
-            ));
+            if self.claim() {
+                self.record(&FreezeEnd::thawed_without_release(
+                    "its operation ended without releasing it",
+                ));
+            }
             // If this thaw fails too, the watchdog (detached with the handle) thaws
             // at the deadline, and the journal entry stays for a restarted agent.
             let _ = self.finish();
@@ -336,6 +358,11 @@ pub fn freeze_pod(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
     };
+    // An operation run again (its agent restarted mid-way) freezes anew: how its
+    // earlier freeze ended says nothing of this one.
+    journal
+        .forget_end(operation_id)
+        .map_err(|source| FreezeError::Journal { source })?;
     journal
         .record(&entry)
         .map_err(|source| FreezeError::Journal { source })?;

@@ -263,6 +263,16 @@ impl Journal {
         }
     }
 
+    /// Forgets how an earlier freeze of `operation_id` ended.
+    pub fn forget_end(&self, operation_id: &str) -> Result<(), JournalError> {
+        let path = self.end_path(operation_id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(JournalError::Remove { path, source }),
+        }
+    }
+
     /// How the freeze of `operation_id` ended, if it did and it was recorded.
     pub fn end_of(&self, operation_id: &str) -> Result<Option<FreezeEnd>, JournalError> {
         let path = self.end_path(operation_id)?;
@@ -348,10 +358,13 @@ pub fn recover(journal: &Journal) -> Result<Vec<Recovered>, JournalError> {
         }
         // Recorded before the entry goes: a pod thawed here ran on after its
         // checkpoint, unless its release was recorded first (that end stands).
-        journal.record_end(
+        // Unrecorded, the entry stays for the next start; recovery goes on meanwhile.
+        if let Err(e) = journal.record_end(
             &entry.operation_id,
             &FreezeEnd::thawed_without_release("the agent restarted and thawed it"),
-        )?;
+        ) {
+            failures.push((entry.pod.clone(), e.to_string()));
+        }
         if failures.is_empty() {
             journal.clear(&entry.operation_id)?;
         }

@@ -310,6 +310,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let runtime = CriClient::connect(&config.cri_socket)
         .await
         .map_err(|source| RunError::Runtime { source })?;
+    let agent_journal = journal.clone();
     let agent = NodeAgent {
         runtime,
         freezer,
@@ -326,6 +327,8 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let metrics_server = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
     let service = AgentService::new(agent, metrics);
+    let exit_journal = agent_journal;
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = service.drain_handle();
     let drain_limit = config.drain;
     // On SIGTERM (a rollout, an uninstall, a node drain) the agent keeps serving, so
@@ -348,14 +351,33 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         } else {
             tracing::warn!(thawed = ?drained.thawed, running = ?drained.running, "drain limit reached: held pods thawed without their release");
         }
+        // Operations still running may hold a pod frozen inside a blocking step, and
+        // their watchdogs die with this process; after an uninstall no successor
+        // recovers them. So everything the journal names is thawed now.
+        match recover(&exit_journal) {
+            Ok(recovered) => {
+                for r in recovered.iter().filter(|r| r.entry.is_some()) {
+                    tracing::warn!(entry = %r.path.display(), failures = ?r.failures, "thawed at exit");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot thaw what the journal names at exit"),
+        }
+        let _ = stopped_tx.send(());
     };
-    let served = Server::builder()
+    let serve = Server::builder()
         .tls_config(tls)
         .map_err(|source| RunError::Serve { source })?
         .add_service(NodeAgentServer::new(service))
-        .serve_with_shutdown(config.listen, shutdown)
-        .await
-        .map_err(|source| RunError::Serve { source });
+        .serve_with_shutdown(config.listen, shutdown);
+    // Graceful shutdown waits for open streams; a few seconds after the drain, the
+    // agent stops whatever still streams.
+    let served = tokio::select! {
+        served = serve => served.map_err(|source| RunError::Serve { source }),
+        () = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        } => Ok(()),
+    };
     metrics_server.abort();
     sweeper.abort();
     served

@@ -171,10 +171,10 @@ pub trait AgentBackend: Send + Sync + 'static {
     /// Facts of this node.
     fn node_facts(&self) -> NodeFacts;
     /// How the freeze of `operation_id` ended, if this node recorded it (it survives
-    /// a restart of the agent).
-    fn freeze_end(&self, operation_id: &str) -> Option<crate::journal::FreezeEnd> {
+    /// a restart of the agent); an error when the record cannot be read.
+    fn freeze_end(&self, operation_id: &str) -> Result<Option<crate::journal::FreezeEnd>, String> {
         let _ = operation_id;
-        None
+        Ok(None)
     }
 }
 
@@ -228,12 +228,8 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
         self.node.clone()
     }
 
-    fn freeze_end(&self, operation_id: &str) -> Option<crate::journal::FreezeEnd> {
-        self.journal
-            .end_of(operation_id)
-            .inspect_err(|e| tracing::warn!(%operation_id, error = %e, "cannot read how the freeze ended"))
-            .ok()
-            .flatten()
+    fn freeze_end(&self, operation_id: &str) -> Result<Option<crate::journal::FreezeEnd>, String> {
+        self.journal.end_of(operation_id).map_err(|e| e.to_string())
     }
 }
 
@@ -851,11 +847,13 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let Some(pod) = held else {
             // Not held now: say how its hold ended, as recorded then.
             return match self.agent.freeze_end(&req.operation_id) {
-                Some(end) => Ok(Response::new(release_response(&end, false, 0))),
-                None => Err(Status::not_found(format!(
+                Ok(Some(end)) => Ok(Response::new(release_response(&end, false, 0))),
+                Ok(None) => Err(Status::not_found(format!(
                     "operation {} holds no pod, and this agent has no record of its hold ending",
                     req.operation_id
                 ))),
+                // Not knowing is not "it ran on": the caller asks again.
+                Err(e) => Err(Status::unavailable(format!("cannot read how the hold ended: {e}"))),
             };
         };
         let stop = req.stop;
@@ -871,11 +869,13 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         .map_err(|_| Status::internal("the release task died"))?
         .map_err(|e| Status::internal(e.to_string()))?;
         // The end recorded first is the truth: the watchdog may have thawed it before.
-        let end = journal
-            .end_of(&req.operation_id)
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| crate::journal::FreezeEnd::released(stop));
+        let end = journal.end_of(&req.operation_id).ok().flatten().unwrap_or_else(|| {
+            if report.expired {
+                crate::journal::FreezeEnd::thawed_without_release("its freeze deadline passed")
+            } else {
+                crate::journal::FreezeEnd::released(stop)
+            }
+        });
         tracing::info!(operation_id = %req.operation_id, stop, ?end, window_ms = report.window.as_millis() as u64, "held pod released");
         Ok(Response::new(release_response(
             &end,

@@ -713,7 +713,21 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
         )
         .await;
     };
-    let restore = ensure_restore(migration, ctx, &checkpoint).await?;
+    let restore = if past_deadline(migration) {
+        // Late: never recreated; what exists goes unless it made it.
+        let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
+        let name = status.restore_name.clone().unwrap_or_default();
+        match restores
+            .get_opt(&name)
+            .await
+            .map_err(kube_err("read the migration's PodRestore"))?
+        {
+            Some(r) if r.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Ready) => r,
+            existing => return abandon_restore(migration, ctx, status, &workload, existing).await,
+        }
+    } else {
+        ensure_restore(migration, ctx, &checkpoint).await?
+    };
     let restore_status = restore.status.clone().unwrap_or_default();
     let restore_name = restore.name_any();
     match restore_status.phase {
@@ -744,10 +758,16 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
             migration.status = Some(status.clone());
             let handed_over = match &workload {
                 Workload::Bare => {
+                    // The source by its UID: a pod of that name may be another now.
                     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-                    let _ = pods
-                        .delete(&migration.spec.source_pod_name, &DeleteParams::default())
-                        .await;
+                    let delete = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            uid: status.source_pod_uid.clone(),
+                            resource_version: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    let _ = pods.delete(&migration.spec.source_pod_name, &delete).await;
                     true
                 }
                 Workload::ReplicaSet(set) => {
@@ -814,21 +834,6 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
             )
             .await
         }
-        _ if past_deadline(migration) => {
-            // Too late: the restore goes, with its pod if it made one, before the
-            // source thaws, so the pod never runs twice.
-            let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
-            delete_if_there(&restores, &restore_name, "delete the migration's PodRestore").await?;
-            if let Some(pod) = &restore_status.restored_pod_name {
-                let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-                delete_if_there(&pods, pod, "delete the restored pod").await?;
-            }
-            let cause = format!(
-                "the restore did not finish within spec.timeoutSeconds ({} s); PodRestore {restore_name} was deleted",
-                migration.spec.timeout_seconds
-            );
-            roll_back(migration, ctx, status, &workload, reasons::TIMED_OUT, &cause).await
-        }
         _ => Ok(Action::requeue(Duration::from_secs(1))),
     }
 }
@@ -839,6 +844,45 @@ pub fn timed_out(phase: Option<MigrationPhase>, started: Option<&Time>, timeout_
     let before_target = matches!(phase, Some(MigrationPhase::Checkpointing | MigrationPhase::Restoring));
     let Some(started) = started else { return false };
     before_target && at.0.as_millisecond() - started.0.as_millisecond() > i64::from(timeout_seconds) * 1000
+}
+
+/// Ends a migration past its deadline whose target does not run: its restored pod
+/// goes (at once), then its PodRestore, each waited for, so that nothing of the
+/// target can start once the source thaws.
+async fn abandon_restore(
+    migration: &PodMigration,
+    ctx: &Context,
+    status: PodMigrationStatus,
+    workload: &Workload,
+    restore: Option<PodRestore>,
+) -> Result<Action, Error> {
+    let ns = migration.namespace().unwrap_or_default();
+    if let Some(restore) = restore {
+        let pod = restore.status.as_ref().and_then(|s| s.restored_pod_name.clone());
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        if let Some(pod) = pod
+            && pods
+                .get_opt(&pod)
+                .await
+                .map_err(kube_err("read the restored pod"))?
+                .is_some()
+        {
+            let _ = pods.delete(&pod, &now).await;
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
+        delete_if_there(&restores, &restore.name_any(), "delete the migration's PodRestore").await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let cause = format!(
+        "the restore did not finish within spec.timeoutSeconds ({} s); its PodRestore and pod were deleted",
+        migration.spec.timeout_seconds
+    );
+    roll_back(migration, ctx, status, workload, reasons::TIMED_OUT, &cause).await
 }
 
 /// [`timed_out`] for `migration` now.
