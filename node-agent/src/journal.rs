@@ -115,6 +115,15 @@ impl std::error::Error for JournalError {
     }
 }
 
+/// Removes a file; a missing one is fine.
+fn remove_if_there(path: PathBuf) -> Result<(), JournalError> {
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(JournalError::Remove { path, source }),
+    }
+}
+
 /// The subdirectory of freeze ends.
 const ENDED: &str = "ended";
 
@@ -186,12 +195,7 @@ impl Journal {
 
     /// Removes an entry; a missing one is fine.
     pub fn clear(&self, operation_id: &str) -> Result<(), JournalError> {
-        let path = self.path_of(operation_id)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(JournalError::Remove { path, source }),
-        }
+        remove_if_there(self.path_of(operation_id)?)
     }
 
     /// The entry files, sorted by name.
@@ -265,12 +269,7 @@ impl Journal {
 
     /// Forgets how an earlier freeze of `operation_id` ended.
     pub fn forget_end(&self, operation_id: &str) -> Result<(), JournalError> {
-        let path = self.end_path(operation_id)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(JournalError::Remove { path, source }),
-        }
+        remove_if_there(self.end_path(operation_id)?)
     }
 
     /// How the freeze of `operation_id` ended, if it did and it was recorded.
