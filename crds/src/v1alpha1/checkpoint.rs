@@ -173,8 +173,10 @@ pub enum PodIpConnections {
 }
 
 /// Application hooks.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.postRestore) || size(self.postRestore) == 0")
+    .message("hooks.postRestore: not implemented yet; no restore would run them"))]
 pub struct Hooks {
     /// Run in order before the pod is frozen, e.g. to flush buffers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -182,6 +184,7 @@ pub struct Hooks {
     pub pre_checkpoint: Vec<Hook>,
 
     /// Run in order once a restored pod is running, e.g. to refresh its address.
+    /// Not implemented yet: refused when given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub post_restore: Vec<Hook>,

@@ -163,8 +163,10 @@ pub struct AzureStorage {
 }
 
 /// A directory.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.persistentVolumeClaim)")
+    .message("local.persistentVolumeClaim: not supported yet; use a node directory or S3"))]
 pub struct LocalStorage {
     /// Absolute path. On each node's disk when no claim is given (checkpoints are
     /// then restorable only on the node that took them), else inside the claim.
@@ -172,8 +174,8 @@ pub struct LocalStorage {
     #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
     pub path: String,
 
-    /// A shared (ReadWriteMany) claim mounted into every agent, which makes
-    /// checkpoints restorable on any node.
+    /// A shared (ReadWriteMany) claim mounted into every agent, which would make
+    /// checkpoints restorable on any node. Not supported yet: refused when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_volume_claim: Option<ClaimReference>,
 }
