@@ -252,6 +252,7 @@ pub async fn source_pod(ctx: &Context, namespace: &str, name: &str, uid: Option<
 /// Every node of the cluster as (name, Ready, labels), what node choices read.
 pub async fn node_facts(
     ctx: &Context,
+    tolerations: &[k8s_openapi::api::core::v1::Toleration],
 ) -> Result<Vec<(String, bool, std::collections::BTreeMap<String, String>)>, Error> {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
     Ok(nodes
@@ -261,10 +262,40 @@ pub async fn node_facts(
         .items
         .into_iter()
         .map(|node| {
-            let ready = node_ready(&node);
+            // A node the pod could not be scheduled on is no target, named or not.
+            let ready = node_ready(&node) && untolerated_taint(&node, tolerations).is_none();
             (node.name_any(), ready, node.metadata.labels.unwrap_or_default())
         })
         .collect())
+}
+
+/// The first taint of `node` that keeps a pod with `tolerations` off it (`NoSchedule`
+/// or `NoExecute`), as `key=value:effect`.
+pub fn untolerated_taint(
+    node: &k8s_openapi::api::core::v1::Node,
+    tolerations: &[k8s_openapi::api::core::v1::Toleration],
+) -> Option<String> {
+    let tolerated = |taint: &k8s_openapi::api::core::v1::Taint| {
+        tolerations.iter().any(|t| {
+            let effect = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+            let key = match t.operator.as_deref() {
+                Some("Exists") => t.key.as_deref().is_none_or(|k| k.is_empty() || k == taint.key),
+                _ => {
+                    t.key.as_deref() == Some(taint.key.as_str())
+                        && t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default()
+                }
+            };
+            effect && key
+        })
+    };
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .find(|t| !tolerated(t))
+        .map(|t| format!("{}={}:{}", t.key, t.value.as_deref().unwrap_or_default(), t.effect))
 }
 
 /// Whether a node reports itself Ready.
@@ -273,4 +304,50 @@ pub fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_node_tainted_against_the_pod_is_no_target() {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [
+                {"key": "soft", "effect": "PreferNoSchedule"},
+                {"key": "dedicated", "value": "db", "effect": "NoSchedule"},
+            ]}
+        }))
+        .unwrap();
+        let tolerations = |t: serde_json::Value| -> Vec<k8s_openapi::api::core::v1::Toleration> {
+            serde_json::from_value(t).unwrap()
+        };
+        let table = [
+            (serde_json::json!([]), Some("dedicated=db:NoSchedule")),
+            (
+                serde_json::json!([{"key": "dedicated", "value": "web"}]),
+                Some("dedicated=db:NoSchedule"),
+            ),
+            (
+                serde_json::json!([{"key": "dedicated", "value": "db", "effect": "NoExecute"}]),
+                Some("dedicated=db:NoSchedule"),
+            ),
+            (serde_json::json!([{"key": "dedicated", "value": "db"}]), None),
+            (
+                serde_json::json!([{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]),
+                None,
+            ),
+            (serde_json::json!([{"operator": "Exists"}]), None),
+        ];
+        for (given, expected) in table {
+            assert_eq!(
+                untolerated_taint(&node, &tolerations(given.clone())).as_deref(),
+                expected,
+                "{given}"
+            );
+        }
+    }
 }

@@ -244,8 +244,8 @@ pub fn target_node(
         .map(|n| (*n).clone())
         .ok_or_else(|| match &target.node_name {
             Some(n) if n == source => format!("spec.target.nodeName {n} is the source pod's own node"),
-            Some(n) => format!("spec.target.nodeName {n} is not a ready node"),
-            None => format!("no ready node other than {source} matches spec.target"),
+            Some(n) => format!("spec.target.nodeName {n} is not a ready node whose taints the pod tolerates"),
+            None => format!("no ready node other than {source} whose taints the pod tolerates matches spec.target"),
         })
 }
 
@@ -281,7 +281,12 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     let Some(source) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         return Ok(Action::requeue(Duration::from_secs(3)));
     };
-    let facts = node_facts(ctx).await?;
+    let tolerations = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
+    let facts = node_facts(ctx, &tolerations).await?;
     let target = match target_node(spec.target.as_ref(), &source, &facts) {
         Ok(target) => target,
         Err(message) => return fail(migration, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
@@ -1046,7 +1051,7 @@ mod tests {
         };
         assert_eq!(
             target_node(Some(&ssd), "node-2", &nodes).unwrap_err(),
-            "no ready node other than node-2 matches spec.target"
+            "no ready node other than node-2 whose taints the pod tolerates matches spec.target"
         );
     }
 

@@ -167,11 +167,14 @@ pub fn choose_node(
         let mut why = Vec::new();
         if let Some(n) = &target.node_name {
             why.push(format!(
-                "spec.target.nodeName {n} is not a ready node with a cryopod agent"
+                "spec.target.nodeName {n} is not a ready node with a cryopod agent whose taints the pod tolerates"
             ));
         }
         if target.node_selector.is_some() {
-            why.push("no ready node with a cryopod agent matches spec.target.nodeSelector".to_owned());
+            why.push(
+                "no ready node with a cryopod agent whose taints the pod tolerates matches spec.target.nodeSelector"
+                    .to_owned(),
+            );
         }
         if local_only {
             why.push(format!(
@@ -232,7 +235,14 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     }
     // One lookup of the agents, not one per node.
     let served = ctx.agents.nodes().await.map_err(|source| Error::Agent { source })?;
-    let facts: Vec<_> = node_facts(ctx)
+    let tolerations = checkpoint
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpointed_pod_template.as_ref())
+        .and_then(|t| t.spec.as_ref())
+        .and_then(|s| s.tolerations.clone())
+        .unwrap_or_default();
+    let facts: Vec<_> = node_facts(ctx, &tolerations)
         .await?
         .into_iter()
         .map(|(name, ready, labels)| {
@@ -727,7 +737,7 @@ mod tests {
         let err = choose_node(&restore(serde_json::json!({"nodeName": "node-3"})), &s3, &nodes()).unwrap_err();
         assert_eq!(
             err,
-            "spec.target.nodeName node-3 is not a ready node with a cryopod agent"
+            "spec.target.nodeName node-3 is not a ready node with a cryopod agent whose taints the pod tolerates"
         );
         let local = checkpoint("NodeLocal");
         assert_eq!(
