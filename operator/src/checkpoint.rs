@@ -233,6 +233,16 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         SourcePod::Missing(message) => return fail(cp, ctx, reasons::SOURCE_POD_NOT_FOUND, message).await,
         SourcePod::Replaced(message) => return fail(cp, ctx, reasons::SOURCE_POD_REPLACED, message).await,
     };
+    // Refused before anything is frozen: such a pod could never be restored.
+    if let Some(why) = pod.spec.as_ref().and_then(crate::template::refused_spec) {
+        return fail(
+            cp,
+            ctx,
+            reasons::UNSUPPORTED_POD,
+            format!("the pod cannot be checkpointed: {why}"),
+        )
+        .await;
+    }
     let live_uid = pod.metadata.uid.clone().unwrap_or_default();
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");

@@ -206,6 +206,22 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     if let Some(message) = reserved_keys(&restore.spec) {
         return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
     }
+    // The recorded template is status, which others than the operator may write: it
+    // is checked again before a pod is made of it with the operator's rights.
+    let recorded = checkpoint
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpointed_pod_template.as_ref())
+        .and_then(|t| t.spec.as_ref());
+    if let Some(why) = recorded.and_then(crate::template::refused_spec) {
+        return fail(
+            restore,
+            ctx,
+            reasons::NOT_PERMITTED,
+            format!("PodCheckpoint {name}: status.checkpointedPodTemplate.{why}"),
+        )
+        .await;
+    }
     match checkpoint.status.as_ref().and_then(|s| s.phase) {
         Some(CheckpointPhase::Ready) => {}
         Some(CheckpointPhase::Failed) => {

@@ -51,11 +51,84 @@ pub fn checkpointed_pod_template(pod: &Pod) -> PodTemplateSpec {
     }
 }
 
+/// Why a pod spec may not be checkpointed nor come back from a checkpoint, naming
+/// the field: a restored pod is created with the operator's rights, so it never gets
+/// the node (privileged containers, added capabilities, the node's namespaces or
+/// files), whatever a checkpoint's recorded template says.
+pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let host = [
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ];
+    if let Some((field, _)) = host.iter().find(|(_, on)| *on == Some(true)) {
+        return Some(format!("spec.{field}: the pod shares the node's namespaces"));
+    }
+    if let Some(volume) = spec.volumes.iter().flatten().find(|v| v.host_path.is_some()) {
+        return Some(format!(
+            "spec.volumes[{}].hostPath: the pod mounts the node's files",
+            volume.name
+        ));
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .map(|c| ("containers", c))
+        .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)));
+    for (kind, container) in containers {
+        let Some(security) = &container.security_context else {
+            continue;
+        };
+        let field = format!("spec.{kind}[{}].securityContext", container.name);
+        if security.privileged == Some(true) {
+            return Some(format!("{field}.privileged: the container is privileged"));
+        }
+        if security
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.add.as_ref())
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Some(format!("{field}.capabilities.add: the container adds capabilities"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn pods_that_reach_the_node_are_refused_naming_the_field() {
+        let spec = |v: serde_json::Value| -> k8s_openapi::api::core::v1::PodSpec { serde_json::from_value(v).unwrap() };
+        let app = serde_json::json!({"name": "app", "image": "x"});
+        assert_eq!(refused_spec(&spec(serde_json::json!({"containers": [app]}))), None);
+        let table = [
+            (
+                serde_json::json!({"hostPID": true, "containers": [app]}),
+                "spec.hostPID: the pod shares the node's namespaces",
+            ),
+            (
+                serde_json::json!({"containers": [app], "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}),
+                "spec.volumes[root].hostPath: the pod mounts the node's files",
+            ),
+            (
+                serde_json::json!({"containers": [{"name": "app", "image": "x", "securityContext": {"privileged": true}}]}),
+                "spec.containers[app].securityContext.privileged: the container is privileged",
+            ),
+            (
+                serde_json::json!({"containers": [app], "initContainers": [{"name": "init", "image": "x",
+                    "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]}),
+                "spec.initContainers[init].securityContext.capabilities.add: the container adds capabilities",
+            ),
+        ];
+        for (given, expected) in table {
+            assert_eq!(refused_spec(&spec(given.clone())).as_deref(), Some(expected), "{given}");
+        }
+    }
 
     #[test]
     fn the_old_pods_identity_node_status_and_token_are_dropped() {
