@@ -21,14 +21,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::common::{CONDITION_READY, NodeTarget};
+use cryopod_crds::common::{CONDITION_READY, LocalSecretReference, NodeTarget};
 use cryopod_crds::v1alpha1::{
-    CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodMigration,
-    PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
+    CheckpointPhase, EncryptionSpec, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec,
+    PodMigration, PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase,
+    migration_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
@@ -327,6 +328,47 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
+/// The Secret `<migration>-key` holding a fresh age key pair for the migration's
+/// checkpoint (`recipients`, `identity`), owned by the migration; created once.
+async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result<String, Error> {
+    use age::secrecy::ExposeSecret;
+    let name = format!("{}-key", migration.name_any());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    if secrets
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("read the migration's key"))?
+        .is_some()
+    {
+        return Ok(name);
+    }
+    let identity = age::x25519::Identity::generate();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            owner_references: Some(vec![owner(migration)]),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(
+            [
+                ("recipients".to_owned(), identity.to_public().to_string()),
+                ("identity".to_owned(), identity.to_string().expose_secret().to_owned()),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(name),
+        // Made by an earlier reconcile that did not see it yet.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(name),
+        Err(source) => Err(Error::Kube {
+            action: "create the migration's key",
+            source,
+        }),
+    }
+}
+
 /// Creates the migration's PodCheckpoint unless it exists (an operator stopped
 /// between recording the step and taking it takes it on restart).
 async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<PodCheckpoint, Error> {
@@ -342,6 +384,9 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
     {
         return Ok(existing);
     }
+    // The memory image is sealed with a key of this migration's own: whoever reads the
+    // bucket gets nothing, and the key goes with the migration.
+    let key = ensure_migration_key(migration, ctx).await?;
     let mut checkpoint = PodCheckpoint::new(
         &checkpoint_name,
         PodCheckpointSpec {
@@ -353,7 +398,9 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
             post_checkpoint_state: PostCheckpointState::Stopped,
             tcp: spec.tcp,
             hooks: None,
-            encryption: None,
+            encryption: Some(EncryptionSpec {
+                secret_ref: LocalSecretReference { name: key },
+            }),
             retention: None,
         },
     );

@@ -254,7 +254,12 @@ pub fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
 /// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
 /// there.
 pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &[&str]) -> Vec<u64> {
-    let volume = stored_object(tb, checkpoint, "pod/volume/data.tar.zst").await;
+    let volume = opened(
+        tb,
+        checkpoint,
+        stored_object(tb, checkpoint, "pod/volume/data.tar.zst").await,
+    )
+    .await;
     let inner = &tar_members(&unzstd(&volume))[0].1;
     names
         .iter()
@@ -266,6 +271,29 @@ pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &
                 .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
         })
         .collect()
+}
+
+/// A stored object in the clear: decrypted with the checkpoint's age identity when it
+/// is sealed (a migration's always are).
+pub async fn opened(tb: &Testbed, checkpoint: &PodCheckpoint, stored: Vec<u8>) -> Vec<u8> {
+    use std::io::Read;
+    let Some(encryption) = &checkpoint.spec.encryption else {
+        return stored;
+    };
+    let client = tb.client().await.unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client, &checkpoint.metadata.namespace.clone().unwrap());
+    let secret = secrets.get(&encryption.secret_ref.name).await.unwrap();
+    let identity = String::from_utf8(secret.data.unwrap()["identity"].0.clone()).unwrap();
+    let identity: age::x25519::Identity = identity.trim().parse().unwrap();
+    let decryptor = age::Decryptor::new(stored.as_slice()).unwrap();
+    let mut plain = Vec::new();
+    decryptor
+        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .unwrap()
+        .read_to_end(&mut plain)
+        .unwrap();
+    plain
 }
 
 /// One stored object of a Ready PodCheckpoint, as stored.
