@@ -47,12 +47,12 @@ impl std::fmt::Display for CaptureError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Archive { what, path, .. } => write!(f, "cannot capture {what} from {}", path.display()),
-            Self::Resolve { container, mount, .. } => {
-                write!(
-                    f,
-                    "cannot resolve mount {mount} inside the root of container {container}: refused"
-                )
-            }
+            // The cause is the point here (what the tenant did), so it is said.
+            Self::Resolve {
+                container,
+                mount,
+                source,
+            } => write!(f, "mount {mount} of container {container} refused: {source}"),
             Self::NoUpperDir { container } => {
                 write!(
                     f,
@@ -539,9 +539,10 @@ mod tests {
         assert_eq!(names(&out), ["marker"]);
         // What does not resolve inside is refused, naming the mount and the container.
         let err = tar_mount_in("app", "volume/tls", &root, mountinfo, "/x/missing", &out).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "cannot resolve mount /x/missing inside the root of container app: refused"
+        assert!(
+            err.to_string()
+                .starts_with("mount /x/missing of container app refused: "),
+            "{err}"
         );
     }
 
@@ -579,7 +580,11 @@ mod tests {
         std::os::unix::fs::symlink("/tmp/moved", root.join("tmp/link")).unwrap();
         tar_mount_in("app", "volume/data", &root, inode, "/tmp/link/kernel", &out).unwrap();
         let err = tar_mount_in("app", "volume/data", &root, inode, "/tmp/x/proc", &out).unwrap_err();
-        assert!(err.to_string().starts_with("cannot resolve mount /tmp/x/proc"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "mount /tmp/x/proc of container app refused: what is there now is not the volume the runtime mounted \
+             (a directory above it was moved)"
+        );
         // Mount points are unescaped as the kernel escapes them.
         assert_eq!(mount_id_at("7 1 0:1 / /a\\040b rw - x x rw", "/a b"), Some(7));
     }
