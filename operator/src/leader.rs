@@ -19,26 +19,47 @@ pub enum LeaseDecision {
     Wait { holder: String, after: Duration },
 }
 
-/// Decides from the Lease as read, at `now_ms` (milliseconds since the epoch).
-pub fn decide(lease: Option<&Lease>, me: &str, now_ms: i64) -> LeaseDecision {
+/// Another replica's Lease as this one last saw it, and when, on this replica's own
+/// monotonic clock: another replica's clock is never compared with ours (client-go
+/// does the same).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    holder: String,
+    renewed: Option<i64>,
+    at: std::time::Instant,
+}
+
+/// Decides from the Lease as read at `now`, given what was seen of it before. A
+/// holder's Lease expires its duration after this replica last saw it change.
+pub fn decide(
+    lease: Option<&Lease>,
+    me: &str,
+    seen: Option<&Seen>,
+    now: std::time::Instant,
+) -> (LeaseDecision, Option<Seen>) {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
-        return LeaseDecision::Take;
+        return (LeaseDecision::Take, None);
     };
     let holder = spec.holder_identity.clone().unwrap_or_default();
     if holder.is_empty() || holder == me {
-        return LeaseDecision::Take;
+        return (LeaseDecision::Take, None);
     }
-    let duration_ms = i64::from(spec.lease_duration_seconds.unwrap_or(15)) * 1000;
-    let renewed_ms = spec.renew_time.as_ref().map_or(0, |t| t.0.as_millisecond());
-    let expires = renewed_ms + duration_ms;
-    if now_ms >= expires {
+    let renewed = spec.renew_time.as_ref().map(|t| t.0.as_millisecond());
+    let at = match seen {
+        Some(s) if s.holder == holder && s.renewed == renewed => s.at,
+        _ => now,
+    };
+    let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
+    let expires = at + duration;
+    let decision = if now >= expires {
         LeaseDecision::Take
     } else {
         LeaseDecision::Wait {
-            holder,
-            after: Duration::from_millis((expires - now_ms) as u64),
+            holder: holder.clone(),
+            after: expires - now,
         }
-    }
+    };
+    (decision, Some(Seen { holder, renewed, at }))
 }
 
 /// One replica's side of the election.
@@ -118,9 +139,17 @@ impl Election {
 
     /// Waits until this replica holds the Lease.
     pub async fn acquire(&self) -> Result<(), kube::Error> {
+        let mut seen = None;
         loop {
             let current = self.leases.get_opt(&self.name).await?;
-            match decide(current.as_ref(), &self.identity, Timestamp::now().as_millisecond()) {
+            let (decision, now_seen) = decide(
+                current.as_ref(),
+                &self.identity,
+                seen.as_ref(),
+                std::time::Instant::now(),
+            );
+            seen = now_seen;
+            match decision {
                 LeaseDecision::Take => {
                     if self.take(current).await? {
                         tracing::info!(lease = %self.name, identity = %self.identity, "leading");
@@ -135,26 +164,41 @@ impl Election {
         }
     }
 
-    /// Renews the Lease every third of its duration; returns when it is lost.
+    /// Renews the Lease every third of its duration; returns when it is lost, or when
+    /// it could not be renewed for two thirds of its duration (the renew deadline,
+    /// before any other replica may take it), saying why.
     pub async fn hold(&self) -> String {
+        let deadline = self.duration * 2 / 3;
+        let mut renewed = std::time::Instant::now();
+        let mut wait = self.duration / 3;
         loop {
-            tokio::time::sleep(self.duration / 3).await;
-            let current = match self.leases.get_opt(&self.name).await {
-                Ok(current) => current,
-                Err(e) => return format!("cannot read the Lease: {e}"),
+            tokio::time::sleep(wait).await;
+            let failure = match self.leases.get_opt(&self.name).await {
+                Err(e) => format!("cannot read the Lease: {e}"),
+                Ok(current) => {
+                    let held = current
+                        .as_ref()
+                        .and_then(|l| l.spec.as_ref())
+                        .and_then(|s| s.holder_identity.clone());
+                    if held.as_deref() != Some(self.identity.as_str()) {
+                        return format!("the Lease is held by {}", held.unwrap_or_default());
+                    }
+                    match self.take(current).await {
+                        Ok(true) => {
+                            renewed = std::time::Instant::now();
+                            wait = self.duration / 3;
+                            continue;
+                        }
+                        Ok(false) => return "the Lease was taken over".to_owned(),
+                        Err(e) => format!("cannot renew the Lease: {e}"),
+                    }
+                }
             };
-            let held = current
-                .as_ref()
-                .and_then(|l| l.spec.as_ref())
-                .and_then(|s| s.holder_identity.clone());
-            if held.as_deref() != Some(self.identity.as_str()) {
-                return format!("the Lease is held by {}", held.unwrap_or_default());
+            if renewed.elapsed() >= deadline {
+                return format!("{failure}, for {} s", deadline.as_secs());
             }
-            match self.take(current).await {
-                Ok(true) => {}
-                Ok(false) => return "the Lease was taken over".to_owned(),
-                Err(e) => return format!("cannot renew the Lease: {e}"),
-            }
+            tracing::warn!(lease = %self.name, %failure, "retrying until the renew deadline");
+            wait = Duration::from_secs(1).min(deadline.saturating_sub(renewed.elapsed()));
         }
     }
 }
@@ -178,16 +222,37 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_is_taken_when_free_ours_or_expired() {
-        assert_eq!(decide(None, "me", 0), LeaseDecision::Take);
-        assert_eq!(decide(Some(&lease("me", 0)), "me", 1_000), LeaseDecision::Take);
+    fn a_lease_is_taken_when_free_ours_or_expired_on_our_own_clock() {
+        let t0 = std::time::Instant::now();
+        let secs = Duration::from_secs;
+        assert_eq!(decide(None, "me", None, t0).0, LeaseDecision::Take);
+        assert_eq!(decide(Some(&lease("me", 0)), "me", None, t0).0, LeaseDecision::Take);
+        // Its renew time is far in the past by our wall clock: no matter, it was just seen.
+        let (decision, seen) = decide(Some(&lease("other", 10_000)), "me", None, t0);
         assert_eq!(
-            decide(Some(&lease("other", 10_000)), "me", 20_000),
+            decision,
             LeaseDecision::Wait {
                 holder: "other".into(),
-                after: Duration::from_secs(5)
+                after: secs(15)
             }
         );
-        assert_eq!(decide(Some(&lease("other", 10_000)), "me", 25_000), LeaseDecision::Take);
+        // Unchanged 10 s later: 5 s left; unchanged 15 s later: ours.
+        let wait = |after| LeaseDecision::Wait {
+            holder: "other".into(),
+            after,
+        };
+        assert_eq!(
+            decide(Some(&lease("other", 10_000)), "me", seen.as_ref(), t0 + secs(10)).0,
+            wait(secs(5))
+        );
+        assert_eq!(
+            decide(Some(&lease("other", 10_000)), "me", seen.as_ref(), t0 + secs(15)).0,
+            LeaseDecision::Take
+        );
+        // Renewed meanwhile (whatever its clock says): a full duration again from when we saw it.
+        assert_eq!(
+            decide(Some(&lease("other", 9_000)), "me", seen.as_ref(), t0 + secs(15)).0,
+            wait(secs(15))
+        );
     }
 }

@@ -336,6 +336,10 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
         return checkpoint_deleted(restore, ctx).await;
     };
+    // The grant holds at each use, not only at the start: one withdrawn since ends it.
+    if let Some(message) = refused_grant(restore, &checkpoint) {
+        return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
+    }
     let (storage, prefix) = match stored_at(&checkpoint, ctx).await? {
         Ok(found) => found,
         Err((_, message)) => return fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
