@@ -783,6 +783,38 @@ async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+/// Why a recorded location is not this checkpoint's own, if it is not. The location is
+/// status, which others than the operator may write: a restore must not read, nor the
+/// finalizer delete, another checkpoint's objects. Its own keys end in
+/// `<namespace>/<pod>/<checkpoint uid>/` (`storage::checkpoint_prefix`).
+pub fn foreign_location(cp: &PodCheckpoint, location: &cryopod_crds::v1alpha1::CheckpointLocation) -> Option<String> {
+    let own = crate::storage::checkpoint_prefix(
+        None,
+        &cp.namespace().unwrap_or_default(),
+        &cp.spec.source_pod_name,
+        &cp.uid().unwrap_or_default(),
+    );
+    let (field, recorded) = match location.type_ {
+        CheckpointLocationType::NodeLocal => (
+            "nodeLocal.path",
+            location
+                .node_local
+                .as_ref()
+                .map(|l| format!("{}/", l.path.trim_end_matches('/'))),
+        ),
+        CheckpointLocationType::ObjectStore => (
+            "objectStore.prefix",
+            location.object_store.as_ref().map(|o| o.prefix.clone()),
+        ),
+    };
+    let recorded = recorded?;
+    let climbs = recorded.split('/').any(|c| c == "..");
+    let ours = recorded == own || recorded.ends_with(&format!("/{own}"));
+    (climbs || !ours).then(|| {
+        format!("status.checkpointLocation.{field} {recorded} is not this checkpoint's own (…/{own}): refused")
+    })
+}
+
 /// Where a checkpoint's objects are, from its recorded location: what an agent is
 /// sent to read or delete them, and their key prefix.
 pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::Storage, String), Refusal>, Error> {
@@ -793,6 +825,9 @@ pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::
             "the checkpoint has no recorded location".to_owned(),
         )));
     };
+    if let Some(why) = foreign_location(cp, &location) {
+        return Ok(Err((reasons::CHECKPOINT_FAILED, why)));
+    }
     match location.type_ {
         CheckpointLocationType::NodeLocal => {
             let path = location.node_local.map(|l| l.path).unwrap_or_default();
@@ -995,6 +1030,31 @@ mod tests {
         assert_eq!(starts.in_flight(&view, "b"), vec![]);
         starts.claim("c", flight.clone());
         assert_eq!(starts.in_flight(&view, "b"), vec![]);
+    }
+
+    #[test]
+    fn a_location_pointing_at_another_checkpoint_is_refused() {
+        let cp: PodCheckpoint = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+            "metadata": {"name": "c", "namespace": "ns", "uid": "u1"},
+            "spec": {"sourcePodName": "p"}
+        }))
+        .unwrap();
+        let at = |prefix: &str| -> cryopod_crds::v1alpha1::CheckpointLocation {
+            serde_json::from_value(serde_json::json!({"type": "ObjectStore",
+                "objectStore": {"storage": "s3", "prefix": prefix}}))
+            .unwrap()
+        };
+        assert_eq!(foreign_location(&cp, &at("ns/p/u1/")), None);
+        assert_eq!(foreign_location(&cp, &at("base/ns/p/u1/")), None);
+        for other in ["victim/db/u2/", "base/", "", "x/../ns/p/u1/", "evilns/p/u1/"] {
+            assert!(foreign_location(&cp, &at(other)).is_some(), "{other}");
+        }
+        let local: cryopod_crds::v1alpha1::CheckpointLocation = serde_json::from_value(serde_json::json!({
+            "type": "NodeLocal", "nodeLocal": {"nodeName": "n", "path": "/var/lib/cryopod/checkpoints/ns/p/u1"}
+        }))
+        .unwrap();
+        assert_eq!(foreign_location(&cp, &local), None);
     }
 
     #[test]
