@@ -40,6 +40,9 @@ pub struct AgentConfig {
     pub node_exec: Vec<String>,
     /// `CRYOPOD_CRIU_DIR`: a directory put first in PATH for runc to find `criu`.
     pub criu_dir: Option<PathBuf>,
+    /// `CRYOPOD_CLIENT_NAME`, default `cryopod-operator`: the name (common name or DNS
+    /// name) the one client allowed, the operator, has in its certificate.
+    pub client_name: String,
     /// `CRYOPOD_DRAIN_SECONDS`, default 120: after SIGTERM, how long operations may
     /// finish and held pods wait for their release before they are thawed.
     pub drain: std::time::Duration,
@@ -157,6 +160,9 @@ impl AgentConfig {
                 .unwrap_or_default(),
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
             drain: std::time::Duration::from_secs(drain),
+            client_name: get("CRYOPOD_CLIENT_NAME")
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "cryopod-operator".into()),
         })
     }
 }
@@ -367,7 +373,10 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let serve = Server::builder()
         .tls_config(tls)
         .map_err(|source| RunError::Serve { source })?
-        .add_service(NodeAgentServer::new(service))
+        .add_service(NodeAgentServer::with_interceptor(
+            service,
+            crate::server::only_client(config.client_name.clone()),
+        ))
         .serve_with_shutdown(config.listen, shutdown);
     // Graceful shutdown waits for open streams; a few seconds after the drain, the
     // agent stops whatever still streams.

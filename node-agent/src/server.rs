@@ -33,6 +33,46 @@ pub mod pb {
     tonic::include_proto!("cryopod.agent.v1alpha1");
 }
 
+/// The names a client certificate (DER) carries: its subject's common names and its
+/// DNS subject alternative names.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return vec![];
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// An interceptor that lets through only a client whose certificate names `operator`:
+/// every certificate of the cluster's CA chains, an agent's own among them, but only
+/// the operator may drive an agent.
+pub fn only_client(operator: String) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let named = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())))
+            .unwrap_or_default();
+        if named.contains(&operator) {
+            Ok(request)
+        } else {
+            Err(Status::permission_denied(format!(
+                "the client certificate names {named:?}, not {operator}: only the operator may call the agent"
+            )))
+        }
+    }
+}
+
 /// Debug of the messages that carry credentials, keys or a pod's spec (build.rs
 /// leaves their derived Debug out): what identifies a request shows, secrets do not.
 mod redacted {

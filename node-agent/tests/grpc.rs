@@ -180,7 +180,11 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
     let metrics = Arc::new(AgentMetrics::new());
     let service = AgentService::new(Shared(stand.clone()), metrics.clone());
     let drain = service.drain_handle();
-    let service = NodeAgentServer::new(service);
+    // As the agent binary serves: only the operator's certificate gets through.
+    let service = NodeAgentServer::with_interceptor(
+        service,
+        cryopod_node_agent::server::only_client("cryopod-operator".into()),
+    );
     tokio::spawn(
         Server::builder()
             .tls_config(tls)
@@ -395,6 +399,27 @@ async fn clients_need_a_certificate_from_the_cluster_ca() {
             }
         );
     }
+}
+
+/// A certificate of the cluster's CA that is not the operator's (an agent's own, from
+/// a node someone took over) drives no agent.
+#[tokio::test]
+async fn security_only_the_operators_certificate_drives_an_agent() {
+    let pki = pki();
+    let (url, stand, _) = serve(stand("ok"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.server)).await.unwrap();
+    let refused = agent.node_info(pb::NodeInfoRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("only the operator may call the agent"),
+        "{}",
+        refused.message()
+    );
+    let refused = agent.checkpoint(request("op-x")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(stand.calls.load(Ordering::SeqCst), 0, "nothing ran");
+    let mut operator = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    operator.node_info(pb::NodeInfoRequest {}).await.unwrap();
 }
 
 #[tokio::test]
