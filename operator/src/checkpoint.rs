@@ -831,12 +831,44 @@ pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::
     match location.type_ {
         CheckpointLocationType::NodeLocal => {
             let path = location.node_local.map(|l| l.path).unwrap_or_default();
-            // Keys relative to the root: the whole directory of this checkpoint.
+            // Under a root the cluster's admin chose (the embedded one, or a Local
+            // CheckpointStorage's), as this checkpoint's own directory: never a path
+            // that status alone names.
+            let own = crate::storage::checkpoint_prefix(
+                None,
+                &cp.namespace().unwrap_or_default(),
+                &cp.spec.source_pod_name,
+                &cp.uid().unwrap_or_default(),
+            );
+            let storages: Api<CheckpointStorage> = Api::all(ctx.client.clone());
+            let mut roots = vec![cryopod_crds::v1alpha1::EMBEDDED_LOCAL_PATH.to_owned()];
+            roots.extend(
+                storages
+                    .list(&Default::default())
+                    .await
+                    .map_err(kube_err("list CheckpointStorages"))?
+                    .items
+                    .into_iter()
+                    .filter_map(|s| s.spec.local.map(|l| l.path)),
+            );
+            let recorded = format!("{}/", path.trim_end_matches('/'));
+            let Some(root) = roots
+                .into_iter()
+                .find(|root| format!("{}/{own}", root.trim_end_matches('/')) == recorded)
+            else {
+                return Ok(Err((
+                    reasons::CHECKPOINT_FAILED,
+                    format!(
+                        "status.checkpointLocation.nodeLocal.path {path} is not this checkpoint's own directory under \
+                         a local storage root: refused"
+                    ),
+                )));
+            };
             Ok(Ok((
                 pb::Storage {
-                    backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: "/".to_owned() })),
+                    backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: root })),
                 },
-                format!("{}/", path.trim_matches('/')),
+                own,
             )))
         }
         CheckpointLocationType::ObjectStore => {

@@ -137,8 +137,9 @@ impl Election {
         }
     }
 
-    /// Waits until this replica holds the Lease.
-    pub async fn acquire(&self) -> Result<(), kube::Error> {
+    /// Waits until this replica holds the Lease; returns when the write that took it
+    /// was sent (the Lease counts from then, not from the answer).
+    pub async fn acquire(&self) -> Result<std::time::Instant, kube::Error> {
         let mut seen = None;
         loop {
             let current = self.leases.get_opt(&self.name).await?;
@@ -151,9 +152,10 @@ impl Election {
             seen = now_seen;
             match decision {
                 LeaseDecision::Take => {
+                    let sent = std::time::Instant::now();
                     if self.take(current).await? {
                         tracing::info!(lease = %self.name, identity = %self.identity, "leading");
-                        return Ok(());
+                        return Ok(sent);
                     }
                 }
                 LeaseDecision::Wait { holder, after } => {
@@ -164,43 +166,67 @@ impl Election {
         }
     }
 
-    /// Renews the Lease every third of its duration; returns when it is lost, or when
-    /// it could not be renewed for two thirds of its duration (the renew deadline,
-    /// before any other replica may take it), saying why.
-    pub async fn hold(&self) -> String {
+    /// Renews the Lease every third of its duration, from `renewed` (when the write
+    /// that took it was sent); returns when it is lost, or when it could not be renewed
+    /// within two thirds of its duration (the renew deadline, before any other replica
+    /// may take it), saying why. Each attempt is bounded by what is left of the deadline:
+    /// a request that stalls must not keep a leader past it.
+    pub async fn hold(&self, mut renewed: std::time::Instant) -> String {
         let deadline = self.duration * 2 / 3;
-        let mut renewed = std::time::Instant::now();
         let mut wait = self.duration / 3;
         loop {
             tokio::time::sleep(wait).await;
-            let failure = match self.leases.get_opt(&self.name).await {
-                Err(e) => format!("cannot read the Lease: {e}"),
-                Ok(current) => {
-                    let held = current
-                        .as_ref()
-                        .and_then(|l| l.spec.as_ref())
-                        .and_then(|s| s.holder_identity.clone());
-                    if held.as_deref() != Some(self.identity.as_str()) {
-                        return format!("the Lease is held by {}", held.unwrap_or_default());
-                    }
-                    match self.take(current).await {
-                        Ok(true) => {
-                            renewed = std::time::Instant::now();
-                            wait = self.duration / 3;
-                            continue;
-                        }
-                        Ok(false) => return "the Lease was taken over".to_owned(),
-                        Err(e) => format!("cannot renew the Lease: {e}"),
-                    }
+            let sent = std::time::Instant::now();
+            let left = deadline.saturating_sub(renewed.elapsed());
+            let failure = match tokio::time::timeout(left, self.renew_once()).await {
+                Ok(Ok(())) => {
+                    renewed = sent;
+                    wait = self.duration / 3;
+                    continue;
                 }
+                Ok(Err(Renewal::Lost(why))) => return why,
+                Ok(Err(Renewal::Failed(why))) => why,
+                Err(_) => "the renewal did not answer in time".to_owned(),
             };
             if renewed.elapsed() >= deadline {
-                return format!("{failure}, for {} s", deadline.as_secs());
+                return format!("{failure}; not renewed for {} s", deadline.as_secs());
             }
             tracing::warn!(lease = %self.name, %failure, "retrying until the renew deadline");
             wait = Duration::from_secs(1).min(deadline.saturating_sub(renewed.elapsed()));
         }
     }
+
+    /// One renewal: the Lease read and written back as ours.
+    async fn renew_once(&self) -> Result<(), Renewal> {
+        let current = self
+            .leases
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Renewal::Failed(format!("cannot read the Lease: {e}")))?;
+        let held = current
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|s| s.holder_identity.clone());
+        if held.as_deref() != Some(self.identity.as_str()) {
+            return Err(Renewal::Lost(format!(
+                "the Lease is held by {}",
+                held.unwrap_or_default()
+            )));
+        }
+        match self.take(current).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Renewal::Lost("the Lease was taken over".to_owned())),
+            Err(e) => Err(Renewal::Failed(format!("cannot renew the Lease: {e}"))),
+        }
+    }
+}
+
+/// Why a renewal did not happen.
+enum Renewal {
+    /// Someone else holds the Lease: stop now.
+    Lost(String),
+    /// It may work on a retry, within the renew deadline.
+    Failed(String),
 }
 
 #[cfg(test)]

@@ -301,6 +301,11 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
             Fence::NotEnforced(message) => return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await,
         }
     }
+    // The memory image is sealed with a key of this migration's own: whoever reads the
+    // bucket gets nothing, and the key goes with the migration.
+    if let Err(why) = ensure_migration_key(migration, ctx).await? {
+        return fail(migration, ctx, reasons::MIGRATION_FAILED, why).await;
+    }
     let checkpoint_name = format!("{}-checkpoint", migration.name_any());
     let mut status = migration.status.clone().unwrap_or_default();
     status.phase = Some(MigrationPhase::Checkpointing);
@@ -328,19 +333,31 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
+fn key_name(migration: &PodMigration) -> String {
+    format!("{}-key", migration.name_any())
+}
+
 /// The Secret `<migration>-key` holding a fresh age key pair for the migration's
 /// checkpoint (`recipients`, `identity`), owned by the migration; created once.
-async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result<String, Error> {
+async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result<Result<String, String>, Error> {
     use age::secrecy::ExposeSecret;
-    let name = format!("{}-key", migration.name_any());
+    let name = key_name(migration);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    if secrets
+    let ours = |secret: &Secret| {
+        secret
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == migration.metadata.uid.as_ref())
+    };
+    let not_ours = || format!("Secret {name} exists and is not this migration's key: delete or rename it");
+    if let Some(existing) = secrets
         .get_opt(&name)
         .await
         .map_err(kube_err("read the migration's key"))?
-        .is_some()
     {
-        return Ok(name);
+        return Ok(if ours(&existing) { Ok(name) } else { Err(not_ours()) });
     }
     let identity = age::x25519::Identity::generate();
     let secret = Secret {
@@ -359,9 +376,12 @@ async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result
         ..Secret::default()
     };
     match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(name),
-        // Made by an earlier reconcile that did not see it yet.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(name),
+        Ok(_) => Ok(Ok(name)),
+        // Made meanwhile: ours only if this migration made it.
+        Err(kube::Error::Api(e)) if e.code == 409 => match secrets.get_opt(&name).await {
+            Ok(Some(existing)) if ours(&existing) => Ok(Ok(name)),
+            _ => Ok(Err(not_ours())),
+        },
         Err(source) => Err(Error::Kube {
             action: "create the migration's key",
             source,
@@ -384,9 +404,8 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
     {
         return Ok(existing);
     }
-    // The memory image is sealed with a key of this migration's own: whoever reads the
-    // bucket gets nothing, and the key goes with the migration.
-    let key = ensure_migration_key(migration, ctx).await?;
+    // Sealed with the migration's own key, made before the step was recorded (start).
+    let key = key_name(migration);
     let mut checkpoint = PodCheckpoint::new(
         &checkpoint_name,
         PodCheckpointSpec {

@@ -206,21 +206,8 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     if let Some(message) = reserved_keys(&restore.spec) {
         return fail(restore, ctx, reasons::NOT_PERMITTED, message).await;
     }
-    // The recorded template is status, which others than the operator may write: it
-    // is checked again before a pod is made of it with the operator's rights.
-    let recorded = checkpoint
-        .status
-        .as_ref()
-        .and_then(|s| s.checkpointed_pod_template.as_ref())
-        .and_then(|t| t.spec.as_ref());
-    if let Some(why) = recorded.and_then(crate::template::refused_spec) {
-        return fail(
-            restore,
-            ctx,
-            reasons::NOT_PERMITTED,
-            format!("PodCheckpoint {name}: status.checkpointedPodTemplate.{why}"),
-        )
-        .await;
+    if let Some(why) = refused_template(&checkpoint) {
+        return fail(restore, ctx, reasons::NOT_PERMITTED, why).await;
     }
     match checkpoint.status.as_ref().and_then(|s| s.phase) {
         Some(CheckpointPhase::Ready) => {}
@@ -298,6 +285,23 @@ pub fn reserved_keys(spec: &cryopod_crds::v1alpha1::PodRestoreSpec) -> Option<St
         format!(
             "{}: keys under cryopod.io/ are reserved for the operator",
             found.join(", ")
+        )
+    })
+}
+
+/// Why the checkpoint's recorded template may not become a pod. It is status, which
+/// others than the operator may write: it is checked before the restore starts and
+/// again right before a pod is made of it with the operator's rights.
+fn refused_template(checkpoint: &PodCheckpoint) -> Option<String> {
+    let recorded = checkpoint
+        .status
+        .as_ref()
+        .and_then(|s| s.checkpointed_pod_template.as_ref())
+        .and_then(|t| t.spec.as_ref());
+    recorded.and_then(crate::template::refused_spec).map(|why| {
+        format!(
+            "PodCheckpoint {}: status.checkpointedPodTemplate.{why}",
+            checkpoint.name_any()
         )
     })
 }
@@ -473,7 +477,9 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     write_status(restore, ctx, &next).await?;
     let mut restore = restore.clone();
     restore.status = Some(next);
-    create_pod(&restore, ctx, &checkpoint, &node, &pod_name).await?;
+    if let Err(why) = create_pod(&restore, ctx, &checkpoint, &node, &pod_name).await? {
+        return fail(&restore, ctx, reasons::NOT_PERMITTED, why).await;
+    }
     watch_pod(&restore, ctx).await
 }
 
@@ -483,7 +489,7 @@ async fn create_pod(
     checkpoint: &PodCheckpoint,
     node: &str,
     pod_name: &str,
-) -> Result<(), Error> {
+) -> Result<Result<(), String>, Error> {
     let ns = restore.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if pods
@@ -492,7 +498,11 @@ async fn create_pod(
         .map_err(kube_err("read the restored pod"))?
         .is_some()
     {
-        return Ok(());
+        return Ok(Ok(()));
+    }
+    // On the template and grant as they are now, not as they were at the start.
+    if let Some(why) = refused_grant(restore, checkpoint).or_else(|| refused_template(checkpoint)) {
+        return Ok(Err(why));
     }
     let cp_status = checkpoint.status.clone().unwrap_or_default();
     let template: PodTemplateSpec = cp_status.checkpointed_pod_template.clone().unwrap_or_default();
@@ -528,7 +538,7 @@ async fn create_pod(
     pods.create(&PostParams::default(), &pod)
         .await
         .map_err(kube_err("create the restored pod"))?;
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// What the restored pod's state says.
@@ -595,7 +605,9 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
             return checkpoint_deleted(restore, ctx).await;
         };
         let node = status.node_name.clone().unwrap_or_default();
-        create_pod(restore, ctx, &checkpoint, &node, &pod_name).await?;
+        if let Err(why) = create_pod(restore, ctx, &checkpoint, &node, &pod_name).await? {
+            return fail(restore, ctx, reasons::NOT_PERMITTED, why).await;
+        }
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
     // A pod of that name that this restore did not create is not its outcome.

@@ -211,7 +211,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         identity,
         duration: Duration::from_secs(15),
     };
-    election.acquire().await.map_err(|source| RunError::Kube { source })?;
+    let leading_since = election.acquire().await.map_err(|source| RunError::Kube { source })?;
     tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
     let checkpoint_controller = checkpoint_controller
         .shutdown_on_signal()
@@ -272,7 +272,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             metrics_server.abort();
             Ok(())
         }
-        lost = election.hold() => {
+        lost = election.hold(leading_since) => {
             metrics_server.abort();
             Err(RunError::LeaseLost { detail: lost })
         }

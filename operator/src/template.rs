@@ -51,10 +51,28 @@ pub fn checkpointed_pod_template(pod: &Pod) -> PodTemplateSpec {
     }
 }
 
+/// The capabilities the baseline Pod Security profile lets a container add.
+const BASELINE_CAPABILITIES: [&str; 13] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
 /// Why a pod spec may not be checkpointed nor come back from a checkpoint, naming
-/// the field: a restored pod is created with the operator's rights, so it never gets
-/// the node (privileged containers, added capabilities, the node's namespaces or
-/// files), whatever a checkpoint's recorded template says.
+/// the field: a restored pod is created with the operator's rights, so it gets none of
+/// what the baseline Pod Security profile forbids among privileged containers,
+/// capabilities beyond its set, the node's namespaces and its files, whatever a
+/// checkpoint's recorded template says.
 pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
     let host = [
         ("hostNetwork", spec.host_network),
@@ -83,13 +101,15 @@ pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String
         if security.privileged == Some(true) {
             return Some(format!("{field}.privileged: the container is privileged"));
         }
-        if security
-            .capabilities
-            .as_ref()
-            .and_then(|c| c.add.as_ref())
-            .is_some_and(|a| !a.is_empty())
+        let added = security.capabilities.as_ref().and_then(|c| c.add.as_ref());
+        if let Some(cap) = added
+            .into_iter()
+            .flatten()
+            .find(|c| !BASELINE_CAPABILITIES.contains(&c.as_str()))
         {
-            return Some(format!("{field}.capabilities.add: the container adds capabilities"));
+            return Some(format!(
+                "{field}.capabilities.add: {cap} is beyond the baseline Pod Security profile's capabilities"
+            ));
         }
     }
     None
@@ -106,6 +126,9 @@ mod tests {
         let spec = |v: serde_json::Value| -> k8s_openapi::api::core::v1::PodSpec { serde_json::from_value(v).unwrap() };
         let app = serde_json::json!({"name": "app", "image": "x"});
         assert_eq!(refused_spec(&spec(serde_json::json!({"containers": [app]}))), None);
+        let binds = serde_json::json!({"name": "web", "image": "x",
+            "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}});
+        assert_eq!(refused_spec(&spec(serde_json::json!({"containers": [binds]}))), None);
         let table = [
             (
                 serde_json::json!({"hostPID": true, "containers": [app]}),
@@ -121,8 +144,9 @@ mod tests {
             ),
             (
                 serde_json::json!({"containers": [app], "initContainers": [{"name": "init", "image": "x",
-                    "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]}),
-                "spec.initContainers[init].securityContext.capabilities.add: the container adds capabilities",
+                    "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE", "SYS_ADMIN"]}}}]}),
+                "spec.initContainers[init].securityContext.capabilities.add: SYS_ADMIN is beyond the baseline Pod \
+                 Security profile's capabilities",
             ),
         ];
         for (given, expected) in table {

@@ -120,7 +120,7 @@ pub struct PodCheckpointSpec {
     #[serde(default)]
     pub tcp: TcpSpec,
 
-    /// Application hooks run before the freeze and after a restore.
+    /// Application hooks run before the freeze (`postRestore` is refused until built).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<Hooks>,
 

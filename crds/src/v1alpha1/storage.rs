@@ -168,8 +168,8 @@ pub struct AzureStorage {
 #[x_kube(validation = Rule::new("!has(self.persistentVolumeClaim)")
     .message("local.persistentVolumeClaim: not supported yet; use a node directory or S3"))]
 pub struct LocalStorage {
-    /// Absolute path. On each node's disk when no claim is given (checkpoints are
-    /// then restorable only on the node that took them), else inside the claim.
+    /// Absolute path on each node's disk: checkpoints there are restorable only on
+    /// the node that took them.
     #[serde(default = "default_local_path")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
     pub path: String,
