@@ -509,26 +509,38 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     let _ = std::fs::remove_dir_all(&state);
 }
 
-/// The double run: a migration whose source was thawed while held (here its agent
-/// restarted, and its journal recovery thawed it) must not delete the source and say
-/// Succeeded. The source ran on past the checkpoint, so it stays with its newer
-/// state, the restored pod is deleted, and the migration fails naming why.
-#[tokio::test]
-async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
-    use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration};
+/// The stage of the migration tests below: a stateful pod on node-1, both agents and
+/// an operator, and then the target's agent taken away, so a migration's restore
+/// waits while its source is held. The source's agent may be started with `env`.
+struct TargetAway {
+    tb: Testbed,
+    client: kube::Client,
+    ns: TestNamespace,
+    source: String,
+    target: String,
+    source_pod: k8s_openapi::api::core::v1::Pod,
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
+    agent_1: AgentProcess,
+    target_port: u16,
+    _operator: Operator,
+    tls: AgentTls,
+    storage: String,
+}
+
+async fn target_away(prefix: &str, env: &[(&str, &str)]) -> TargetAway {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     tb.install_crds().unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-ran-on").await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, prefix).await.unwrap();
     let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
-    let pods = ns.pods(&client);
-    pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
-    let source_uid = ns
+    ns.pods(&client)
+        .create(&Default::default(), &stateful_pod(&source))
+        .await
+        .unwrap();
+    let source_pod = ns
         .wait_ready(&client, "stateful", Duration::from_secs(90))
         .await
-        .unwrap()
-        .metadata
-        .uid
         .unwrap();
     let Control {
         state,
@@ -537,86 +549,183 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
         _operator,
         tls,
     } = start_control(&tb, &ns.name).await;
-    // The target's agent is away, so the restore waits while the source is held.
-    let target_port = agent_2.port;
-    drop(agent_2);
+    let (source_port, target_port) = (agent_1.port, agent_2.port);
+    drop((agent_1, agent_2));
+    let (agent_1, _) = start_agent_at(&tb, &source, &tls, &state, env, source_port).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
-    kubectl_apply(
-        &tb,
-        &ns.name,
-        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "twice"},
-                "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target}}}),
-    );
-    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
-    let checkpoint = wait_until(
-        "the source to be checkpointed and held",
-        Duration::from_secs(90),
-        || async {
-            let cp = checkpoints.list(&Default::default()).await.ok()?.items.pop()?;
-            (cp.status.as_ref()?.phase? == CheckpointPhase::Ready).then_some(cp)
-        },
-    )
-    .await
-    .unwrap();
-    let captured = captured_numbers(&tb, &checkpoint, &["a"]).await[0];
-
-    // The source's agent restarts: its recovery thaws the held source, which runs on.
-    let source_port = agent_1.port;
-    drop(agent_1);
-    let (_agent_1, _) = start_agent_at(&tb, &source, &tls, &state, &[], source_port).await;
-    let source_pod = pods.get("stateful").await.unwrap();
-    let data = pod_data(&tb, &source_pod);
-    let number = || number_in(&data.join("a"));
-    wait_until("the thawed source to count on", Duration::from_secs(30), || async {
-        (number() > captured + 5).then_some(())
-    })
-    .await
-    .unwrap();
-    let (_agent_2, _) = start_agent_at(
-        &tb,
-        &target,
-        &tls,
-        &tb.dir.join(&target).join("cryopod"),
-        &[],
+    TargetAway {
+        tb,
+        client,
+        ns,
+        source,
+        target,
+        source_pod,
+        state,
+        log,
+        agent_1,
         target_port,
-    )
-    .await;
+        _operator,
+        tls,
+        storage,
+    }
+}
 
-    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
-    let status = migration_ended(&migrations, "twice").await;
-    let (_, reason, message) = ready_of(&status.conditions);
-    println!("{:?} {reason}: {message}", status.phase);
-    assert_eq!(
-        status.phase,
-        Some(MigrationPhase::Failed),
-        "{message}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert_eq!(reason, "SourceResumed", "{message}");
+impl TargetAway {
+    /// Applies PodMigration `name` to node-2.
+    fn migrate(&self, name: &str, extra: serde_json::Value) {
+        let mut spec =
+            json!({"sourcePodName": "stateful", "storage": self.storage, "target": {"nodeName": self.target}});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        kubectl_apply(
+            &self.tb,
+            &self.ns.name,
+            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": name}, "spec": spec}),
+        );
+    }
+
+    /// The migration's checkpoint once it is Ready (the source held).
+    async fn held(&self) -> PodCheckpoint {
+        let checkpoints: Api<PodCheckpoint> = Api::namespaced(self.client.clone(), &self.ns.name);
+        wait_until(
+            "the source to be checkpointed and held",
+            Duration::from_secs(90),
+            || async {
+                let cp = checkpoints.list(&Default::default()).await.ok()?.items.pop()?;
+                (cp.status.as_ref()?.phase? == CheckpointPhase::Ready).then_some(cp)
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The agents back (the source's without `env`), then the migration's end.
+    async fn back_and_ended(
+        &mut self,
+        name: &str,
+    ) -> (AgentProcess, AgentProcess, cryopod_crds::v1alpha1::PodMigrationStatus) {
+        let tb = &self.tb;
+        let (agent_1, _) = start_agent_at(tb, &self.source, &self.tls, &self.state, &[], self.agent_1.port).await;
+        let target_state = tb.dir.join(&self.target).join("cryopod");
+        let (agent_2, _) = start_agent_at(tb, &self.target, &self.tls, &target_state, &[], self.target_port).await;
+        let migrations: Api<cryopod_crds::v1alpha1::PodMigration> = Api::namespaced(self.client.clone(), &self.ns.name);
+        (agent_1, agent_2, migration_ended(&migrations, name).await)
+    }
+
+    /// Waits for the source's counter to move past `floor`.
+    async fn source_counts_past(&self, floor: u64) {
+        let data = pod_data(&self.tb, &self.source_pod);
+        wait_until("the source to count on", Duration::from_secs(30), || async {
+            (number_in(&data.join("a")) > floor).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Asserts how a migration ended (with the operator's log when not) and returns
+    /// its message.
+    fn ended_as(
+        &self,
+        status: &cryopod_crds::v1alpha1::PodMigrationStatus,
+        phase: cryopod_crds::v1alpha1::MigrationPhase,
+        reason: &str,
+    ) -> String {
+        let (_, got, message) = ready_of(&status.conditions);
+        println!("{:?} {got}: {message}", status.phase);
+        assert_eq!(
+            (status.phase, got.as_str()),
+            (Some(phase), reason),
+            "{message}\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        message
+    }
+
+    /// The source is Ready, never restarted, and its counter moves.
+    async fn source_runs_on(&self) {
+        assert!(self.ns.ready_without_restarts(&self.client, "stateful").await.unwrap());
+        self.source_counts_past(self.source_count()).await;
+    }
+
+    fn source_count(&self) -> u64 {
+        number_in(&pod_data(&self.tb, &self.source_pod).join("a"))
+    }
+
+    fn done(self) {
+        delete_storage(&self.tb, &self.storage);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// The double run: a migration whose source was thawed while held (here its agent
+/// restarted, and its journal recovery thawed it) must not delete the source and say
+/// Succeeded. The source ran on past the checkpoint, so it stays with its newer
+/// state, the restored pod is deleted, and the migration fails naming why.
+#[tokio::test]
+async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
+    use cryopod_crds::v1alpha1::MigrationPhase;
+    let mut stage = target_away("e2e-ran-on", &[]).await;
+    stage.migrate("twice", json!({}));
+    let checkpoint = stage.held().await;
+    let captured = captured_numbers(&stage.tb, &checkpoint, &["a"]).await[0];
+    // The source's agent is killed and started again: its recovery thaws the held
+    // source, which runs on.
+    let _ = stage.agent_1.child.kill();
+    let _ = stage.agent_1.child.wait();
+    stage.source_counts_past(captured + 5).await;
+    let (_agent_1, _agent_2, status) = stage.back_and_ended("twice").await;
+    let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
     assert!(message.contains("the agent restarted and thawed it"), "{message}");
     // One pod runs: the source, the same process, still counting; the restored pod is gone.
+    let pods = stage.ns.pods(&stage.client);
     let left = wait_until("the restored pod to go", Duration::from_secs(60), || async {
         let all = pods.list(&Default::default()).await.ok()?.items;
         (all.len() == 1).then_some(all)
     })
     .await
     .unwrap();
-    assert_eq!(
-        left[0].metadata.uid.as_deref(),
-        Some(source_uid.as_str()),
-        "the source stays"
-    );
-    assert!(ns.ready_without_restarts(&client, "stateful").await.unwrap());
-    let before = number();
-    wait_until("the source to go on counting", Duration::from_secs(20), || async {
-        (number() > before).then_some(())
+    assert_eq!(left[0].metadata.uid, stage.source_pod.metadata.uid, "the source stays");
+    stage.source_runs_on().await;
+    let events = event_reasons(&stage.tb, &stage.ns.name, "twice");
+    assert!(events.contains("SourceResumed"), "{events}");
+    stage.done();
+}
+
+/// A rollout never leaves a pod frozen: the agent that holds a migration's source gets
+/// SIGTERM (as its DaemonSet rolls) and no release comes. It drains for
+/// `CRYOPOD_DRAIN_SECONDS`, thaws the source, records that it ran on, and exits; the
+/// migration then keeps the source (`SourceResumed`).
+#[tokio::test]
+async fn an_agent_stopped_while_it_holds_a_pod_thaws_it_before_it_exits() {
+    use cryopod_crds::v1alpha1::MigrationPhase;
+    // The source's agent drains for 3 s at the most.
+    let mut stage = target_away("e2e-drain", &[("CRYOPOD_DRAIN_SECONDS", "3")]).await;
+    stage.migrate("rolled", json!({}));
+    stage.held().await;
+    let agent = &mut stage.agent_1;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = wait_until("the agent to drain and exit", Duration::from_secs(30), || {
+        std::future::ready(agent.child.try_wait().ok().flatten())
     })
     .await
     .unwrap();
-    let events = event_reasons(&tb, &ns.name, "twice");
-    assert!(events.contains("SourceResumed"), "{events}");
-    delete_storage(&tb, &storage);
-    let _ = std::fs::remove_dir_all(&state);
+    let agent_log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(exit.success(), "{exit}: {agent_log}");
+    assert!(agent_log.contains("drain limit reached"), "{agent_log}");
+    stage.source_counts_past(stage.source_count()).await;
+    let (_agent_1, _agent_2, status) = stage.back_and_ended("rolled").await;
+    let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
+    assert!(
+        message.contains("its operation ended without releasing it"),
+        "{message}"
+    );
+    stage.source_runs_on().await;
+    stage.done();
 }
 
 /// `spec.timeoutSeconds` holds: a migration whose restore cannot finish in time (the
@@ -625,43 +734,11 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
 #[tokio::test]
 async fn a_migration_that_outlives_its_timeout_rolls_back() {
     use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration, PodRestore};
-    let tb = Testbed::from_env().unwrap();
-    let client = tb.client().await.unwrap();
-    tb.install_crds().unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-mig-timeout").await.unwrap();
-    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
-    let pods = ns.pods(&client);
-    pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
-    let source_pod = ns
-        .wait_ready(&client, "stateful", Duration::from_secs(90))
-        .await
-        .unwrap();
-    let Control {
-        state,
-        log,
-        agents: [_agent_1, agent_2],
-        _operator,
-        tls: _tls,
-    } = start_control(&tb, &ns.name).await;
-    drop(agent_2);
-    let storage = s3_checkpoint_storage(&tb, &ns.name);
-    kubectl_apply(
-        &tb,
-        &ns.name,
-        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "late"},
-                "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target},
-                         "timeoutSeconds": 30}}),
-    );
-    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let stage = target_away("e2e-mig-timeout", &[]).await;
+    stage.migrate("late", json!({"timeoutSeconds": 30}));
+    let migrations: Api<PodMigration> = Api::namespaced(stage.client.clone(), &stage.ns.name);
     let status = migration_ended(&migrations, "late").await;
-    let (_, reason, message) = ready_of(&status.conditions);
-    println!("{:?} {reason}: {message}", status.phase);
-    assert_eq!(
-        (status.phase, reason.as_str()),
-        (Some(MigrationPhase::RolledBack), "TimedOut"),
-        "{message}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let message = stage.ended_as(&status, MigrationPhase::RolledBack, "TimedOut");
     assert!(
         message.contains("did not finish within spec.timeoutSeconds (30 s)"),
         "{message}"
@@ -672,7 +749,7 @@ async fn a_migration_that_outlives_its_timeout_rolls_back() {
         message.contains("the source pod was thawed and runs on") || message.contains("the source pod runs on ("),
         "{message}"
     );
-    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let restores: Api<PodRestore> = Api::namespaced(stage.client.clone(), &stage.ns.name);
     wait_until("the PodRestore to go", Duration::from_secs(30), || async {
         restores
             .list(&Default::default())
@@ -684,19 +761,17 @@ async fn a_migration_that_outlives_its_timeout_rolls_back() {
     })
     .await
     .unwrap();
-    let left = pods.list(&Default::default()).await.unwrap().items;
+    let left = stage
+        .ns
+        .pods(&stage.client)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
     assert_eq!(left.len(), 1, "only the source");
-    assert_eq!(left[0].metadata.uid, source_pod.metadata.uid);
-    let data = pod_data(&tb, &source_pod);
-    let number = || number_in(&data.join("a"));
-    let before = number();
-    wait_until("the source to count on", Duration::from_secs(20), || async {
-        (number() > before).then_some(())
-    })
-    .await
-    .unwrap();
-    delete_storage(&tb, &storage);
-    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(left[0].metadata.uid, stage.source_pod.metadata.uid);
+    stage.source_runs_on().await;
+    stage.done();
 }
 
 /// Every example in `examples/` applied as it is (pod "counter" on node-1, node-2
