@@ -600,17 +600,23 @@ impl TargetAway {
         .unwrap()
     }
 
-    /// The agents back (the source's without `env`), then the migration's end.
-    async fn back_and_ended(
-        &mut self,
-        name: &str,
-    ) -> (AgentProcess, AgentProcess, cryopod_crds::v1alpha1::PodMigrationStatus) {
-        let tb = &self.tb;
-        let (agent_1, _) = start_agent_at(tb, &self.source, &self.tls, &self.state, &[], self.agent_1.port).await;
-        let target_state = tb.dir.join(&self.target).join("cryopod");
-        let (agent_2, _) = start_agent_at(tb, &self.target, &self.tls, &target_state, &[], self.target_port).await;
+    /// The source's agent started again (without `env`), where it was.
+    async fn restart_source_agent(&mut self) {
+        let port = self.agent_1.port;
+        let _ = self.agent_1.child.kill();
+        let _ = self.agent_1.child.wait();
+        self.agent_1 = start_agent_at(&self.tb, &self.source, &self.tls, &self.state, &[], port)
+            .await
+            .0;
+    }
+
+    /// The target's agent back, then the migration's end.
+    async fn target_back_and_ended(&self, name: &str) -> (AgentProcess, cryopod_crds::v1alpha1::PodMigrationStatus) {
+        let target_state = self.tb.dir.join(&self.target).join("cryopod");
+        let (agent_2, _) =
+            start_agent_at(&self.tb, &self.target, &self.tls, &target_state, &[], self.target_port).await;
         let migrations: Api<cryopod_crds::v1alpha1::PodMigration> = Api::namespaced(self.client.clone(), &self.ns.name);
-        (agent_1, agent_2, migration_ended(&migrations, name).await)
+        (agent_2, migration_ended(&migrations, name).await)
     }
 
     /// Waits for the source's counter to move past `floor`.
@@ -671,10 +677,9 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     let captured = captured_numbers(&stage.tb, &checkpoint, &["a"]).await[0];
     // The source's agent is killed and started again: its recovery thaws the held
     // source, which runs on.
-    let _ = stage.agent_1.child.kill();
-    let _ = stage.agent_1.child.wait();
+    stage.restart_source_agent().await;
     stage.source_counts_past(captured + 5).await;
-    let (_agent_1, _agent_2, status) = stage.back_and_ended("twice").await;
+    let (_agent_2, status) = stage.target_back_and_ended("twice").await;
     let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
     assert!(message.contains("the agent restarted and thawed it"), "{message}");
     // One pod runs: the source, the same process, still counting; the restored pod is gone.
@@ -718,7 +723,8 @@ async fn an_agent_stopped_while_it_holds_a_pod_thaws_it_before_it_exits() {
     assert!(exit.success(), "{exit}: {agent_log}");
     assert!(agent_log.contains("drain limit reached"), "{agent_log}");
     stage.source_counts_past(stage.source_count()).await;
-    let (_agent_1, _agent_2, status) = stage.back_and_ended("rolled").await;
+    stage.restart_source_agent().await;
+    let (_agent_2, status) = stage.target_back_and_ended("rolled").await;
     let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
     assert!(
         message.contains("its operation ended without releasing it"),
