@@ -248,6 +248,9 @@ const PREPARED_RESTORE_TTL: std::time::Duration = std::time::Duration::from_secs
 /// How long the record of how a freeze ended is kept: well past any hold (at most an
 /// hour), for a release that comes late.
 const FREEZE_END_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// At start, staging older than this is a dead predecessor's; younger staging may be
+/// another agent's that shares the directory (a test bed's, an overlapping rollout).
+const DEAD_AT_START: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often the state directory is swept.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -278,7 +281,12 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     // Then remove what a predecessor left that no operation will use (decrypted
     // memory of prepared restores, raw dumps), now and every few minutes.
     let (restores, work) = (config.state_dir.join("restores"), config.state_dir.join("work"));
-    log_sweep(&crate::sweep::sweep(&restores, &work, true, PREPARED_RESTORE_TTL));
+    log_sweep(&crate::sweep::sweep(
+        &restores,
+        &work,
+        DEAD_AT_START,
+        PREPARED_RESTORE_TTL,
+    ));
     let ends = journal.clone();
     let sweeper = tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP_INTERVAL);
@@ -289,9 +297,10 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
                 tracing::warn!(path = %path.display(), "cannot remove an old freeze end");
             }
             let (restores, work) = (restores.clone(), work.clone());
-            if let Ok(swept) =
-                tokio::task::spawn_blocking(move || crate::sweep::sweep(&restores, &work, false, PREPARED_RESTORE_TTL))
-                    .await
+            if let Ok(swept) = tokio::task::spawn_blocking(move || {
+                crate::sweep::sweep(&restores, &work, PREPARED_RESTORE_TTL, PREPARED_RESTORE_TTL)
+            })
+            .await
             {
                 log_sweep(&swept);
             }

@@ -45,13 +45,14 @@ pub struct RestoreDir {
     pub age: Duration,
 }
 
-/// Decides one entry. `at_start`: no preparation of this agent is running, so every
-/// partial directory is dead. A prepared restore nobody used within `ttl` is scrubbed,
-/// so that a PodRestore that was deleted or failed before its pod started leaves no
-/// memory on the node.
-pub fn decide(dir: RestoreDir, at_start: bool, ttl: Duration) -> Sweep {
+/// Decides one entry. A partial directory older than `dead_after` belongs to a
+/// preparation that died (at start: a predecessor's; the margin spares one another
+/// agent sharing the directory may still run). A prepared restore nobody used within
+/// `ttl` is scrubbed, so that a PodRestore that was deleted or failed before its pod
+/// started leaves no memory on the node.
+pub fn decide(dir: RestoreDir, dead_after: Duration, ttl: Duration) -> Sweep {
     if dir.partial {
-        return if at_start || dir.age > ttl {
+        return if dir.age >= dead_after || dir.age > ttl {
             Sweep::Remove
         } else {
             Sweep::Keep
@@ -140,9 +141,10 @@ pub struct Swept {
     pub failures: Vec<String>,
 }
 
-/// Sweeps `<state>/restores` and, at start, `<state>/work` (the staging of checkpoints
-/// a dead agent ran; this agent runs none yet).
-pub fn sweep(restores: &Path, work: &Path, at_start: bool, ttl: Duration) -> Swept {
+/// Sweeps `<state>/restores` and `<state>/work` (the staging of checkpoints): staging
+/// older than `dead_after` is a dead operation's (every operation ends within its
+/// timeout, an hour at the most).
+pub fn sweep(restores: &Path, work: &Path, dead_after: Duration, ttl: Duration) -> Swept {
     let now = SystemTime::now();
     let mut swept = Swept::default();
     for entry in std::fs::read_dir(restores).into_iter().flatten().flatten() {
@@ -152,7 +154,7 @@ pub fn sweep(restores: &Path, work: &Path, at_start: bool, ttl: Duration) -> Swe
         }
         let partial = name.starts_with('.') && name.ends_with(".partial");
         let path = entry.path();
-        let result = match decide(looks(&path, partial, now), at_start, ttl) {
+        let result = match decide(looks(&path, partial, now), dead_after, ttl) {
             Sweep::Keep => continue,
             Sweep::Scrub => scrub(&path).map(|()| swept.scrubbed.push(name.clone())),
             Sweep::Remove => remove_any(&path).map(|()| swept.removed.push(name.clone())),
@@ -161,8 +163,13 @@ pub fn sweep(restores: &Path, work: &Path, at_start: bool, ttl: Duration) -> Swe
             swept.failures.push(format!("{}: {e}", path.display()));
         }
     }
-    if at_start {
-        for entry in std::fs::read_dir(work).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(work).into_iter().flatten().flatten() {
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| now.duration_since(t).unwrap_or_default())
+            .unwrap_or_default();
+        if age >= dead_after {
             let path = entry.path();
             match remove_any(&path) {
                 Ok(()) => swept
@@ -181,6 +188,7 @@ mod tests {
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const MINUTES: Duration = Duration::from_secs(600);
 
     fn dir(partial: bool, failed: bool, all_restored: bool, has_data: bool, age: Duration) -> RestoreDir {
         RestoreDir {
@@ -196,19 +204,22 @@ mod tests {
     fn restores_keep_their_data_only_while_a_pod_may_still_use_it() {
         let fresh = Duration::from_secs(5);
         let table = [
-            // (dir, at start, expected)
-            (dir(false, false, false, true, fresh), false, Sweep::Keep),
-            (dir(false, false, false, true, fresh), true, Sweep::Keep),
-            (dir(false, false, false, true, 2 * HOUR), false, Sweep::Scrub),
-            (dir(false, true, false, true, fresh), false, Sweep::Scrub),
-            (dir(false, false, true, true, fresh), false, Sweep::Scrub),
-            (dir(false, true, false, false, 2 * HOUR), true, Sweep::Keep),
-            (dir(true, false, false, true, fresh), false, Sweep::Keep),
-            (dir(true, false, false, true, fresh), true, Sweep::Remove),
-            (dir(true, false, false, true, 2 * HOUR), false, Sweep::Remove),
+            // (dir, dead after, expected): at start staging is dead after minutes,
+            // later after the time to live.
+            (dir(false, false, false, true, fresh), HOUR, Sweep::Keep),
+            (dir(false, false, false, true, fresh), MINUTES, Sweep::Keep),
+            (dir(false, false, false, true, 2 * HOUR), HOUR, Sweep::Scrub),
+            (dir(false, true, false, true, fresh), HOUR, Sweep::Scrub),
+            (dir(false, false, true, true, fresh), HOUR, Sweep::Scrub),
+            (dir(false, true, false, false, 2 * HOUR), MINUTES, Sweep::Keep),
+            (dir(true, false, false, true, fresh), HOUR, Sweep::Keep),
+            // Another agent's preparation, just begun, survives a start.
+            (dir(true, false, false, true, fresh), MINUTES, Sweep::Keep),
+            (dir(true, false, false, true, 2 * MINUTES), MINUTES, Sweep::Remove),
+            (dir(true, false, false, true, 2 * HOUR), HOUR, Sweep::Remove),
         ];
-        for (d, at_start, expected) in table {
-            assert_eq!(decide(d, at_start, HOUR), expected, "{d:?} at start {at_start}");
+        for (d, dead_after, expected) in table {
+            assert_eq!(decide(d, dead_after, HOUR), expected, "{d:?} dead after {dead_after:?}");
         }
     }
 
@@ -233,7 +244,7 @@ mod tests {
         std::fs::create_dir_all(restores.join(".r3.partial/.fetched")).unwrap();
         std::fs::create_dir_all(work.join("op-1/containers")).unwrap();
 
-        let swept = sweep(&restores, &work, true, HOUR);
+        let swept = sweep(&restores, &work, Duration::ZERO, HOUR);
         assert_eq!(swept.scrubbed, ["r1"]);
         assert_eq!(swept.removed.len(), 2, "{swept:?}");
         assert!(swept.failures.is_empty(), "{swept:?}");
@@ -248,9 +259,9 @@ mod tests {
         assert!(std::fs::read_dir(&work).unwrap().next().is_none());
 
         // Nobody came for r2 within the time to live.
-        let swept = sweep(&restores, &work, false, Duration::ZERO);
+        let swept = sweep(&restores, &work, HOUR, Duration::ZERO);
         assert_eq!(swept.scrubbed, ["r2"]);
         assert!(!r2.join("containers/app/checkpoint").exists());
-        assert_eq!(sweep(&restores, &work, false, Duration::ZERO), Swept::default());
+        assert_eq!(sweep(&restores, &work, HOUR, Duration::ZERO), Swept::default());
     }
 }
