@@ -332,14 +332,15 @@ fn tar_tree(
 
 /// How to know the volume found at a mount's destination is the one the runtime
 /// mounted there: either will do.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 struct Expected<'a> {
     /// The volume's directory on the node (device, inode): a bind mount shows the
     /// same inode, however the destination was spelled.
     inode: Option<(u64, u64)>,
     /// The container's mountinfo: the mount listed at the destination (where the
-    /// node's side is hidden from the runtime's view, e.g. a kubelet tmpfs).
-    mountinfo: Option<&'a str>,
+    /// node's side is hidden from the runtime's view, e.g. a kubelet tmpfs). Read only
+    /// when the inode does not decide: the pod is frozen meanwhile.
+    mountinfo: &'a dyn Fn() -> Option<String>,
 }
 
 /// Tars the directory at `destination` as seen inside the container of process
@@ -356,10 +357,10 @@ fn tar_mount(
     let inode = rustix::fs::stat(node_root.join(source.trim_start_matches('/')))
         .ok()
         .map(|st| (st.st_dev, st.st_ino));
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
+    let mountinfo = || std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
     let expected = Expected {
         inode,
-        mountinfo: mountinfo.as_deref(),
+        mountinfo: &mountinfo,
     };
     tar_mount_in(container, what, &root, expected, destination, out)
 }
@@ -386,8 +387,8 @@ fn tar_mount_in(
     let dir = safe_fs::open_dir_in_root(root_fd.as_fd(), Path::new(destination)).map_err(refused)?;
     let st = rustix::fs::fstat(&dir).map_err(|e| refused(e.into()))?;
     let same = expected.inode == Some((st.st_dev, st.st_ino))
-        || expected.mountinfo.is_some_and(|mountinfo| {
-            mount_id(dir.as_fd(), OsStr::new("")).is_ok_and(|id| mount_id_at(mountinfo, destination) == Some(id))
+        || (expected.mountinfo)().is_some_and(|mountinfo| {
+            mount_id(dir.as_fd(), OsStr::new("")).is_ok_and(|id| mount_id_at(&mountinfo, destination) == Some(id))
         });
     if !same {
         return Err(refused(std::io::Error::other(
@@ -529,7 +530,7 @@ mod tests {
             format!("{id} 1 0:1 / {destination} rw - tmpfs tmpfs rw\n{id} 1 0:1 / {climbing} rw - tmpfs tmpfs rw\n");
         let mountinfo = Expected {
             inode: None,
-            mountinfo: Some(&mountinfo),
+            mountinfo: &|| Some(mountinfo.clone()),
         };
         let out = dir.path().join("volume.tar");
         tar_mount_in("app", "volume/tls", &root, mountinfo, &destination, &out).unwrap();
@@ -564,7 +565,7 @@ mod tests {
         let out = dir.path().join("volume.tar");
         let listed = Expected {
             inode: None,
-            mountinfo: Some(&mountinfo),
+            mountinfo: &|| Some(mountinfo.clone()),
         };
         let err = tar_mount_in("app", "volume/data", &root, listed, "/tmp/x/proc", &out).unwrap_err();
         assert!(matches!(err, CaptureError::Resolve { .. }), "{err}");
@@ -574,7 +575,7 @@ mod tests {
         let volume = rustix::fs::stat(root.join("tmp/moved/kernel")).unwrap();
         let inode = Expected {
             inode: Some((volume.st_dev, volume.st_ino)),
-            mountinfo: Some(&mountinfo),
+            mountinfo: &|| Some(mountinfo.clone()),
         };
         tar_mount_in("app", "volume/data", &root, inode, "/tmp/moved/kernel", &out).unwrap();
         std::os::unix::fs::symlink("/tmp/moved", root.join("tmp/link")).unwrap();

@@ -621,8 +621,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_watchdog_thaws_at_the_deadline() {
+    /// A pod frozen as operation `op` for 50 ms, once the watchdog thawed it.
+    fn expired_freeze(op: &str) -> (Arc<FakeFreezer>, tempfile::TempDir, Journal, FrozenPod) {
         let freezer = Arc::new(FakeFreezer::default());
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
@@ -630,23 +630,21 @@ mod tests {
             max_freeze: Duration::from_millis(50),
             ..LIMITS
         };
-        let frozen = freeze_pod(freezer.clone(), &journal, "op-4", &pod(), limits).unwrap();
+        let frozen = freeze_pod(freezer.clone(), &journal, op, &pod(), limits).unwrap();
         wait_expired(&frozen);
+        (freezer, dir, journal, frozen)
+    }
+
+    #[test]
+    fn the_watchdog_thaws_at_the_deadline() {
+        let (freezer, _dir, _journal, frozen) = expired_freeze("op-4");
         assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
         assert!(frozen.thaw().unwrap().expired);
     }
 
     #[test]
     fn a_release_after_the_watchdog_kills_nothing_and_learns_the_pod_ran_on() {
-        let freezer = Arc::new(FakeFreezer::default());
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path()).unwrap();
-        let limits = FreezeLimits {
-            max_freeze: Duration::from_millis(50),
-            ..LIMITS
-        };
-        let frozen = freeze_pod(freezer.clone(), &journal, "op-late", &pod(), limits).unwrap();
-        wait_expired(&frozen);
+        let (_freezer, _dir, journal, frozen) = expired_freeze("op-late");
         // Killing would read the fake cgroups' pids and fail: Ok means nothing was tried.
         let report = frozen.stop(&[CgroupPath::new("/p/a")]).unwrap();
         assert!(report.expired);

@@ -325,7 +325,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let runtime = CriClient::connect(&config.cri_socket)
         .await
         .map_err(|source| RunError::Runtime { source })?;
-    let agent_journal = journal.clone();
+    let exit_journal = journal.clone();
     let agent = NodeAgent {
         runtime,
         freezer,
@@ -342,7 +342,6 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let metrics_server = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
     let service = AgentService::new(agent, metrics);
-    let exit_journal = agent_journal;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = service.drain_handle();
     let drain_limit = config.drain;

@@ -783,17 +783,22 @@ async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+/// A checkpoint's own keys, below any storage prefix or root: `<namespace>/<pod>/<uid>/`.
+fn own_prefix(cp: &PodCheckpoint) -> String {
+    crate::storage::checkpoint_prefix(
+        None,
+        &cp.namespace().unwrap_or_default(),
+        &cp.spec.source_pod_name,
+        &cp.uid().unwrap_or_default(),
+    )
+}
+
 /// Why a recorded location is not this checkpoint's own, if it is not. The location is
 /// status, which others than the operator may write: a restore must not read, nor the
 /// finalizer delete, another checkpoint's objects. Its own keys end in
 /// `<namespace>/<pod>/<checkpoint uid>/` (`storage::checkpoint_prefix`).
 pub fn foreign_location(cp: &PodCheckpoint, location: &cryopod_crds::v1alpha1::CheckpointLocation) -> Option<String> {
-    let own = crate::storage::checkpoint_prefix(
-        None,
-        &cp.namespace().unwrap_or_default(),
-        &cp.spec.source_pod_name,
-        &cp.uid().unwrap_or_default(),
-    );
+    let own = own_prefix(cp);
     let (field, recorded) = match location.type_ {
         CheckpointLocationType::NodeLocal => (
             "nodeLocal.path",
@@ -834,12 +839,7 @@ pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::
             // Under a root the cluster's admin chose (the embedded one, or a Local
             // CheckpointStorage's), as this checkpoint's own directory: never a path
             // that status alone names.
-            let own = crate::storage::checkpoint_prefix(
-                None,
-                &cp.namespace().unwrap_or_default(),
-                &cp.spec.source_pod_name,
-                &cp.uid().unwrap_or_default(),
-            );
+            let own = own_prefix(cp);
             let storages: Api<CheckpointStorage> = Api::all(ctx.client.clone());
             let mut roots = vec![cryopod_crds::v1alpha1::EMBEDDED_LOCAL_PATH.to_owned()];
             roots.extend(

@@ -32,11 +32,7 @@ pub fn start_operator(
     log: &std::path::Path,
 ) -> Operator {
     let bin = std::env::var("CRYOPOD_OPERATOR_BIN").expect("CRYOPOD_OPERATOR_BIN is set by e2e/run.sh");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics = free_port();
     Operator(
         std::process::Command::new(bin)
             .env("KUBECONFIG", &tb.kubeconfig)

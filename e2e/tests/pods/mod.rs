@@ -371,12 +371,16 @@ pub async fn start_agent_with(
     AgentProcess,
     cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
 ) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    start_agent_at(tb, node, tls, state, env, free_port()).await
+}
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    start_agent_at(tb, node, tls, state, env, port).await
+        .port()
 }
 
 /// [`start_agent_with`] on this gRPC port: an agent started again where the
@@ -395,13 +399,6 @@ pub async fn start_agent_at(
     use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let metrics_port = free_port();
     std::fs::create_dir_all(state).unwrap();
     let log = state.join(format!("agent-{port}.log"));
