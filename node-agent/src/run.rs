@@ -248,8 +248,9 @@ const PREPARED_RESTORE_TTL: std::time::Duration = std::time::Duration::from_secs
 /// How long the record of how a freeze ended is kept: well past any hold (at most an
 /// hour), for a release that comes late.
 const FREEZE_END_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-/// At start, staging older than this is a dead predecessor's; younger staging may be
-/// another agent's that shares the directory (a test bed's, an overlapping rollout).
+/// At start, a partial restore older than this is a dead predecessor's; a younger one
+/// may be another agent's that shares the directory (on the test bed). Checkpoint work
+/// directories all go at start: a retried checkpoint reuses its id.
 const DEAD_AT_START: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often the state directory is swept.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
@@ -285,6 +286,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         &restores,
         &work,
         DEAD_AT_START,
+        std::time::Duration::ZERO,
         PREPARED_RESTORE_TTL,
     ));
     let ends = journal.clone();
@@ -298,7 +300,13 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
             }
             let (restores, work) = (restores.clone(), work.clone());
             if let Ok(swept) = tokio::task::spawn_blocking(move || {
-                crate::sweep::sweep(&restores, &work, PREPARED_RESTORE_TTL, PREPARED_RESTORE_TTL)
+                crate::sweep::sweep(
+                    &restores,
+                    &work,
+                    PREPARED_RESTORE_TTL,
+                    PREPARED_RESTORE_TTL,
+                    PREPARED_RESTORE_TTL,
+                )
             })
             .await
             {

@@ -141,10 +141,12 @@ pub struct Swept {
     pub failures: Vec<String>,
 }
 
-/// Sweeps `<state>/restores` and `<state>/work` (the staging of checkpoints): staging
-/// older than `dead_after` is a dead operation's (every operation ends within its
-/// timeout, an hour at the most).
-pub fn sweep(restores: &Path, work: &Path, dead_after: Duration, ttl: Duration) -> Swept {
+/// Sweeps `<state>/restores` and `<state>/work` (the staging of checkpoints): a
+/// partial restore older than `dead_after`, or a work directory older than
+/// `work_dead_after`, is a dead operation's (every operation ends within its timeout,
+/// an hour at the most). At start every work directory is dead: a checkpoint the
+/// operator retries under the same id must find none.
+pub fn sweep(restores: &Path, work: &Path, dead_after: Duration, work_dead_after: Duration, ttl: Duration) -> Swept {
     let now = SystemTime::now();
     let mut swept = Swept::default();
     for entry in std::fs::read_dir(restores).into_iter().flatten().flatten() {
@@ -169,7 +171,7 @@ pub fn sweep(restores: &Path, work: &Path, dead_after: Duration, ttl: Duration) 
             .and_then(|m| m.modified())
             .map(|t| now.duration_since(t).unwrap_or_default())
             .unwrap_or_default();
-        if age >= dead_after {
+        if age >= work_dead_after {
             let path = entry.path();
             match remove_any(&path) {
                 Ok(()) => swept
@@ -244,7 +246,7 @@ mod tests {
         std::fs::create_dir_all(restores.join(".r3.partial/.fetched")).unwrap();
         std::fs::create_dir_all(work.join("op-1/containers")).unwrap();
 
-        let swept = sweep(&restores, &work, Duration::ZERO, HOUR);
+        let swept = sweep(&restores, &work, Duration::ZERO, Duration::ZERO, HOUR);
         assert_eq!(swept.scrubbed, ["r1"]);
         assert_eq!(swept.removed.len(), 2, "{swept:?}");
         assert!(swept.failures.is_empty(), "{swept:?}");
@@ -259,9 +261,9 @@ mod tests {
         assert!(std::fs::read_dir(&work).unwrap().next().is_none());
 
         // Nobody came for r2 within the time to live.
-        let swept = sweep(&restores, &work, HOUR, Duration::ZERO);
+        let swept = sweep(&restores, &work, HOUR, HOUR, Duration::ZERO);
         assert_eq!(swept.scrubbed, ["r2"]);
         assert!(!r2.join("containers/app/checkpoint").exists());
-        assert_eq!(sweep(&restores, &work, HOUR, Duration::ZERO), Swept::default());
+        assert_eq!(sweep(&restores, &work, HOUR, HOUR, Duration::ZERO), Swept::default());
     }
 }
