@@ -399,7 +399,8 @@ pub async fn start_agent_at(
     use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
-    let metrics_port = free_port();
+    // A port freed a moment ago can come back at once: never the gRPC port.
+    let metrics_port = std::iter::repeat_with(free_port).find(|p| *p != port).unwrap();
     std::fs::create_dir_all(state).unwrap();
     let log = state.join(format!("agent-{port}.log"));
     let process = AgentProcess {
