@@ -59,6 +59,12 @@ pub struct Agent {
 }
 
 /// CRIU's version from the testbed's packages.
+/// The signing key the benchmark's agents share.
+pub fn manifest_key() -> Result<cryopod_node_agent::signing::ManifestKey, Failure> {
+    cryopod_node_agent::signing::ManifestKey::new(cryopod_e2e::tls::MANIFEST_KEY)
+        .ok_or_else(|| "the e2e manifest key is too short".to_owned())
+}
+
 pub fn criu_version(tb: &Testbed) -> String {
     std::process::Command::new(tb.node_packages.join("bin/criu"))
         .arg("--version")
@@ -101,6 +107,7 @@ impl Agent {
                 work_dir: work.join("agent"),
                 restores: restores.clone(),
                 node: facts.clone(),
+                manifest_key: manifest_key()?,
             },
             facts,
             restores,
@@ -340,9 +347,15 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
         };
         settle_disk();
         let started = Instant::now();
-        let prepared = prepare_restore(store, &restore, &target.facts, &target.restores)
-            .await
-            .map_err(|e| format!("prepare the restore: {e}"))?;
+        let prepared = prepare_restore(
+            store,
+            &restore,
+            &target.facts,
+            &target.restores,
+            &target.agent.manifest_key,
+        )
+        .await
+        .map_err(|e| format!("prepare the restore: {e}"))?;
         sample.prepare_ms = ms(started.elapsed());
         let _ = std::fs::remove_dir_all(&prepared.dir);
         delete_under(store, &prefix).await;

@@ -93,6 +93,7 @@ mod tests {
                 "RoleBinding",
                 "RuntimeClass",
                 "Secret",
+                "Secret",
                 "Service",
                 "ServiceAccount",
                 "ServiceAccount",
@@ -132,6 +133,41 @@ mod tests {
         assert!(
             env.contains(&"CRYOPOD_NAMESPACE") && env.contains(&"POD_NAME"),
             "{env:?}"
+        );
+    }
+
+    #[test]
+    fn only_the_agents_hold_the_manifest_signing_key() {
+        let docs = render(&[]).unwrap();
+        let secret = find(&docs, "Secret", "cryopod-signing");
+        assert_eq!(secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+        let key = secret["data"]["key"].as_str().unwrap();
+        assert!(key.len() >= 64, "a random key of 64 characters, base64: {key}");
+        let mounts = |kind: &str, name: &str| -> Vec<String> {
+            let spec = &find(&docs, kind, name)["spec"]["template"]["spec"];
+            spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_owned))
+                .collect()
+        };
+        assert!(mounts("DaemonSet", "cryopod-node-agent").contains(&"cryopod-signing".to_owned()));
+        assert!(!mounts("Deployment", "cryopod-operator").contains(&"cryopod-signing".to_owned()));
+        // A key the admin chose (shared with another cluster): none is made.
+        let chosen = render(&["signing.existingSecret=shared-key"]).unwrap();
+        assert!(
+            !chosen
+                .iter()
+                .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "cryopod-signing")
+        );
+        let agent = &find(&chosen, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
+        assert!(
+            agent["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "shared-key")
         );
     }
 

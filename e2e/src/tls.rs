@@ -5,7 +5,8 @@
 /// operator's client identity (in `operator_dir`).
 #[derive(Debug)]
 pub struct AgentTls {
-    /// The agent's TLS directory: `tls.crt`, `tls.key`, `ca.crt`.
+    /// The agent's TLS directory: `tls.crt`, `tls.key`, `ca.crt`, and the manifest
+    /// signing key [`MANIFEST_KEY_FILE`].
     pub dir: tempfile::TempDir,
     /// The operator's TLS directory (`CRYOPOD_TLS_DIR`).
     pub operator_dir: tempfile::TempDir,
@@ -16,6 +17,12 @@ pub struct AgentTls {
     /// The agent's serving identity, for `localhost`.
     pub server: tonic::transport::Identity,
 }
+
+/// The manifest signing key's file in [`AgentTls::dir`].
+pub const MANIFEST_KEY_FILE: &str = "manifest.key";
+
+/// The manifest signing key of every agent the tests run.
+pub const MANIFEST_KEY: &[u8] = b"the e2e agents' manifest signing key, not a secret";
 
 /// Generates fresh material; the agent's certificate names `localhost`.
 pub fn agent_tls() -> Result<AgentTls, String> {
@@ -46,6 +53,9 @@ pub fn agent_tls() -> Result<AgentTls, String> {
         ("tls.crt", &server_cert),
         ("tls.key", &server_key),
     ])?;
+    // The agents' shared manifest signing key, beside their TLS pair: one for every
+    // test, so agent processes and in-process agents read each other's checkpoints.
+    std::fs::write(dir.path().join(MANIFEST_KEY_FILE), MANIFEST_KEY).map_err(|e| failed(MANIFEST_KEY_FILE, &e))?;
     // The operator's side: its client pair and the CA that signed the agents'.
     let operator_dir = write_dir([
         ("ca.crt", &ca.pem()),

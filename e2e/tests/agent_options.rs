@@ -335,6 +335,7 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
         },
         &agent.node,
         &agent.restores,
+        &agent.manifest_key,
     )
     .await
     .unwrap();

@@ -366,7 +366,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
     let mut tampered = original.to_vec();
     tampered[original.len() / 2] ^= 0x01;
     store.put(&key, tampered.into()).await.unwrap();
-    let err = prepare_restore(&store, &request("bad-1"), &facts, &restores)
+    let err = prepare_restore(&store, &request("bad-1"), &facts, &restores, &manifest_key())
         .await
         .unwrap_err();
     println!("tampered: {err}");
@@ -376,7 +376,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
         .put(&key, original.slice(..original.len() - 100).into())
         .await
         .unwrap();
-    let err = prepare_restore(&store, &request("bad-2"), &facts, &restores)
+    let err = prepare_restore(&store, &request("bad-2"), &facts, &restores, &manifest_key())
         .await
         .unwrap_err();
     println!("truncated: {err}");
@@ -385,7 +385,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
     // A node with an older CRIU.
     let mut old = facts.clone();
     old.criu_version = "4.1".into();
-    let err = prepare_restore(&store, &request("bad-3"), &old, &restores)
+    let err = prepare_restore(&store, &request("bad-3"), &old, &restores, &manifest_key())
         .await
         .unwrap_err();
     println!("incompatible: {err}");
@@ -428,7 +428,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
 
     // A restore that fails half-way (container d's memory pages are gone): the
     // containers already restored are stopped and none runs again.
-    let prepared = prepare_restore(&store, &request("half-1"), &facts, &restores)
+    let prepared = prepare_restore(&store, &request("half-1"), &facts, &restores, &manifest_key())
         .await
         .unwrap();
     let images = prepared.dir.join("containers/d/checkpoint");

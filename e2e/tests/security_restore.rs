@@ -59,6 +59,7 @@ async fn security_a_prepared_restore_serves_only_the_pod_it_was_prepared_for() {
         },
         &agent.node,
         &agent.restores,
+        &agent.manifest_key,
     )
     .await
     .unwrap();
@@ -121,4 +122,110 @@ async fn security_a_prepared_restore_serves_only_the_pod_it_was_prepared_for() {
         );
     }
     let _ = std::fs::remove_dir_all(&prepared.dir);
+}
+
+/// A tenant who can write the bucket and the checkpoint's status rewrites a stored
+/// checkpoint: one of its objects replaced by an archive of their own, the manifest
+/// changed to list it with the right size and digest, and the new manifest's digest
+/// written to `status.manifestDigest`, so every digest matches. The restore is refused
+/// as not authentic (no agent signed that manifest), nothing is prepared on the node
+/// and no pod is created.
+#[tokio::test]
+async fn security_a_rewritten_manifest_is_refused_though_every_digest_matches() {
+    use cryopod_crds::v1alpha1::{PodCheckpoint, PodRestore, RestorePhase};
+    use kube::api::{Patch, PatchParams};
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path as ObjectPath;
+    use pods::control::*;
+    use serde_json::json;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sec-forge").await.unwrap();
+    let _trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let control = start_one_node_control(&tb, &ns.name).await;
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "genuine"},
+                "spec": {"sourcePodName": "trio", "storage": storage}}),
+    );
+    kubectl_wait_ready(&tb, &ns.name, "podcheckpoint/genuine", &control.log);
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = checkpoints.get("genuine").await.unwrap();
+    let prefix = stored_prefix(&cp);
+    let store = tb.s3_store(&tb.s3.endpoint, &tb.s3.secret_key).unwrap();
+
+    // The tenant's archive, in place of the first object.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(7);
+    header.set_mode(0o4755);
+    tar.append_data(&mut header, "planted", &b"planted"[..]).unwrap();
+    let planted = zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&stored_object(&tb, &cp, "manifest.json").await).unwrap();
+    let object = &mut manifest["objects"][0];
+    let key = object["key"].as_str().unwrap().to_owned();
+    object["size"] = json!(planted.len());
+    object["sha256"] = json!(cryopod_e2e::oci::sha256_digest(&planted));
+    let forged = serde_json::to_vec_pretty(&manifest).unwrap();
+    store
+        .put(&ObjectPath::from(format!("{prefix}{key}")), planted.into())
+        .await
+        .unwrap();
+    store
+        .put(&ObjectPath::from(format!("{prefix}manifest.json")), forged.clone().into())
+        .await
+        .unwrap();
+    let forged_digest = cryopod_e2e::oci::sha256_digest(&forged);
+    checkpoints
+        .patch_status(
+            "genuine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"manifestDigest": forged_digest}})),
+        )
+        .await
+        .unwrap();
+
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "forged"},
+                "spec": {"checkpointName": "genuine", "target": {"nodeName": tb.nodes[0]}}}),
+    );
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let ended = restore_ended(&restores, "forged").await;
+    let status = ended.status.clone().unwrap();
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("refused: {reason}: {message}");
+    assert_eq!(status.phase, Some(RestorePhase::Failed), "{message}");
+    assert!(message.contains("not authentic"), "{message}");
+    assert!(
+        event_reasons(&tb, &ns.name, "forged").contains(&reason),
+        "the refusal is an event too"
+    );
+    // Nothing prepared on the node, no pod made.
+    let restores_dir = control.state.join("restores");
+    let prepared: Vec<_> = std::fs::read_dir(&restores_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(prepared.is_empty(), "prepared on the node: {prepared:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let names: Vec<String> = pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert_eq!(names, ["trio"], "no restored pod");
+    assert!(status.restored_pod_name.is_none() || !names.contains(status.restored_pod_name.as_ref().unwrap()));
+
+    checkpoints.delete("genuine", &Default::default()).await.unwrap();
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&control.state);
 }

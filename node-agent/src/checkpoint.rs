@@ -187,6 +187,8 @@ pub struct NodeAgent<R> {
     pub restores: PathBuf,
     /// Facts of this node.
     pub node: NodeFacts,
+    /// Signs the manifests this agent stores and verifies those it restores.
+    pub manifest_key: crate::signing::ManifestKey,
 }
 
 /// A pod left frozen after its checkpoint ([`AfterDump::Held`]).
@@ -515,7 +517,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             warnings,
             checkpointed_pod_template: req.pod_template.clone(),
         };
-        let manifest_digest = match store_manifest(&store, &req.prefix, &manifest).await {
+        let manifest_digest = match store_manifest(&store, &req.prefix, &manifest, &self.manifest_key).await {
             Ok(digest) => digest,
             Err(source) => {
                 let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
@@ -718,6 +720,7 @@ mod tests {
             work_dir: dir.join("work"),
             restores: dir.join("restores"),
             node: NodeFacts::default(),
+            manifest_key: crate::signing::ManifestKey::new(&[7; 32]).unwrap(),
         }
     }
 

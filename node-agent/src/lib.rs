@@ -32,5 +32,6 @@ pub mod restore;
 pub mod run;
 pub mod safe_fs;
 pub mod server;
+pub mod signing;
 pub mod store;
 pub mod sweep;

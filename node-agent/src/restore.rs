@@ -17,9 +17,12 @@ use sha2::{Digest, Sha256};
 use crate::handler::{RESTORED_POD_FILE, RestoredPod};
 use crate::journal::Journal;
 use crate::package::{AGE_SCHEME, MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts, sha256_hex};
+use crate::signing::{ManifestKey, SIGNATURE_OBJECT};
 
 /// The manifest of a prepared restore, beside what it describes.
 pub const PREPARED_MANIFEST: &str = "manifest.json";
+/// Larger manifests (and signatures) are refused unread.
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One restore to prepare.
 #[derive(Clone)]
@@ -93,6 +96,9 @@ pub enum RestoreError {
     Fetch { key: String, source: object_store::Error },
     /// The manifest is not the one the caller expected.
     ManifestDigest { expected: String, found: String },
+    /// The manifest's signature is missing or wrong: no agent of this cluster wrote
+    /// it for this prefix.
+    Signature { detail: String },
     /// The manifest cannot be read.
     Manifest { detail: String },
     /// An object's size differs from the manifest's (a truncated or grown object).
@@ -120,6 +126,7 @@ impl std::fmt::Display for RestoreError {
             Self::ManifestDigest { expected, found } => {
                 write!(f, "the checkpoint's manifest is {found}, not the expected {expected}")
             }
+            Self::Signature { detail } => write!(f, "the checkpoint's manifest is not authentic: {detail}: refused"),
             Self::Manifest { detail } => write!(f, "the checkpoint's manifest is unusable: {detail}"),
             Self::Size { key, expected, found } => {
                 write!(
@@ -222,6 +229,7 @@ pub async fn prepare_restore(
     req: &RestoreRequest,
     node: &NodeFacts,
     restores: &Path,
+    key: &ManifestKey,
 ) -> Result<PreparedRestore, RestoreError> {
     Journal::check_operation_id(&req.restore_id).map_err(|_| RestoreError::BadRestoreId {
         id: req.restore_id.clone(),
@@ -246,7 +254,7 @@ pub async fn prepare_restore(
             .create(&partial)
             .map_err(local(&partial))?;
     }
-    let result = prepare_in(store, req, node, &partial).await;
+    let result = prepare_in(store, req, node, &partial, key).await;
     match result {
         Ok(mut prepared) => {
             std::fs::rename(&partial, &dir).map_err(local(&dir))?;
@@ -265,22 +273,41 @@ async fn prepare_in(
     req: &RestoreRequest,
     node: &NodeFacts,
     partial: &Path,
+    key: &ManifestKey,
 ) -> Result<PreparedRestore, RestoreError> {
     let fetch_started = Instant::now();
-    let manifest_key = format!("{}{PREPARED_MANIFEST}", req.prefix);
-    let manifest_bytes = store
-        .get(&ObjectPath::from(manifest_key.as_str()))
-        .await
-        .map_err(|source| RestoreError::Fetch {
-            key: PREPARED_MANIFEST.to_owned(),
+    let small = |name: &'static str| async move {
+        let fetch = |source| RestoreError::Fetch {
+            key: name.to_owned(),
             source,
-        })?
-        .bytes()
-        .await
-        .map_err(|source| RestoreError::Fetch {
-            key: PREPARED_MANIFEST.to_owned(),
-            source,
-        })?;
+        };
+        let object = store
+            .get(&ObjectPath::from(format!("{}{name}", req.prefix)))
+            .await
+            .map_err(fetch)?;
+        // A manifest is kilobytes; a huge object here is an attack on memory.
+        if object.meta.size > MAX_MANIFEST_BYTES {
+            return Err(RestoreError::Manifest {
+                detail: format!("{name} is {} bytes, more than a manifest can be", object.meta.size),
+            });
+        }
+        object.bytes().await.map_err(fetch)
+    };
+    let manifest_bytes = small(PREPARED_MANIFEST).await?;
+    // Authentic before anything in it is trusted: digests, keys, the pod template.
+    let signature = match small(SIGNATURE_OBJECT).await {
+        Err(RestoreError::Fetch {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => {
+            return Err(RestoreError::Signature {
+                detail: format!("{SIGNATURE_OBJECT} is missing"),
+            });
+        }
+        other => other?,
+    };
+    key.verify(&req.prefix, &manifest_bytes, &signature)
+        .map_err(|e| RestoreError::Signature { detail: e.to_string() })?;
     let found = sha256_hex(Sha256::digest(&manifest_bytes));
     if let Some(expected) = &req.manifest_digest
         && *expected != found
@@ -579,10 +606,14 @@ mod tests {
             checkpointed_pod_template: None,
         };
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let digest = crate::store::store_checkpoint(&store, "ck/", &[object], &manifest)
+        let digest = crate::store::store_checkpoint(&store, "ck/", &[object], &manifest, &key())
             .await
             .unwrap();
         (store, digest, dir)
+    }
+
+    fn key() -> ManifestKey {
+        ManifestKey::new(&[7; 32]).unwrap()
     }
 
     fn request(id: &str, digest: Option<String>) -> RestoreRequest {
@@ -603,7 +634,7 @@ mod tests {
         let (store, digest, _keep) = stored(&Seal::Clear).await;
         let restores = tempfile::tempdir().unwrap();
         let node = facts("4.2.1", "6.1.0", &["avx2"]);
-        let prepared = prepare_restore(&store, &request("r1", Some(digest)), &node, restores.path())
+        let prepared = prepare_restore(&store, &request("r1", Some(digest)), &node, restores.path(), &key())
             .await
             .unwrap();
         assert_eq!(prepared.dir, restores.path().join("r1"));
@@ -614,7 +645,7 @@ mod tests {
         }
         assert!(names.iter().any(|n| n.ends_with("token")), "{names:?}");
         assert!(prepared.dir.join(PREPARED_MANIFEST).exists());
-        let err = prepare_restore(&store, &request("r1", None), &node, restores.path())
+        let err = prepare_restore(&store, &request("r1", None), &node, restores.path(), &key())
             .await
             .unwrap_err();
         assert!(matches!(err, RestoreError::AlreadyPrepared { .. }), "{err}");
@@ -639,9 +670,15 @@ mod tests {
             b[last] ^= 1;
         })
         .await;
-        let err = prepare_restore(&store, &request("r2", Some(digest.clone())), &node, restores.path())
-            .await
-            .unwrap_err();
+        let err = prepare_restore(
+            &store,
+            &request("r2", Some(digest.clone())),
+            &node,
+            restores.path(),
+            &key(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, RestoreError::Digest { .. }), "{err}");
         assert!(
             err.to_string().starts_with("pod/shm.tar.zst has digest sha256:"),
@@ -650,20 +687,26 @@ mod tests {
         assert!(empty(restores.path()));
 
         tamper(&store, "pod/shm.tar.zst", |b| b.truncate(b.len() / 2)).await;
-        let err = prepare_restore(&store, &request("r2", Some(digest)), &node, restores.path())
+        let err = prepare_restore(&store, &request("r2", Some(digest)), &node, restores.path(), &key())
             .await
             .unwrap_err();
         assert!(matches!(err, RestoreError::Size { .. }), "{err}");
         assert!(empty(restores.path()));
 
-        let err = prepare_restore(&store, &request("r2", Some("sha256:00".into())), &node, restores.path())
-            .await
-            .unwrap_err();
+        let err = prepare_restore(
+            &store,
+            &request("r2", Some("sha256:00".into())),
+            &node,
+            restores.path(),
+            &key(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, RestoreError::ManifestDigest { .. }), "{err}");
 
         let old = facts("4.1", "6.1.0", &["avx2"]);
         let (store, _, _keep) = stored(&Seal::Clear).await;
-        let err = prepare_restore(&store, &request("r3", None), &old, restores.path())
+        let err = prepare_restore(&store, &request("r3", None), &old, restores.path(), &key())
             .await
             .unwrap_err();
         assert!(matches!(err, RestoreError::Incompatible { .. }), "{err}");
@@ -677,17 +720,77 @@ mod tests {
         let (store, _, _keep) = stored(&seal).await;
         let node = facts("4.2.1", "6.1.0", &["avx2"]);
         let restores = tempfile::tempdir().unwrap();
-        let err = prepare_restore(&store, &request("r4", None), &node, restores.path())
+        let err = prepare_restore(&store, &request("r4", None), &node, restores.path(), &key())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("no age identity"), "{err}");
         let other = age::x25519::Identity::generate();
         let mut req = request("r4", None);
         req.identities = vec![other];
-        let err = prepare_restore(&store, &req, &node, restores.path()).await.unwrap_err();
+        let err = prepare_restore(&store, &req, &node, restores.path(), &key())
+            .await
+            .unwrap_err();
         assert!(matches!(err, RestoreError::Decrypt { .. }), "{err}");
         req.identities = identities_from_lines(&format!("# key\n{}\n", identity.to_string().expose_secret())).unwrap();
-        let prepared = prepare_restore(&store, &req, &node, restores.path()).await.unwrap();
+        let prepared = prepare_restore(&store, &req, &node, restores.path(), &key())
+            .await
+            .unwrap();
         assert!(prepared.dir.join("pod/shm.tar").exists());
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_rewritten_or_moved_manifest_is_refused_before_anything_is_fetched() {
+        let node = facts("4.2.1", "6.1.0", &["avx2"]);
+        let restores = tempfile::tempdir().unwrap();
+        let read = |store: Arc<dyn ObjectStore>, k: String| async move {
+            store.get(&ObjectPath::from(k)).await.unwrap().bytes().await.unwrap()
+        };
+
+        // Rewritten, with the digest the caller expects made to match.
+        let (store, _, _keep) = stored(&Seal::Clear).await;
+        tamper(&store, PREPARED_MANIFEST, |b| {
+            let text = String::from_utf8(b.clone())
+                .unwrap()
+                .replace("\"Running\"", "\"Stopped\"");
+            *b = text.into_bytes();
+        })
+        .await;
+        let rewritten = sha256_hex(Sha256::digest(read(store.clone(), "ck/manifest.json".into()).await));
+        let err = prepare_restore(&store, &request("s1", Some(rewritten)), &node, restores.path(), &key())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::Signature { .. }), "{err}");
+        assert!(err.to_string().contains("changed or moved"), "{err}");
+
+        // Signed by another cluster's key.
+        let other = ManifestKey::new(&[8; 32]).unwrap();
+        let (store, _, _keep) = stored(&Seal::Clear).await;
+        let err = prepare_restore(&store, &request("s2", None), &node, restores.path(), &other)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("signed with key"), "{err}");
+
+        // A genuine checkpoint copied under another prefix.
+        for name in ["manifest.json", "manifest.sig", "pod/shm.tar.zst"] {
+            let bytes = read(store.clone(), format!("ck/{name}")).await;
+            store
+                .put(&ObjectPath::from(format!("victim/{name}")), PutPayload::from(bytes))
+                .await
+                .unwrap();
+        }
+        let mut moved = request("s3", None);
+        moved.prefix = "victim/".into();
+        let err = prepare_restore(&store, &moved, &node, restores.path(), &key())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RestoreError::Signature { .. }), "{err}");
+
+        // No signature at all.
+        store.delete(&ObjectPath::from("ck/manifest.sig")).await.unwrap();
+        let err = prepare_restore(&store, &request("s4", None), &node, restores.path(), &key())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("manifest.sig is missing"), "{err}");
+        assert!(std::fs::read_dir(restores.path()).unwrap().next().is_none());
     }
 }

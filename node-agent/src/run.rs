@@ -43,6 +43,9 @@ pub struct AgentConfig {
     /// `CRYOPOD_CLIENT_NAME`, default `cryopod-operator`: the name (common name or DNS
     /// name) the one client allowed, the operator, has in its certificate.
     pub client_name: String,
+    /// `CRYOPOD_MANIFEST_KEY_FILE` (required): the key, shared by every agent of the
+    /// cluster and no one else, that signs and verifies checkpoint manifests.
+    pub manifest_key_file: PathBuf,
     /// `CRYOPOD_DRAIN_SECONDS`, default 120: after SIGTERM, how long operations may
     /// finish and held pods wait for their release before they are thawed.
     pub drain: std::time::Duration,
@@ -150,6 +153,7 @@ impl AgentConfig {
             listen,
             metrics_listen,
             tls_dir: PathBuf::from(required("CRYOPOD_TLS_DIR")?),
+            manifest_key_file: PathBuf::from(required("CRYOPOD_MANIFEST_KEY_FILE")?),
             cri_socket: PathBuf::from(
                 get("CRYOPOD_CRI_SOCKET").unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
             ),
@@ -321,6 +325,11 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
         .client_ca_root(Certificate::from_pem(read("ca.crt")?));
+    let manifest_key =
+        crate::signing::ManifestKey::from_file(&config.manifest_key_file).map_err(|problem| RunError::Config {
+            variable: "CRYOPOD_MANIFEST_KEY_FILE",
+            problem,
+        })?;
     let exec = NodeExec {
         prefix: config.node_exec.iter().map(Into::into).collect(),
         path_dirs: config.criu_dir.iter().cloned().collect(),
@@ -342,6 +351,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         work_dir: config.state_dir.join("work"),
         restores: config.state_dir.join("restores"),
         node,
+        manifest_key,
     };
     let metrics = Arc::new(AgentMetrics::new());
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
@@ -423,6 +433,7 @@ mod tests {
         let env: HashMap<&str, &str> = HashMap::from([
             ("CRYOPOD_NODE_NAME", "node-1"),
             ("CRYOPOD_TLS_DIR", "/tls"),
+            ("CRYOPOD_MANIFEST_KEY_FILE", "/key/manifest"),
             ("CRYOPOD_CGROUP", "v3:/x"),
         ]);
         let err = AgentConfig::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap_err();
@@ -430,6 +441,7 @@ mod tests {
         let env: HashMap<&str, &str> = HashMap::from([
             ("CRYOPOD_NODE_NAME", "node-1"),
             ("CRYOPOD_TLS_DIR", "/tls"),
+            ("CRYOPOD_MANIFEST_KEY_FILE", "/key/manifest"),
             ("CRYOPOD_CGROUP", "v1:/sys/fs/cgroup/freezer"),
             ("CRYOPOD_NODE_EXEC", "nsenter -t 1 -m --"),
         ]);

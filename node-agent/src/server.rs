@@ -261,7 +261,7 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
         req: RestoreRequest,
         store: Arc<dyn ObjectStore>,
     ) -> Result<PreparedRestore, RestoreError> {
-        crate::restore::prepare_restore(&store, &req, &self.node, &self.restores).await
+        crate::restore::prepare_restore(&store, &req, &self.node, &self.restores, &self.manifest_key).await
     }
 
     fn node_facts(&self) -> NodeFacts {
@@ -283,7 +283,10 @@ pub fn restore_code_of(err: &RestoreError) -> Code {
             _ => Code::Unavailable,
         },
         // The checkpoint is not what it claims to be: never retry it as is.
-        RestoreError::ManifestDigest { .. } | RestoreError::Size { .. } | RestoreError::Digest { .. } => Code::DataLoss,
+        RestoreError::ManifestDigest { .. }
+        | RestoreError::Signature { .. }
+        | RestoreError::Size { .. }
+        | RestoreError::Digest { .. } => Code::DataLoss,
         RestoreError::Manifest { .. } | RestoreError::Incompatible { .. } | RestoreError::Decrypt { .. } => {
             Code::FailedPrecondition
         }

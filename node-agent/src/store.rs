@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::package::{LocalObject, Manifest, sha256_hex};
+use crate::signing::{ManifestKey, SIGNATURE_OBJECT};
 
 /// Upload parts of this size.
 const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -140,25 +141,26 @@ pub async fn store_object(store: &Arc<dyn ObjectStore>, prefix: &str, object: &L
     result
 }
 
-/// Writes the manifest under `prefix` (last: a checkpoint exists only once it does)
-/// and returns its sha256.
+/// Writes the manifest's signature, then the manifest under `prefix` (last: a
+/// checkpoint exists only once it does), and returns the manifest's sha256.
 pub async fn store_manifest(
     store: &Arc<dyn ObjectStore>,
     prefix: &str,
     manifest: &Manifest,
+    key: &ManifestKey,
 ) -> Result<String, StoreError> {
     let bytes = serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Manifest { source })?;
     let digest = sha256_hex(Sha256::digest(&bytes));
-    store
-        .put(
-            &ObjectPath::from(format!("{prefix}manifest.json")),
-            PutPayload::from(bytes),
-        )
-        .await
-        .map_err(|source| StoreError::Upload {
-            key: "manifest.json".to_owned(),
-            source,
-        })?;
+    let signature = key.sign(prefix, &bytes);
+    for (name, body) in [(SIGNATURE_OBJECT, signature.into_bytes()), ("manifest.json", bytes)] {
+        store
+            .put(&ObjectPath::from(format!("{prefix}{name}")), PutPayload::from(body))
+            .await
+            .map_err(|source| StoreError::Upload {
+                key: name.to_owned(),
+                source,
+            })?;
+    }
     Ok(digest)
 }
 
@@ -169,6 +171,7 @@ pub async fn store_checkpoint(
     prefix: &str,
     objects: &[LocalObject],
     manifest: &Manifest,
+    key: &ManifestKey,
 ) -> Result<String, StoreError> {
     let mut written = Vec::new();
     let result = async {
@@ -176,7 +179,8 @@ pub async fn store_checkpoint(
             store_object(store, prefix, object).await?;
             written.push(ObjectPath::from(format!("{prefix}{}", object.entry.key)));
         }
-        store_manifest(store, prefix, manifest).await
+        written.push(ObjectPath::from(format!("{prefix}{SIGNATURE_OBJECT}")));
+        store_manifest(store, prefix, manifest, key).await
     }
     .await;
     if result.is_err() {
@@ -196,7 +200,10 @@ pub async fn delete_checkpoint(
     prefix: &str,
     manifest: &Manifest,
 ) -> Result<(), StoreError> {
-    let keys = std::iter::once("manifest.json".to_owned()).chain(manifest.objects.iter().map(|o| o.key.clone()));
+    let keys = ["manifest.json", SIGNATURE_OBJECT]
+        .map(str::to_owned)
+        .into_iter()
+        .chain(manifest.objects.iter().map(|o| o.key.clone()));
     // Every key is tried, whatever failed before: a store that fails one delete may
     // take the next.
     let mut first = Ok(());
@@ -297,15 +304,20 @@ mod tests {
             local(dir.path(), "pod/shm.tar.zst", b"s", None),
         ];
         let m = manifest(objects.iter().map(|o| o.entry.clone()).collect());
-        let digest = store_checkpoint(&store, "ns/p/u/", &objects, &m).await.unwrap();
-        let stored = store
-            .get(&ObjectPath::from("ns/p/u/manifest.json"))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let key = ManifestKey::new(&[7; 32]).unwrap();
+        let digest = store_checkpoint(&store, "ns/p/u/", &objects, &m, &key).await.unwrap();
+        let read = |k: &'static str| {
+            let store = store.clone();
+            async move { store.get(&ObjectPath::from(k)).await.unwrap().bytes().await.unwrap() }
+        };
+        let stored = read("ns/p/u/manifest.json").await;
         assert_eq!(digest, sha256_hex(Sha256::digest(&stored)));
+        let signature = read("ns/p/u/manifest.sig").await;
+        assert_eq!(
+            key.verify("ns/p/u/", &stored, &signature),
+            Ok(()),
+            "signed over its own prefix"
+        );
         let back: Manifest = serde_json::from_slice(&stored).unwrap();
         assert_eq!(back, m);
     }
@@ -317,7 +329,10 @@ mod tests {
         let good = local(dir.path(), "a", b"aaaa", None);
         let bad = local(dir.path(), "b", b"bbbb", Some("sha256:00".into()));
         let m = manifest(vec![good.entry.clone(), bad.entry.clone()]);
-        let err = store_checkpoint(&store, "x/", &[good, bad], &m).await.unwrap_err();
+        let key = ManifestKey::new(&[7; 32]).unwrap();
+        let err = store_checkpoint(&store, "x/", &[good, bad], &m, &key)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         let left: Vec<_> = store.list(None).collect().await;
         assert!(left.is_empty(), "objects without a manifest are removed: {left:?}");

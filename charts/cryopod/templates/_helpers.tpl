@@ -22,3 +22,8 @@ app.kubernetes.io/component: node-agent
 {{- define "cryopod.image" -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
 {{- end }}
+
+{{/* The Secret holding the manifest signing key. */}}
+{{- define "cryopod.signingSecret" -}}
+{{- .Values.signing.existingSecret | default (printf "%s-signing" .Release.Name) -}}
+{{- end }}

@@ -185,6 +185,11 @@ pub fn talkers() -> [serde_json::Value; 2] {
     ]
 }
 
+/// The signing key of every agent of the tests, in process or not ([`AgentTls`]).
+pub fn manifest_key() -> cryopod_node_agent::signing::ManifestKey {
+    cryopod_node_agent::signing::ManifestKey::new(cryopod_e2e::tls::MANIFEST_KEY).unwrap()
+}
+
 pub fn node_agent(
     tb: &Testbed,
     node: &str,
@@ -209,6 +214,7 @@ pub fn node_agent(
             cgroup_version: "V1".to_owned(),
             cpu_flags: vec![],
         },
+        manifest_key: manifest_key(),
     }
 }
 
@@ -408,6 +414,10 @@ pub async fn start_agent_at(
             .env("CRYOPOD_NODE_NAME", node)
             .env("CRYOPOD_LISTEN", format!("127.0.0.1:{port}"))
             .env("CRYOPOD_TLS_DIR", tls.dir.path())
+            .env(
+                "CRYOPOD_MANIFEST_KEY_FILE",
+                tls.dir.path().join(cryopod_e2e::tls::MANIFEST_KEY_FILE),
+            )
             .env("CRYOPOD_CRI_SOCKET", cri_socket(tb, node))
             .env("CRYOPOD_CGROUP", "v1:/sys/fs/cgroup/freezer")
             .env("CRYOPOD_STATE_DIR", state)
