@@ -177,7 +177,10 @@ async fn security_a_rewritten_manifest_is_refused_though_every_digest_matches() 
         .await
         .unwrap();
     store
-        .put(&ObjectPath::from(format!("{prefix}manifest.json")), forged.clone().into())
+        .put(
+            &ObjectPath::from(format!("{prefix}manifest.json")),
+            forged.clone().into(),
+        )
         .await
         .unwrap();
     let forged_digest = cryopod_e2e::oci::sha256_digest(&forged);
