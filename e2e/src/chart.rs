@@ -134,6 +134,18 @@ mod tests {
             env.contains(&"CRYOPOD_NAMESPACE") && env.contains(&"POD_NAME"),
             "{env:?}"
         );
+        // Encryption at rest is the default, and a value turns it off.
+        let encrypt = |docs: &[Value]| {
+            find(docs, "Deployment", "cryopod-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "CRYOPOD_ENCRYPT_BY_DEFAULT")
+                .map(|e| e["value"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(encrypt(&docs).as_deref(), Some("true"));
+        let clear = render(&["encryption.byDefault=false"]).unwrap();
+        assert_eq!(encrypt(&clear).as_deref(), Some("false"));
     }
 
     #[test]

@@ -185,16 +185,21 @@ fn uninstall(tb: &Testbed, extra: &[&str]) {
 
 /// The release's CA certificate.
 fn release_ca(tb: &Testbed) -> String {
+    release_secret(tb, "cryopod-tls", "ca\\.crt")
+}
+
+/// One key of one of the release's Secrets, base64.
+fn release_secret(tb: &Testbed, name: &str, key: &str) -> String {
     kubectl(
         tb,
         &[
             "get",
             "secret",
-            "cryopod-tls",
+            name,
             "-n",
             RELEASE_NS,
             "-o",
-            "jsonpath={.data.ca\\.crt}",
+            &format!("jsonpath={{.data.{key}}}"),
         ],
     )
 }
@@ -309,6 +314,8 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let installed = helm(&tb, &install.iter().map(String::as_str).collect::<Vec<_>>());
     println!("{installed}");
     let ca_before = release_ca(&tb);
+    let signing_before = release_secret(&tb, "cryopod-signing", "key");
+    assert!(signing_before.len() >= 64, "a signing key was made: {signing_before:?}");
 
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
     security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
@@ -369,14 +376,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     );
     wait_ready(&tb, &ns.name, "podrestore/back").await;
     let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
-    let restored_name = restores
-        .get("back")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .restored_pod_name
-        .unwrap();
+    let restored_name = restored_pod_name(&restores, "back").await;
     let restored = ns.pods(&client).get(&restored_name).await.unwrap();
     assert_eq!(
         restored.spec.as_ref().unwrap().node_name.as_deref(),
@@ -440,6 +440,12 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     );
     let ca_after = release_ca(&tb);
     assert_eq!(ca_before, ca_after, "the upgrade kept the CA");
+    assert_eq!(
+        signing_before,
+        release_secret(&tb, "cryopod-signing", "key"),
+        "the upgrade kept the signing key"
+    );
+    let before_default = counts(&pod_data(&tb, &moved_pod));
     kubectl_apply(
         &tb,
         &ns.name,
@@ -447,6 +453,39 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
                 "spec": {"sourcePodName": moved_name, "storage": storage}}),
     );
     wait_ready(&tb, &ns.name, "podcheckpoint/after-upgrade").await;
+    // Sealed by default (the chart's encryption.byDefault) with a key of its own,
+    // which its restore finds: back on node-1, counting on.
+    let unsealed_spec = checkpoints.get("after-upgrade").await.unwrap();
+    let volume = stored_object(&tb, &unsealed_spec, "pod/volume/data.tar.zst").await;
+    assert!(volume.starts_with(b"age-encryption.org/v1"), "sealed by default");
+    let key = kubectl(
+        &tb,
+        &[
+            "get",
+            "secret",
+            "after-upgrade-key",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].uid}",
+        ],
+    );
+    assert_eq!(
+        Some(key.trim()),
+        unsealed_spec.metadata.uid.as_deref(),
+        "the checkpoint owns its key"
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "by-default"},
+                "spec": {"checkpointName": "after-upgrade", "target": {"nodeName": source}}}),
+    );
+    wait_ready(&tb, &ns.name, "podrestore/by-default").await;
+    let restored_name = restored_pod_name(&restores, "by-default").await;
+    let restored = ns.pods(&client).get(&restored_name).await.unwrap();
+    let now = counting_on(&pod_data(&tb, &restored), &before_default).await;
+    println!("restored the default-sealed checkpoint as {restored_name}: {now:?}");
 
     // Everything of ours goes while the operator still runs its finalizers.
     kubectl(

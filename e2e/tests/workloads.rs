@@ -431,14 +431,7 @@ async fn a_restore_from_another_namespace_needs_its_grant() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     kubectl_apply(&tb, &away.name, &request("granted"));
     kubectl_wait_ready(&tb, &away.name, "podrestore/granted", &away_log);
-    let pod_name = restores
-        .get("granted")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .restored_pod_name
-        .unwrap();
+    let pod_name = restored_pod_name(&restores, "granted").await;
     assert_eq!(pod_name, "counter", "the name is free in this namespace");
     let restored = away.pods(&client).get(&pod_name).await.unwrap();
     assert_eq!(node_of(&restored), target);

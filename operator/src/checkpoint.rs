@@ -131,6 +131,8 @@ struct Resolved {
     pod: Option<Pod>,
     storage: ResolvedStorage,
     recipients: Vec<String>,
+    /// The Secret whose key seals the checkpoint, when it is sealed.
+    sealed_with: Option<String>,
 }
 
 /// A problem that ends the checkpoint: reason and message.
@@ -192,36 +194,54 @@ async fn resolve_for(
         Ok(storage) => storage,
         Err(StorageProblem(message)) => return Ok(Err((reasons::STORAGE_NOT_FOUND, message))),
     };
-    let recipients = match &cp.spec.encryption {
-        None => vec![],
-        Some(encryption) => {
-            let name = &encryption.secret_ref.name;
-            let data = secret_data(ctx, &ns, name).await?;
-            let recipients = data
-                .as_ref()
-                .and_then(|d| d.get("recipients"))
-                .map(|v| {
-                    String::from_utf8_lossy(&v.0)
-                        .lines()
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                })
-                .filter(|r| r.iter().any(|l| !l.trim().is_empty() && !l.starts_with('#')));
-            match recipients {
-                Some(r) => r,
-                None => {
-                    return Ok(Err((
-                        reasons::CHECKPOINT_FAILED,
-                        format!("spec.encryption.secretRef: Secret {name} has no age public keys under \"recipients\""),
-                    )));
-                }
+    // The key: the one spec.encryption names, or with encryption the default, one
+    // made for this checkpoint alone and owned by it.
+    let (name, field) = match &cp.spec.encryption {
+        Some(encryption) => (encryption.secret_ref.name.clone(), "spec.encryption.secretRef"),
+        None if ctx.encrypt_by_default => {
+            let Some(owner) = kube::Resource::controller_owner_ref(cp, &()) else {
+                return Ok(Err((
+                    reasons::CHECKPOINT_FAILED,
+                    "the checkpoint has no uid yet".to_owned(),
+                )));
+            };
+            let name = crate::keys::key_name(&cp.name_any());
+            match crate::keys::ensure_owned_key(ctx, &ns, &name, owner).await? {
+                Ok(name) => (name, "the default encryption's key"),
+                Err(why) => return Ok(Err((reasons::CHECKPOINT_FAILED, why))),
             }
         }
+        None => {
+            return Ok(Ok(Resolved {
+                pod,
+                storage,
+                recipients: vec![],
+                sealed_with: None,
+            }));
+        }
+    };
+    let data = secret_data(ctx, &ns, &name).await?;
+    let recipients = data
+        .as_ref()
+        .and_then(|d| d.get("recipients"))
+        .map(|v| {
+            String::from_utf8_lossy(&v.0)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| r.iter().any(|l| !l.trim().is_empty() && !l.starts_with('#')));
+    let Some(recipients) = recipients else {
+        return Ok(Err((
+            reasons::CHECKPOINT_FAILED,
+            format!("{field}: Secret {name} has no age public keys under \"recipients\""),
+        )));
     };
     Ok(Ok(Resolved {
         pod,
         storage,
         recipients,
+        sealed_with: Some(name),
     }))
 }
 
@@ -524,6 +544,7 @@ pub fn succeeded_status(
     mut status: PodCheckpointStatus,
     result: &pb::CheckpointResult,
     pod: Option<&Pod>,
+    sealed_with: Option<&str>,
     generation: Option<i64>,
     at: Time,
 ) -> PodCheckpointStatus {
@@ -582,6 +603,9 @@ pub fn succeeded_status(
         "stored {} bytes in {} objects; the pod was frozen for {} ms",
         result.stored_bytes, result.objects, result.freeze_window_millis
     );
+    if let Some(secret) = sealed_with {
+        message.push_str(&format!("; sealed with the age key in Secret {secret}"));
+    }
     if !result.warnings.is_empty() {
         message.push_str(&format!("; warnings: {}", result.warnings.join("; ")));
     }
@@ -672,7 +696,14 @@ async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: R
     {
         let mut current = status.clone();
         current.phase = Some(CheckpointPhase::Uploading);
-        let done = succeeded_status(current, result, resolved.pod.as_ref(), cp.metadata.generation, now());
+        let done = succeeded_status(
+            current,
+            result,
+            resolved.pod.as_ref(),
+            resolved.sealed_with.as_deref(),
+            cp.metadata.generation,
+            now(),
+        );
         let message = done
             .conditions
             .iter()
@@ -1187,7 +1218,7 @@ mod tests {
             frozen_at_unix_micros: 1_234_567,
         };
         let at = Time(Timestamp::from_millisecond(3_500).unwrap());
-        let done = succeeded_status(status, &result, None, Some(1), at);
+        let done = succeeded_status(status, &result, None, Some("cp-key"), Some(1), at);
         assert_eq!(done.phase, Some(CheckpointPhase::Ready));
         assert_eq!(
             done.frozen_time.as_ref().map(|t| t.0.as_microsecond()),
@@ -1207,5 +1238,10 @@ mod tests {
             ("True", "CheckpointCompleted")
         );
         assert!(ready.message.contains("frozen for 420 ms") && ready.message.contains("hook 1 failed"));
+        assert!(
+            ready.message.contains("sealed with the age key in Secret cp-key"),
+            "{}",
+            ready.message
+        );
     }
 }

@@ -28,6 +28,8 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     /// At most this many checkpoints run at once on one node.
     pub max_per_node: usize,
+    /// Checkpoints without `spec.encryption` are sealed with a key made for them.
+    pub encrypt_by_default: bool,
     /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
     pub checkpoints: Store<PodCheckpoint>,
     /// Checkpoints started here that the watch may not show yet; held while a

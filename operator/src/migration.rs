@@ -29,7 +29,7 @@ use cryopod_crds::v1alpha1::{
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
@@ -334,59 +334,14 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
 }
 
 fn key_name(migration: &PodMigration) -> String {
-    format!("{}-key", migration.name_any())
+    crate::keys::key_name(&migration.name_any())
 }
 
 /// The Secret `<migration>-key` holding a fresh age key pair for the migration's
 /// checkpoint (`recipients`, `identity`), owned by the migration; created once.
 async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result<Result<String, String>, Error> {
-    use age::secrecy::ExposeSecret;
-    let name = key_name(migration);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    let ours = |secret: &Secret| {
-        secret
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| Some(&o.uid) == migration.metadata.uid.as_ref())
-    };
-    let not_ours = || format!("Secret {name} exists and is not this migration's key: delete or rename it");
-    if let Some(existing) = secrets
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("read the migration's key"))?
-    {
-        return Ok(if ours(&existing) { Ok(name) } else { Err(not_ours()) });
-    }
-    let identity = age::x25519::Identity::generate();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            owner_references: Some(vec![owner(migration)]),
-            ..ObjectMeta::default()
-        },
-        string_data: Some(
-            [
-                ("recipients".to_owned(), identity.to_public().to_string()),
-                ("identity".to_owned(), identity.to_string().expose_secret().to_owned()),
-            ]
-            .into(),
-        ),
-        ..Secret::default()
-    };
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(Ok(name)),
-        // Made meanwhile: ours only if this migration made it.
-        Err(kube::Error::Api(e)) if e.code == 409 => match secrets.get_opt(&name).await {
-            Ok(Some(existing)) if ours(&existing) => Ok(Ok(name)),
-            _ => Ok(Err(not_ours())),
-        },
-        Err(source) => Err(Error::Kube {
-            action: "create the migration's key",
-            source,
-        }),
-    }
+    let ns = migration.namespace().unwrap_or_default();
+    crate::keys::ensure_owned_key(ctx, &ns, &key_name(migration), owner(migration)).await
 }
 
 /// Creates the migration's PodCheckpoint unless it exists (an operator stopped

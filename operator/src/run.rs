@@ -47,6 +47,10 @@ pub struct OperatorConfig {
     /// `CRYOPOD_LEASE_NAME`, default `cryopod-operator`: the leader-election Lease in
     /// `namespace`.
     pub lease_name: String,
+    /// `CRYOPOD_ENCRYPT_BY_DEFAULT` (`true`/`false`, default false; the chart sets
+    /// true): a PodCheckpoint without `spec.encryption` is sealed with a key the
+    /// operator makes for it.
+    pub encrypt_by_default: bool,
 }
 
 /// Starting or running the operator failed.
@@ -129,8 +133,19 @@ impl OperatorConfig {
             variable,
             problem: format!("{listen:?}: {e}"),
         })?;
+        let encrypt_by_default = match get("CRYOPOD_ENCRYPT_BY_DEFAULT").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(RunError::Config {
+                    variable: "CRYOPOD_ENCRYPT_BY_DEFAULT",
+                    problem: format!("{other:?} is not true or false"),
+                });
+            }
+        };
         Ok(Self {
             tls_dir,
+            encrypt_by_default,
             agent_tls_name: get("CRYOPOD_AGENT_TLS_NAME").unwrap_or_else(|| "cryopod-node-agent".into()),
             agent_endpoints,
             namespace: get("CRYOPOD_NAMESPACE").unwrap_or_else(|| "cryopod-system".into()),
@@ -198,6 +213,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         max_per_node: config.max_per_node,
+        encrypt_by_default: config.encrypt_by_default,
         checkpoints: checkpoint_controller.store(),
         starts: Arc::default(),
     });

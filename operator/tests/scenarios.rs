@@ -70,6 +70,7 @@ fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
         recorder: Recorder::new(client, reporter),
         metrics: Arc::new(OperatorMetrics::new()),
         max_per_node: 2,
+        encrypt_by_default: false,
         checkpoints: kube::runtime::reflector::store().0,
         starts: Arc::default(),
     };

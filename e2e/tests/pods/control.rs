@@ -191,6 +191,15 @@ pub async fn restore_ended(api: &Api<PodRestore>, name: &str) -> PodRestore {
     .await
 }
 
+/// The pod a Ready PodRestore made.
+pub async fn restored_pod_name(api: &Api<PodRestore>, name: &str) -> String {
+    let restore = api.get(name).await.unwrap();
+    restore
+        .status
+        .and_then(|s| s.restored_pod_name)
+        .unwrap_or_else(|| panic!("PodRestore {name} names no restored pod"))
+}
+
 /// Waits for a PodMigration to end (Succeeded, Failed or RolledBack) and returns its status.
 pub async fn migration_ended(
     api: &Api<cryopod_crds::v1alpha1::PodMigration>,
