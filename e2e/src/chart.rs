@@ -86,6 +86,8 @@ mod tests {
                 "ClusterRole",
                 "ClusterRole",
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRoleBinding",
                 "ClusterRoleBinding",
                 "DaemonSet",
                 "Deployment",
@@ -191,9 +193,24 @@ mod tests {
             (agent["hostNetwork"].as_bool(), agent["hostPID"].as_bool()),
             (Some(true), Some(true))
         );
+        // Its token only asks for its node's certificate, and only then.
+        assert_eq!(agent["automountServiceAccountToken"], true);
+        let asks = &find(&docs, "ClusterRole", "cryopod-node-agent")["rules"];
         assert_eq!(
-            agent["automountServiceAccountToken"], false,
-            "the agent needs no API access"
+            asks,
+            &serde_json::json!([{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"],
+                                 "verbs": ["create", "get"]}])
+        );
+        let shared = render(&["tls.perNodeCertificates=false"]).unwrap();
+        let agent_shared = &find(&shared, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
+        assert_eq!(
+            agent_shared["automountServiceAccountToken"], false,
+            "with one shared certificate the agent needs no API access"
+        );
+        assert!(
+            !shared
+                .iter()
+                .any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "cryopod-node-agent")
         );
         assert!(agent.get("initContainers").is_none(), "the handler install is opt-in");
         let mut host_paths: Vec<&str> = agent["volumes"]
@@ -244,6 +261,15 @@ mod tests {
                 assert_eq!(verbs, ["get", "create"], "Secrets are read by name only");
             }
         }
+        // The operator signs for its own signer name only.
+        let signs: Vec<&serde_json::Value> = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["resources"][0] == "signers")
+            .collect();
+        assert_eq!(signs.len(), 1);
+        assert_eq!(signs[0]["resourceNames"], serde_json::json!(["cryopod.io/node-agent"]));
         let lease = find(&docs, "Role", "cryopod-operator-lease");
         assert_eq!(lease["rules"][0]["resources"][0], "leases");
         // Users get the cryopod kinds through the built-in roles, by aggregation.

@@ -62,10 +62,21 @@ fn kubectl(tb: &Testbed, args: &[&str]) -> String {
 
 /// `kubectl create --dry-run=server` of `pod` in `ns` as `user`: what the API server said.
 fn create_as(tb: &Testbed, ns: &str, user: &str, pod: &serde_json::Value) -> Result<String, String> {
+    create_as_for_real(tb, ns, user, pod, "--dry-run=server")
+}
+
+/// `kubectl create` of `doc` as `user`, `dry_run` one of kubectl's `--dry-run=` flags.
+fn create_as_for_real(
+    tb: &Testbed,
+    ns: &str,
+    user: &str,
+    doc: &serde_json::Value,
+    dry_run: &str,
+) -> Result<String, String> {
     use std::io::Write;
     let mut child = tb
         .kubectl()
-        .args(["create", "--dry-run=server", "-n", ns, "--as", user, "-f", "-"])
+        .args(["create", dry_run, "-n", ns, "--as", user, "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -75,7 +86,7 @@ fn create_as(tb: &Testbed, ns: &str, user: &str, pod: &serde_json::Value) -> Res
         .stdin
         .take()
         .unwrap()
-        .write_all(pod.to_string().as_bytes())
+        .write_all(doc.to_string().as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     if out.status.success() {
@@ -121,6 +132,79 @@ fn security_only_the_operator_creates_pods_that_restore(tb: &Testbed, ns: &str) 
         );
         println!("refused: {}", refused.trim());
     }
+}
+
+/// Each agent serves a certificate naming its own node, which the operator signed for
+/// the agent pod on that node; a tenant who may create certificate requests asks the
+/// operator's signer for a node's certificate and is denied, with nothing issued.
+async fn security_only_an_agent_pod_gets_its_nodes_certificate(tb: &Testbed, ns: &str) {
+    use base64::Engine;
+    let requests = || -> Vec<serde_json::Value> {
+        let list: serde_json::Value = serde_json::from_str(&kubectl(tb, &["get", "csr", "-o", "json"])).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["spec"]["signerName"] == "cryopod.io/node-agent")
+            .cloned()
+            .collect()
+    };
+    for node in &tb.nodes {
+        let issued = requests()
+            .into_iter()
+            .find(|c| {
+                c["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("cryopod-agent-{node}-")))
+                    && c["status"]["certificate"].is_string()
+            })
+            .unwrap_or_else(|| panic!("no certificate was issued for {node}'s agent"));
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(issued["status"]["certificate"].as_str().unwrap())
+            .unwrap();
+        let names = cryopod_node_agent::certs::certificate_names(&String::from_utf8(pem).unwrap()).unwrap();
+        assert_eq!(names, (vec![node.clone()], false), "{node}'s agent certificate");
+        assert_eq!(issued["status"]["conditions"][0]["reason"], "AgentOnItsNode");
+    }
+    // A tenant allowed to create certificate requests (the bootstrapper role).
+    let tenant = format!("system:serviceaccount:{ns}:default");
+    let binding = format!("e2e-csr-{ns}");
+    kubectl(
+        tb,
+        &[
+            "create",
+            "clusterrolebinding",
+            &binding,
+            "--clusterrole=system:node-bootstrapper",
+            &format!("--serviceaccount={ns}:default"),
+        ],
+    );
+    let victim = &tb.nodes[0];
+    let request = cryopod_node_agent::certs::node_request(victim).unwrap();
+    let name = format!("e2e-thief-{ns}");
+    let csr = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                     "metadata": {"name": name},
+                     "spec": {"signerName": "cryopod.io/node-agent",
+                              "request": base64::engine::general_purpose::STANDARD.encode(&request.csr_pem),
+                              "usages": ["digital signature", "key encipherment", "server auth"]}});
+    create_as_for_real(tb, ns, &tenant, &csr, "--dry-run=none").unwrap();
+    let answered = wait_until(
+        "the tenant's request to be answered",
+        Duration::from_secs(30),
+        || async {
+            let csr: serde_json::Value =
+                serde_json::from_str(&kubectl(tb, &["get", "csr", &name, "-o", "json"])).ok()?;
+            csr["status"]["conditions"].is_array().then_some(csr)
+        },
+    )
+    .await
+    .unwrap();
+    println!("tenant's request for {victim}: {}", answered["status"]["conditions"]);
+    assert_eq!(answered["status"]["conditions"][0]["type"], "Denied");
+    assert_eq!(answered["status"]["conditions"][0]["reason"], "NotTheAgent");
+    assert!(answered["status"]["certificate"].is_null(), "nothing issued");
+    kubectl(tb, &["delete", "csr", &name]);
+    kubectl(tb, &["delete", "clusterrolebinding", &binding]);
 }
 
 /// A tenant allowed to create PodRestores but not pods, or a PodCheckpoint with an
@@ -320,6 +404,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
     security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
     security_requests_need_the_requesters_own_rights(&tb, &ns.name);
+    security_only_an_agent_pod_gets_its_nodes_certificate(&tb, &ns.name).await;
     // The agents reach the S3 server from the nodes' network, at the hub's address.
     let storage = format!("s3-{}", ns.name);
     kubectl_apply(

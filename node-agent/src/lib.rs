@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod certs;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod cri;

@@ -46,6 +46,15 @@ pub struct AgentConfig {
     /// `CRYOPOD_MANIFEST_KEY_FILE` (required): the key, shared by every agent of the
     /// cluster and no one else, that signs and verifies checkpoint manifests.
     pub manifest_key_file: PathBuf,
+    /// `CRYOPOD_CERT_SIGNER`: when set (the chart sets `cryopod.io/node-agent`), the
+    /// agent makes its own key at start and asks this signer, through a Kubernetes
+    /// CertificateSigningRequest, for a certificate naming its node; `tls.crt` and
+    /// `tls.key` are then not read. Unset: the pair in `CRYOPOD_TLS_DIR` is served.
+    pub cert_signer: Option<String>,
+    /// `CRYOPOD_CERT_VALIDITY_SECONDS`, default 365 days: how long the certificate
+    /// asked for lasts; the agent drains and exits (to be restarted with a new one)
+    /// after two thirds of it.
+    pub cert_validity: std::time::Duration,
     /// `CRYOPOD_DRAIN_SECONDS`, default 120: after SIGTERM, how long operations may
     /// finish and held pods wait for their release before they are thawed.
     pub drain: std::time::Duration,
@@ -64,6 +73,8 @@ pub enum RunError {
     Runtime { source: crate::cri::CriError },
     /// The server failed.
     Serve { source: tonic::transport::Error },
+    /// This node's certificate could not be had.
+    Certificate { problem: String },
     /// The metrics port could not be opened.
     Metrics { source: std::io::Error },
     /// Installing the runtime handler failed.
@@ -80,6 +91,7 @@ impl std::fmt::Display for RunError {
             Self::Journal { .. } => write!(f, "cannot recover from the crash journal"),
             Self::Runtime { .. } => write!(f, "cannot reach the container runtime"),
             Self::Serve { .. } => write!(f, "the gRPC server failed"),
+            Self::Certificate { problem } => write!(f, "cannot get this node's certificate: {problem}"),
             Self::Metrics { .. } => write!(f, "cannot listen on CRYOPOD_METRICS_LISTEN"),
             Self::Install { .. } => write!(f, "cannot install the runtime handler"),
             Self::NodeExec { .. } => write!(
@@ -94,7 +106,7 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Config { .. } => None,
+            Self::Config { .. } | Self::Certificate { .. } => None,
             Self::Tls { source, .. } => Some(source),
             Self::Journal { source } => Some(source),
             Self::Runtime { source } => Some(source),
@@ -130,6 +142,17 @@ impl AgentConfig {
                 problem: format!("{v:?}: {e}"),
             })?,
         };
+        let cert_validity = match get("CRYOPOD_CERT_VALIDITY_SECONDS") {
+            None => 365 * 24 * 3600,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|s| *s >= 600)
+                .ok_or_else(|| RunError::Config {
+                    variable: "CRYOPOD_CERT_VALIDITY_SECONDS",
+                    problem: format!("{v:?} is not a number of seconds, 600 or more"),
+                })?,
+        };
         let cgroup = match get("CRYOPOD_CGROUP") {
             Some(spec) => match spec.split_once(':') {
                 Some(("v1", root)) => (CgroupVersion::V1, PathBuf::from(root)),
@@ -164,11 +187,38 @@ impl AgentConfig {
                 .unwrap_or_default(),
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
             drain: std::time::Duration::from_secs(drain),
+            cert_signer: get("CRYOPOD_CERT_SIGNER").filter(|v| !v.is_empty()),
+            cert_validity: std::time::Duration::from_secs(cert_validity),
             client_name: get("CRYOPOD_CLIENT_NAME")
                 .filter(|v| !v.is_empty())
                 .unwrap_or_else(|| "cryopod-operator".into()),
         })
     }
+}
+
+/// This node's own certificate, asked of `signer` with a key made now; and when to
+/// renew it.
+async fn node_certificate(config: &AgentConfig, signer: &str) -> Result<(Identity, std::time::Duration), RunError> {
+    use crate::certs::CertificateIssuer;
+    let failed = |problem: String| RunError::Certificate { problem };
+    let request = crate::certs::node_request(&config.node_name).map_err(failed)?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        failed(format!(
+            "cannot reach the Kubernetes API as the agent's service account: {e}"
+        ))
+    })?;
+    let issuer = crate::certs::KubeCsr {
+        client,
+        signer: signer.to_owned(),
+        validity: config.cert_validity,
+        wait: std::time::Duration::from_secs(120),
+    };
+    let chain = issuer
+        .issue(&request.csr_pem, &config.node_name)
+        .await
+        .map_err(failed)?;
+    tracing::info!(node = %config.node_name, "serving with this node's own certificate");
+    Ok((Identity::from_pem(chain, request.key_pem), config.cert_validity * 2 / 3))
 }
 
 /// `install-handler`: the runtime handler's install from the environment.
@@ -322,8 +372,17 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         let path = config.tls_dir.join(name);
         std::fs::read(&path).map_err(|source| RunError::Tls { path, source })
     };
+    // After the journal's recovery: a pod left frozen is thawed before anything
+    // waits on the operator.
+    let (identity, renew_after) = match &config.cert_signer {
+        None => (Identity::from_pem(read("tls.crt")?, read("tls.key")?), None),
+        Some(signer) => {
+            let (identity, renew_after) = node_certificate(&config, signer).await?;
+            (identity, Some(renew_after))
+        }
+    };
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
+        .identity(identity)
         .client_ca_root(Certificate::from_pem(read("ca.crt")?));
     let manifest_key =
         crate::signing::ManifestKey::from_file(&config.manifest_key_file).map_err(|problem| RunError::Config {
@@ -367,16 +426,29 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     // the operator can still release what it holds, but starts nothing new; it stops
     // once nothing runs or is held, or at the limit, thawing what is left.
     let shutdown = async move {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
+        let sigterm = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch for SIGTERM; stopping only when killed");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch for SIGTERM; stopping only when killed");
-                std::future::pending::<()>().await;
+        };
+        // A certificate is served until it is two thirds through its life; then the
+        // agent drains and exits, and its restart asks for a new one.
+        let renewal = async {
+            match renew_after {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending::<()>().await,
             }
+        };
+        tokio::select! {
+            () = sigterm => tracing::info!(limit_s = drain_limit.as_secs(), "SIGTERM: draining"),
+            () = renewal => tracing::info!(limit_s = drain_limit.as_secs(), "certificate due for renewal: draining to restart"),
         }
-        tracing::info!(limit_s = drain_limit.as_secs(), "SIGTERM: draining");
         let drained = drain.drain(drain_limit).await;
         if drained.thawed.is_empty() && drained.running.is_empty() {
             tracing::info!("drained: nothing runs or is held");

@@ -164,16 +164,21 @@ impl DaemonSetAgents {
     }
 }
 
+/// The server name that stands for the node an agent serves: each agent's
+/// certificate names its own node, and no other agent's is accepted for it.
+pub const NODE_NAME: &str = "{node}";
+
 /// Connects to agents with the operator's client certificate.
 #[derive(Clone, Debug)]
 pub struct Agents {
     locator: Arc<dyn AgentLocator>,
     tls: ClientTlsConfig,
+    server_name: String,
 }
 
 impl Agents {
     /// Reads `tls.crt`, `tls.key` and `ca.crt` from `dir`; `server_name` is the name in
-    /// the agents' certificates.
+    /// the agents' certificates, [`NODE_NAME`] for the node's own name.
     pub fn new(locator: Arc<dyn AgentLocator>, dir: &Path, server_name: &str) -> Result<Self, AgentError> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -184,9 +189,21 @@ impl Agents {
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.crt")?))
-            .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?))
-            .domain_name(server_name);
-        Ok(Self { locator, tls })
+            .identity(Identity::from_pem(read("tls.crt")?, read("tls.key")?));
+        Ok(Self {
+            locator,
+            tls,
+            server_name: server_name.to_owned(),
+        })
+    }
+
+    /// The name `node`'s agent must have in its certificate.
+    pub fn server_name_of(&self, node: &str) -> String {
+        if self.server_name == NODE_NAME {
+            node.to_owned()
+        } else {
+            self.server_name.clone()
+        }
     }
 
     /// Whether an agent serves the node.
@@ -214,7 +231,7 @@ impl Agents {
             .map_err(|e| AgentError::NoAgent {
                 node: format!("{node} (bad URL: {e})"),
             })?
-            .tls_config(self.tls.clone())
+            .tls_config(self.tls.clone().domain_name(self.server_name_of(node)))
             .map_err(connect)?
             .connect()
             .await

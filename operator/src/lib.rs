@@ -19,6 +19,7 @@ pub mod migration;
 pub mod restore;
 pub mod restore_pod;
 pub mod run;
+pub mod signer;
 pub mod storage;
 pub mod template;
 pub mod workload;

@@ -23,7 +23,7 @@ pub struct OperatorConfig {
     /// `tls.key`) and the CA that signed theirs (`ca.crt`).
     pub tls_dir: PathBuf,
     /// `CRYOPOD_AGENT_TLS_NAME`, default `cryopod-node-agent`: the name in the agents'
-    /// certificates.
+    /// certificates; `{node}` (the chart's): each agent's names its own node.
     pub agent_tls_name: String,
     /// `CRYOPOD_AGENT_ENDPOINTS`: `node=https://host:port,...`, for agents outside
     /// Kubernetes; otherwise the DaemonSet's pods are looked up.
@@ -51,6 +51,10 @@ pub struct OperatorConfig {
     /// true): a PodCheckpoint without `spec.encryption` is sealed with a key the
     /// operator makes for it.
     pub encrypt_by_default: bool,
+    /// `CRYOPOD_SIGNER_DIR`: when set, the CA (`ca.crt`, `ca.key`) with which the
+    /// operator signs each agent's certificate for its node (`signer`), and
+    /// `CRYOPOD_AGENT_SERVICE_ACCOUNT` (required then) names the agents' account.
+    pub signer: Option<(PathBuf, String)>,
 }
 
 /// Starting or running the operator failed.
@@ -143,9 +147,20 @@ impl OperatorConfig {
                 });
             }
         };
+        let signer = match get("CRYOPOD_SIGNER_DIR") {
+            None => None,
+            Some(dir) => Some((
+                PathBuf::from(dir),
+                get("CRYOPOD_AGENT_SERVICE_ACCOUNT").ok_or(RunError::Config {
+                    variable: "CRYOPOD_AGENT_SERVICE_ACCOUNT",
+                    problem: "is required with CRYOPOD_SIGNER_DIR".into(),
+                })?,
+            )),
+        };
         Ok(Self {
             tls_dir,
             encrypt_by_default,
+            signer,
             agent_tls_name: get("CRYOPOD_AGENT_TLS_NAME").unwrap_or_else(|| "cryopod-node-agent".into()),
             agent_endpoints,
             namespace: get("CRYOPOD_NAMESPACE").unwrap_or_else(|| "cryopod-system".into()),
@@ -227,6 +242,39 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         identity,
         duration: Duration::from_secs(15),
     };
+    // Read before leading, so a bad CA fails the start, not the first request.
+    let signer = match &config.signer {
+        None => None,
+        Some((dir, service_account)) => {
+            let read = |name: &str| {
+                std::fs::read_to_string(dir.join(name)).map_err(|e| RunError::Config {
+                    variable: "CRYOPOD_SIGNER_DIR",
+                    problem: format!("cannot read {}: {e}", dir.join(name).display()),
+                })
+            };
+            let ca = crate::signer::AgentCa::new(&read("ca.crt")?, &read("ca.key")?).map_err(|problem| {
+                RunError::Config {
+                    variable: "CRYOPOD_SIGNER_DIR",
+                    problem,
+                }
+            })?;
+            let labels = config
+                .agent_selector
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .collect();
+            Some(crate::signer::Signer {
+                client: client.clone(),
+                agents: crate::signer::AgentIdentity {
+                    namespace: config.namespace.clone(),
+                    service_account: service_account.clone(),
+                    labels,
+                },
+                ca,
+            })
+        }
+    };
     let leading_since = election.acquire().await.map_err(|source| RunError::Kube { source })?;
     tracing::info!(metrics = %config.metrics_listen, namespace = ?config.watch_namespace, "reconciling");
     let checkpoint_controller = checkpoint_controller
@@ -281,6 +329,12 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 tracing::debug!(kind = "PodMigration", error = %e, "reconcile ended in error");
             }
         });
+    let signer = async {
+        match signer {
+            Some(signer) => crate::signer::run(signer).await,
+            None => std::future::pending::<()>().await,
+        }
+    };
     // Only the Lease holder acts; losing it ends the process (it is restarted and
     // waits its turn), so two operators never act on the same resource.
     tokio::select! {
@@ -291,6 +345,10 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         lost = election.hold(leading_since) => {
             metrics_server.abort();
             Err(RunError::LeaseLost { detail: lost })
+        }
+        () = signer => {
+            metrics_server.abort();
+            Ok(())
         }
     }
 }
