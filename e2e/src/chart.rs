@@ -91,9 +91,12 @@ mod tests {
                 "ClusterRoleBinding",
                 "DaemonSet",
                 "Deployment",
+                "MutatingAdmissionPolicy",
+                "MutatingAdmissionPolicyBinding",
                 "Role",
                 "RoleBinding",
                 "RuntimeClass",
+                "Secret",
                 "Secret",
                 "Secret",
                 "Service",
@@ -102,6 +105,8 @@ mod tests {
                 "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding"
@@ -279,7 +284,11 @@ mod tests {
         let labels = &find(&docs, "ClusterRole", "cryopod-view")["metadata"]["labels"];
         assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-view"], "true");
         // The admission policies exempt the operator's own account, and only it.
-        for policy in ["cryopod-restore-pods", "cryopod-requester-rights"] {
+        for policy in [
+            "cryopod-restore-pods",
+            "cryopod-requester-rights",
+            "cryopod-operator-annotations",
+        ] {
             let policy = find(&docs, "ValidatingAdmissionPolicy", policy);
             assert_eq!(
                 policy["spec"]["matchConditions"][0]["expression"],
@@ -315,6 +324,35 @@ mod tests {
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&san.stdout).contains("DNS:cryopod-node-agent"));
+    }
+
+    #[test]
+    fn no_key_of_the_ca_or_the_operator_reaches_a_node() {
+        // A node's kubelet may read, whole, every Secret its pods mount.
+        let docs = render(&[]).unwrap();
+        let agent = &find(&docs, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
+        let mounted: Vec<&str> = agent["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str())
+            .collect();
+        assert_eq!(mounted, ["cryopod-agent-tls", "cryopod-signing"]);
+        let keys = |docs: &[Value], name: &str| -> Vec<String> {
+            let mut keys: Vec<String> = find(docs, "Secret", name)["data"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(&docs, "cryopod-agent-tls"), ["ca.crt"]);
+        assert!(keys(&docs, "cryopod-tls").contains(&"ca.key".to_owned()));
+        // One shared agent pair: that pair too, still no CA or operator key.
+        let shared = render(&["tls.perNodeCertificates=false"]).unwrap();
+        assert_eq!(keys(&shared, "cryopod-agent-tls"), ["agent.crt", "agent.key", "ca.crt"]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use futures::StreamExt;
+use kube::ResourceExt;
 use kube::api::Api;
 use object_store::path::Path as ObjectPath;
 use pods::control::*;
@@ -31,7 +32,7 @@ const INSTANCE: &str = "app.kubernetes.io/instance=cryopod";
 /// Every kind the chart installs, for `kubectl get`.
 const CHART_KINDS: &str = "deployments,daemonsets,pods,services,secrets,serviceaccounts,configmaps,roles,\
 rolebindings,clusterroles,clusterrolebindings,runtimeclasses,validatingadmissionpolicies,\
-validatingadmissionpolicybindings,leases";
+validatingadmissionpolicybindings,mutatingadmissionpolicies,mutatingadmissionpolicybindings,leases";
 
 fn helm(tb: &Testbed, args: &[&str]) -> String {
     let bin = std::env::var("CRYOPOD_HELM").expect("CRYOPOD_HELM is set by e2e/run.sh");
@@ -205,6 +206,38 @@ async fn security_only_an_agent_pod_gets_its_nodes_certificate(tb: &Testbed, ns:
     assert!(answered["status"]["certificate"].is_null(), "nothing issued");
     kubectl(tb, &["delete", "csr", &name]);
     kubectl(tb, &["delete", "clusterrolebinding", &binding]);
+}
+
+/// The API server records who created a request (`cryopod.io/requested-by`), and
+/// no one but the operator changes the operator's annotations afterwards: not the
+/// requester, and not to slip in the migration hold.
+fn security_who_asked_is_recorded_and_kept(tb: &Testbed, ns: &str, checkpoint: &PodCheckpoint) {
+    let who = checkpoint
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("cryopod.io/requested-by"))
+        .cloned()
+        .expect("the requester is recorded");
+    println!("podcheckpoint/sealed was requested by {who}");
+    assert!(!who.is_empty() && !who.contains("cryopod-operator"), "{who}");
+    let name = checkpoint.metadata.name.clone().unwrap();
+    for change in [
+        "cryopod.io/requested-by=someone-else",
+        "cryopod.io/hold-for-migration=forged",
+    ] {
+        let out = tb
+            .kubectl()
+            .args(["annotate", "--overwrite", "-n", ns, "podcheckpoint", &name, change])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{change} was accepted");
+        assert!(
+            said.contains("annotations under cryopod.io/ are the operator's"),
+            "{change}: {said}"
+        );
+    }
 }
 
 /// A tenant allowed to create PodRestores but not pods, or a PodCheckpoint with an
@@ -444,6 +477,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
     let sealed = checkpoints.get("sealed").await.unwrap();
     let prefix = stored_prefix(&sealed);
+    security_who_asked_is_recorded_and_kept(&tb, &ns.name, &sealed);
     let volume = stored_object(&tb, &sealed, "pod/volume/data.tar.zst").await;
     assert!(volume.starts_with(b"age-encryption.org/v1"), "the emptyDir is sealed");
     let timings = sealed.status.as_ref().unwrap().timings.unwrap();
@@ -481,7 +515,14 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     );
     wait_ready(&tb, &ns.name, "podmigration/move").await;
     let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
-    let moved = migrations.get("move").await.unwrap().status.unwrap();
+    let migration = migrations.get("move").await.unwrap();
+    // What the operator made for the migration carries the migration's requester.
+    let child = checkpoints.get("move-checkpoint").await.unwrap();
+    assert_eq!(
+        child.annotations().get("cryopod.io/requested-by"),
+        migration.annotations().get("cryopod.io/requested-by")
+    );
+    let moved = migration.status.unwrap();
     let moved_name = moved.target_pod_name.clone().unwrap();
     let moved_pod = ns.pods(&client).get(&moved_name).await.unwrap();
     assert_eq!(
@@ -521,6 +562,19 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
             "--wait",
             "--timeout",
             "3m",
+        ],
+    );
+    // Helm's --wait lets a DaemonSet's maxUnavailable (one agent) be down; every
+    // agent is needed below, with its node's certificate asked for again.
+    kubectl(
+        &tb,
+        &[
+            "rollout",
+            "status",
+            "daemonset/cryopod-node-agent",
+            "-n",
+            RELEASE_NS,
+            "--timeout=180s",
         ],
     );
     let ca_after = release_ca(&tb);

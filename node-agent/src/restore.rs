@@ -21,8 +21,10 @@ use crate::signing::{ManifestKey, SIGNATURE_OBJECT};
 
 /// The manifest of a prepared restore, beside what it describes.
 pub const PREPARED_MANIFEST: &str = "manifest.json";
-/// Larger manifests (and signatures) are refused unread.
+/// Larger manifests are refused unread.
 const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// A signature is `hmac-sha256:<8 hex>:<64 hex>`.
+const MAX_SIGNATURE_BYTES: u64 = 256;
 
 /// One restore to prepare.
 #[derive(Clone)]
@@ -240,7 +242,10 @@ pub async fn prepare_restore(
     };
     let dir = restores.join(&req.restore_id);
     if dir.exists() {
-        return Err(RestoreError::AlreadyPrepared {
+        // Asked again (the operator or this agent restarted in between): the same
+        // request gets what was prepared, from the copy of the manifest verified
+        // then; any other request is refused.
+        return already_prepared(&dir, req).ok_or_else(|| RestoreError::AlreadyPrepared {
             id: req.restore_id.clone(),
         });
     }
@@ -268,6 +273,27 @@ pub async fn prepare_restore(
     }
 }
 
+/// The restore prepared in `dir`, if it was prepared for this very request: the same
+/// pod, and a manifest with the digest asked for.
+fn already_prepared(dir: &Path, req: &RestoreRequest) -> Option<PreparedRestore> {
+    let bound: RestoredPod = serde_json::from_slice(&std::fs::read(dir.join(RESTORED_POD_FILE)).ok()?).ok()?;
+    let bytes = std::fs::read(dir.join(PREPARED_MANIFEST)).ok()?;
+    let same_manifest = req
+        .manifest_digest
+        .as_ref()
+        .is_none_or(|expected| *expected == sha256_hex(Sha256::digest(&bytes)));
+    if bound != req.restored_pod || !same_manifest {
+        return None;
+    }
+    Some(PreparedRestore {
+        dir: dir.to_path_buf(),
+        manifest: serde_json::from_slice(&bytes).ok()?,
+        fetched_bytes: 0,
+        fetch: Duration::ZERO,
+        unpack: Duration::ZERO,
+    })
+}
+
 async fn prepare_in(
     store: &Arc<dyn ObjectStore>,
     req: &RestoreRequest,
@@ -276,7 +302,7 @@ async fn prepare_in(
     key: &ManifestKey,
 ) -> Result<PreparedRestore, RestoreError> {
     let fetch_started = Instant::now();
-    let small = |name: &'static str| async move {
+    let small = |name: &'static str, limit: u64| async move {
         let fetch = |source| RestoreError::Fetch {
             key: name.to_owned(),
             source,
@@ -286,16 +312,26 @@ async fn prepare_in(
             .await
             .map_err(fetch)?;
         // A manifest is kilobytes; a huge object here is an attack on memory.
-        if object.meta.size > MAX_MANIFEST_BYTES {
-            return Err(RestoreError::Manifest {
-                detail: format!("{name} is {} bytes, more than a manifest can be", object.meta.size),
-            });
+        let too_big = |size: u64| RestoreError::Manifest {
+            detail: format!("{name} is {size} bytes or more, more than it can be"),
+        };
+        if object.meta.size > limit {
+            return Err(too_big(object.meta.size));
         }
-        object.bytes().await.map_err(fetch)
+        // The store's stated size is not trusted either: reading stops at the limit.
+        let mut stream = object.into_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.map_err(fetch)?);
+            if bytes.len() as u64 > limit {
+                return Err(too_big(bytes.len() as u64));
+            }
+        }
+        Ok(bytes)
     };
-    let manifest_bytes = small(PREPARED_MANIFEST).await?;
+    let manifest_bytes = small(PREPARED_MANIFEST, MAX_MANIFEST_BYTES).await?;
     // Authentic before anything in it is trusted: digests, keys, the pod template.
-    let signature = match small(SIGNATURE_OBJECT).await {
+    let signature = match small(SIGNATURE_OBJECT, MAX_SIGNATURE_BYTES).await {
         Err(RestoreError::Fetch {
             source: object_store::Error::NotFound { .. },
             ..
@@ -418,6 +454,14 @@ async fn fetch_verified(
         let chunk = chunk.map_err(fetch_err)?;
         hash.update(&chunk);
         size += chunk.len() as u64;
+        // A grown object stops here, not when the node's disk is full.
+        if size > object.size {
+            return Err(RestoreError::Size {
+                key: object.key.clone(),
+                expected: object.size,
+                found: size,
+            });
+        }
         file.write_all(&chunk).map_err(local)?;
     }
     file.flush().map_err(local)?;
@@ -612,6 +656,10 @@ mod tests {
         (store, digest, dir)
     }
 
+    async fn refused(store: &Arc<dyn ObjectStore>, req: &RestoreRequest, node: &NodeFacts, dir: &Path) -> RestoreError {
+        prepare_restore(store, req, node, dir, &key()).await.unwrap_err()
+    }
+
     fn key() -> ManifestKey {
         ManifestKey::new(&[7; 32]).unwrap()
     }
@@ -634,9 +682,9 @@ mod tests {
         let (store, digest, _keep) = stored(&Seal::Clear).await;
         let restores = tempfile::tempdir().unwrap();
         let node = facts("4.2.1", "6.1.0", &["avx2"]);
-        let prepared = prepare_restore(&store, &request("r1", Some(digest)), &node, restores.path(), &key())
-            .await
-            .unwrap();
+        let (req, key) = (request("r1", Some(digest.clone())), key());
+        let prepare = || prepare_restore(&store, &req, &node, restores.path(), &key);
+        let prepared = prepare().await.unwrap();
         assert_eq!(prepared.dir, restores.path().join("r1"));
         let shm = prepared.dir.join("pod/shm.tar");
         let mut names = Vec::new();
@@ -645,9 +693,18 @@ mod tests {
         }
         assert!(names.iter().any(|n| n.ends_with("token")), "{names:?}");
         assert!(prepared.dir.join(PREPARED_MANIFEST).exists());
-        let err = prepare_restore(&store, &request("r1", None), &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        // The same request again (a restart in between) gets what was prepared.
+        let again = prepare().await.unwrap();
+        assert_eq!(
+            (again.dir, again.manifest),
+            (prepared.dir.clone(), prepared.manifest.clone())
+        );
+        // Another pod, or another manifest, under that id is refused.
+        let mut other_pod = request("r1", None);
+        other_pod.restored_pod.name = "thief".into();
+        let err = refused(&store, &other_pod, &node, restores.path()).await;
+        assert!(matches!(err, RestoreError::AlreadyPrepared { .. }), "{err}");
+        let err = refused(&store, &request("r1", Some("sha256:00".into())), &node, restores.path()).await;
         assert!(matches!(err, RestoreError::AlreadyPrepared { .. }), "{err}");
     }
 
@@ -670,15 +727,7 @@ mod tests {
             b[last] ^= 1;
         })
         .await;
-        let err = prepare_restore(
-            &store,
-            &request("r2", Some(digest.clone())),
-            &node,
-            restores.path(),
-            &key(),
-        )
-        .await
-        .unwrap_err();
+        let err = refused(&store, &request("r2", Some(digest.clone())), &node, restores.path()).await;
         assert!(matches!(err, RestoreError::Digest { .. }), "{err}");
         assert!(
             err.to_string().starts_with("pod/shm.tar.zst has digest sha256:"),
@@ -687,28 +736,16 @@ mod tests {
         assert!(empty(restores.path()));
 
         tamper(&store, "pod/shm.tar.zst", |b| b.truncate(b.len() / 2)).await;
-        let err = prepare_restore(&store, &request("r2", Some(digest)), &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &request("r2", Some(digest)), &node, restores.path()).await;
         assert!(matches!(err, RestoreError::Size { .. }), "{err}");
         assert!(empty(restores.path()));
 
-        let err = prepare_restore(
-            &store,
-            &request("r2", Some("sha256:00".into())),
-            &node,
-            restores.path(),
-            &key(),
-        )
-        .await
-        .unwrap_err();
+        let err = refused(&store, &request("r2", Some("sha256:00".into())), &node, restores.path()).await;
         assert!(matches!(err, RestoreError::ManifestDigest { .. }), "{err}");
 
         let old = facts("4.1", "6.1.0", &["avx2"]);
         let (store, _, _keep) = stored(&Seal::Clear).await;
-        let err = prepare_restore(&store, &request("r3", None), &old, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &request("r3", None), &old, restores.path()).await;
         assert!(matches!(err, RestoreError::Incompatible { .. }), "{err}");
         assert!(empty(restores.path()));
     }
@@ -720,16 +757,12 @@ mod tests {
         let (store, _, _keep) = stored(&seal).await;
         let node = facts("4.2.1", "6.1.0", &["avx2"]);
         let restores = tempfile::tempdir().unwrap();
-        let err = prepare_restore(&store, &request("r4", None), &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &request("r4", None), &node, restores.path()).await;
         assert!(err.to_string().contains("no age identity"), "{err}");
         let other = age::x25519::Identity::generate();
         let mut req = request("r4", None);
         req.identities = vec![other];
-        let err = prepare_restore(&store, &req, &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &req, &node, restores.path()).await;
         assert!(matches!(err, RestoreError::Decrypt { .. }), "{err}");
         req.identities = identities_from_lines(&format!("# key\n{}\n", identity.to_string().expose_secret())).unwrap();
         let prepared = prepare_restore(&store, &req, &node, restores.path(), &key())
@@ -756,9 +789,7 @@ mod tests {
         })
         .await;
         let rewritten = sha256_hex(Sha256::digest(read(store.clone(), "ck/manifest.json".into()).await));
-        let err = prepare_restore(&store, &request("s1", Some(rewritten)), &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &request("s1", Some(rewritten)), &node, restores.path()).await;
         assert!(matches!(err, RestoreError::Signature { .. }), "{err}");
         assert!(err.to_string().contains("changed or moved"), "{err}");
 
@@ -780,16 +811,12 @@ mod tests {
         }
         let mut moved = request("s3", None);
         moved.prefix = "victim/".into();
-        let err = prepare_restore(&store, &moved, &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &moved, &node, restores.path()).await;
         assert!(matches!(err, RestoreError::Signature { .. }), "{err}");
 
         // No signature at all.
         store.delete(&ObjectPath::from("ck/manifest.sig")).await.unwrap();
-        let err = prepare_restore(&store, &request("s4", None), &node, restores.path(), &key())
-            .await
-            .unwrap_err();
+        let err = refused(&store, &request("s4", None), &node, restores.path()).await;
         assert!(err.to_string().contains("manifest.sig is missing"), "{err}");
         assert!(std::fs::read_dir(restores.path()).unwrap().next().is_none());
     }

@@ -829,6 +829,12 @@ impl<C: AgentBackend> AgentService<C> {
                         fetch_millis: prepared.fetch.as_millis() as u64,
                         unpack_millis: prepared.unpack.as_millis() as u64,
                         containers: prepared.manifest.containers.iter().map(|c| c.name.clone()).collect(),
+                        pod_template_json: prepared
+                            .manifest
+                            .checkpointed_pod_template
+                            .as_ref()
+                            .and_then(|t| serde_json::to_string(t).ok())
+                            .unwrap_or_default(),
                     });
                 }
                 Err(err) => {

@@ -474,7 +474,7 @@ pub fn agent_request(
         .max(1) as u32,
         hooks,
         post_checkpoint_state: match spec.post_checkpoint_state {
-            _ if cp.annotations().contains_key(HOLD_ANNOTATION) => pb::PostCheckpointState::Held,
+            _ if held_for_migration(cp) => pb::PostCheckpointState::Held,
             PostCheckpointState::Running => pb::PostCheckpointState::Running,
             PostCheckpointState::Stopped => pb::PostCheckpointState::Stopped,
         } as i32,
@@ -824,6 +824,18 @@ fn own_prefix(cp: &PodCheckpoint) -> String {
     )
 }
 
+/// A checkpoint a migration made holds its pod frozen for the switch: it carries the
+/// hold annotation and the migration controls it. The annotation alone (which only
+/// the operator may set, by the chart's admission policies) is not enough.
+pub fn held_for_migration(cp: &PodCheckpoint) -> bool {
+    let holder = cp.annotations().get(HOLD_ANNOTATION);
+    holder.is_some_and(|migration| {
+        cp.owner_references()
+            .iter()
+            .any(|o| o.kind == "PodMigration" && o.controller == Some(true) && &o.name == migration)
+    })
+}
+
 /// Why a recorded location is not this checkpoint's own, if it is not. The location is
 /// status, which others than the operator may write: a restore must not read, nor the
 /// finalizer delete, another checkpoint's objects. Its own keys end in
@@ -1118,6 +1130,33 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(foreign_location(&cp, &local), None);
+    }
+
+    #[test]
+    fn only_a_checkpoint_its_migration_controls_holds_its_pod() {
+        let cp = |meta: serde_json::Value| -> PodCheckpoint {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+                "metadata": meta, "spec": {"sourcePodName": "p"}
+            }))
+            .unwrap()
+        };
+        let owner = |kind: &str, name: &str| {
+            serde_json::json!([{"apiVersion": "cryopod.io/v1alpha1", "kind": kind, "name": name,
+                                "uid": "u", "controller": true}])
+        };
+        let hold = serde_json::json!({HOLD_ANNOTATION: "move"});
+        assert!(held_for_migration(&cp(serde_json::json!({
+            "name": "c", "annotations": hold, "ownerReferences": owner("PodMigration", "move")
+        }))));
+        for meta in [
+            serde_json::json!({"name": "c", "annotations": hold}),
+            serde_json::json!({"name": "c", "annotations": hold, "ownerReferences": owner("PodMigration", "other")}),
+            serde_json::json!({"name": "c", "annotations": hold, "ownerReferences": owner("PodRestore", "move")}),
+            serde_json::json!({"name": "c", "ownerReferences": owner("PodMigration", "move")}),
+        ] {
+            assert!(!held_for_migration(&cp(meta.clone())), "{meta}");
+        }
     }
 
     #[test]

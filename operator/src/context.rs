@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::PodCheckpoint;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -156,6 +156,11 @@ pub async fn begin<K: Operation>(
     action: &str,
     message: String,
 ) -> Result<K::Status, Error> {
+    // Who asked, as the API server recorded it (the chart's admission policy).
+    let message = match requested_by(object.meta()) {
+        Some(who) => format!("{message}; requested by {who}"),
+        None => message,
+    };
     set_condition(
         K::conditions(&mut status),
         CONDITION_READY,
@@ -169,6 +174,15 @@ pub async fn begin<K: Operation>(
     publish(ctx, object, EventType::Normal, reason, action, message).await;
     ctx.metrics.started(K::KIND);
     Ok(status)
+}
+
+/// The annotation in which the API server records who created a cryopod resource
+/// (the chart's MutatingAdmissionPolicy; only the operator may change it).
+pub const REQUESTED_BY: &str = "cryopod.io/requested-by";
+
+/// Who asked for a resource, if that was recorded.
+pub fn requested_by(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations.as_ref()?.get(REQUESTED_BY).map(String::as_str)
 }
 
 /// How an operation ended.

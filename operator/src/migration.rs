@@ -382,13 +382,28 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
         name: Some(checkpoint_name),
         namespace: Some(ns),
         owner_references: Some(vec![owner(migration)]),
-        annotations: Some([(HOLD_ANNOTATION.to_owned(), migration.name_any())].into()),
+        annotations: Some(on_behalf(
+            migration,
+            [(HOLD_ANNOTATION.to_owned(), migration.name_any())].into(),
+        )),
         ..ObjectMeta::default()
     };
     checkpoints
         .create(&PostParams::default(), &checkpoint)
         .await
         .map_err(kube_err("create the migration's PodCheckpoint"))
+}
+
+/// `annotations` and, when the migration records who asked for it, that requester:
+/// what the operator creates for a migration is asked for by the migration's user.
+fn on_behalf(
+    migration: &PodMigration,
+    mut annotations: std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    if let Some(who) = crate::context::requested_by(&migration.metadata) {
+        annotations.insert(crate::context::REQUESTED_BY.to_owned(), who.to_owned());
+    }
+    annotations
 }
 
 /// Creates the migration's PodRestore unless it exists: a StatefulSet pod comes
@@ -438,9 +453,11 @@ async fn ensure_restore(
     );
     restore.metadata.namespace = Some(ns);
     restore.metadata.owner_references = Some(vec![owner(migration)]);
+    let mut annotations = std::collections::BTreeMap::new();
     if !withheld.is_empty() {
-        restore.metadata.annotations = Some([(WITHHOLD_LABELS_ANNOTATION.to_owned(), withheld.join(","))].into());
+        annotations.insert(WITHHOLD_LABELS_ANNOTATION.to_owned(), withheld.join(","));
     }
+    restore.metadata.annotations = Some(on_behalf(migration, annotations)).filter(|a| !a.is_empty());
     restores
         .create(&PostParams::default(), &restore)
         .await

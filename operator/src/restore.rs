@@ -32,7 +32,7 @@ use crate::checkpoint::{secret_data, stored_at};
 use crate::context::{
     Context, Ending, Error, Operation, begin, fail_with, finish, kube_err, node_facts, now, write_status,
 };
-use crate::restore_pod::{CheckpointedImage, PODRESTORE_ANNOTATION, RESTORED_LABEL, restore_pod};
+use crate::restore_pod::{PODRESTORE_ANNOTATION, RESTORED_LABEL, restore_pod};
 use crate::workload::{WITHHOLD_LABELS_ANNOTATION, parse_withheld};
 
 /// The PodRestore a restored pod belongs to: a change of the pod (its readiness)
@@ -488,7 +488,14 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     write_status(restore, ctx, &next).await?;
     let mut restore = restore.clone();
     restore.status = Some(next);
-    if let Err(why) = create_pod(&restore, ctx, &checkpoint, &node, &pod_name).await? {
+    // The pod comes from the template in the manifest the agent verified, not from
+    // status, which others than the operator may write.
+    let verified = op
+        .restore
+        .as_ref()
+        .map(|r| r.pod_template_json.as_str())
+        .unwrap_or_default();
+    if let Err(why) = create_pod(&restore, ctx, &checkpoint, &node, &pod_name, verified).await? {
         return fail(&restore, ctx, reasons::NOT_PERMITTED, why).await;
     }
     watch_pod(&restore, ctx).await
@@ -500,6 +507,7 @@ async fn create_pod(
     checkpoint: &PodCheckpoint,
     node: &str,
     pod_name: &str,
+    verified_template: &str,
 ) -> Result<Result<(), String>, Error> {
     let ns = restore.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -515,19 +523,13 @@ async fn create_pod(
     if let Some(why) = refused_grant(restore, checkpoint).or_else(|| refused_template(checkpoint)) {
         return Ok(Err(why));
     }
-    let cp_status = checkpoint.status.clone().unwrap_or_default();
-    let template: PodTemplateSpec = cp_status.checkpointed_pod_template.clone().unwrap_or_default();
-    let images: Vec<CheckpointedImage> = cp_status
-        .checkpointed_containers
-        .iter()
-        .filter_map(|c| {
-            Some(CheckpointedImage {
-                container: c.name.clone(),
-                image_ref: c.image_id.clone()?,
-            })
-        })
-        .collect();
-    let mut pod = restore_pod(&template, pod_name, node, &restore.uid().unwrap_or_default(), &images);
+    let template = match verified_pod_template(verified_template) {
+        Ok(template) => template,
+        Err(why) => return Ok(Err(why)),
+    };
+    // Images are pinned in the template already (at checkpoint time, from the pod's
+    // status as the kubelet reported it).
+    let mut pod = restore_pod(&template, pod_name, node, &restore.uid().unwrap_or_default(), &[]);
     pod.metadata.namespace = Some(ns);
     let labels = pod.metadata.labels.get_or_insert_with(Default::default);
     labels.extend(tenant_entries(&restore.spec.labels));
@@ -550,6 +552,22 @@ async fn create_pod(
         .await
         .map_err(kube_err("create the restored pod"))?;
     Ok(Ok(()))
+}
+
+/// The pod template of a checkpoint's verified manifest, checked again: a manifest
+/// without one restores no pod.
+pub fn verified_pod_template(json: &str) -> Result<PodTemplateSpec, String> {
+    if json.is_empty() {
+        return Err(
+            "the checkpoint's signed manifest holds no pod template: nothing to create the pod from".to_owned(),
+        );
+    }
+    let template: PodTemplateSpec =
+        serde_json::from_str(json).map_err(|e| format!("the signed manifest's pod template is unusable: {e}"))?;
+    if let Some(why) = template.spec.as_ref().and_then(crate::template::refused_spec) {
+        return Err(format!("the checkpointed pod cannot be restored: {why}"));
+    }
+    Ok(template)
 }
 
 /// What the restored pod's state says.
@@ -611,15 +629,10 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         .await
         .map_err(kube_err("read the restored pod"))?
     else {
-        // Recorded but not created (an operator stopped in between): create it now.
-        let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
-            return checkpoint_deleted(restore, ctx).await;
-        };
-        let node = status.node_name.clone().unwrap_or_default();
-        if let Err(why) = create_pod(restore, ctx, &checkpoint, &node, &pod_name).await? {
-            return fail(restore, ctx, reasons::NOT_PERMITTED, why).await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        // Recorded but not created (an operator stopped in between): the agent is
+        // asked again for the prepared restore (it answers the same request with
+        // what it prepared, and its verified template), and the pod is created.
+        return Box::pin(fetch(restore, ctx)).await;
     };
     // A pod of that name that this restore did not create is not its outcome.
     if pod.annotations().get(PODRESTORE_ANNOTATION) != Some(&restore.name_any()) {
@@ -860,5 +873,20 @@ mod tests {
             prepare_failure_reason(tonic::Code::FailedPrecondition as i32),
             reasons::NO_COMPATIBLE_NODE
         );
+    }
+
+    #[test]
+    fn the_pod_comes_only_from_a_verified_template_that_passes_again() {
+        assert!(verified_pod_template("").unwrap_err().contains("holds no pod template"));
+        assert!(verified_pod_template("{").unwrap_err().contains("unusable"));
+        let privileged = serde_json::json!({"spec": {"hostPID": true, "containers": [{"name": "a", "image": "x"}]}});
+        assert!(
+            verified_pod_template(&privileged.to_string())
+                .unwrap_err()
+                .contains("cannot be restored")
+        );
+        let fine =
+            serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x"}]}});
+        assert!(verified_pod_template(&fine.to_string()).is_ok());
     }
 }

@@ -284,6 +284,13 @@ fn condition(type_: &str, reason: &str, message: &str) -> CertificateSigningRequ
     }
 }
 
+fn approved(csr: &CertificateSigningRequest) -> bool {
+    csr.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.type_ == "Approved")
+}
+
 async fn reconcile(csr: Arc<CertificateSigningRequest>, signer: Arc<Signer>) -> Result<Action, SignerError> {
     let name = csr.name_any();
     let api: Api<CertificateSigningRequest> = Api::all(signer.client.clone());
@@ -306,6 +313,11 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, signer: Arc<Signer>) -> 
     let write = |e: kube::Error| SignerError(format!("answer CertificateSigningRequest {name}: {e}"));
     match verdict {
         Verdict::Skip => {}
+        Verdict::Deny { reason, message } if approved(&csr) => {
+            // Someone else approved what this signer refuses: it signs nothing, and
+            // a request cannot be both approved and denied.
+            tracing::error!(csr = %name, %reason, %message, "an agent certificate request approved by someone else is refused: nothing is signed");
+        }
         Verdict::Deny { reason, message } => {
             tracing::warn!(csr = %name, %reason, %message, "denied an agent certificate request");
             let patch = serde_json::json!({"status": {"conditions": [condition("Denied", reason, &message)]}});

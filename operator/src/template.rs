@@ -43,6 +43,21 @@ pub fn checkpointed_pod_template(pod: &Pod) -> PodTemplateSpec {
                 mounts.retain(|m| !is_token(&m.name));
             }
         }
+        // The image each container ran, pinned by its repository digest where the
+        // kubelet reports one: a restore needs the very same root filesystem, and
+        // the template is signed into the manifest with the pin.
+        let ran = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+        for container in &mut spec.containers {
+            let digest = ran
+                .into_iter()
+                .flatten()
+                .find(|s| s.name == container.name)
+                .map(|s| s.image_id.as_str())
+                .filter(|id| id.contains("@sha256:"));
+            if let Some(digest) = digest {
+                container.image = Some(digest.to_owned());
+            }
+        }
         spec
     });
     PodTemplateSpec {
@@ -189,5 +204,28 @@ mod tests {
                 }
             })
         );
+    }
+
+    #[test]
+    fn each_image_is_pinned_by_the_digest_the_kubelet_reported() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "a", "image": "postgres:18"}, {"name": "b", "image": "local:1"}]},
+            "status": {"containerStatuses": [
+                {"name": "a", "image": "postgres:18", "imageID": "docker.io/library/postgres@sha256:abc",
+                 "ready": true, "restartCount": 0},
+                {"name": "b", "image": "local:1", "imageID": "sha256:def", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap();
+        let template = checkpointed_pod_template(&pod);
+        let images: Vec<_> = template
+            .spec
+            .unwrap()
+            .containers
+            .into_iter()
+            .map(|c| c.image.unwrap())
+            .collect();
+        // An image id is no repository digest: the tag stays.
+        assert_eq!(images, ["docker.io/library/postgres@sha256:abc", "local:1"]);
     }
 }
