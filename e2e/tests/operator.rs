@@ -37,6 +37,7 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
         _tls,
     } = start_one_node_control(&tb, &ns.name).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
+    storage_is_probed(&tb, &client, &ns.name, &storage).await;
 
     let at_start = counts(&trio.data);
     kubectl_apply(
@@ -95,6 +96,44 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
     assert!(left.is_empty(), "objects left behind: {left:?}");
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The operator has an agent probe each CheckpointStorage and writes `Ready`: the
+/// test bed's bucket is reachable; the same bucket with a wrong secret key is not,
+/// and the reason says why.
+async fn storage_is_probed(tb: &Testbed, client: &kube::Client, ns: &str, storage: &str) {
+    use cryopod_crds::v1alpha1::CheckpointStorage;
+    let api: Api<CheckpointStorage> = Api::all(client.clone());
+    let ready_of = |name: String| {
+        let api = api.clone();
+        async move {
+            let storage = api.get(&name).await.ok()?;
+            let ready = storage.status?.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+            Some((ready.status, ready.reason, ready.message))
+        }
+    };
+    let (status, reason, message) = wait_until("the storage to be probed", Duration::from_secs(60), || {
+        ready_of(storage.to_owned())
+    })
+    .await
+    .unwrap();
+    println!("{storage}: {status} {reason}: {message}");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Reachable"), "{message}");
+    let wrong = format!("wrong-key-{ns}");
+    s3_storage_with_key(tb, ns, &wrong, "wrong-creds", "not-the-key");
+    let (status, reason, message) = wait_until("the wrong storage to be probed", Duration::from_secs(60), || {
+        ready_of(wrong.clone())
+    })
+    .await
+    .unwrap();
+    println!("{wrong}: {status} {reason}: {message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "AccessDenied"),
+        "{message}"
+    );
+    assert!(message.contains("cannot write"), "{message}");
+    delete_storage(tb, &wrong);
 }
 
 /// Two PodCheckpoints of one pod, applied together: the operator runs them one after

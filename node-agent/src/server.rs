@@ -1002,6 +1002,44 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         Ok(Response::new(tracked.state.borrow().clone()))
     }
 
+    async fn probe_storage(
+        &self,
+        request: Request<pb::ProbeStorageRequest>,
+    ) -> Result<Response<pb::ProbeStorageResponse>, Status> {
+        let req = request.into_inner();
+        let storage = req
+            .storage
+            .ok_or_else(|| Status::invalid_argument("storage is required"))?;
+        if !(req.prefix.is_empty() || req.prefix.ends_with('/')) || req.prefix.split('/').any(|c| c == "..") {
+            return Err(Status::invalid_argument(
+                "prefix: must be empty or a key prefix ending in /",
+            ));
+        }
+        let store = store_for(&storage)?;
+        let name = format!("{}-{}", self.agent.node_facts().name, std::process::id());
+        let probed =
+            tokio::time::timeout(Duration::from_secs(20), crate::store::probe(&store, &req.prefix, &name)).await;
+        Ok(Response::new(match probed {
+            Ok(Ok(took)) => pb::ProbeStorageResponse {
+                ok: true,
+                round_trip_millis: took.as_millis() as u64,
+                ..Default::default()
+            },
+            Ok(Err(failure)) => pb::ProbeStorageResponse {
+                ok: false,
+                reason: failure.reason.to_owned(),
+                message: failure.message,
+                round_trip_millis: 0,
+            },
+            Err(_) => pb::ProbeStorageResponse {
+                ok: false,
+                reason: "Unreachable".to_owned(),
+                message: "no answer within 20 s".to_owned(),
+                round_trip_millis: 0,
+            },
+        }))
+    }
+
     async fn node_info(&self, _: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeFacts>, Status> {
         let facts = self.agent.node_facts();
         Ok(Response::new(pb::NodeFacts {

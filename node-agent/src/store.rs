@@ -220,6 +220,52 @@ pub async fn delete_checkpoint(
     first
 }
 
+/// Why a probe of the storage failed: a reason word and what was said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    /// `AccessDenied`, `NotFound`, `Unreachable` or `Corrupted`.
+    pub reason: &'static str,
+    /// The step and the store's own words.
+    pub message: String,
+}
+
+/// Writes one small object under `prefix` (named `name`), reads it back and deletes
+/// it: what a checkpoint does, at the smallest scale. The round trip on success.
+pub async fn probe(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    name: &str,
+) -> Result<std::time::Duration, ProbeFailure> {
+    let started = std::time::Instant::now();
+    let key = ObjectPath::from(format!("{prefix}.cryopod-probe/{name}"));
+    let body = format!("cryopod storage probe {name}");
+    let failed = |step: &str, e: object_store::Error| ProbeFailure {
+        reason: match e {
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                "AccessDenied"
+            }
+            object_store::Error::NotFound { .. } => "NotFound",
+            _ => "Unreachable",
+        },
+        message: format!("{step} {key}: {e}"),
+    };
+    store
+        .put(&key, PutPayload::from(body.clone().into_bytes()))
+        .await
+        .map_err(|e| failed("cannot write", e))?;
+    let read = async { store.get(&key).await?.bytes().await }.await;
+    let deleted = store.delete(&key).await;
+    let read = read.map_err(|e| failed("cannot read back", e))?;
+    if read.as_ref() != body.as_bytes() {
+        return Err(ProbeFailure {
+            reason: "Corrupted",
+            message: format!("{key} read back {} bytes that differ from those written", read.len()),
+        });
+    }
+    deleted.map_err(|e| failed("cannot delete", e))?;
+    Ok(started.elapsed())
+}
+
 /// Removes every object under `prefix`: the manifest first (so what remains is never
 /// taken for a checkpoint), then the rest. Returns how many objects were removed.
 pub async fn delete_prefix(store: &Arc<dyn ObjectStore>, prefix: &str) -> Result<u32, StoreError> {
@@ -336,6 +382,24 @@ mod tests {
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         let left: Vec<_> = store.list(None).collect().await;
         assert!(left.is_empty(), "objects without a manifest are removed: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_probe_leaves_nothing_and_names_the_step_that_failed() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        probe(&store, "base/", "node-1").await.unwrap();
+        let left: Vec<_> = store.list(None).collect().await;
+        assert!(left.is_empty(), "{left:?}");
+        // A directory where the probe object goes: it cannot be written.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".cryopod-probe/node-1")).unwrap();
+        let blocked: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let failure = probe(&blocked, "", "node-1").await.unwrap_err();
+        assert!(
+            failure.message.starts_with("cannot write .cryopod-probe/node-1"),
+            "{failure:?}"
+        );
     }
 
     #[tokio::test]

@@ -21,5 +21,6 @@ pub mod restore_pod;
 pub mod run;
 pub mod signer;
 pub mod storage;
+pub mod storage_probe;
 pub mod template;
 pub mod workload;

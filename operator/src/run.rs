@@ -323,12 +323,17 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         .owns(owned_restores, watcher::Config::default())
         .with_config(limits)
         .shutdown_on_signal()
-        .run(crate::migration::reconcile, crate::migration::error_policy, context)
+        .run(
+            crate::migration::reconcile,
+            crate::migration::error_policy,
+            context.clone(),
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(kind = "PodMigration", error = %e, "reconcile ended in error");
             }
         });
+    let storages = crate::storage_probe::run(context);
     let signer = async {
         match signer {
             Some(signer) => crate::signer::run(signer).await,
@@ -338,7 +343,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     // Only the Lease holder acts; losing it ends the process (it is restarted and
     // waits its turn), so two operators never act on the same resource.
     tokio::select! {
-        _ = futures::future::join3(checkpoint_controller, restore_controller, migration_controller) => {
+        _ = futures::future::join4(checkpoint_controller, restore_controller, migration_controller, storages) => {
             metrics_server.abort();
             Ok(())
         }

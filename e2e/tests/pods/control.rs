@@ -63,11 +63,18 @@ pub fn kubectl_apply(tb: &Testbed, ns: &str, doc: &serde_json::Value) {
 /// A CheckpointStorage on the testbed's S3 server, credentials in a Secret of `ns`.
 pub fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
     let name = format!("s3-{ns}");
+    s3_storage_with_key(tb, ns, &name, "s3-creds", &tb.s3.secret_key);
+    name
+}
+
+/// CheckpointStorage `name` on the testbed's bucket (prefix `operator-e2e`), its
+/// credentials in Secret `secret` of `ns` with `secret_key`.
+pub fn s3_storage_with_key(tb: &Testbed, ns: &str, name: &str, secret: &str, secret_key: &str) {
     kubectl_apply(
         tb,
         ns,
-        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": tb.s3.secret_key}}),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
+                "stringData": {"accessKeyId": tb.s3.access_key, "secretAccessKey": secret_key}}),
     );
     kubectl_apply(
         tb,
@@ -75,9 +82,8 @@ pub fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": name},
                 "spec": {"type": "S3", "prefix": "operator-e2e",
                          "s3": {"endpoint": tb.s3.endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
-                                "credentialsSecretRef": {"name": "s3-creds", "namespace": ns}}}}),
+                                "credentialsSecretRef": {"name": secret, "namespace": ns}}}}),
     );
-    name
 }
 
 /// Agents on both nodes and an operator that knows them.
