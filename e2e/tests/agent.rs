@@ -574,20 +574,39 @@ async fn an_agent_killed_during_the_freeze_thaws_the_pod_on_restart() {
     assert!(!frozen.is_empty(), "the pod is still frozen after the agent died");
     let at_kill = counts(&trio.data);
 
-    let (_restarted, _) = start_agent(&tb, &node, &tls, &state).await;
-    for c in &trio.runtime.containers {
-        assert_eq!(
-            freezer.state(&c.cgroup).unwrap(),
-            FreezerState::Thawed,
-            "{} thawed by the restarted agent",
-            c.name
-        );
-    }
+    let (_restarted, mut again) = start_agent(&tb, &node, &tls, &state).await;
+    let all_thawed = |when: &str| {
+        for c in &trio.runtime.containers {
+            assert_eq!(
+                freezer.state(&c.cgroup).unwrap(),
+                FreezerState::Thawed,
+                "{} {when}",
+                c.name
+            );
+        }
+    };
+    all_thawed("thawed by the restarted agent");
     assert!(
         killed.elapsed() < Duration::from_secs(30),
         "thawed within the 30 s freeze deadline"
     );
     assert_counting_on(&ns, &client, &trio.data, &at_kill).await;
+    // The caller re-attaches under the same id: the restarted agent says the
+    // checkpoint was interrupted, and does not freeze the pod again.
+    let mut stream = again
+        .checkpoint(grpc_request(&tb, &ns, &trio, &pod_uid, &prefix))
+        .await
+        .unwrap()
+        .into_inner();
+    let last = futures::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    println!("re-attached after the restart: {}", last.error_message);
+    assert_eq!(last.state, pb::State::Failed as i32, "{last:?}");
+    assert_eq!(last.error_code, tonic::Code::Aborted as i32, "{last:?}");
+    assert!(
+        futures::StreamExt::next(&mut stream).await.is_none(),
+        "the answer is final"
+    );
+    all_thawed("not frozen again");
     let journal = Journal::open(state.join("journal")).unwrap();
     assert!(journal.entries().unwrap().is_empty(), "the journal is clean");
     let _ = std::fs::remove_dir_all(&state);

@@ -597,23 +597,21 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let unsealed_spec = checkpoints.get("after-upgrade").await.unwrap();
     let volume = stored_object(&tb, &unsealed_spec, "pod/volume/data.tar.zst").await;
     assert!(volume.starts_with(b"age-encryption.org/v1"), "sealed by default");
-    let key = kubectl(
+    // Its key is in the operator's namespace, where no tenant creates Secrets.
+    let key = format!("cryopod-key-{}", unsealed_spec.metadata.uid.as_deref().unwrap());
+    let owner = kubectl(
         &tb,
         &[
             "get",
             "secret",
-            "after-upgrade-key",
+            &key,
             "-n",
-            &ns.name,
+            RELEASE_NS,
             "-o",
-            "jsonpath={.metadata.ownerReferences[0].uid}",
+            "jsonpath={.metadata.labels.cryopod\\.io/checkpoint-name}",
         ],
     );
-    assert_eq!(
-        Some(key.trim()),
-        unsealed_spec.metadata.uid.as_deref(),
-        "the checkpoint owns its key"
-    );
+    assert_eq!(owner.trim(), "after-upgrade", "the key names its checkpoint");
     kubectl_apply(
         &tb,
         &ns.name,
@@ -643,6 +641,21 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
         stored_under(&tb, &namespace_prefix).await.is_empty(),
         "objects under {namespace_prefix} left"
     );
+    // And so do the keys the operator sealed them with.
+    let keys_left = kubectl(
+        &tb,
+        &[
+            "get",
+            "secrets",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            &format!("cryopod.io/checkpoint-namespace={}", ns.name),
+            "-o",
+            "name",
+        ],
+    );
+    assert!(keys_left.trim().is_empty(), "sealing keys left: {keys_left}");
     delete_storage(&tb, &storage);
 
     uninstall(&tb, &[]);

@@ -124,8 +124,30 @@ fn remove_if_there(path: PathBuf) -> Result<(), JournalError> {
     }
 }
 
+/// Writes `bytes` durably to a temporary file of `dir` (made 0700 if need be), for
+/// the caller to link or rename into place.
+fn write_aside(dir: &Path, operation_id: &str, bytes: &[u8]) -> (PathBuf, std::io::Result<()>) {
+    let tmp = dir.join(format!(".{operation_id}.{}.tmp", std::process::id()));
+    let written = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+        })
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    (tmp, written)
+}
+
 /// The subdirectory of freeze ends.
 const ENDED: &str = "ended";
+/// How finished operations ended, for callers that re-attach after a restart.
+const OUTCOMES: &str = "outcomes";
 
 /// A directory of entries, one file per operation; private to root (0700).
 #[derive(Debug, Clone)]
@@ -243,20 +265,8 @@ impl Journal {
             source,
         };
         let dir = self.dir.join(ENDED);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(werr)?;
-        let tmp = dir.join(format!(".{operation_id}.{}.tmp", std::process::id()));
         let bytes = serde_json::to_vec(end).map_err(|e| werr(e.into()))?;
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+        let (tmp, written) = write_aside(&dir, operation_id, &bytes);
         // A hard link is created only where nothing is: the first end wins, atomically.
         let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
         let _ = std::fs::remove_file(&tmp);
@@ -284,12 +294,46 @@ impl Journal {
         }
     }
 
-    /// Forgets ends recorded longer than `age` ago: no release comes that late (a hold
-    /// lasts at most an hour). What could not be removed is returned.
+    fn outcome_path(&self, operation_id: &str) -> Result<PathBuf, JournalError> {
+        Self::check_operation_id(operation_id)?;
+        Ok(self.dir.join(OUTCOMES).join(operation_id))
+    }
+
+    /// Records how operation `operation_id` ended (its final state, encoded by the
+    /// caller), durably: a caller that re-attaches after a restart of the agent gets
+    /// it, and no second run.
+    pub fn record_outcome(&self, operation_id: &str, encoded: &[u8]) -> Result<(), JournalError> {
+        let path = self.outcome_path(operation_id)?;
+        let werr = |source| JournalError::Write {
+            path: path.clone(),
+            source,
+        };
+        let dir = self.dir.join(OUTCOMES);
+        let (tmp, written) = write_aside(&dir, operation_id, encoded);
+        written
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| File::open(&dir).and_then(|d| d.sync_all()))
+            .map_err(werr)
+    }
+
+    /// How operation `operation_id` ended, if that was recorded.
+    pub fn outcome_of(&self, operation_id: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let path = self.outcome_path(operation_id)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError::Read { path, source }),
+        }
+    }
+
+    /// Forgets ends and outcomes recorded longer than `age` ago: no release or
+    /// re-attach comes that late (a hold lasts at most an hour). What could not be
+    /// removed is returned.
     pub fn forget_ends_before(&self, age: Duration) -> Vec<PathBuf> {
         let now = SystemTime::now();
-        std::fs::read_dir(self.dir.join(ENDED))
+        [ENDED, OUTCOMES]
             .into_iter()
+            .filter_map(|d| std::fs::read_dir(self.dir.join(d)).ok())
             .flatten()
             .flatten()
             .filter(|e| {

@@ -216,6 +216,50 @@ pub trait AgentBackend: Send + Sync + 'static {
         let _ = operation_id;
         Ok(None)
     }
+    /// Keeps how an operation ended, durably, for a re-attach after a restart.
+    fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
+        let _ = op;
+        Ok(())
+    }
+    /// How an operation ended, as recorded by [`AgentBackend::record_outcome`].
+    fn outcome_of(&self, operation_id: &str) -> Result<Option<pb::Operation>, String> {
+        let _ = operation_id;
+        Ok(None)
+    }
+}
+
+/// What a checkpoint asked for again, when this agent no longer runs it, answers:
+/// the outcome it recorded; or, when the freeze had ended with no outcome (the agent
+/// died mid-way and its recovery thawed the pod), a failure saying so. `None`: it
+/// never froze anything here, so it starts.
+pub fn earlier_checkpoint(
+    operation_id: &str,
+    outcome: Option<pb::Operation>,
+    end: Option<&crate::journal::FreezeEnd>,
+) -> Option<pb::Operation> {
+    if let Some(outcome) = outcome {
+        return Some(outcome);
+    }
+    let why = match end? {
+        crate::journal::FreezeEnd::ThawedWithoutRelease { why, .. } => why.clone(),
+        crate::journal::FreezeEnd::Released { stopped, .. } => {
+            if *stopped {
+                "the pod was stopped".to_owned()
+            } else {
+                "the pod was thawed".to_owned()
+            }
+        }
+    };
+    Some(pb::Operation {
+        operation_id: operation_id.to_owned(),
+        state: pb::State::Failed as i32,
+        error_code: Code::Aborted as i32,
+        error_message: format!(
+            "this checkpoint was interrupted: the agent restarted while it ran, and it ended without a result \
+             ({why}); it is not run again under the same id"
+        ),
+        ..pb::Operation::default()
+    })
 }
 
 /// The answer to a release whose hold ended with `end`; `now`: this call ended it.
@@ -270,6 +314,22 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
 
     fn freeze_end(&self, operation_id: &str) -> Result<Option<crate::journal::FreezeEnd>, String> {
         self.journal.end_of(operation_id).map_err(|e| e.to_string())
+    }
+
+    fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
+        use prost::Message;
+        self.journal
+            .record_outcome(&op.operation_id, &op.encode_to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    fn outcome_of(&self, operation_id: &str) -> Result<Option<pb::Operation>, String> {
+        use prost::Message;
+        self.journal
+            .outcome_of(operation_id)
+            .map_err(|e| e.to_string())?
+            .map(|bytes| pb::Operation::decode(bytes.as_slice()).map_err(|e| e.to_string()))
+            .transpose()
     }
 }
 
@@ -768,7 +828,9 @@ impl<C: AgentBackend> AgentService<C> {
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(err).map(ToString::to_string), "checkpoint failed");
                 }
             }
-            tx.send_modify(|op| match result {
+            let mut finished = tx.borrow().clone();
+            let op = &mut finished;
+            match result {
                 Ok(outcome) => {
                     op.state = pb::State::Succeeded as i32;
                     op.stage = pb::Stage::Done as i32;
@@ -795,7 +857,13 @@ impl<C: AgentBackend> AgentService<C> {
                     op.error_code = code_of(&err) as i32;
                     op.error_message = err.to_string();
                 }
-            });
+            }
+            // Kept before it is told: a caller that saw the end and re-attaches after
+            // a restart of this agent gets the same end.
+            if let Err(e) = agent.record_outcome(&finished) {
+                tracing::warn!(error = %e, "cannot record how the checkpoint ended");
+            }
+            tx.send_replace(finished);
         })
     }
 
@@ -877,11 +945,20 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let req = request.into_inner();
         crate::journal::Journal::check_operation_id(&req.operation_id)
             .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
-        // The same id re-attaches to the operation instead of starting it again.
+        // The same id re-attaches to the operation instead of starting it again,
+        // also after a restart of this agent (from the journal).
         let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
         let rx = match existing {
             Some(rx) => rx,
-            None => self.start(req)?,
+            None => {
+                let unknown = |e: String| Status::unavailable(format!("cannot read this operation's record: {e}"));
+                let outcome = self.agent.outcome_of(&req.operation_id).map_err(unknown)?;
+                let end = self.agent.freeze_end(&req.operation_id).map_err(unknown)?;
+                match earlier_checkpoint(&req.operation_id, outcome, end.as_ref()) {
+                    Some(op) => watch::channel(op).1,
+                    None => self.start(req)?,
+                }
+            }
         };
         Ok(Response::new(follow(rx)))
     }
@@ -1049,5 +1126,38 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             cgroup_version: facts.cgroup_version,
             cpu_flags: facts.cpu_flags,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::journal::FreezeEnd;
+
+    #[test]
+    fn a_checkpoint_asked_for_again_is_answered_from_its_record_never_run_twice() {
+        // Nothing froze under this id here: it starts.
+        assert_eq!(earlier_checkpoint("op", None, None), None);
+        // It ended and said so: the same answer.
+        let done = pb::Operation {
+            operation_id: "op".into(),
+            state: pb::State::Succeeded as i32,
+            ..Default::default()
+        };
+        assert_eq!(earlier_checkpoint("op", Some(done.clone()), None), Some(done));
+        // It froze, and the agent died before it ended: a failure, never a new run.
+        let end = FreezeEnd::thawed_without_release("the agent restarted and thawed it");
+        let interrupted = earlier_checkpoint("op", None, Some(&end)).unwrap();
+        assert_eq!(interrupted.state, pb::State::Failed as i32);
+        assert_eq!(interrupted.error_code, Code::Aborted as i32);
+        assert!(
+            interrupted
+                .error_message
+                .contains("interrupted: the agent restarted while it ran"),
+            "{}",
+            interrupted.error_message
+        );
+        assert!(interrupted.error_message.contains("the agent restarted and thawed it"));
     }
 }

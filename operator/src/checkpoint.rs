@@ -198,19 +198,10 @@ async fn resolve_for(
     // made for this checkpoint alone and owned by it.
     let (name, field) = match &cp.spec.encryption {
         Some(encryption) => (encryption.secret_ref.name.clone(), "spec.encryption.secretRef"),
-        None if ctx.encrypt_by_default => {
-            let Some(owner) = kube::Resource::controller_owner_ref(cp, &()) else {
-                return Ok(Err((
-                    reasons::CHECKPOINT_FAILED,
-                    "the checkpoint has no uid yet".to_owned(),
-                )));
-            };
-            let name = crate::keys::key_name(&cp.name_any());
-            match crate::keys::ensure_owned_key(ctx, &ns, &name, owner).await? {
-                Ok(name) => (name, "the default encryption's key"),
-                Err(why) => return Ok(Err((reasons::CHECKPOINT_FAILED, why))),
-            }
-        }
+        None if crate::keys::sealed_by_operator(cp, ctx.encrypt_by_default) => (
+            crate::keys::ensure_sealing_key(ctx, cp).await?,
+            "the operator's sealing key",
+        ),
         None => {
             return Ok(Ok(Resolved {
                 pod,
@@ -220,7 +211,11 @@ async fn resolve_for(
             }));
         }
     };
-    let data = secret_data(ctx, &ns, &name).await?;
+    let data = if cp.spec.encryption.is_some() {
+        secret_data(ctx, &ns, &name).await?
+    } else {
+        crate::keys::sealing_key(ctx, &cp.uid().unwrap_or_default()).await?
+    };
     let recipients = data
         .as_ref()
         .and_then(|d| d.get("recipients"))
@@ -964,8 +959,11 @@ pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::
     }
 }
 
-/// The finalizer: cancel a running operation, delete the stored objects.
+/// The finalizer: delete the operator's sealing key (what it sealed can no longer be
+/// opened, even if objects stay behind), cancel a running operation, delete the
+/// stored objects.
 async fn cleanup(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
+    crate::keys::delete_sealing_key(ctx, cp).await?;
     let status = cp.status.clone().unwrap_or_default();
     let Some(node) = status.node_name.clone() else {
         return Ok(Action::await_change());

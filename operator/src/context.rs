@@ -30,6 +30,8 @@ pub struct Context {
     pub max_per_node: usize,
     /// Checkpoints without `spec.encryption` are sealed with a key made for them.
     pub encrypt_by_default: bool,
+    /// The operator's own namespace: its sealing keys are kept there.
+    pub namespace: String,
     /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
     pub checkpoints: Store<PodCheckpoint>,
     /// Checkpoints started here that the watch may not show yet; held while a

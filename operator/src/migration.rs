@@ -21,11 +21,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::common::{CONDITION_READY, LocalSecretReference, NodeTarget};
+use cryopod_crds::common::{CONDITION_READY, NodeTarget};
 use cryopod_crds::v1alpha1::{
-    CheckpointPhase, EncryptionSpec, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec,
-    PodMigration, PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase,
-    migration_reasons as reasons,
+    CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodMigration,
+    PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
 };
 use cryopod_node_agent::server::pb;
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
@@ -301,11 +300,8 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
             Fence::NotEnforced(message) => return fail(migration, ctx, reasons::MIGRATION_FAILED, message).await,
         }
     }
-    // The memory image is sealed with a key of this migration's own: whoever reads the
-    // bucket gets nothing, and the key goes with the migration.
-    if let Err(why) = ensure_migration_key(migration, ctx).await? {
-        return fail(migration, ctx, reasons::MIGRATION_FAILED, why).await;
-    }
+    // The memory image is sealed with a key the operator makes for the migration's
+    // checkpoint (`keys`): whoever reads the bucket gets nothing.
     let checkpoint_name = format!("{}-checkpoint", migration.name_any());
     let mut status = migration.status.clone().unwrap_or_default();
     status.phase = Some(MigrationPhase::Checkpointing);
@@ -333,17 +329,6 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
-fn key_name(migration: &PodMigration) -> String {
-    crate::keys::key_name(&migration.name_any())
-}
-
-/// The Secret `<migration>-key` holding a fresh age key pair for the migration's
-/// checkpoint (`recipients`, `identity`), owned by the migration; created once.
-async fn ensure_migration_key(migration: &PodMigration, ctx: &Context) -> Result<Result<String, String>, Error> {
-    let ns = migration.namespace().unwrap_or_default();
-    crate::keys::ensure_owned_key(ctx, &ns, &key_name(migration), owner(migration)).await
-}
-
 /// Creates the migration's PodCheckpoint unless it exists (an operator stopped
 /// between recording the step and taking it takes it on restart).
 async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<PodCheckpoint, Error> {
@@ -359,8 +344,7 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
     {
         return Ok(existing);
     }
-    // Sealed with the migration's own key, made before the step was recorded (start).
-    let key = key_name(migration);
+    // No key named: the operator seals a migration's checkpoint with its own (`keys`).
     let mut checkpoint = PodCheckpoint::new(
         &checkpoint_name,
         PodCheckpointSpec {
@@ -372,9 +356,7 @@ async fn ensure_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Po
             post_checkpoint_state: PostCheckpointState::Stopped,
             tcp: spec.tcp,
             hooks: None,
-            encryption: Some(EncryptionSpec {
-                secret_ref: LocalSecretReference { name: key },
-            }),
+            encryption: None,
             retention: None,
         },
     );

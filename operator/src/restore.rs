@@ -349,18 +349,13 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
         Err((_, message)) => return fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
     };
     let identities = match &checkpoint.spec.encryption {
-        // Sealed by default, if it was, with a key made for the checkpoint and owned
-        // by it; the manifest says whether it is needed.
-        None => crate::keys::owned_key(
-            ctx,
-            &checkpoint_namespace(restore),
-            &crate::keys::key_name(&checkpoint.name_any()),
-            &checkpoint.uid().unwrap_or_default(),
-        )
-        .await?
-        .and_then(|data| data.get("identity").cloned())
-        .map(|identity| vec![String::from_utf8_lossy(&identity.0).into_owned()])
-        .unwrap_or_default(),
+        // Sealed by the operator, if it was, with a key in its own namespace; the
+        // manifest says whether it is needed.
+        None => crate::keys::sealing_key(ctx, &checkpoint.uid().unwrap_or_default())
+            .await?
+            .and_then(|data| data.get("identity").cloned())
+            .map(|identity| vec![String::from_utf8_lossy(&identity.0).into_owned()])
+            .unwrap_or_default(),
         Some(encryption) => {
             // The key belongs to the checkpoint, in its namespace.
             let data = secret_data(ctx, &checkpoint_namespace(restore), &encryption.secret_ref.name).await?;

@@ -229,6 +229,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         metrics,
         max_per_node: config.max_per_node,
         encrypt_by_default: config.encrypt_by_default,
+        namespace: config.namespace.clone(),
         checkpoints: checkpoint_controller.store(),
         starts: Arc::default(),
     });

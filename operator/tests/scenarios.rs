@@ -71,6 +71,7 @@ fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
         metrics: Arc::new(OperatorMetrics::new()),
         max_per_node: 2,
         encrypt_by_default: false,
+        namespace: "cryopod-system".into(),
         checkpoints: kube::runtime::reflector::store().0,
         starts: Arc::default(),
     };

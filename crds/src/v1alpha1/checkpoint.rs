@@ -127,7 +127,7 @@ pub struct PodCheckpointSpec {
     /// Encrypt the stored objects with age (X25519) to the keys of this Secret.
     /// Without it, an operator that seals by default (the chart's
     /// `encryption.byDefault`, on unless turned off) makes an age key for this
-    /// checkpoint alone, in Secret `<name>-key` owned by it; otherwise the objects
+    /// checkpoint alone, kept in the operator's namespace; otherwise the objects
     /// are stored in the clear (compressed only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionSpec>,
