@@ -1,30 +1,13 @@
-//! Compiles the vendored CRI API (client) and cryopod's agent API (client and server)
-//! into OUT_DIR with protox, which is pure Rust: no `protoc` is needed on the machine.
-
-/// Messages of the agent API whose derived Debug would print a secret.
-const SECRET_MESSAGES: [&str; 5] = [
-    "S3Storage",
-    "GcsStorage",
-    "AzureStorage",
-    "CheckpointRequest",
-    "PrepareRestoreRequest",
-];
+//! Compiles the vendored CRI API (client) into OUT_DIR with protox, which is pure
+//! Rust: no `protoc` is needed on the machine. The agent's own API is the
+//! `cryopod-agent-api` crate.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    for proto in ["proto/cri-api/api.proto", "proto/cryopod/agent.proto"] {
-        println!("cargo:rerun-if-changed={proto}");
-    }
+    println!("cargo:rerun-if-changed=proto/cri-api/api.proto");
     let cri = protox::compile(["proto/cri-api/api.proto"], ["proto/cri-api"])?;
     tonic_prost_build::configure()
         .build_server(false)
         .build_transport(false)
         .compile_fds(cri)?;
-    let agent = protox::compile(["proto/cryopod/agent.proto"], ["proto/cryopod"])?;
-    tonic_prost_build::configure()
-        .build_transport(false)
-        // These carry credentials, keys or a pod's spec: their Debug, written by
-        // hand in `server::redacted`, leaves them out.
-        .skip_debug(SECRET_MESSAGES.iter().map(|m| format!(".cryopod.agent.v1alpha1.{m}")))
-        .compile_fds(agent)?;
     Ok(())
 }

@@ -28,7 +28,6 @@ pub mod install;
 pub mod journal;
 pub mod metrics;
 pub mod package;
-pub mod process;
 pub mod restore;
 pub mod run;
 pub mod safe_fs;

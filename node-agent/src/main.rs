@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use cryopod_node_agent::process::{exit_code, init_json_logs};
 use cryopod_node_agent::run::{AgentConfig, RunError, handler_install_from_lookup, run};
+use cryopod_runtime::process::{exit_code, init_json_logs};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -126,31 +126,7 @@ impl AgentMetrics {
 
 /// Serves `/metrics` on a bound listener until it fails.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<AgentMetrics>) -> std::io::Result<()> {
-    serve_text(listener, move || metrics.encode()).await
-}
-
-/// Serves what `render` returns as OpenMetrics text on `/metrics` (the operator's
-/// metrics too).
-pub async fn serve_text(
-    listener: tokio::net::TcpListener,
-    render: impl Fn() -> String + Clone + Send + Sync + 'static,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app).await
+    cryopod_runtime::serve_metrics(listener, move || metrics.encode()).await
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
+use cryopod_agent_api::pb::node_agent_client::NodeAgentClient;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};

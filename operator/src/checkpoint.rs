@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, CheckpointSizes, CheckpointStorage, CheckpointTimings,
     CheckpointedContainer, HookFailurePolicy, HookSignal, HttpScheme, PodCheckpoint, PodCheckpointStatus,
     PodIpConnections, PostCheckpointState, checkpoint_reasons as reasons,
 };
-use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use cryopod_node_agent::process::{exit_code, init_json_logs};
 use cryopod_operator::run::{OperatorConfig, run};
+use cryopod_runtime::process::{exit_code, init_json_logs};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -110,7 +110,7 @@ impl OperatorMetrics {
 
 /// Serves `/metrics` on a bound listener until it fails.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<OperatorMetrics>) -> std::io::Result<()> {
-    cryopod_node_agent::metrics::serve_text(listener, move || metrics.encode()).await
+    cryopod_runtime::serve_metrics(listener, move || metrics.encode()).await
 }
 
 #[cfg(test)]

@@ -21,12 +21,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_READY, NodeTarget};
 use cryopod_crds::v1alpha1::{
     CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodMigration,
     PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
 };
-use cryopod_node_agent::server::pb;
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};

@@ -15,12 +15,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, reserved_key, set_condition};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus,
     RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
 };
-use cryopod_node_agent::server::pb;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;

@@ -509,12 +509,18 @@ mod tests {
         let (names, request) = parse_request(pem.as_bytes()).unwrap();
         assert_eq!(names, ["<a CA>"]);
         let issued = ca.issue(&request, "node-1", Duration::from_secs(3600)).unwrap();
-        assert_eq!(
-            cryopod_node_agent::certs::certificate_names(&issued).unwrap(),
-            (vec!["node-1".to_owned()], false)
-        );
         let der = x509_parser::pem::parse_x509_pem(issued.as_bytes()).unwrap().1.contents;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(!cert.is_ca());
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(
+            matches!(
+                san.value.general_names.as_slice(),
+                [x509_parser::extensions::GeneralName::DNSName("node-1")]
+            ),
+            "{:?}",
+            san.value.general_names
+        );
         assert!(cert.extended_key_usage().unwrap().unwrap().value.server_auth);
         assert!(!cert.extended_key_usage().unwrap().unwrap().value.client_auth);
         assert_eq!(cert.public_key().subject_public_key.data.as_ref(), key.public_key_raw());

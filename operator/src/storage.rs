@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use cryopod_agent_api::pb;
 use cryopod_crds::v1alpha1::{
     CheckpointLocation, CheckpointLocationType, CheckpointStorage, DEFAULT_STORAGE_ANNOTATION, EMBEDDED_LOCAL_PATH,
     NodeLocalLocation, ObjectStoreLocation, StorageType,
 };
-use cryopod_node_agent::server::pb;
 use k8s_openapi::ByteString;
 
 /// A resolved storage: what the agent is sent and what the status records.

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::{CheckpointStorage, StorageType};
-use cryopod_node_agent::server::pb;
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
