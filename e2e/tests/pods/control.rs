@@ -285,16 +285,24 @@ pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &
 }
 
 /// A stored object in the clear: decrypted with the checkpoint's age identity when it
-/// is sealed (a migration's always are).
+/// is sealed: with the key `spec.encryption` names, or with the operator's sealing
+/// key (a migration's checkpoints always are), which the tests' operators keep in
+/// their test's namespace.
 pub async fn opened(tb: &Testbed, checkpoint: &PodCheckpoint, stored: Vec<u8>) -> Vec<u8> {
     use std::io::Read;
-    let Some(encryption) = &checkpoint.spec.encryption else {
-        return stored;
-    };
     let client = tb.client().await.unwrap();
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client, &checkpoint.metadata.namespace.clone().unwrap());
-    let secret = secrets.get(&encryption.secret_ref.name).await.unwrap();
+    let secret = match &checkpoint.spec.encryption {
+        Some(encryption) => secrets.get(&encryption.secret_ref.name).await.unwrap(),
+        None => {
+            let sealing = format!("cryopod-key-{}", checkpoint.metadata.uid.clone().unwrap());
+            match secrets.get_opt(&sealing).await.unwrap() {
+                Some(secret) => secret,
+                None => return stored,
+            }
+        }
+    };
     let identity = String::from_utf8(secret.data.unwrap()["identity"].0.clone()).unwrap();
     let identity: age::x25519::Identity = identity.trim().parse().unwrap();
     let decryptor = age::Decryptor::new(stored.as_slice()).unwrap();
