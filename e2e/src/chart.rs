@@ -38,12 +38,20 @@ pub fn testbed_install_args(tb: &crate::testbed::Testbed, release: &str, namespa
 
 /// Renders the chart with `--set` values; the error is helm's message.
 pub fn render(sets: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    render_with(sets, &[])
+}
+
+/// [`render`], with `--set-file` values too (`key=path`).
+pub fn render_with(sets: &[&str], files: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let helm = std::env::var("CRYOPOD_HELM").map_err(|_| "CRYOPOD_HELM is not set (make unit sets it)".to_owned())?;
     let mut cmd = std::process::Command::new(helm);
     cmd.args(["template", "cryopod", "--namespace", "cryopod-system"])
         .arg(chart_dir());
     for set in sets {
         cmd.args(["--set", set]);
+    }
+    for file in files {
+        cmd.args(["--set-file", file]);
     }
     let out = cmd.output().map_err(|e| format!("cannot run helm: {e}"))?;
     if !out.status.success() {
@@ -326,18 +334,21 @@ mod tests {
         assert!(String::from_utf8_lossy(&san.stdout).contains("DNS:cryopod-node-agent"));
     }
 
+    /// The Secrets the agents mount.
+    fn agent_secrets(docs: &[Value]) -> Vec<String> {
+        find(docs, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     #[test]
     fn no_key_of_the_ca_or_the_operator_reaches_a_node() {
         // A node's kubelet may read, whole, every Secret its pods mount.
         let docs = render(&[]).unwrap();
-        let agent = &find(&docs, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
-        let mounted: Vec<&str> = agent["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|v| v["secret"]["secretName"].as_str())
-            .collect();
-        assert_eq!(mounted, ["cryopod-agent-tls", "cryopod-signing"]);
+        assert_eq!(agent_secrets(&docs), ["cryopod-agent-tls", "cryopod-signing"]);
         let keys = |docs: &[Value], name: &str| -> Vec<String> {
             let mut keys: Vec<String> = find(docs, "Secret", name)["data"]
                 .as_object()
@@ -353,6 +364,66 @@ mod tests {
         // One shared agent pair: that pair too, still no CA or operator key.
         let shared = render(&["tls.perNodeCertificates=false"]).unwrap();
         assert_eq!(keys(&shared, "cryopod-agent-tls"), ["agent.crt", "agent.key", "ca.crt"]);
+    }
+
+    #[test]
+    fn cert_manager_issues_the_operators_pair_and_the_signing_ca_and_agents_get_only_the_issuers_ca() {
+        use base64::Engine;
+        let plain = render(&[]).unwrap();
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(
+                find(&plain, "Secret", "cryopod-tls")["data"]["ca.crt"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("issuer-ca.crt");
+        std::fs::write(&bundle, &ca).unwrap();
+        let file = format!("tls.certManager.caBundle={}", bundle.display());
+        let on = [
+            "tls.certManager.enabled=true",
+            "tls.certManager.issuerRef.name=cluster-ca",
+        ];
+        let docs = render_with(&on, &[&file]).unwrap();
+        // Nothing generated: no CA key, no operator key in the release's Secrets.
+        assert!(
+            !docs
+                .iter()
+                .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "cryopod-tls")
+        );
+        let signer = find(&docs, "Certificate", "cryopod-signer-ca");
+        assert_eq!(signer["spec"]["isCA"], true);
+        assert_eq!(signer["spec"]["issuerRef"]["name"], "cluster-ca");
+        let operator = find(&docs, "Certificate", "cryopod-operator");
+        assert_eq!(operator["spec"]["commonName"], "cryopod-operator");
+        assert_eq!(
+            operator["spec"]["usages"],
+            serde_json::json!(["digital signature", "key encipherment", "client auth"])
+        );
+        // The agents get the issuer's CA alone; the operator its pair and the signing CA.
+        let agent_ca = find(&docs, "Secret", "cryopod-agent-tls")["data"].clone();
+        assert_eq!(agent_ca.as_object().unwrap().len(), 1);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(agent_ca["ca.crt"].as_str().unwrap())
+                .unwrap(),
+            ca
+        );
+        let volumes = &find(&docs, "Deployment", "cryopod-operator")["spec"]["template"]["spec"]["volumes"];
+        let signer_volume = volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "signer")
+            .unwrap();
+        assert_eq!(signer_volume["secret"]["secretName"], "cryopod-signer-ca");
+        assert_eq!(agent_secrets(&docs), ["cryopod-agent-tls", "cryopod-signing"]);
+        // What it cannot do is refused, naming the value.
+        let err = render(&on).unwrap_err();
+        assert!(err.contains("tls.certManager.caBundle"), "{err}");
+        let err = render_with(&[on[0], on[1], "tls.perNodeCertificates=false"], &[&file]).unwrap_err();
+        assert!(err.contains("tls.certManager needs tls.perNodeCertificates"), "{err}");
     }
 
     #[test]

@@ -210,7 +210,8 @@ impl AgentCa {
         })
     }
 
-    /// A server certificate naming `node` for the request's public key, PEM.
+    /// A server certificate naming `node` for the request's public key, with the
+    /// signing CA's certificate after it (PEM).
     pub fn issue(
         &self,
         request: &rcgen::CertificateSigningRequestParams,
@@ -227,15 +228,12 @@ impl AgentCa {
         let now = time_now();
         params.not_before = now - Duration::from_secs(300);
         params.not_after = now + validity;
-        params
+        let leaf = params
             .signed_by(&request.public_key, &self.issuer)
-            .map(|c| c.pem())
-            .map_err(|e| format!("cannot sign: {e}"))
-    }
-
-    /// The CA certificate, PEM.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+            .map_err(|e| format!("cannot sign: {e}"))?;
+        // The chain the agent serves: its certificate, then the signing CA's, which
+        // a client needs when that CA is an intermediate (cert-manager's).
+        Ok(format!("{}{}", leaf.pem(), self.ca_pem))
     }
 }
 
@@ -509,6 +507,9 @@ mod tests {
         let (names, request) = parse_request(pem.as_bytes()).unwrap();
         assert_eq!(names, ["<a CA>"]);
         let issued = ca.issue(&request, "node-1", Duration::from_secs(3600)).unwrap();
+        // Its chain: the agent's certificate, then the signing CA's.
+        assert_eq!(issued.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(issued.ends_with(&ca_cert.pem()));
         let der = x509_parser::pem::parse_x509_pem(issued.as_bytes()).unwrap().1.contents;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!cert.is_ca());
