@@ -69,7 +69,7 @@ pub async fn reconcile(cp: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Acti
 /// Retries a failed reconcile after a pause.
 pub fn error_policy(cp: Arc<PodCheckpoint>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(podcheckpoint = %cp.name_any(), namespace = ?cp.namespace(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(crate::context::retry_after(error))
 }
 
 async fn apply(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {

@@ -34,6 +34,9 @@ pub struct Context {
     pub namespace: String,
     /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
     pub checkpoints: Store<PodCheckpoint>,
+    /// The resource version each object had after this operator last wrote its
+    /// status, by UID: the precondition of the next write.
+    pub written: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// Checkpoints started here that the watch may not show yet; held while a
     /// checkpoint decides to start, so two cannot both see room.
     pub starts: Arc<tokio::sync::Mutex<Starts>>,
@@ -61,6 +64,8 @@ pub enum Error {
     },
     /// The finalizer machinery failed.
     Finalizer { detail: String },
+    /// Someone else wrote the object since it was read; the reconcile runs again.
+    Conflict { name: String },
 }
 
 impl std::fmt::Display for Error {
@@ -70,6 +75,7 @@ impl std::fmt::Display for Error {
             Self::Agent { source } => write!(f, "{source}"),
             Self::Grpc { action, source } => write!(f, "{action}: {}", source.message()),
             Self::Finalizer { detail } => write!(f, "finalizer: {detail}"),
+            Self::Conflict { name } => write!(f, "{name} was changed since it was read; its status is computed again"),
         }
     }
 }
@@ -80,8 +86,17 @@ impl std::error::Error for Error {
             Self::Kube { source, .. } => Some(source),
             Self::Agent { source } => Some(source),
             Self::Grpc { source, .. } => Some(source),
-            Self::Finalizer { .. } => None,
+            Self::Finalizer { .. } | Self::Conflict { .. } => None,
         }
+    }
+}
+
+/// How soon a failed reconcile runs again: at once for a write that lost a race
+/// (there is news to read), after a pause otherwise.
+pub fn retry_after(error: &Error) -> std::time::Duration {
+    match error {
+        Error::Conflict { .. } => std::time::Duration::from_millis(200),
+        _ => std::time::Duration::from_secs(5),
     }
 }
 
@@ -134,17 +149,64 @@ pub trait Operation:
     fn set_failed(status: &mut Self::Status, at: Time, generation: Option<i64>);
 }
 
-/// Writes the whole status of `object`.
+/// The resource version a status write must find: the one the reconcile read, or the
+/// one this operator's own last write of the object produced, if newer (a reconcile
+/// may write twice). Versions are compared as the numbers etcd makes them; one that
+/// is not a number is taken as read.
+pub fn expected_version(read: Option<&str>, written: Option<u64>) -> Option<String> {
+    match (read, written) {
+        (Some(read), Some(written)) => match read.parse::<u64>() {
+            Ok(read) => Some(read.max(written).to_string()),
+            Err(_) => Some(read.to_owned()),
+        },
+        (Some(read), None) => Some(read.to_owned()),
+        (None, written) => written.map(|w| w.to_string()),
+    }
+}
+
+/// Writes the whole status of `object`, on the condition that nobody else wrote the
+/// object since it was read (or since this operator last wrote it): a status
+/// computed from a stale read is refused by the API server (409) rather than
+/// overwriting what another writer did, and the reconcile runs again on what is
+/// there now.
 pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::Status) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": status })),
-    )
-    .await
-    .map_err(kube_err("write a status"))?;
-    Ok(())
+    let uid = object.uid().unwrap_or_default();
+    let written = ctx.written.lock().ok().and_then(|w| w.get(&uid).copied());
+    let mut patch = serde_json::json!({ "status": status });
+    if let Some(version) = expected_version(object.resource_version().as_deref(), written) {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
+    match api
+        .patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(now) => {
+            if let (Ok(mut w), Some(version)) = (
+                ctx.written.lock(),
+                now.resource_version().and_then(|v| v.parse::<u64>().ok()),
+            ) {
+                // Bounded: a long-running operator forgets the oldest half at once.
+                if w.len() > 10_000 {
+                    w.clear();
+                }
+                w.insert(uid, version);
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            if let Ok(mut w) = ctx.written.lock() {
+                w.remove(&uid);
+            }
+            Err(Error::Conflict {
+                name: object.name_any(),
+            })
+        }
+        Err(source) => Err(Error::Kube {
+            action: "write a status",
+            source,
+        }),
+    }
 }
 
 /// Records the start of an operation whose `status` is otherwise filled: the `Ready`
@@ -367,5 +429,16 @@ mod tests {
                 "{given}"
             );
         }
+    }
+
+    #[test]
+    fn a_status_write_expects_the_newest_version_it_knows() {
+        assert_eq!(expected_version(Some("7"), None).as_deref(), Some("7"));
+        // Its own write came after the read: that version.
+        assert_eq!(expected_version(Some("7"), Some(9)).as_deref(), Some("9"));
+        // Someone wrote after its own write, and the reconcile read that: the read.
+        assert_eq!(expected_version(Some("12"), Some(9)).as_deref(), Some("12"));
+        assert_eq!(expected_version(Some("opaque"), Some(9)).as_deref(), Some("opaque"));
+        assert_eq!(expected_version(None, None), None);
     }
 }

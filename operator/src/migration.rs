@@ -75,7 +75,7 @@ pub async fn reconcile(migration: Arc<PodMigration>, ctx: Arc<Context>) -> Resul
 /// Retries a failed reconcile after a pause.
 pub fn error_policy(migration: Arc<PodMigration>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(podmigration = %migration.name_any(), namespace = ?migration.namespace(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(crate::context::retry_after(error))
 }
 
 async fn fail(migration: &PodMigration, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {

@@ -55,7 +55,7 @@ pub async fn reconcile(restore: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Ac
 /// Retries a failed reconcile after a pause.
 pub fn error_policy(restore: Arc<PodRestore>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(podrestore = %restore.name_any(), namespace = ?restore.namespace(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(crate::context::retry_after(error))
 }
 
 impl Operation for PodRestore {

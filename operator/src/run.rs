@@ -232,6 +232,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         namespace: config.namespace.clone(),
         checkpoints: checkpoint_controller.store(),
         starts: Arc::default(),
+        written: Arc::default(),
     });
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

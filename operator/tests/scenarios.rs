@@ -74,6 +74,7 @@ fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
         namespace: "cryopod-system".into(),
         checkpoints: kube::runtime::reflector::store().0,
         starts: Arc::default(),
+        written: Arc::default(),
     };
     (Arc::new(context), ApiServer(handle), tls)
 }
@@ -129,6 +130,8 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
         )
         .await;
     assert_eq!(status["status"]["phase"], "Failed", "{status}");
+    // Written only over what was read: the version read is the precondition.
+    assert_eq!(status["metadata"]["resourceVersion"], "1", "{status}");
     let ready = &status["status"]["conditions"][0];
     assert_eq!(
         (ready["type"].as_str(), ready["status"].as_str()),
@@ -145,6 +148,36 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
         (Some("Warning"), Some("SourcePodNotFound"))
     );
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+}
+
+/// Another writer changed the PodCheckpoint after it was read: the status computed
+/// from the stale read is refused (409), nothing else is done (no event), and the
+/// reconcile fails so that it runs again on what is there now.
+#[tokio::test]
+async fn a_status_write_over_someone_elses_change_is_refused_and_retried() {
+    let (ctx, mut api, _tls) = context();
+    let cp = checkpoint(&["cryopod.io/checkpoint-objects"]);
+    let reconcile = tokio::spawn(cryopod_operator::checkpoint::reconcile(Arc::new(cp.clone()), ctx));
+    api.expect(
+        Method::GET,
+        "/api/v1/namespaces/ns/pods/nope",
+        StatusCode::NOT_FOUND,
+        not_found("pods \"nope\""),
+    )
+    .await;
+    let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                          "code": 409, "message": "the object has been modified"});
+    let sent = api
+        .expect(
+            Method::PATCH,
+            &format!("{CHECKPOINTS}/status"),
+            StatusCode::CONFLICT,
+            conflict,
+        )
+        .await;
+    assert_eq!(sent["metadata"]["resourceVersion"], "1");
+    let err = reconcile.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("changed since it was read"), "{err}");
 }
 
 #[tokio::test]
