@@ -109,9 +109,15 @@ async fn a_new_podcheckpoint_first_gets_its_finalizer_and_nothing_else() {
     assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
 }
 
-#[tokio::test]
-async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
-    let (ctx, mut api, _tls) = context();
+/// A finalized PodCheckpoint of a pod that does not exist, reconciled up to the
+/// status write: the checkpoint, the API server, the reconcile.
+async fn checkpoint_of_a_missing_pod() -> (
+    PodCheckpoint,
+    ApiServer,
+    tokio::task::JoinHandle<Result<Action, cryopod_operator::context::Error>>,
+    tempfile::TempDir,
+) {
+    let (ctx, mut api, tls) = context();
     let cp = checkpoint(&["cryopod.io/checkpoint-objects"]);
     let reconcile = tokio::spawn(cryopod_operator::checkpoint::reconcile(Arc::new(cp.clone()), ctx));
     api.expect(
@@ -121,6 +127,12 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
         not_found("pods \"nope\""),
     )
     .await;
+    (cp, api, reconcile, tls)
+}
+
+#[tokio::test]
+async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
+    let (cp, mut api, reconcile, _tls) = checkpoint_of_a_missing_pod().await;
     let status = api
         .expect(
             Method::PATCH,
@@ -155,16 +167,7 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
 /// reconcile fails so that it runs again on what is there now.
 #[tokio::test]
 async fn a_status_write_over_someone_elses_change_is_refused_and_retried() {
-    let (ctx, mut api, _tls) = context();
-    let cp = checkpoint(&["cryopod.io/checkpoint-objects"]);
-    let reconcile = tokio::spawn(cryopod_operator::checkpoint::reconcile(Arc::new(cp.clone()), ctx));
-    api.expect(
-        Method::GET,
-        "/api/v1/namespaces/ns/pods/nope",
-        StatusCode::NOT_FOUND,
-        not_found("pods \"nope\""),
-    )
-    .await;
+    let (_, mut api, reconcile, _tls) = checkpoint_of_a_missing_pod().await;
     let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
                           "code": 409, "message": "the object has been modified"});
     let sent = api
