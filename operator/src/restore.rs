@@ -188,6 +188,25 @@ pub fn choose_node(
     })
 }
 
+/// When no node can take the restore now, but one could as soon as its agent serves
+/// (it is restarting: a rollout, a drain, a renewal of its certificate), the wait
+/// that says so; `None` when an agent would not help.
+pub fn waiting_for_agent(
+    restore: &PodRestore,
+    checkpoint: &PodCheckpoint,
+    nodes: &[(String, bool, std::collections::BTreeMap<String, String>, bool)],
+) -> Option<String> {
+    if choose_node(restore, checkpoint, nodes).is_ok() {
+        return None;
+    }
+    let with_agents: Vec<_> = nodes
+        .iter()
+        .map(|(name, ready, labels, _)| (name.clone(), *ready, labels.clone(), true))
+        .collect();
+    let node = choose_node(restore, checkpoint, &with_agents).ok()?;
+    Some(format!("waiting for the cryopod agent on node {node} to serve"))
+}
+
 async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let ns = checkpoint_namespace(restore);
     let name = &restore.spec.checkpoint_name;
@@ -255,7 +274,36 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
         .collect();
     let node = match choose_node(restore, &checkpoint, &facts) {
         Ok(node) => node,
-        Err(message) => return fail(restore, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
+        Err(message) => {
+            // An agent on its way back is waited for, within the restore's timeout.
+            let created = restore.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            let waited = created.map_or(0, |t| (now().0.as_second() - t.as_second()).max(0));
+            match waiting_for_agent(restore, &checkpoint, &facts) {
+                Some(wait) if waited < i64::from(restore.spec.timeout_seconds) => {
+                    let mut status = restore.status.clone().unwrap_or_default();
+                    status.phase = Some(RestorePhase::Pending);
+                    set_condition(
+                        &mut status.conditions,
+                        CONDITION_READY,
+                        ConditionStatus::False,
+                        reasons::PENDING,
+                        &wait,
+                        restore.metadata.generation,
+                        now(),
+                    );
+                    write_status(restore, ctx, &status).await?;
+                    return Ok(Action::requeue(Duration::from_secs(2)));
+                }
+                Some(wait) => {
+                    let message = format!(
+                        "{message}: {wait} for spec.timeoutSeconds ({} s) in vain",
+                        restore.spec.timeout_seconds
+                    );
+                    return fail(restore, ctx, reasons::NO_COMPATIBLE_NODE, message).await;
+                }
+                None => return fail(restore, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
+            }
+        }
     };
     let mut status = restore.status.clone().unwrap_or_default();
     status.phase = Some(RestorePhase::Fetching);
@@ -790,6 +838,17 @@ mod tests {
             err,
             "spec.target.nodeName node-3 is not a ready node with a cryopod agent whose taints the pod tolerates"
         );
+        // node-3 is ready and its agent is away (restarting): worth a wait; node-4
+        // is not ready, and an agent would not change that.
+        assert_eq!(
+            waiting_for_agent(&restore(serde_json::json!({"nodeName": "node-3"})), &s3, &nodes()).as_deref(),
+            Some("waiting for the cryopod agent on node node-3 to serve")
+        );
+        assert_eq!(
+            waiting_for_agent(&restore(serde_json::json!({"nodeName": "node-4"})), &s3, &nodes()),
+            None
+        );
+        assert_eq!(waiting_for_agent(&restore(serde_json::json!({})), &s3, &nodes()), None);
         let local = checkpoint("NodeLocal");
         assert_eq!(
             choose_node(&restore(serde_json::json!({})), &local, &nodes()).unwrap(),
