@@ -973,7 +973,14 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             ));
         }
         let store = store_for(&storage)?;
-        let name = format!("{}-{}", self.agent.node_facts().name, std::process::id());
+        // Unique per probe: probes of storages sharing a bucket and prefix run at once.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "{}-{}-{}",
+            self.agent.node_facts().name,
+            std::process::id(),
+            PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let probed =
             tokio::time::timeout(Duration::from_secs(20), crate::store::probe(&store, &req.prefix, &name)).await;
         Ok(Response::new(match probed {

@@ -207,6 +207,23 @@ pub fn waiting_for_agent(
     Some(format!("waiting for the cryopod agent on node {node} to serve"))
 }
 
+/// Pending, saying what it waits for; looked at again `after`.
+async fn pending(restore: &PodRestore, ctx: &Context, wait: &str, after: Duration) -> Result<Action, Error> {
+    let mut status = restore.status.clone().unwrap_or_default();
+    status.phase = Some(RestorePhase::Pending);
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::False,
+        reasons::PENDING,
+        wait,
+        restore.metadata.generation,
+        now(),
+    );
+    write_status(restore, ctx, &status).await?;
+    Ok(Action::requeue(after))
+}
+
 async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let ns = checkpoint_namespace(restore);
     let name = &restore.spec.checkpoint_name;
@@ -240,19 +257,8 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             .await;
         }
         _ => {
-            let mut status = restore.status.clone().unwrap_or_default();
-            status.phase = Some(RestorePhase::Pending);
-            set_condition(
-                &mut status.conditions,
-                CONDITION_READY,
-                ConditionStatus::False,
-                reasons::PENDING,
-                &format!("waiting for PodCheckpoint {name} to be Ready"),
-                restore.metadata.generation,
-                now(),
-            );
-            write_status(restore, ctx, &status).await?;
-            return Ok(Action::requeue(Duration::from_secs(3)));
+            let wait = format!("waiting for PodCheckpoint {name} to be Ready");
+            return pending(restore, ctx, &wait, Duration::from_secs(3)).await;
         }
     }
     // One lookup of the agents, not one per node.
@@ -280,19 +286,7 @@ async fn start(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             let waited = created.map_or(0, |t| (now().0.as_second() - t.as_second()).max(0));
             match waiting_for_agent(restore, &checkpoint, &facts) {
                 Some(wait) if waited < i64::from(restore.spec.timeout_seconds) => {
-                    let mut status = restore.status.clone().unwrap_or_default();
-                    status.phase = Some(RestorePhase::Pending);
-                    set_condition(
-                        &mut status.conditions,
-                        CONDITION_READY,
-                        ConditionStatus::False,
-                        reasons::PENDING,
-                        &wait,
-                        restore.metadata.generation,
-                        now(),
-                    );
-                    write_status(restore, ctx, &status).await?;
-                    return Ok(Action::requeue(Duration::from_secs(2)));
+                    return pending(restore, ctx, &wait, Duration::from_secs(2)).await;
                 }
                 Some(wait) => {
                     let message = format!(
