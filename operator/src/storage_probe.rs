@@ -10,6 +10,7 @@ use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::{CheckpointStorage, StorageType};
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -83,30 +84,39 @@ async fn probe(storage: &CheckpointStorage, ctx: &Context) -> Result<(ConditionS
         Ok(resolved) => resolved,
         Err(StorageProblem(message)) => return misconfigured(message),
     };
+    // The first agent that answers probes; one unreachable agent does not leave the
+    // last condition standing.
     let nodes = ctx.agents.nodes().await.map_err(|source| Error::Agent { source })?;
-    let Some(node) = nodes.into_iter().next() else {
-        return Ok((
-            ConditionStatus::Unknown,
-            reasons::NO_AGENT.to_owned(),
-            "no node agent is ready to probe the storage".to_owned(),
-        ));
+    let mut answered = None;
+    let mut unreachable = Vec::new();
+    for node in nodes {
+        let asked = async {
+            let mut client = ctx.agents.client(&node).await.map_err(|e| e.to_string())?;
+            client
+                .probe_storage(pb::ProbeStorageRequest {
+                    storage: Some(resolved.storage.clone()),
+                    prefix: probe_prefix(storage),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|e| e.message().to_owned())
+        };
+        match asked.await {
+            Ok(answer) => {
+                answered = Some((node, answer));
+                break;
+            }
+            Err(why) => unreachable.push(format!("{node}: {why}")),
+        }
+    }
+    let Some((node, answer)) = answered else {
+        let message = if unreachable.is_empty() {
+            "no node agent is ready to probe the storage".to_owned()
+        } else {
+            format!("no node agent could probe the storage: {}", unreachable.join("; "))
+        };
+        return Ok((ConditionStatus::Unknown, reasons::NO_AGENT.to_owned(), message));
     };
-    let mut client = ctx
-        .agents
-        .client(&node)
-        .await
-        .map_err(|source| Error::Agent { source })?;
-    let answer = client
-        .probe_storage(pb::ProbeStorageRequest {
-            storage: Some(resolved.storage),
-            prefix: probe_prefix(storage),
-        })
-        .await
-        .map_err(|source| Error::Grpc {
-            action: "probe the storage through an agent",
-            source,
-        })?
-        .into_inner();
     let (status, reason, mut message) = condition_of(&answer, &node);
     if storage.spec.type_ == StorageType::Local {
         message.push_str(" (a Local storage is a directory on each node; only that node's was probed)");
@@ -114,7 +124,25 @@ async fn probe(storage: &CheckpointStorage, ctx: &Context) -> Result<(ConditionS
     Ok((status, reason, message))
 }
 
+/// How long until a storage is due for its next probe; `None` when it is due now:
+/// never probed, its spec changed since, or the last probe is `PROBE_EVERY` old.
+/// (Each probe writes the status, which wakes the controller again: without this,
+/// it would probe without pause.)
+pub fn not_due_for(storage: &CheckpointStorage, now: &Time) -> Option<Duration> {
+    let status = storage.status.as_ref()?;
+    if status.observed_generation != storage.meta().generation {
+        return None;
+    }
+    let checked = status.last_checked_time.as_ref()?;
+    let since = now.0.duration_since(checked.0).as_secs_f64().max(0.0);
+    let left = PROBE_EVERY.as_secs_f64() - since;
+    (left > 0.0).then(|| Duration::from_secs_f64(left))
+}
+
 async fn reconcile(storage: Arc<CheckpointStorage>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(left) = not_due_for(&storage, &now()) {
+        return Ok(Action::requeue(left));
+    }
     let (status, reason, message) = probe(&storage, &ctx).await?;
     let name = storage.name_any();
     if status != ConditionStatus::True {
@@ -196,5 +224,31 @@ mod tests {
         };
         assert_eq!(probe_prefix(&storage(serde_json::json!("/team-a/"))), "team-a/");
         assert_eq!(probe_prefix(&storage(serde_json::json!(null))), "");
+    }
+
+    #[test]
+    fn a_storage_is_probed_again_only_when_due_or_changed() {
+        let at = |secs: i64| Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap());
+        let storage = |generation: i64, observed: Option<i64>, checked: Option<i64>| -> CheckpointStorage {
+            let mut s: CheckpointStorage = serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage",
+                "metadata": {"name": "s", "generation": generation},
+                "spec": {"type": "S3", "s3": {"bucket": "b"}}
+            }))
+            .unwrap();
+            s.status = Some(cryopod_crds::v1alpha1::CheckpointStorageStatus {
+                last_checked_time: checked.map(at),
+                observed_generation: observed,
+                ..Default::default()
+            });
+            s
+        };
+        // Probed 100 s ago, unchanged: 200 s to go.
+        let left = not_due_for(&storage(1, Some(1), Some(1_000)), &at(1_100)).unwrap();
+        assert_eq!(left.as_secs(), 200);
+        // Due, changed, or never probed.
+        assert_eq!(not_due_for(&storage(1, Some(1), Some(1_000)), &at(1_300)), None);
+        assert_eq!(not_due_for(&storage(2, Some(1), Some(1_000)), &at(1_100)), None);
+        assert_eq!(not_due_for(&storage(1, Some(1), None), &at(1_100)), None);
     }
 }
