@@ -170,17 +170,8 @@ mod tests {
         assert_eq!(secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
         let key = secret["data"]["key"].as_str().unwrap();
         assert!(key.len() >= 64, "a random key of 64 characters, base64: {key}");
-        let mounts = |kind: &str, name: &str| -> Vec<String> {
-            let spec = &find(&docs, kind, name)["spec"]["template"]["spec"];
-            spec["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_owned))
-                .collect()
-        };
-        assert!(mounts("DaemonSet", "cryopod-node-agent").contains(&"cryopod-signing".to_owned()));
-        assert!(!mounts("Deployment", "cryopod-operator").contains(&"cryopod-signing".to_owned()));
+        assert!(agent_secrets(&docs).contains(&"cryopod-signing".to_owned()));
+        assert!(!secrets_mounted(&docs, "Deployment", "cryopod-operator").contains(&"cryopod-signing".to_owned()));
         // A key the admin chose (shared with another cluster): none is made.
         let chosen = render(&["signing.existingSecret=shared-key"]).unwrap();
         assert!(
@@ -188,14 +179,7 @@ mod tests {
                 .iter()
                 .any(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "cryopod-signing")
         );
-        let agent = &find(&chosen, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"];
-        assert!(
-            agent["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|v| v["secret"]["secretName"] == "shared-key")
-        );
+        assert!(agent_secrets(&chosen).contains(&"shared-key".to_owned()));
     }
 
     #[test]
@@ -334,14 +318,19 @@ mod tests {
         assert!(String::from_utf8_lossy(&san.stdout).contains("DNS:cryopod-node-agent"));
     }
 
-    /// The Secrets the agents mount.
-    fn agent_secrets(docs: &[Value]) -> Vec<String> {
-        find(docs, "DaemonSet", "cryopod-node-agent")["spec"]["template"]["spec"]["volumes"]
+    /// The Secrets a workload's pods mount as volumes.
+    fn secrets_mounted(docs: &[Value], kind: &str, name: &str) -> Vec<String> {
+        find(docs, kind, name)["spec"]["template"]["spec"]["volumes"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// The Secrets the agents mount.
+    fn agent_secrets(docs: &[Value]) -> Vec<String> {
+        secrets_mounted(docs, "DaemonSet", "cryopod-node-agent")
     }
 
     #[test]

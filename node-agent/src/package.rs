@@ -48,13 +48,14 @@ impl std::error::Error for PackageError {
     }
 }
 
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: impl AsRef<[u8]>) -> String {
+    bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `sha256:<hex>`.
 pub fn sha256_hex(digest: impl AsRef<[u8]>) -> String {
-    let mut out = String::from("sha256:");
-    for b in digest.as_ref() {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256:{}", hex(digest))
 }
 
 /// Hashes and counts what passes through to the inner writer.

@@ -66,7 +66,7 @@ impl ManifestKey {
     pub fn new(bytes: &[u8]) -> Option<Self> {
         (bytes.len() >= MIN_KEY_BYTES).then(|| {
             let digest = Sha256::digest(bytes);
-            let id = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+            let id = crate::package::hex(&digest[..4]);
             Self {
                 key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
                 id,
@@ -102,8 +102,7 @@ impl ManifestKey {
     /// The signature of `manifest` stored under `prefix`.
     pub fn sign(&self, prefix: &str, manifest: &[u8]) -> String {
         let tag = hmac::sign(&self.key, &Self::message(prefix, manifest));
-        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("{SCHEME}:{}:{hex}", self.id)
+        format!("{SCHEME}:{}:{}", self.id, crate::package::hex(tag))
     }
 
     /// Checks `signature` (the stored object's bytes) for `manifest` under `prefix`.
