@@ -3,7 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::v1alpha1::{CheckpointStorage, PodCheckpoint, PodMigration, PodRestore};
+use crate::v1alpha1::{CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
 
 /// Every CRD of the API, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -12,6 +12,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         PodRestore::crd(),
         PodMigration::crd(),
         CheckpointStorage::crd(),
+        NodeEvacuation::crd(),
     ]
 }
 

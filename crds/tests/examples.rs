@@ -6,7 +6,7 @@
 
 mod support;
 
-use cryopod_crds::v1alpha1::{CheckpointStorage, PodCheckpoint, PodMigration, PodRestore};
+use cryopod_crds::v1alpha1::{CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
 use serde_json::Value;
 use support::{check, manifests, repo_root, schema_for};
 
@@ -17,6 +17,7 @@ fn parses_into_rust_type(object: &Value) -> Result<(), String> {
         "PodRestore" => serde_json::from_value::<PodRestore>(object.clone()).map(drop),
         "PodMigration" => serde_json::from_value::<PodMigration>(object.clone()).map(drop),
         "CheckpointStorage" => serde_json::from_value::<CheckpointStorage>(object.clone()).map(drop),
+        "NodeEvacuation" => serde_json::from_value::<NodeEvacuation>(object.clone()).map(drop),
         other => return Err(format!("unexpected kind {other}")),
     };
     result.map_err(|e| e.to_string())

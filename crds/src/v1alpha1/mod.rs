@@ -1,11 +1,13 @@
 //! `cryopod.io/v1alpha1`.
 
 mod checkpoint;
+mod evacuation;
 mod migration;
 mod restore;
 mod storage;
 
 pub use checkpoint::*;
+pub use evacuation::*;
 pub use migration::*;
 pub use restore::*;
 pub use storage::*;
