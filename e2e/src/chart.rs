@@ -114,6 +114,8 @@ mod tests {
                 "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding",
                 "ValidatingAdmissionPolicyBinding",

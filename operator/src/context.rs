@@ -32,6 +32,8 @@ pub struct Context {
     pub encrypt_by_default: bool,
     /// The operator's own namespace: its sealing keys are kept there.
     pub namespace: String,
+    /// Only this namespace's resources are reconciled, when set.
+    pub watch_namespace: Option<String>,
     /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
     pub checkpoints: Store<PodCheckpoint>,
     /// The resource version each object had after this operator last wrote its

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::v1alpha1::{PodCheckpoint, PodMigration, PodRestore};
+use cryopod_crds::v1alpha1::{NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
 use futures::StreamExt;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, controller, watcher};
@@ -230,6 +231,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         max_per_node: config.max_per_node,
         encrypt_by_default: config.encrypt_by_default,
         namespace: config.namespace.clone(),
+        watch_namespace: config.watch_namespace.clone(),
         checkpoints: checkpoint_controller.store(),
         starts: Arc::default(),
         written: Arc::default(),
@@ -335,6 +337,36 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 tracing::debug!(kind = "PodMigration", error = %e, "reconcile ended in error");
             }
         });
+    // Evacuations are cluster-scoped; the migrations they start wake them by label.
+    let evacuation_migrations: Api<PodMigration> = match &config.watch_namespace {
+        Some(ns) => Api::namespaced(context.client.clone(), ns),
+        None => Api::all(context.client.clone()),
+    };
+    let evacuation_controller = Controller::new(
+        Api::<NodeEvacuation>::all(context.client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        evacuation_migrations,
+        watcher::Config::default().labels(crate::evacuation::EVACUATION_LABEL),
+        |migration| {
+            migration
+                .labels()
+                .get(crate::evacuation::EVACUATION_LABEL)
+                .map(|name| kube::runtime::reflector::ObjectRef::new(name))
+        },
+    )
+    .shutdown_on_signal()
+    .run(
+        crate::evacuation::reconcile,
+        crate::evacuation::error_policy,
+        context.clone(),
+    )
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::debug!(kind = "NodeEvacuation", error = %e, "reconcile ended in error");
+        }
+    });
     let storages = crate::storage_probe::run(context);
     let signer = async {
         match signer {
@@ -345,7 +377,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     // Only the Lease holder acts; losing it ends the process (it is restarted and
     // waits its turn), so two operators never act on the same resource.
     tokio::select! {
-        _ = futures::future::join4(checkpoint_controller, restore_controller, migration_controller, storages) => {
+        _ = futures::future::join5(checkpoint_controller, restore_controller, migration_controller, evacuation_controller, storages) => {
             metrics_server.abort();
             Ok(())
         }

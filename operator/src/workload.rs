@@ -27,6 +27,15 @@ pub const WITHHOLD_LABELS_ANNOTATION: &str = "cryopod.io/withhold-labels";
 /// The ReplicaSet controller deletes pods with the lowest cost first.
 pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
+/// The owner reference that controls the pod, if one does.
+pub fn controller_of(pod: &Pod) -> Option<&OwnerReference> {
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+}
+
 /// The controller of a pod, as far as migration cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -41,13 +50,7 @@ pub enum Workload {
 impl Workload {
     /// The pod's controller, or why a pod of that controller cannot be migrated.
     pub fn of(pod: &Pod) -> Result<Self, String> {
-        let controller = pod
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true));
-        match controller {
+        match controller_of(pod) {
             None => Ok(Self::Bare),
             Some(o) if o.api_version == "apps/v1" && o.kind == "ReplicaSet" => Ok(Self::ReplicaSet(o.name.clone())),
             Some(o) if o.api_version == "apps/v1" && o.kind == "StatefulSet" => Ok(Self::StatefulSet(o.name.clone())),

@@ -72,6 +72,7 @@ fn context() -> (Arc<Context>, ApiServer, tempfile::TempDir) {
         max_per_node: 2,
         encrypt_by_default: false,
         namespace: "cryopod-system".into(),
+        watch_namespace: None,
         checkpoints: kube::runtime::reflector::store().0,
         starts: Arc::default(),
         written: Arc::default(),

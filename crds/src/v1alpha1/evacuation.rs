@@ -33,6 +33,10 @@ pub mod evacuation_reasons {
     pub const UNSUPPORTED_CONTROLLER: &str = "UnsupportedController";
     /// One of cryopod's own pods (its operator): never migrated by itself.
     pub const CRYOPOD_COMPONENT: &str = "CryopodComponent";
+    /// The operator watches only another namespace: the pod is left, never evicted.
+    pub const NAMESPACE_NOT_WATCHED: &str = "NamespaceNotWatched";
+    /// The API server refused the eviction for another cause than a budget.
+    pub const EVICTION_REFUSED: &str = "EvictionRefused";
     /// The pod was deleted or replaced before its turn.
     pub const POD_GONE: &str = "PodGone";
 }
@@ -193,6 +197,10 @@ pub struct EvacuatedPod {
     /// The PodMigration that moves it, in the pod's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_name: Option<String>,
+    /// PodMigrations started for it: a migration refused by a PodDisruptionBudget
+    /// before it touched the pod is tried again later under a new name.
+    #[serde(default)]
+    pub attempts: i32,
     /// Where it runs now, once migrated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node_name: Option<String>,
