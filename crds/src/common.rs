@@ -10,6 +10,21 @@ use serde::{Deserialize, Serialize};
 /// The condition every cryopod resource reports; `kubectl wait --for=condition=Ready`.
 pub const CONDITION_READY: &str = "Ready";
 
+/// Set while an operation holds its source pod frozen: `True` from the freeze, with
+/// the freeze's instant as `lastTransitionTime`; `False` once it is thawed or stopped.
+pub const CONDITION_SOURCE_FROZEN: &str = "SourceFrozen";
+
+/// How far an operation has moved its data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationProgress {
+    /// Bytes stored (or fetched) so far, before compression.
+    pub bytes_done: i64,
+    /// All the bytes to store (or fetch), before compression; an estimate until the
+    /// end, never below `bytesDone`.
+    pub bytes_total: i64,
+}
+
 /// Regex for a DNS-1123 subdomain (pod, node and object names).
 pub const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// Regex for a DNS-1123 label (names that end up in other names).

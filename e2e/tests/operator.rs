@@ -55,6 +55,22 @@ async fn a_pod_checkpoint_becomes_ready_and_its_deletion_removes_the_objects() {
     assert_eq!(status.checkpointed_containers.len(), NAMES.len());
     assert!(status.checkpointed_pod_template.is_some());
     assert!(status.timings.unwrap().freeze_window_millis.unwrap() > 0);
+    // What an SRE watching it saw: the stages, every byte stored, and the freeze with
+    // its instant, over once the pod was thawed.
+    let progress = status.progress.unwrap();
+    assert!(
+        progress.bytes_done > 0 && progress.bytes_done == progress.bytes_total,
+        "{progress:?}"
+    );
+    assert!(
+        matches!(status.stage.as_deref(), Some("Storing" | "Thawed")),
+        "{:?}",
+        status.stage
+    );
+    let frozen = status.conditions.iter().find(|c| c.type_ == "SourceFrozen").unwrap();
+    assert_eq!((frozen.status.as_str(), frozen.reason.as_str()), ("False", "Thawed"));
+    // (A condition's time is to the second.)
+    assert!(frozen.last_transition_time.0.as_second() >= status.frozen_time.clone().unwrap().0.as_second());
     let prefix = status.checkpoint_location.unwrap().object_store.unwrap().prefix;
     assert_eq!(
         prefix,

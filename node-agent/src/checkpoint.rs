@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -39,6 +39,10 @@ pub enum Stage {
     Thawed,
     /// Packaging, uploading and verifying.
     Storing,
+    /// The pod is frozen since this instant (microseconds since the Unix epoch).
+    Frozen { at_unix_micros: u64 },
+    /// Objects stored so far: their bytes before compression, of `total`.
+    Stored { done: u64, total: u64 },
 }
 
 /// What the pod does once it is dumped.
@@ -107,6 +111,7 @@ async fn package_and_store(
     store: &Arc<dyn ObjectStore>,
     prefix: &str,
     jobs: Vec<PackageJob>,
+    stored: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Vec<LocalObject>, CheckpointError> {
     use futures::StreamExt;
     let failed = AtomicBool::new(false);
@@ -115,7 +120,7 @@ async fn package_and_store(
     // would trip the compiler's Send check of the agent's service.
     let runs: Vec<_> = jobs
         .into_iter()
-        .map(|job| package_then_store(store, prefix, &failed, job))
+        .map(|job| package_then_store(store, prefix, &failed, job, stored))
         .collect();
     let results: Vec<Result<Option<LocalObject>, CheckpointError>> =
         futures::stream::iter(runs).buffered(OBJECTS_AT_ONCE).collect().await;
@@ -146,6 +151,7 @@ async fn package_then_store(
     prefix: &str,
     failed: &AtomicBool,
     job: PackageJob,
+    stored: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Option<LocalObject>, CheckpointError> {
     let result = async {
         if failed.load(Ordering::Relaxed) {
@@ -161,6 +167,7 @@ async fn package_then_store(
         store_object(store, prefix, &object)
             .await
             .map_err(|source| CheckpointError::Store { source })?;
+        stored(object.entry.raw_size);
         Ok(Some(object))
     }
     .await;
@@ -168,6 +175,23 @@ async fn package_then_store(
         failed.store(true, Ordering::Relaxed);
     }
     result
+}
+
+/// About how many bytes the files under `dir` make as tar archives (a header and
+/// padding to 512 bytes each): the total that storing progress is measured against.
+/// Symlinks are not followed.
+pub fn archived_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => 512 + archived_size(&entry.path()),
+            Ok(t) if t.is_file() => 512 + entry.metadata().map_or(0, |m| m.len().div_ceil(512) * 512),
+            // A link or special file is its header alone.
+            Ok(_) => 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// What the agent works with on its node.
@@ -369,6 +393,13 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             .map_err(|source| CheckpointError::Freeze { source })?;
         let dump_started = Instant::now();
         tracing::info!(containers = pod.containers.len(), "pod frozen");
+        progress(Stage::Frozen {
+            at_unix_micros: frozen
+                .report_so_far()
+                .began
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+        });
 
         // Held still now: what CRIU cannot bring back is refused before any work.
         let pod_ip_connections = self.inspect_frozen(&pod, req.pod_ip_connections)?;
@@ -476,7 +507,15 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 write_shared_state(&objects_dir, &seal, &s.name, &s.tar)
             }));
         }
-        let objects = package_and_store(&store, &req.prefix, jobs).await?;
+        // Progress in bytes before compression, against what the work directory holds.
+        let total = AtomicU64::new(archived_size(work));
+        let done = AtomicU64::new(0);
+        let stored = |bytes: u64| {
+            let done = done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            let total = total.fetch_max(done, Ordering::Relaxed).max(done);
+            progress(Stage::Stored { done, total });
+        };
+        let objects = package_and_store(&store, &req.prefix, jobs, &stored).await?;
 
         if !pod_ip_connections.is_empty() {
             warnings.push(format!(
@@ -659,7 +698,14 @@ mod tests {
             job(dir.path(), "containers/a.tar.zst", Some(b"aaa")),
             job(dir.path(), "pod/shm.tar.zst", Some(b"shm")),
         ];
-        let objects = package_and_store(&store, "p/", jobs).await.unwrap();
+        let reported = std::sync::Mutex::new(Vec::new());
+        let objects = package_and_store(&store, "p/", jobs, &|bytes| reported.lock().unwrap().push(bytes))
+            .await
+            .unwrap();
+        // Each stored object is reported once, with its size before compression.
+        let mut reported = reported.into_inner().unwrap();
+        reported.sort_unstable();
+        assert_eq!(reported, [3, 3]);
         let keys: Vec<&str> = objects.iter().map(|o| o.entry.key.as_str()).collect();
         assert_eq!(keys, ["containers/a.tar.zst", "pod/shm.tar.zst"]);
         let stored = store
@@ -675,7 +721,7 @@ mod tests {
             job(dir.path(), "containers/a.tar.zst", Some(b"aaa")),
             job(dir.path(), "containers/b.tar.zst", None),
         ];
-        let err = package_and_store(&store, "q/", jobs).await.unwrap_err();
+        let err = package_and_store(&store, "q/", jobs, &|_| {}).await.unwrap_err();
         assert!(err.to_string().contains("containers/b.tar.zst"), "{err}");
         let left: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&"q/".into())))
             .await
@@ -691,8 +737,20 @@ mod tests {
         assert_eq!(jobs.len(), OBJECTS_AT_ONCE);
         jobs.push(job(dir.path(), "pod/late.tar.zst", Some(b"data")));
         let dropped = dir.path().join("pod_late.tar.zst");
-        assert!(package_and_store(&store, "r/", jobs).await.is_err());
+        assert!(package_and_store(&store, "r/", jobs, &|_| {}).await.is_err());
         assert!(!dropped.exists(), "a job started after the failure");
+    }
+
+    #[test]
+    fn the_storing_total_counts_each_file_as_a_tar_member() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/pages-1.img"), vec![0u8; 1000]).unwrap();
+        std::fs::write(dir.path().join("spec.json"), b"{}").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.path().join("link")).unwrap();
+        // images/ (512) + its file (512 + 1024) + spec.json (512 + 512) + the link (512).
+        assert_eq!(archived_size(dir.path()), 512 + 1536 + 1024 + 512);
+        assert_eq!(archived_size(&dir.path().join("missing")), 0);
     }
 
     /// A runtime that knows no pods.

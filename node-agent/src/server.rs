@@ -324,13 +324,19 @@ pub fn code_of(err: &CheckpointError) -> Code {
     }
 }
 
-fn stage_of(stage: Stage) -> pb::Stage {
+/// What a step of a checkpoint changes in the operation its caller follows.
+pub fn advance(op: &mut pb::Operation, stage: Stage) {
     match stage {
-        Stage::Discovering => pb::Stage::Discovering,
-        Stage::Freezing => pb::Stage::Freezing,
-        Stage::Dumping => pb::Stage::Dumping,
-        Stage::Thawed => pb::Stage::Thawed,
-        Stage::Storing => pb::Stage::Storing,
+        Stage::Discovering => op.stage = pb::Stage::Discovering as i32,
+        Stage::Freezing => op.stage = pb::Stage::Freezing as i32,
+        Stage::Dumping => op.stage = pb::Stage::Dumping as i32,
+        Stage::Thawed => op.stage = pb::Stage::Thawed as i32,
+        Stage::Storing => op.stage = pb::Stage::Storing as i32,
+        Stage::Frozen { at_unix_micros } => op.frozen_at_unix_micros = at_unix_micros,
+        Stage::Stored { done, total } => {
+            op.bytes_done = done;
+            op.bytes_total = total;
+        }
     }
 }
 
@@ -686,7 +692,7 @@ impl<C: AgentBackend> AgentService<C> {
             tracing::info!("checkpoint started");
             let progress_tx = tx.clone();
             let progress: Box<dyn Fn(Stage) + Send + Sync> =
-                Box::new(move |stage| progress_tx.send_modify(|op| op.stage = stage_of(stage) as i32));
+                Box::new(move |stage| progress_tx.send_modify(|op| advance(op, stage)));
             let mut result = agent.checkpoint(request, store, progress).await;
             if let Some(pod) = result.as_mut().ok().and_then(|o| o.held.take())
                 && let Ok(mut table) = held.lock()
@@ -1021,6 +1027,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::journal::FreezeEnd;
+
+    #[test]
+    fn each_step_of_a_checkpoint_shows_in_its_operation() {
+        let mut op = pb::Operation::default();
+        advance(&mut op, Stage::Freezing);
+        assert_eq!(op.stage, pb::Stage::Freezing as i32);
+        advance(&mut op, Stage::Frozen { at_unix_micros: 7 });
+        advance(&mut op, Stage::Stored { done: 3, total: 10 });
+        // Progress keeps the stage it happens in.
+        assert_eq!(
+            (op.stage, op.frozen_at_unix_micros, op.bytes_done, op.bytes_total),
+            (pb::Stage::Freezing as i32, 7, 3, 10)
+        );
+    }
 
     #[test]
     fn a_checkpoint_asked_for_again_is_answered_from_its_record_never_run_twice() {

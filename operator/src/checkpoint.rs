@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cryopod_agent_api::pb;
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::common::{
+    CONDITION_READY, CONDITION_SOURCE_FROZEN, ConditionStatus, OperationProgress, set_condition,
+};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, CheckpointSizes, CheckpointStorage, CheckpointTimings,
     CheckpointedContainer, HookFailurePolicy, HookSignal, HttpScheme, PodCheckpoint, PodCheckpointStatus,
@@ -93,6 +95,18 @@ impl Operation for PodCheckpoint {
         &mut status.conditions
     }
     fn set_failed(status: &mut PodCheckpointStatus, at: Time, generation: Option<i64>) {
+        // The agent thaws a pod whose checkpoint fails, on every path.
+        if status.conditions.iter().any(|c| c.type_ == CONDITION_SOURCE_FROZEN) {
+            set_condition(
+                &mut status.conditions,
+                CONDITION_SOURCE_FROZEN,
+                ConditionStatus::False,
+                "Thawed",
+                "the checkpoint failed and its agent thawed the pod",
+                generation,
+                at.clone(),
+            );
+        }
         status.phase = Some(CheckpointPhase::Failed);
         status.completion_time = Some(at);
         status.observed_generation = generation;
@@ -534,6 +548,113 @@ pub fn micro_time(unix_micros: u64) -> Option<MicroTime> {
         .map(MicroTime)
 }
 
+/// What an update of the agent's operation changed in the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Followed {
+    /// Nothing.
+    Nothing,
+    /// Only the byte counts.
+    Bytes,
+    /// The stage, the phase or the freeze.
+    Step,
+}
+
+/// Takes an update of the agent's operation into the status: the stage, `Uploading`
+/// once the pod is thawed or storing starts, `SourceFrozen` from the freeze's own
+/// instant, and the bytes stored so far.
+pub fn followed(status: &mut PodCheckpointStatus, op: &pb::Operation, generation: Option<i64>) -> Followed {
+    let before = (status.stage.clone(), status.phase, status.conditions.clone());
+    let stage = pb::Stage::try_from(op.stage).unwrap_or(pb::Stage::Unspecified);
+    let name = match stage {
+        pb::Stage::Discovering => Some("Discovering"),
+        pb::Stage::Freezing => Some("Freezing"),
+        pb::Stage::Dumping => Some("Dumping"),
+        pb::Stage::Thawed => Some("Thawed"),
+        pb::Stage::Storing => Some("Storing"),
+        pb::Stage::Fetching | pb::Stage::Done | pb::Stage::Unspecified => None,
+    };
+    if let Some(name) = name {
+        status.stage = Some(name.to_owned());
+    }
+    if matches!(stage, pb::Stage::Thawed | pb::Stage::Storing) {
+        status.phase = Some(CheckpointPhase::Uploading);
+    }
+    let frozen = status.conditions.iter().any(|c| c.type_ == CONDITION_SOURCE_FROZEN);
+    if !frozen && let Some(at) = micro_time(op.frozen_at_unix_micros) {
+        status.frozen_time = Some(at.clone());
+        set_condition(
+            &mut status.conditions,
+            CONDITION_SOURCE_FROZEN,
+            ConditionStatus::True,
+            "Frozen",
+            "the pod is frozen for its checkpoint",
+            generation,
+            Time(at.0),
+        );
+    }
+    if stage == pb::Stage::Thawed {
+        set_condition(
+            &mut status.conditions,
+            CONDITION_SOURCE_FROZEN,
+            ConditionStatus::False,
+            "Thawed",
+            "the pod runs again; its checkpoint is being stored",
+            generation,
+            now(),
+        );
+    }
+    let bytes = (op.bytes_total > 0).then(|| OperationProgress {
+        bytes_done: i64::try_from(op.bytes_done).unwrap_or(i64::MAX),
+        bytes_total: i64::try_from(op.bytes_total.max(op.bytes_done)).unwrap_or(i64::MAX),
+    });
+    let moved = bytes.is_some() && bytes != status.progress;
+    if bytes.is_some() {
+        status.progress = bytes;
+    }
+    if before != (status.stage.clone(), status.phase, status.conditions.clone()) {
+        Followed::Step
+    } else if moved {
+        Followed::Bytes
+    } else {
+        Followed::Nothing
+    }
+}
+
+/// The `SourceFrozen` condition once a checkpoint is stored: a pod left running was
+/// thawed, a stopped one was killed, and a held one stays frozen for its migration.
+pub fn frozen_after(
+    status: &mut PodCheckpointStatus,
+    after: PostCheckpointState,
+    held: bool,
+    generation: Option<i64>,
+    at: Time,
+) {
+    let (state, reason, message) = match after {
+        _ if held => (
+            ConditionStatus::True,
+            "Held",
+            "the pod stays frozen until its migration releases it",
+        ),
+        PostCheckpointState::Running => (ConditionStatus::False, "Thawed", "the pod runs on"),
+        PostCheckpointState::Stopped => (
+            ConditionStatus::False,
+            "Stopped",
+            "the pod was stopped after its checkpoint",
+        ),
+    };
+    if status.conditions.iter().any(|c| c.type_ == CONDITION_SOURCE_FROZEN) {
+        set_condition(
+            &mut status.conditions,
+            CONDITION_SOURCE_FROZEN,
+            state,
+            reason,
+            message,
+            generation,
+            at,
+        );
+    }
+}
+
 /// The status of a checkpoint the agent finished.
 pub fn succeeded_status(
     mut status: PodCheckpointStatus,
@@ -643,25 +764,25 @@ async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: R
                 source,
             })?
             .into_inner();
-        let mut uploading = status.phase == Some(CheckpointPhase::Uploading);
+        let mut current = status.clone();
+        let mut written = std::time::Instant::now();
         let mut last = None;
         while let Some(op) = stream.message().await.map_err(|source| Error::Grpc {
             action: "follow the checkpoint on the agent",
             source,
         })? {
-            let stage = pb::Stage::try_from(op.stage).unwrap_or(pb::Stage::Unspecified);
-            if !uploading && matches!(stage, pb::Stage::Thawed | pb::Stage::Storing) {
-                uploading = true;
-                let mut next = status.clone();
-                next.phase = Some(CheckpointPhase::Uploading);
-                write_status(cp, ctx, &next).await?;
+            // Steps are written at once, byte counts at most once a second.
+            let change = followed(&mut current, &op, cp.metadata.generation);
+            if change == Followed::Step || (change == Followed::Bytes && written.elapsed() >= Duration::from_secs(1)) {
+                write_status(cp, ctx, &current).await?;
+                written = std::time::Instant::now();
             }
             last = Some(op);
         }
-        Ok::<_, Error>(last)
+        Ok::<_, Error>((last, current))
     })
     .await;
-    let op = match followed {
+    let (op, current) = match followed {
         Err(_) => {
             // The deadline passed: the agent thaws the pod when its operation is cancelled.
             let _ = client
@@ -689,13 +810,21 @@ async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: R
     if op.state == pb::State::Succeeded as i32
         && let Some(result) = op.result.as_ref()
     {
-        let mut current = status.clone();
+        let mut current = current;
         current.phase = Some(CheckpointPhase::Uploading);
-        let done = succeeded_status(
+        let mut done = succeeded_status(
             current,
             result,
             resolved.pod.as_ref(),
             resolved.sealed_with.as_deref(),
+            cp.metadata.generation,
+            now(),
+        );
+        let held = cp.annotations().contains_key(HOLD_ANNOTATION);
+        frozen_after(
+            &mut done,
+            cp.spec.post_checkpoint_state,
+            held,
             cp.metadata.generation,
             now(),
         );
@@ -1038,6 +1167,103 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn op(stage: pb::Stage, frozen_at: u64, done: u64, total: u64) -> pb::Operation {
+        pb::Operation {
+            stage: stage as i32,
+            frozen_at_unix_micros: frozen_at,
+            bytes_done: done,
+            bytes_total: total,
+            ..Default::default()
+        }
+    }
+
+    fn frozen(status: &PodCheckpointStatus) -> Option<(String, String, String)> {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_SOURCE_FROZEN)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.last_transition_time.0.to_string()))
+    }
+
+    #[test]
+    fn the_agents_steps_show_in_the_status_with_the_freeze_instant() {
+        let mut status = PodCheckpointStatus::default();
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Discovering, 0, 0, 0), Some(1)),
+            Followed::Step
+        );
+        assert_eq!(status.stage.as_deref(), Some("Discovering"));
+        assert_eq!(frozen(&status), None);
+        // Frozen at 2026-12-04T00:00:00.25Z: the condition carries that instant.
+        let at = 1_796_342_400_250_000;
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Dumping, at, 0, 0), Some(1)),
+            Followed::Step
+        );
+        assert_eq!(
+            frozen(&status),
+            Some(("True".into(), "Frozen".into(), "2026-12-04T00:00:00.25Z".into()))
+        );
+        assert!(status.frozen_time.is_some());
+        // The same update again changes nothing.
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Dumping, at, 0, 0), Some(1)),
+            Followed::Nothing
+        );
+        // Thawed: Uploading, no longer frozen.
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Thawed, at, 0, 0), Some(1)),
+            Followed::Step
+        );
+        assert_eq!(status.phase, Some(CheckpointPhase::Uploading));
+        assert_eq!(frozen(&status).unwrap().0, "False");
+        // Bytes alone are progress, not a step; the total never falls below what is done.
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Storing, at, 0, 0), Some(1)),
+            Followed::Step
+        );
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Storing, at, 10, 100), Some(1)),
+            Followed::Bytes
+        );
+        assert_eq!(
+            followed(&mut status, &op(pb::Stage::Storing, at, 150, 100), Some(1)),
+            Followed::Bytes
+        );
+        assert_eq!(
+            status.progress,
+            Some(OperationProgress {
+                bytes_done: 150,
+                bytes_total: 150
+            })
+        );
+    }
+
+    #[test]
+    fn a_stored_checkpoint_says_whether_its_pod_is_still_frozen() {
+        let at = Time(Timestamp::from_second(1_796_342_400).unwrap());
+        let mut base = PodCheckpointStatus::default();
+        followed(&mut base, &op(pb::Stage::Dumping, 1_796_342_400_000_000, 0, 0), Some(1));
+        for (after, held, want) in [
+            (PostCheckpointState::Running, false, ("False", "Thawed")),
+            (PostCheckpointState::Stopped, false, ("False", "Stopped")),
+            (PostCheckpointState::Stopped, true, ("True", "Held")),
+        ] {
+            let mut status = base.clone();
+            frozen_after(&mut status, after, held, Some(1), at.clone());
+            let (state, reason, _) = frozen(&status).unwrap();
+            assert_eq!((state.as_str(), reason.as_str()), want, "{after:?} held {held}");
+        }
+        // A failed checkpoint's pod was thawed by its agent.
+        let mut failed = base.clone();
+        PodCheckpoint::set_failed(&mut failed, at, Some(1));
+        assert_eq!(frozen(&failed).unwrap().0, "False");
+        // Never frozen: no condition appears.
+        let mut never = PodCheckpointStatus::default();
+        frozen_after(&mut never, PostCheckpointState::Running, false, Some(1), now());
+        assert_eq!(frozen(&never), None);
+    }
 
     #[test]
     fn ttl_retention_keeps_waits_or_expires() {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, set_condition};
+use cryopod_crds::common::{CONDITION_READY, CONDITION_SOURCE_FROZEN, ConditionStatus, set_condition};
 use cryopod_crds::v1alpha1::PodCheckpoint;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -274,6 +274,24 @@ pub async fn finish<K: Operation>(
     message: String,
 ) -> Result<(), Error> {
     let generation = object.meta().generation;
+    // An operation that did not succeed holds nothing frozen any more: its agent
+    // thawed the pod (or stopped it, for a StatefulSet's migration).
+    let conditions = K::conditions(&mut status);
+    if ending != Ending::Succeeded
+        && conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_SOURCE_FROZEN && c.status == "True")
+    {
+        set_condition(
+            conditions,
+            CONDITION_SOURCE_FROZEN,
+            ConditionStatus::False,
+            "Released",
+            "the operation ended and no longer holds the pod frozen",
+            generation,
+            now(),
+        );
+    }
     let (ready, type_, result) = match ending {
         Ending::Succeeded => (ConditionStatus::True, EventType::Normal, "succeeded"),
         Ending::RolledBack => (ConditionStatus::False, EventType::Warning, "rolled back"),

@@ -22,10 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cryopod_agent_api::pb;
-use cryopod_crds::common::{CONDITION_READY, NodeTarget};
+use cryopod_crds::common::{
+    CONDITION_READY, CONDITION_SOURCE_FROZEN, ConditionStatus, NodeTarget, find_condition, set_condition,
+};
 use cryopod_crds::v1alpha1::{
-    CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodMigration,
-    PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase, migration_reasons as reasons,
+    CheckpointPhase, MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodCheckpointStatus,
+    PodMigration, PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, RestorePhase,
+    migration_reasons as reasons,
 };
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -525,8 +528,14 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
             )
             .await;
         }
-        _ => return Ok(Action::requeue(Duration::from_secs(1))),
+        _ => {
+            if mirrored(&mut status, checkpoint.status.as_ref()) {
+                write_status(migration, ctx, &status).await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
     }
+    mirrored(&mut status, checkpoint.status.as_ref());
     if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
         match retire_statefulset_source(migration, ctx).await? {
             Retired::Gone => {}
@@ -535,6 +544,10 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
         }
     }
     let restore_name = format!("{}-restore", migration.name_any());
+    if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
+        source_stopped(&mut status, migration.metadata.generation);
+    }
+    status.stage = Some("Restoring".to_owned());
     status.phase = Some(MigrationPhase::Restoring);
     status.restore_name = Some(restore_name.clone());
     write_status(migration, ctx, &status).await?;
@@ -542,6 +555,43 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
     migration.status = Some(status);
     ensure_restore(&migration, ctx, &checkpoint).await?;
     Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// Takes the checkpoint's stage, byte counts and `SourceFrozen` condition into the
+/// migration's status, where SREs watch it; whether anything changed.
+pub fn mirrored(status: &mut PodMigrationStatus, checkpoint: Option<&PodCheckpointStatus>) -> bool {
+    let Some(checkpoint) = checkpoint else { return false };
+    let before = status.clone();
+    if checkpoint.stage.is_some() {
+        status.stage = checkpoint.stage.clone();
+    }
+    if checkpoint.progress.is_some() {
+        status.progress = checkpoint.progress;
+    }
+    if let Some(frozen) = find_condition(&checkpoint.conditions, CONDITION_SOURCE_FROZEN) {
+        match status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == CONDITION_SOURCE_FROZEN)
+        {
+            Some(mine) => *mine = frozen.clone(),
+            None => status.conditions.push(frozen.clone()),
+        }
+    }
+    *status != before
+}
+
+/// The source was killed by its release: no longer frozen.
+fn source_stopped(status: &mut PodMigrationStatus, generation: Option<i64>) {
+    set_condition(
+        &mut status.conditions,
+        CONDITION_SOURCE_FROZEN,
+        ConditionStatus::False,
+        "Stopped",
+        "the source pod was stopped for good",
+        generation,
+        now(),
+    );
 }
 
 /// How the hold of the source ended, as its agent recorded it.
@@ -762,7 +812,7 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                 // A StatefulSet's source was stopped before its restore.
                 if !matches!(workload, Workload::StatefulSet(_)) {
                     match release(migration, ctx, true).await? {
-                        Released::Stopped => {}
+                        Released::Stopped => source_stopped(&mut status, migration.metadata.generation),
                         // Both ran: the source, newer, stays; the target goes.
                         Released::Thawed => {
                             let why = "an earlier release thawed it";
@@ -776,6 +826,7 @@ async fn after_restore(migration: &PodMigration, ctx: &Context) -> Result<Action
                     }
                 }
                 status.phase = Some(MigrationPhase::Finalizing);
+                status.stage = Some("Releasing".to_owned());
                 status.target_pod_name = restore_status.restored_pod_name.clone();
                 write_status(migration, ctx, &status).await?;
             }
@@ -993,6 +1044,46 @@ mod tests {
             );
         }
         assert!(!timed_out(Some(MigrationPhase::Restoring), None, 60, at(0)));
+    }
+
+    #[test]
+    fn a_migration_shows_its_checkpoints_progress_and_freeze() {
+        let mut checkpoint = PodCheckpointStatus {
+            stage: Some("Storing".into()),
+            progress: Some(cryopod_crds::common::OperationProgress {
+                bytes_done: 5,
+                bytes_total: 9,
+            }),
+            ..Default::default()
+        };
+        set_condition(
+            &mut checkpoint.conditions,
+            CONDITION_SOURCE_FROZEN,
+            ConditionStatus::True,
+            "Held",
+            "held",
+            Some(1),
+            now(),
+        );
+        let mut status = PodMigrationStatus::default();
+        assert!(mirrored(&mut status, Some(&checkpoint)));
+        assert_eq!(status.stage.as_deref(), Some("Storing"));
+        assert_eq!(status.progress.unwrap().bytes_done, 5);
+        assert_eq!(
+            find_condition(&status.conditions, CONDITION_SOURCE_FROZEN)
+                .unwrap()
+                .reason,
+            "Held"
+        );
+        assert!(!mirrored(&mut status, Some(&checkpoint)), "nothing new");
+        assert!(!mirrored(&mut status, None));
+        source_stopped(&mut status, Some(1));
+        assert_eq!(
+            find_condition(&status.conditions, CONDITION_SOURCE_FROZEN)
+                .unwrap()
+                .status,
+            "False"
+        );
     }
 
     #[test]

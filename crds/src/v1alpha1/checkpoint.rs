@@ -358,6 +358,15 @@ pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_id: Option<String>,
 
+    /// What the node agent is doing now: `Discovering`, `Freezing`, `Dumping`,
+    /// `Storing`, `Thawed` (a checkpoint); `Restoring`, `Releasing` (a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+
+    /// Bytes moved so far while the checkpoint is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::common::OperationProgress>,
+
     /// When the operator started working on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,

@@ -149,6 +149,15 @@ pub struct PodMigrationStatus {
     /// From the freeze on the source to Running on the target, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_millis: Option<i64>,
+    /// What the node agent is doing now: `Discovering`, `Freezing`, `Dumping`,
+    /// `Storing`, `Thawed` (a checkpoint); `Restoring`, `Releasing` (a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+
+    /// Bytes moved so far while the checkpoint is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::common::OperationProgress>,
+
     /// When the operator started working on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
