@@ -415,6 +415,72 @@ mod tests {
         assert!(err.contains("tls.certManager needs tls.perNodeCertificates"), "{err}");
     }
 
+    /// The alert names of the rendered rules, and for each whether a test case
+    /// expects it firing and one not firing.
+    fn alert_cases(rules: &Value, tests: &Value) -> Vec<(String, bool, bool)> {
+        let cases: Vec<&Value> = tests["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+            .collect();
+        rules["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .filter_map(|r| r["alert"].as_str())
+            .map(|alert| {
+                let of_it = || cases.iter().filter(|c| c["alertname"] == alert);
+                let empty = |c: &&&Value| c["exp_alerts"].as_array().is_none_or(Vec::is_empty);
+                (
+                    alert.to_owned(),
+                    of_it().any(|c| !empty(&c)),
+                    of_it().any(|c| empty(&c)),
+                )
+            })
+            .collect()
+    }
+
+    /// The chart's alerts as the chart renders them, through `promtool test rules`
+    /// with the cases of charts/cryopod/tests/alerts.test.yaml; promtool is built
+    /// from its Go module (`make unit` sets `CRYOPOD_PROMTOOL`).
+    #[test]
+    fn the_alerts_fire_when_and_only_when_their_tests_expect() {
+        let promtool = std::env::var("CRYOPOD_PROMTOOL")
+            .unwrap_or_else(|_| panic!("CRYOPOD_PROMTOOL is not set (make unit sets it: hack/ensure-promtool.sh)"));
+        let docs = render(&["metrics.prometheusRule.enabled=true"]).unwrap();
+        let rules = serde_json::json!({ "groups": find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"] });
+        let test_file = chart_dir().join("tests/alerts.test.yaml");
+        let tests_text = std::fs::read_to_string(&test_file).unwrap();
+        let tests: Value = serde_yaml::from_str(&tests_text).unwrap();
+        let cases = alert_cases(&rules, &tests);
+        assert_eq!(cases.len(), 6, "{cases:?}");
+        for (alert, firing, quiet) in cases {
+            assert!(
+                firing && quiet,
+                "{alert}: a case firing ({firing}) and one not ({quiet}) are needed"
+            );
+        }
+        // promtool reads rule_files relative to the test file.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rules).unwrap()).unwrap();
+        std::fs::write(dir.path().join("alerts.test.yaml"), tests_text).unwrap();
+        let out = std::process::Command::new(&promtool)
+            .args(["test", "rules", "alerts.test.yaml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {promtool}: {e}"));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{said}");
+        assert!(out.status.success(), "promtool test rules failed:\n{said}");
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+
     #[test]
     fn bad_values_are_refused_naming_the_key() {
         let err = render(&["agent.port=0"]).unwrap_err();
