@@ -482,6 +482,46 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_has_its_variables_units_and_a_panel_per_alert() {
+        let docs = render(&["metrics.dashboard.enabled=true", "metrics.prometheusRule.enabled=true"]).unwrap();
+        let text = find(&docs, "ConfigMap", "cryopod-dashboard")["data"]["cryopod.json"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let dashboard: Value = serde_json::from_str(&text).unwrap();
+        let variables: Vec<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(variables, ["datasource", "namespace", "node"]);
+        let panels: Vec<&Value> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["type"] != "row")
+            .collect();
+        for panel in &panels {
+            assert!(
+                panel["fieldConfig"]["defaults"]["unit"].is_string(),
+                "no unit: {}",
+                panel["title"]
+            );
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        }
+        let rules = &find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"][0]["rules"];
+        for alert in rules.as_array().unwrap().iter().filter_map(|r| r["alert"].as_str()) {
+            assert!(
+                panels
+                    .iter()
+                    .any(|p| p["title"].as_str().unwrap().starts_with(&format!("Alert {alert}:"))),
+                "no panel for {alert}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused_naming_the_key() {
         let err = render(&["agent.port=0"]).unwrap_err();
         assert!(err.contains("/agent/port"), "{err}");
