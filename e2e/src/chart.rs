@@ -521,6 +521,82 @@ mod tests {
         }
     }
 
+    /// The anchors GitHub gives the headings of a Markdown file.
+    fn anchors(markdown: &str) -> Vec<String> {
+        markdown
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|h| {
+                h.trim_start_matches('#')
+                    .trim()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+                    .map(|c| if c == ' ' { '-' } else { c })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The reasons `pub mod *_reasons` of the API's source define, with the module.
+    fn api_reasons() -> Vec<(String, String)> {
+        let dir = crate::testbed::repo_root().join("crds/src/v1alpha1");
+        let mut reasons = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let Some((before, module)) = text.split_once("_reasons {") else {
+                continue;
+            };
+            let name = before.rsplit("pub mod ").next().unwrap_or_default().to_owned();
+            let module = module.split_once("\n}").map_or(module, |(m, _)| m);
+            reasons.extend(
+                module
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("pub const "))
+                    .filter_map(|l| l.split('"').nth(1))
+                    .map(|r| (name.clone(), r.to_owned())),
+            );
+        }
+        reasons
+    }
+
+    #[test]
+    fn the_runbook_has_a_section_for_every_alert_and_every_failure_reason() {
+        let runbook = std::fs::read_to_string(crate::testbed::repo_root().join("docs/runbook.md")).unwrap();
+        let sections = anchors(&runbook);
+        let docs = render(&["metrics.prometheusRule.enabled=true"]).unwrap();
+        let rules = &find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"][0]["rules"];
+        for rule in rules.as_array().unwrap() {
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+            let (page, anchor) = url.split_once('#').unwrap();
+            assert_eq!(page, "docs/runbook.md");
+            // The failed-operations alert points to its reason's section.
+            if !anchor.contains("{{") {
+                assert!(sections.iter().any(|s| s == anchor), "no section #{anchor}");
+            }
+        }
+        let reasons = api_reasons();
+        assert!(reasons.len() > 20, "{reasons:?}");
+        // A storage's reasons are no operation's: one section lists them.
+        let (_, storage) = runbook.split_once("### Storage reasons").unwrap();
+        // The ones that are no failure: accepted, under way, done.
+        let fine = ["Pending", "Reachable"];
+        for (module, reason) in reasons
+            .iter()
+            .filter(|(_, r)| !fine.contains(&r.as_str()) && !r.ends_with("InProgress") && !r.ends_with("Completed"))
+        {
+            let covered = if module == "storage" {
+                storage.contains(&format!("`{reason}`"))
+            } else {
+                sections.contains(&reason.to_lowercase())
+            };
+            assert!(
+                covered,
+                "docs/runbook.md has no section for {reason} ({module}_reasons)"
+            );
+        }
+    }
+
     #[test]
     fn bad_values_are_refused_naming_the_key() {
         let err = render(&["agent.port=0"]).unwrap_err();
