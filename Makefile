@@ -19,10 +19,13 @@ demo: ## Run the demo on a fresh machine: local cluster, cryopod with Helm, a li
 test: lint unit e2e ## Run every test tier (what CI runs)
 
 .PHONY: unit
-unit: ## Tests without the cluster: unit, schema (CRD freshness, examples), the chart as helm renders it, host integration (root, real cgroups)
+unit: ## Tests without the cluster: unit, schema (CRD freshness, examples), the chart as helm renders it and its alerts through promtool, host integration (root, real cgroups)
 	hack/ensure-host-packages.sh
 	$(CARGO) test --workspace --locked --exclude cryopod-e2e
-	CRYOPOD_HELM=$(HELM) $(CARGO) test --locked -p cryopod-e2e --lib --bins
+	@# A statement of its own: under set -e a failed promtool build stops here (as an
+	@# assignment prefixed to the cargo command it would not).
+	promtool=$$(hack/ensure-promtool.sh); \
+	  CRYOPOD_HELM=$(HELM) CRYOPOD_PROMTOOL="$$promtool" $(CARGO) test --locked -p cryopod-e2e --lib --bins
 
 .PHONY: e2e
 e2e: ## End-to-end tests: cluster-up, the tests, cluster-down, then a check that nothing is left
@@ -33,7 +36,7 @@ lint: ## cargo fmt --check, cargo clippy -D warnings, helm lint
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(HELM) lint --strict charts/cryopod
-	$(HELM) lint --strict charts/cryopod --set agent.installHandler=true --set metrics.serviceMonitor.enabled=true --set metrics.dashboard.enabled=true
+	$(HELM) lint --strict charts/cryopod --set agent.installHandler=true --set metrics.serviceMonitor.enabled=true --set metrics.dashboard.enabled=true --set metrics.prometheusRule.enabled=true
 
 .PHONY: crds
 crds: ## Regenerate the CRD YAML from the Rust types

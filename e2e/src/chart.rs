@@ -417,6 +417,188 @@ mod tests {
         assert!(err.contains("tls.certManager needs tls.perNodeCertificates"), "{err}");
     }
 
+    /// The alert names of the rendered rules, and for each whether a test case
+    /// expects it firing and one not firing.
+    fn alert_cases(rules: &Value, tests: &Value) -> Vec<(String, bool, bool)> {
+        let cases: Vec<&Value> = tests["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+            .collect();
+        rules["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .filter_map(|r| r["alert"].as_str())
+            .map(|alert| {
+                let of_it = || cases.iter().filter(|c| c["alertname"] == alert);
+                let empty = |c: &&&Value| c["exp_alerts"].as_array().is_none_or(Vec::is_empty);
+                (
+                    alert.to_owned(),
+                    of_it().any(|c| !empty(&c)),
+                    of_it().any(|c| empty(&c)),
+                )
+            })
+            .collect()
+    }
+
+    /// The chart's alerts as the chart renders them, through `promtool test rules`
+    /// with the cases of charts/cryopod/tests/alerts.test.yaml; promtool is built
+    /// from its Go module (`make unit` sets `CRYOPOD_PROMTOOL`).
+    #[test]
+    fn the_alerts_fire_when_and_only_when_their_tests_expect() {
+        let promtool = std::env::var("CRYOPOD_PROMTOOL")
+            .unwrap_or_else(|_| panic!("CRYOPOD_PROMTOOL is not set (make unit sets it: hack/ensure-promtool.sh)"));
+        let docs = render(&["metrics.prometheusRule.enabled=true"]).unwrap();
+        let rules = serde_json::json!({ "groups": find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"] });
+        let test_file = chart_dir().join("tests/alerts.test.yaml");
+        let tests_text = std::fs::read_to_string(&test_file).unwrap();
+        let tests: Value = serde_yaml::from_str(&tests_text).unwrap();
+        let cases = alert_cases(&rules, &tests);
+        assert_eq!(cases.len(), 6, "{cases:?}");
+        for (alert, firing, quiet) in cases {
+            assert!(
+                firing && quiet,
+                "{alert}: a case firing ({firing}) and one not ({quiet}) are needed"
+            );
+        }
+        // promtool reads rule_files relative to the test file.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rules).unwrap()).unwrap();
+        std::fs::write(dir.path().join("alerts.test.yaml"), tests_text).unwrap();
+        let out = std::process::Command::new(&promtool)
+            .args(["test", "rules", "alerts.test.yaml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {promtool}: {e}"));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{said}");
+        assert!(out.status.success(), "promtool test rules failed:\n{said}");
+        assert!(said.contains("SUCCESS"), "{said}");
+    }
+
+    #[test]
+    fn the_dashboard_has_its_variables_units_and_a_panel_per_alert() {
+        let docs = render(&["metrics.dashboard.enabled=true", "metrics.prometheusRule.enabled=true"]).unwrap();
+        let text = find(&docs, "ConfigMap", "cryopod-dashboard")["data"]["cryopod.json"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let dashboard: Value = serde_json::from_str(&text).unwrap();
+        let variables: Vec<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(variables, ["datasource", "namespace", "node"]);
+        let panels: Vec<&Value> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["type"] != "row")
+            .collect();
+        for panel in &panels {
+            assert!(
+                panel["fieldConfig"]["defaults"]["unit"].is_string(),
+                "no unit: {}",
+                panel["title"]
+            );
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        }
+        let rules = &find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"][0]["rules"];
+        for alert in rules.as_array().unwrap().iter().filter_map(|r| r["alert"].as_str()) {
+            assert!(
+                panels
+                    .iter()
+                    .any(|p| p["title"].as_str().unwrap().starts_with(&format!("Alert {alert}:"))),
+                "no panel for {alert}"
+            );
+        }
+    }
+
+    /// The anchors GitHub gives the headings of a Markdown file.
+    fn anchors(markdown: &str) -> Vec<String> {
+        markdown
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|h| {
+                h.trim_start_matches('#')
+                    .trim()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+                    .map(|c| if c == ' ' { '-' } else { c })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The reasons `pub mod *_reasons` of the API's source define, with the module.
+    fn api_reasons() -> Vec<(String, String)> {
+        let dir = crate::testbed::repo_root().join("crds/src/v1alpha1");
+        let mut reasons = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let Some((before, module)) = text.split_once("_reasons {") else {
+                continue;
+            };
+            let name = before.rsplit("pub mod ").next().unwrap_or_default().to_owned();
+            let module = module.split_once("\n}").map_or(module, |(m, _)| m);
+            reasons.extend(
+                module
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix("pub const "))
+                    .filter_map(|l| l.split('"').nth(1))
+                    .map(|r| (name.clone(), r.to_owned())),
+            );
+        }
+        reasons
+    }
+
+    #[test]
+    fn the_runbook_has_a_section_for_every_alert_and_every_failure_reason() {
+        let runbook = std::fs::read_to_string(crate::testbed::repo_root().join("docs/runbook.md")).unwrap();
+        let sections = anchors(&runbook);
+        let docs = render(&["metrics.prometheusRule.enabled=true"]).unwrap();
+        let rules = &find(&docs, "PrometheusRule", "cryopod-alerts")["spec"]["groups"][0]["rules"];
+        for rule in rules.as_array().unwrap() {
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+            let (page, anchor) = url.split_once('#').unwrap();
+            assert_eq!(page, "docs/runbook.md");
+            // The failed-operations alert points to its reason's section.
+            if !anchor.contains("{{") {
+                assert!(sections.iter().any(|s| s == anchor), "no section #{anchor}");
+            }
+        }
+        let reasons = api_reasons();
+        assert!(reasons.len() > 20, "{reasons:?}");
+        // A storage's reasons are no operation's: one section lists them.
+        let (_, storage) = runbook.split_once("### Storage reasons").unwrap();
+        // The ones that are no failure: accepted, under way, done.
+        let fine = ["Pending", "Reachable"];
+        for (module, reason) in reasons
+            .iter()
+            .filter(|(_, r)| !fine.contains(&r.as_str()) && !r.ends_with("InProgress") && !r.ends_with("Completed"))
+        {
+            let covered = if module == "storage" {
+                storage.contains(&format!("`{reason}`"))
+            } else {
+                sections.contains(&reason.to_lowercase())
+            };
+            assert!(
+                covered,
+                "docs/runbook.md has no section for {reason} ({module}_reasons)"
+            );
+        }
+    }
+
     #[test]
     fn bad_values_are_refused_naming_the_key() {
         let err = render(&["agent.port=0"]).unwrap_err();

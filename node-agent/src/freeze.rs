@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::cgroup::{CgroupError, CgroupPath, Freezer, FreezerState};
 use crate::journal::{FreezeEnd, Journal, JournalEntry, JournalError};
@@ -346,17 +346,16 @@ pub fn freeze_pod(
     cgroups: &PodCgroups,
     limits: FreezeLimits,
 ) -> Result<FrozenPod, FreezeError> {
-    let deadline = SystemTime::now() + limits.max_freeze;
+    let frozen_at = SystemTime::now();
+    let deadline = frozen_at + limits.max_freeze;
     let entry = JournalEntry {
         operation_id: operation_id.to_owned(),
         version: freezer.version(),
         root: freezer.root().to_path_buf(),
         pod: cgroups.pod.clone(),
         containers: cgroups.containers.clone(),
-        deadline_unix_millis: deadline
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        deadline_unix_millis: crate::journal::unix_millis(deadline),
+        frozen_at_unix_millis: crate::journal::unix_millis(frozen_at),
     };
     // An operation run again (its agent restarted mid-way) freezes anew: how its
     // earlier freeze ended says nothing of this one.
@@ -700,6 +699,7 @@ mod tests {
                     pod: CgroupPath::new("/p"),
                     containers: vec![CgroupPath::new("/p/a")],
                     deadline_unix_millis: 0,
+                    frozen_at_unix_millis: 0,
                 })
                 .unwrap();
         }
@@ -713,6 +713,52 @@ mod tests {
             journal.end_of("op-released").unwrap(),
             Some(FreezeEnd::Released { stopped: true, .. })
         ));
+    }
+
+    #[test]
+    fn the_journal_and_the_kernel_tell_which_recorded_pods_are_frozen_now() {
+        use crate::journal::{ContainerFreezer, observe};
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path().join("journal")).unwrap();
+        // A unified hierarchy as the kernel shows it: one container frozen, one running.
+        let root = dir.path().join("cgroup");
+        for (cgroup, frozen) in [("p/a", "1"), ("p/b", "0")] {
+            std::fs::create_dir_all(root.join(cgroup)).unwrap();
+            std::fs::write(
+                root.join(cgroup).join("cgroup.events"),
+                format!("populated 1\nfrozen {frozen}\n"),
+            )
+            .unwrap();
+            std::fs::write(root.join(cgroup).join("cgroup.freeze"), frozen).unwrap();
+        }
+        journal
+            .record(&JournalEntry {
+                operation_id: "op-1".into(),
+                version: CgroupVersion::V2,
+                root,
+                pod: CgroupPath::new("/p"),
+                containers: vec![
+                    CgroupPath::new("/p/a"),
+                    CgroupPath::new("/p/b"),
+                    CgroupPath::new("/p/gone"),
+                ],
+                deadline_unix_millis: 5_000,
+                frozen_at_unix_millis: 2_000,
+            })
+            .unwrap();
+        let seen = observe(&journal).unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].containers,
+            [
+                ContainerFreezer::State(crate::cgroup::FreezerState::Frozen),
+                ContainerFreezer::State(crate::cgroup::FreezerState::Thawed),
+                ContainerFreezer::Gone,
+            ]
+        );
+        assert!(seen[0].frozen());
+        assert_eq!(seen[0].frozen_at, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(2)));
+        assert_eq!(seen[0].deadline, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct JournalEntry {
     pub containers: Vec<CgroupPath>,
     /// When the freeze must end at the latest, in milliseconds since the epoch.
     pub deadline_unix_millis: u64,
+    /// When the freeze was recorded, in milliseconds since the epoch; 0 in entries
+    /// written by an agent from before it was kept.
+    #[serde(default)]
+    pub frozen_at_unix_millis: u64,
 }
 
 impl JournalEntry {
@@ -371,6 +375,77 @@ impl Recovered {
             path,
         }
     }
+}
+
+/// What the journal and the kernel say of one freeze the journal names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedFreeze {
+    /// When it was recorded, if the entry says.
+    pub frozen_at: Option<SystemTime>,
+    /// When the watchdog must have thawed it.
+    pub deadline: SystemTime,
+    /// What each container cgroup's freezer reports.
+    pub containers: Vec<ContainerFreezer>,
+}
+
+/// What one container cgroup's freezer reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerFreezer {
+    /// The cgroup is gone (its pod too).
+    Gone,
+    /// Its state could not be read.
+    Unreadable,
+    /// Its state.
+    State(crate::cgroup::FreezerState),
+}
+
+impl ObservedFreeze {
+    /// Whether the pod is frozen now: some container is frozen or freezing, or cannot
+    /// be read (the journal says it was frozen and nothing shows it was thawed).
+    pub fn frozen(&self) -> bool {
+        use crate::cgroup::FreezerState;
+        self.containers.iter().any(|c| {
+            matches!(
+                c,
+                ContainerFreezer::Unreadable | ContainerFreezer::State(FreezerState::Frozen | FreezerState::Freezing)
+            )
+        })
+    }
+}
+
+/// Every freeze the journal names, with its containers' freezer states as the kernel
+/// reports them now. An entry stays from before the freeze until after the thaw (a
+/// held pod's until its release), and past a thaw that failed, so the kernel decides
+/// whether the pod is still frozen. Unreadable entries are left out (recovery reports
+/// them at start).
+pub fn observe(journal: &Journal) -> Result<Vec<ObservedFreeze>, JournalError> {
+    let mut seen = Vec::new();
+    for path in journal.entry_paths()? {
+        let Ok(entry) = journal.read_entry(&path) else {
+            continue;
+        };
+        let freezer = freezer_for(entry.version, entry.root.clone());
+        let containers = entry
+            .containers
+            .iter()
+            .map(|cgroup| match freezer.state(cgroup) {
+                Ok(state) => ContainerFreezer::State(state),
+                Err(crate::cgroup::CgroupError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    ContainerFreezer::Gone
+                }
+                Err(_) => ContainerFreezer::Unreadable,
+            })
+            .collect();
+        seen.push(ObservedFreeze {
+            frozen_at: (entry.frozen_at_unix_millis > 0)
+                .then(|| UNIX_EPOCH + Duration::from_millis(entry.frozen_at_unix_millis)),
+            deadline: entry.deadline(),
+            containers,
+        });
+    }
+    Ok(seen)
 }
 
 /// Thaws everything the journal names and removes the entries. Run at agent start,

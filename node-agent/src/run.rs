@@ -196,9 +196,12 @@ impl AgentConfig {
     }
 }
 
-/// This node's own certificate, asked of `signer` with a key made now; and when to
-/// renew it.
-async fn node_certificate(config: &AgentConfig, signer: &str) -> Result<(Identity, std::time::Duration), RunError> {
+/// This node's own certificate chain and key (PEM), asked of `signer` with a key made
+/// now; and when to renew it.
+async fn node_certificate(
+    config: &AgentConfig,
+    signer: &str,
+) -> Result<(String, String, std::time::Duration), RunError> {
     use crate::certs::CertificateIssuer;
     let failed = |problem: String| RunError::Certificate { problem };
     let request = crate::certs::node_request(&config.node_name).map_err(failed)?;
@@ -218,7 +221,7 @@ async fn node_certificate(config: &AgentConfig, signer: &str) -> Result<(Identit
         .await
         .map_err(failed)?;
     tracing::info!(node = %config.node_name, "serving with this node's own certificate");
-    Ok((Identity::from_pem(chain, request.key_pem), config.cert_validity * 2 / 3))
+    Ok((chain, request.key_pem, config.cert_validity * 2 / 3))
 }
 
 /// `install-handler`: the runtime handler's install from the environment.
@@ -374,15 +377,20 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     };
     // After the journal's recovery: a pod left frozen is thawed before anything
     // waits on the operator.
-    let (identity, renew_after) = match &config.cert_signer {
-        None => (Identity::from_pem(read("tls.crt")?, read("tls.key")?), None),
+    let (cert_pem, key_pem, renew_after) = match &config.cert_signer {
+        None => (read("tls.crt")?, read("tls.key")?, None),
         Some(signer) => {
-            let (identity, renew_after) = node_certificate(&config, signer).await?;
-            (identity, Some(renew_after))
+            let (chain, key, renew_after) = node_certificate(&config, signer).await?;
+            (chain.into_bytes(), key.into_bytes(), Some(renew_after))
         }
     };
+    let mut metrics = AgentMetrics::new();
+    if let Err(problem) = metrics.certificate(&cert_pem) {
+        // Served all the same (TLS has accepted it); only its expiry goes unwatched.
+        tracing::warn!(%problem, "cannot read the served certificate's validity for the metrics");
+    }
     let tls = ServerTlsConfig::new()
-        .identity(identity)
+        .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(read("ca.crt")?));
     let manifest_key =
         crate::signing::ManifestKey::from_file(&config.manifest_key_file).map_err(|problem| RunError::Config {
@@ -401,7 +409,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let runtime = CriClient::connect(&config.cri_socket)
         .await
         .map_err(|source| RunError::Runtime { source })?;
-    let exit_journal = journal.clone();
+    let (exit_journal, metrics_journal) = (journal.clone(), journal.clone());
     let agent = NodeAgent {
         runtime,
         freezer,
@@ -412,11 +420,15 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         node,
         manifest_key,
     };
-    let metrics = Arc::new(AgentMetrics::new());
+    let metrics = Arc::new(metrics);
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| RunError::Metrics { source })?;
-    let metrics_server = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone()));
+    let metrics_server = tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        metrics_journal,
+    ));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
     let service = AgentService::new(agent, metrics);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

@@ -118,7 +118,7 @@ async fn event(ctx: &Context, cp: &PodCheckpoint, type_: EventType, reason: &str
 }
 
 /// Ends the checkpoint as Failed with `reason` and a message naming the cause.
-async fn fail(cp: &PodCheckpoint, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+async fn fail(cp: &PodCheckpoint, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
     fail_with(cp, ctx, reason, message).await?;
     Ok(Action::await_change())
 }

@@ -264,13 +264,14 @@ pub enum Ending {
 
 /// Records the end of an operation whose final `status` is otherwise filled: the
 /// `Ready` condition with `reason` and `message`, the status, an event, the log and
-/// the metrics.
+/// the metrics. `reason` is one of the API's constants (`'static`), which is what
+/// keeps the metric's `reason` label a bounded set.
 pub async fn finish<K: Operation>(
     object: &K,
     ctx: &Context,
     mut status: K::Status,
     ending: Ending,
-    reason: &str,
+    reason: &'static str,
     message: String,
 ) -> Result<(), Error> {
     let generation = object.meta().generation;
@@ -309,13 +310,18 @@ pub async fn finish<K: Operation>(
     write_status(object, ctx, &status).await?;
     tracing::info!(kind = K::KIND, name = %object.name_any(), namespace = ?object.namespace(), result, reason, %message, "operation ended");
     publish(ctx, object, type_, reason, K::KIND, message).await;
-    ctx.metrics.finished(K::KIND, result);
+    ctx.metrics.finished(K::KIND, result, reason);
     Ok(())
 }
 
 /// Ends the operation as Failed with `reason` and a message naming the cause: in
 /// the `Ready` condition, an event and the log.
-pub async fn fail_with<K: Operation>(object: &K, ctx: &Context, reason: &str, message: String) -> Result<(), Error> {
+pub async fn fail_with<K: Operation>(
+    object: &K,
+    ctx: &Context,
+    reason: &'static str,
+    message: String,
+) -> Result<(), Error> {
     let mut status = object.status().cloned().unwrap_or_default();
     K::set_failed(&mut status, now(), object.meta().generation);
     finish(object, ctx, status, Ending::Failed, reason, message).await

@@ -1,5 +1,6 @@
-//! Prometheus metrics of the operator: operations by kind and result, their
-//! durations, and how many are in flight. Served as OpenMetrics text on `/metrics`.
+//! Prometheus metrics of the operator: operations by kind, result and reason, their
+//! durations, how many are in flight, and the validity of its client certificate.
+//! Served as OpenMetrics text on `/metrics`.
 
 use std::sync::Arc;
 
@@ -22,8 +23,11 @@ pub struct Kind {
 pub struct Outcome {
     /// The resource kind.
     pub kind: String,
-    /// `succeeded` or `failed`.
+    /// `succeeded`, `failed` or `rolled back`.
     pub result: String,
+    /// The reason of the `Ready` condition it ended with (`CheckpointCompleted`,
+    /// `NoCompatibleNode`, ...): one of the API's constants, so a bounded set.
+    pub reason: String,
 }
 
 /// The operator's metrics.
@@ -78,8 +82,14 @@ impl OperatorMetrics {
         self.in_flight.get_or_create(&Kind { kind: kind.to_owned() }).inc();
     }
 
-    /// An operation ended.
-    pub fn finished(&self, kind: &str, result: &str) {
+    /// Exports the validity of the client certificate the operator presents to the
+    /// agents (registered only when it can be read).
+    pub fn certificate(&mut self, pem: &[u8]) -> Result<cryopod_runtime::certificate::Validity, String> {
+        cryopod_runtime::certificate::register(&mut self.registry, pem)
+    }
+
+    /// An operation ended, with the reason of its `Ready` condition.
+    pub fn finished(&self, kind: &str, result: &str, reason: &'static str) {
         let gauge = self.in_flight.get_or_create(&Kind { kind: kind.to_owned() });
         if gauge.get() > 0 {
             gauge.dec();
@@ -88,6 +98,7 @@ impl OperatorMetrics {
             .get_or_create(&Outcome {
                 kind: kind.to_owned(),
                 result: result.to_owned(),
+                reason: reason.to_owned(),
             })
             .inc();
     }
@@ -118,14 +129,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn operations_are_counted_and_in_flight_tracked() {
+    fn every_metric_is_registered() {
+        let metrics = OperatorMetrics::new();
+        // A family shows once it has a member.
+        metrics.started("PodRestore");
+        metrics.finished("PodRestore", "failed", "NoCompatibleNode");
+        metrics.duration("PodRestore", 1.0);
+        let text = metrics.encode();
+        for name in ["operations", "operations_in_flight", "operation_duration_seconds"] {
+            assert!(
+                text.contains(&format!("# TYPE cryopod_operator_{name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn operations_are_counted_by_reason_and_in_flight_tracked() {
         let metrics = OperatorMetrics::new();
         metrics.started("PodCheckpoint");
         metrics.started("PodCheckpoint");
-        metrics.finished("PodCheckpoint", "succeeded");
+        metrics.finished("PodCheckpoint", "succeeded", "CheckpointCompleted");
+        metrics.started("PodMigration");
+        metrics.finished("PodMigration", "rolled back", "SourceResumed");
         let text = metrics.encode();
         assert!(
-            text.contains(r#"cryopod_operator_operations_total{kind="PodCheckpoint",result="succeeded"} 1"#),
+            text.contains(
+                r#"cryopod_operator_operations_total{kind="PodCheckpoint",result="succeeded",reason="CheckpointCompleted"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"cryopod_operator_operations_total{kind="PodMigration",result="rolled back",reason="SourceResumed"} 1"#
+            ),
             "{text}"
         );
         assert!(

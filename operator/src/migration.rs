@@ -81,7 +81,7 @@ pub fn error_policy(migration: Arc<PodMigration>, error: &Error, _: Arc<Context>
     Action::requeue(crate::context::retry_after(error))
 }
 
-async fn fail(migration: &PodMigration, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+async fn fail(migration: &PodMigration, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
     lift_fence(migration, ctx).await?;
     fail_with(migration, ctx, reason, message).await?;
     Ok(Action::await_change())
@@ -980,7 +980,7 @@ async fn roll_back(
     ctx: &Context,
     mut status: PodMigrationStatus,
     workload: &Workload,
-    reason: &str,
+    reason: &'static str,
     cause: &str,
 ) -> Result<Action, Error> {
     let message = match workload {

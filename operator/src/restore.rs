@@ -82,7 +82,7 @@ impl Operation for PodRestore {
 
 /// Ends the restore as Failed, deleting the restored pod if it was created: no
 /// half-restored pod stays behind.
-async fn fail(restore: &PodRestore, ctx: &Context, reason: &str, message: String) -> Result<Action, Error> {
+async fn fail(restore: &PodRestore, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
     if let Some(pod) = restore.status.as_ref().and_then(|s| s.restored_pod_name.as_ref()) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
         let _ = pods.delete(pod, &DeleteParams::default()).await;

@@ -198,7 +198,17 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     };
     let agents =
         Agents::new(locator, &config.tls_dir, &config.agent_tls_name).map_err(|source| RunError::Agents { source })?;
-    let metrics = Arc::new(OperatorMetrics::new());
+    let mut metrics = OperatorMetrics::new();
+    // The client pair was read (and accepted) above; only its expiry could go unwatched.
+    match std::fs::read(config.tls_dir.join("tls.crt")) {
+        Ok(pem) => {
+            if let Err(problem) = metrics.certificate(&pem) {
+                tracing::warn!(%problem, "cannot read the client certificate's validity for the metrics");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the client certificate for the metrics"),
+    }
+    let metrics = Arc::new(metrics);
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| RunError::Metrics { source })?;

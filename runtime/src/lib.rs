@@ -1,7 +1,8 @@
-//! What every cryopod binary does at its edges: JSON logs, exit codes and the
-//! Prometheus endpoint. Shared by the agent and the operator, which share no other
-//! code but the agent API's.
+//! What every cryopod binary does at its edges: JSON logs, exit codes, the
+//! Prometheus endpoint and its certificate's validity there. Shared by the agent and
+//! the operator, which share no other code but the agent API's.
 
+pub mod certificate;
 pub mod process;
 
 /// Serves what `render` returns as OpenMetrics text on `/metrics` (the operator's

@@ -27,3 +27,12 @@ app.kubernetes.io/component: node-agent
 {{- define "cryopod.signingSecret" -}}
 {{- .Values.signing.existingSecret | default (printf "%s-signing" .Release.Name) -}}
 {{- end }}
+
+{{/* The scrape jobs the chart's monitors set, which the alerting rules select. */}}
+{{- define "cryopod.operatorJob" -}}
+{{- printf "%s-operator" .Release.Name -}}
+{{- end }}
+
+{{- define "cryopod.agentJob" -}}
+{{- printf "%s-node-agent" .Release.Name -}}
+{{- end }}
