@@ -545,7 +545,7 @@ async fn end(
     evacuation: &NodeEvacuation,
     ctx: &Context,
     mut status: NodeEvacuationStatus,
-    reason: &str,
+    reason: &'static str,
     message: String,
     started: bool,
 ) -> Result<Action, Error> {
@@ -573,7 +573,7 @@ async fn end(
     publish(ctx, evacuation, type_, reason, KIND, message).await;
     if started {
         ctx.metrics
-            .finished(KIND, if succeeded { "succeeded" } else { "failed" });
+            .finished(KIND, if succeeded { "succeeded" } else { "failed" }, reason);
     }
     Ok(Action::await_change())
 }
