@@ -38,6 +38,13 @@ lint: ## cargo fmt --check, cargo clippy -D warnings, helm lint
 	$(HELM) lint --strict charts/cryopod
 	$(HELM) lint --strict charts/cryopod --set agent.installHandler=true --set metrics.serviceMonitor.enabled=true --set metrics.dashboard.enabled=true --set metrics.prometheusRule.enabled=true
 
+PREFIX ?= $(HOME)/.local
+
+.PHONY: plugin
+plugin: ## Build the kubectl plugin and install it as $(PREFIX)/bin/kubectl-cryopod (kubectl finds it on PATH)
+	$(CARGO) build --locked --release -p kubectl-cryopod
+	install -D -m 0755 "$${CARGO_TARGET_DIR:-target}/release/kubectl-cryopod" "$(PREFIX)/bin/kubectl-cryopod"
+
 .PHONY: crds
 crds: ## Regenerate the CRD YAML from the Rust types
 	$(CARGO) run --quiet --locked -p cryopod-crds --bin crdgen -- $(CRD_DIR) docs/api.md

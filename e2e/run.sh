@@ -17,9 +17,11 @@ export CRYOPOD_NODE_PACKAGES CRYOPOD_KUBE_BIN CRYOPOD_HELM
 
 # Compile before the cluster starts, so its start-up time is not spent building.
 cargo test --locked -p cryopod-e2e --no-run --quiet
-cargo build --locked -p cryopod-node-agent -p cryopod-operator --bins --quiet
+cargo build --locked -p cryopod-node-agent -p cryopod-operator -p kubectl-cryopod --bins --quiet
 export CRYOPOD_AGENT_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-node-agent"
 export CRYOPOD_OPERATOR_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cryopod-operator"
+# The kubectl plugin; the tests put its directory first in PATH for kubectl to find it.
+export CRYOPOD_PLUGIN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/kubectl-cryopod"
 
 down() {
   [[ ${CRYOPOD_KEEP_CLUSTER:-0} == 1 ]] && { log "keeping the cluster (CRYOPOD_KEEP_CLUSTER=1)"; return; }
@@ -29,7 +31,7 @@ trap down EXIT
 "$here/cluster/up.sh"
 
 status=0
-cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads -- --test-threads=2 || status=$?
+cargo test --locked -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin -- --test-threads=2 || status=$?
 # An evacuation cordons a node of the shared cluster: alone, after the others.
 cargo test --locked -p cryopod-e2e --test evacuation || status=$?
 # The chart installed with Helm takes the whole cluster: alone, after the others.

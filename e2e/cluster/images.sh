@@ -18,9 +18,11 @@ oci_image="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/oci-image"
   --file /usr/bin/catatonit:/pause --entrypoint /pause --entrypoint -P >/dev/null
 
 # Static binaries: cryopod's, and a test workload that holds a file lock (e2e/lock-holder).
+# kubectl-cryopod goes in no image: its static binary, beside the others, is what SREs
+# put on their PATH.
 # With --target, the static flag applies to these binaries only, not to build scripts.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --profile image \
-  -p cryopod-operator -p cryopod-node-agent -p cryopod-lock-holder -p cryopod-memory-dirtier \
+  -p cryopod-operator -p cryopod-node-agent -p cryopod-lock-holder -p cryopod-memory-dirtier -p kubectl-cryopod \
   --target x86_64-unknown-linux-gnu --manifest-path "$REPO_ROOT/Cargo.toml"
 static="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/x86_64-unknown-linux-gnu/image"
 lock_holder="$static/cryopod-lock-holder"

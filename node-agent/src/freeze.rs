@@ -9,18 +9,23 @@
 //! when `max_freeze` passes, whatever the caller is doing; a crashed agent thaws on
 //! restart from the journal. Every error path thaws before it returns.
 //!
+//! An emergency thaw (the agent's Thaw RPC) brings the watchdog's deadline forward:
+//! it thaws at once and records why, exactly as at the deadline.
+//!
 //! Whoever ends a freeze first (a release, the watchdog, a drop) claims it and
 //! records how in the journal. A release that comes after the watchdog neither kills
 //! nor claims the pod, which ran on: it reads that end instead.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cgroup::{CgroupError, CgroupPath, Freezer, FreezerState};
 use crate::journal::{FreezeEnd, Journal, JournalEntry, JournalError};
+
+/// How soon a watchdog sees an emergency thaw.
+const EARLY_THAW_POLL: Duration = Duration::from_millis(50);
 
 /// The cgroups of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -371,24 +376,36 @@ pub fn freeze_pod(
     let expired = Arc::new(AtomicBool::new(false));
     let claimed = Arc::new(AtomicBool::new(false));
     let (disarm, disarmed) = mpsc::channel::<()>();
+    let early = journal.live().register(operation_id);
+    // Forgotten when the watchdog ends (or, when it cannot start, with its closure).
+    let registered = journal.live().forget_on_drop(operation_id);
     let watchdog = {
         let (freezer, cgroups, expired, claimed) = (freezer.clone(), cgroups.clone(), expired.clone(), claimed.clone());
         let (journal, operation_id) = (journal.clone(), operation_id.to_owned());
         std::thread::Builder::new()
             .name(format!("thaw-{operation_id}"))
             .spawn(move || {
+                // While it waits, an emergency thaw (the Thaw RPC) can bring it forward.
+                let _registered = registered;
                 // Thaw at the deadline unless disarmed first. A dropped sender without a
                 // disarm (a failed thaw) still waits for the deadline and thaws then.
                 let deadline = Instant::now() + limits.max_freeze;
-                loop {
-                    match disarmed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                        Ok(()) => return,
-                        Err(mpsc::RecvTimeoutError::Disconnected) if Instant::now() < deadline => {
-                            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-                        }
-                        Err(_) => break,
+                let early = loop {
+                    if let Some(why) = early.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                        break Some(why);
                     }
-                }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break None;
+                    }
+                    // Woken in slices, to see an emergency thaw soon.
+                    let slice = left.min(EARLY_THAW_POLL);
+                    match disarmed.recv_timeout(slice) {
+                        Ok(()) => return,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(slice),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                };
                 if claimed.swap(true, Ordering::SeqCst) {
                     // A release is ending it (killing, then thawing): thaw only if it
                     // failed to, never in the middle of its kill.
@@ -400,7 +417,8 @@ pub fn freeze_pod(
                 }
                 // Thawed first, recorded after: the pod's deadline comes before the books.
                 let _ = thaw_all(freezer.as_ref(), &cgroups);
-                let why = format!("its freeze deadline ({} s) passed", limits.max_freeze.as_secs());
+                let why =
+                    early.unwrap_or_else(|| format!("its freeze deadline ({} s) passed", limits.max_freeze.as_secs()));
                 if let Err(e) = journal.record_end(&operation_id, &FreezeEnd::thawed_without_release(why)) {
                     tracing::warn!(%operation_id, error = %e, "cannot record how the freeze ended");
                 }
@@ -651,6 +669,59 @@ mod tests {
             Some(FreezeEnd::ThawedWithoutRelease { why, .. }) => assert_eq!(why, "its freeze deadline (0 s) passed"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_emergency_thaw_ends_the_freeze_as_its_deadline_would_and_a_release_then_kills_nothing() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        // A migration's source, held long after its checkpoint.
+        let frozen = freeze_pod(freezer.clone(), &journal, "op-held", &pod(), LIMITS).unwrap();
+        assert!(journal.live().contains("op-held"));
+        assert!(journal.live().thaw_now("op-held", "thawed by an SRE"));
+        wait_expired(&frozen);
+        assert!(!freezer.effective(&CgroupPath::new("/p/a")) && !freezer.effective(&CgroupPath::new("/p/b")));
+        match journal.end_of("op-held").unwrap() {
+            Some(FreezeEnd::ThawedWithoutRelease { why, .. }) => assert_eq!(why, "thawed by an SRE"),
+            other => panic!("{other:?}"),
+        }
+        // The watchdog is gone: asked again, nothing is under way.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while journal.live().contains("op-held") {
+            assert!(Instant::now() < deadline, "the watchdog did not forget its freeze");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!journal.live().thaw_now("op-held", "again"));
+        // The migration's release after it: nothing killed (the fake's pids would fail
+        // a kill), the pod ran on, and that end stands.
+        let report = frozen.stop(&[CgroupPath::new("/p/a")]).unwrap();
+        assert!(report.expired);
+        assert!(matches!(
+            journal.end_of("op-held").unwrap(),
+            Some(FreezeEnd::ThawedWithoutRelease { why, .. }) if why == "thawed by an SRE"
+        ));
+        assert!(journal.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_emergency_thaw_after_the_release_changes_nothing() {
+        let freezer = Arc::new(FakeFreezer::default());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        freeze_pod(freezer.clone(), &journal, "op-done", &pod(), LIMITS)
+            .unwrap()
+            .thaw()
+            .unwrap();
+        assert!(
+            !journal.live().contains("op-done"),
+            "a disarmed watchdog forgets its freeze"
+        );
+        assert!(!journal.live().thaw_now("op-done", "late"));
+        assert!(matches!(
+            journal.end_of("op-done").unwrap(),
+            Some(FreezeEnd::Released { stopped: false, .. })
+        ));
     }
 
     #[test]

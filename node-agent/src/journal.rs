@@ -7,10 +7,12 @@
 //! recovery of a restarted agent. A late or repeated release reads it, so it can tell
 //! "released" from "the pod ran on after its checkpoint".
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -153,10 +155,78 @@ const ENDED: &str = "ended";
 /// How finished operations ended, for callers that re-attach after a restart.
 const OUTCOMES: &str = "outcomes";
 
+/// The freezes under way in this process, by operation id: each one's watchdog
+/// waits with a slot where an emergency thaw puts why it asks (the agent's Thaw
+/// RPC), and then thaws at once as at its deadline. Memory only: after a restart
+/// nothing is frozen (recovery thawed it).
+#[derive(Debug, Clone, Default)]
+pub struct LiveFreezes(Arc<Mutex<HashMap<String, EarlyThaw>>>);
+
+/// Where an emergency thaw leaves its reason for a freeze's watchdog.
+pub type EarlyThaw = Arc<Mutex<Option<String>>>;
+
+/// Removes a freeze from [`LiveFreezes`] when dropped (its watchdog ended).
+#[derive(Debug)]
+pub struct Registered {
+    live: LiveFreezes,
+    operation_id: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.live.forget(&self.operation_id);
+    }
+}
+
+impl LiveFreezes {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, EarlyThaw>> {
+        // The table holds no invariant a panicking holder could break.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers the freeze of `operation_id`; its watchdog watches the slot returned.
+    pub fn register(&self, operation_id: &str) -> EarlyThaw {
+        let slot = EarlyThaw::default();
+        self.table().insert(operation_id.to_owned(), slot.clone());
+        slot
+    }
+
+    /// A guard that forgets `operation_id` when dropped.
+    pub fn forget_on_drop(&self, operation_id: &str) -> Registered {
+        Registered {
+            live: self.clone(),
+            operation_id: operation_id.to_owned(),
+        }
+    }
+
+    /// Forgets the freeze of `operation_id`.
+    pub fn forget(&self, operation_id: &str) {
+        self.table().remove(operation_id);
+    }
+
+    /// Asks the watchdog of `operation_id` to thaw now, recording `why`; `false` when
+    /// no freeze of it is under way here (it ended before).
+    pub fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
+        let Some(slot) = self.table().get(operation_id).cloned() else {
+            return false;
+        };
+        slot.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| why.to_owned());
+        true
+    }
+
+    /// Whether a freeze of `operation_id` is under way here.
+    pub fn contains(&self, operation_id: &str) -> bool {
+        self.table().contains_key(operation_id)
+    }
+}
+
 /// A directory of entries, one file per operation; private to root (0700).
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    live: LiveFreezes,
 }
 
 impl Journal {
@@ -171,7 +241,15 @@ impl Journal {
                 path: dir.clone(),
                 source,
             })?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            live: LiveFreezes::default(),
+        })
+    }
+
+    /// The freezes under way in this process.
+    pub fn live(&self) -> &LiveFreezes {
+        &self.live
     }
 
     fn path_of(&self, operation_id: &str) -> Result<PathBuf, JournalError> {

@@ -96,6 +96,12 @@ pub trait AgentBackend: Send + Sync + 'static {
         let _ = operation_id;
         Ok(None)
     }
+    /// Asks the freeze of `operation_id`, if one is under way here, to thaw now as its
+    /// deadline would, recording `why`; `false` when none is.
+    fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
+        let _ = (operation_id, why);
+        false
+    }
     /// Keeps how an operation ended, durably, for a re-attach after a restart.
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
         let _ = op;
@@ -170,6 +176,54 @@ pub fn release_response(end: &crate::journal::FreezeEnd, now: bool, window_milli
     }
 }
 
+/// The longest reason an emergency thaw records.
+const THAW_REASON_MAX: usize = 200;
+
+/// How an emergency thaw asked for `reason` is recorded as a freeze's end: it names
+/// the action, so a migration that ends `SourceResumed` says who thawed its source.
+pub fn thaw_why(reason: &str) -> String {
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(THAW_REASON_MAX)
+        .collect();
+    let reason = reason.trim();
+    if reason.is_empty() {
+        "an emergency thaw (Thaw) ended its freeze".to_owned()
+    } else {
+        format!("an emergency thaw (Thaw) ended its freeze: {reason}")
+    }
+}
+
+/// What a Thaw answers for operation `operation_id`, whose freeze ended as `end`;
+/// `asked`: the end this call asked for, if it woke the freeze's watchdog (it ended
+/// the freeze when that is the end recorded: a release may have come first).
+pub fn thawed_freeze(operation_id: &str, asked: Option<&str>, end: &crate::journal::FreezeEnd) -> pb::ThawedFreeze {
+    use crate::journal::FreezeEnd;
+    let (thawed_now, how, at) = match end {
+        FreezeEnd::ThawedWithoutRelease { at_unix_millis, why } => {
+            (asked == Some(why.as_str()), why.clone(), *at_unix_millis)
+        }
+        FreezeEnd::Released {
+            stopped,
+            at_unix_millis,
+        } => (
+            false,
+            if *stopped { "stopped" } else { "released" }.to_owned(),
+            *at_unix_millis,
+        ),
+    };
+    pb::ThawedFreeze {
+        operation_id: operation_id.to_owned(),
+        thawed_now,
+        why: how,
+        ended_unix_millis: at,
+    }
+}
+
+/// How long a Thaw waits for the watchdogs it woke to thaw and record it.
+const THAW_WAIT: Duration = Duration::from_secs(10);
+
 impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
     async fn checkpoint(
         &self,
@@ -194,6 +248,10 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
 
     fn freeze_end(&self, operation_id: &str) -> Result<Option<crate::journal::FreezeEnd>, String> {
         self.journal.end_of(operation_id).map_err(|e| e.to_string())
+    }
+
+    fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
+        self.journal.live().thaw_now(operation_id, why)
     }
 
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
@@ -517,6 +575,8 @@ pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointReque
 struct Tracked {
     state: watch::Sender<pb::Operation>,
     task: Option<tokio::task::AbortHandle>,
+    /// The pod a checkpoint freezes ("" for a restore): what Thaw looks for.
+    pod_uid: String,
 }
 
 /// The service. Operations are kept in memory for the agent's lifetime so callers can
@@ -653,6 +713,7 @@ impl<C: AgentBackend> AgentService<C> {
     fn track<F>(
         &self,
         operation_id: String,
+        pod_uid: String,
         span: tracing::Span,
         work: impl FnOnce(watch::Sender<pb::Operation>) -> F,
     ) -> Result<watch::Receiver<pb::Operation>, Status>
@@ -672,6 +733,7 @@ impl<C: AgentBackend> AgentService<C> {
             Tracked {
                 state: tx,
                 task: Some(handle.abort_handle()),
+                pod_uid,
             },
         );
         Ok(rx)
@@ -688,7 +750,7 @@ impl<C: AgentBackend> AgentService<C> {
         );
         let (agent, metrics, held) = (self.agent.clone(), self.metrics.clone(), self.held.clone());
         let operation_id = request.operation_id.clone();
-        self.track(request.operation_id.clone(), span, move |tx| async move {
+        self.track(request.operation_id.clone(), request.pod.uid.clone(), span, move |tx| async move {
             tracing::info!("checkpoint started");
             let progress_tx = tx.clone();
             let progress: Box<dyn Fn(Stage) + Send + Sync> =
@@ -758,7 +820,7 @@ impl<C: AgentBackend> AgentService<C> {
         let (request, store) = restore_request(req)?;
         let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
-        self.track(request.restore_id.clone(), span, move |tx| async move {
+        self.track(request.restore_id.clone(), String::new(), span, move |tx| async move {
             tracing::info!("restore preparation started");
             tx.send_modify(|op| op.stage = pb::Stage::Fetching as i32);
             let result = agent.prepare_restore(request, store).await;
@@ -1010,6 +1072,57 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         }))
     }
 
+    async fn thaw(&self, request: Request<pb::ThawRequest>) -> Result<Response<pb::ThawResponse>, Status> {
+        let req = request.into_inner();
+        if req.pod_uid.is_empty() {
+            return Err(Status::invalid_argument("pod_uid is required"));
+        }
+        let why = thaw_why(&req.reason);
+        // Every operation of the pod: a held source's checkpoint has succeeded, and
+        // still holds the pod frozen. Only what this process froze can be frozen:
+        // a restarted agent thawed everything its predecessor froze.
+        let operations: Vec<String> = self
+            .lock()?
+            .iter()
+            .filter(|(_, t)| t.pod_uid == req.pod_uid)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let asked: Vec<(String, bool)> = operations
+            .into_iter()
+            .map(|id| {
+                let asked = self.agent.thaw_now(&id, &why);
+                (id, asked)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + THAW_WAIT;
+        let mut freezes = Vec::new();
+        for (id, asked) in asked {
+            // A woken watchdog thaws, then records: wait for the record.
+            let end = loop {
+                let end = self
+                    .agent
+                    .freeze_end(&id)
+                    .map_err(|e| Status::unavailable(format!("cannot read how the freeze of {id} ended: {e}")))?;
+                if end.is_some() || !asked || tokio::time::Instant::now() >= deadline {
+                    break end;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            match end {
+                Some(end) => freezes.push(thawed_freeze(&id, asked.then_some(why.as_str()), &end)),
+                // It never froze the pod (it failed before, or is a restore).
+                None if !asked => {}
+                None => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the freeze of {id} was asked to thaw, but its end was not recorded within {THAW_WAIT:?}"
+                    )));
+                }
+            }
+        }
+        tracing::warn!(pod_uid = %req.pod_uid, %why, ?freezes, "emergency thaw");
+        Ok(Response::new(pb::ThawResponse { freezes }))
+    }
+
     async fn node_info(&self, _: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeFacts>, Status> {
         let facts = self.agent.node_facts();
         Ok(Response::new(pb::NodeFacts {
@@ -1040,6 +1153,34 @@ mod tests {
             (op.stage, op.frozen_at_unix_micros, op.bytes_done, op.bytes_total),
             (pb::Stage::Freezing as i32, 7, 3, 10)
         );
+    }
+
+    #[test]
+    fn an_emergency_thaw_says_which_freezes_it_ended_and_how_the_others_had() {
+        let why = thaw_why("kubectl cryopod thaw by alice\n\u{1b}[31m");
+        assert_eq!(
+            why,
+            "an emergency thaw (Thaw) ended its freeze: kubectl cryopod thaw by alice[31m"
+        );
+        assert_eq!(thaw_why("  "), "an emergency thaw (Thaw) ended its freeze");
+        assert!(thaw_why(&"x".repeat(1000)).len() < 300, "the reason is bounded");
+        let ours = FreezeEnd::thawed_without_release(why.clone());
+        let now = thawed_freeze("op", Some(&why), &ours);
+        assert!(now.thawed_now);
+        assert_eq!(now.why, why);
+        // Asked again: the same end, reported as having been.
+        assert!(!thawed_freeze("op", None, &ours).thawed_now);
+        let deadline = thawed_freeze(
+            "op",
+            Some(&why),
+            &FreezeEnd::thawed_without_release("its freeze deadline (30 s) passed"),
+        );
+        assert!(!deadline.thawed_now);
+        assert_eq!(deadline.why, "its freeze deadline (30 s) passed");
+        let released = thawed_freeze("op", Some(&why), &FreezeEnd::released(true));
+        assert!(!released.thawed_now);
+        assert_eq!(released.why, "stopped");
+        assert!(released.ended_unix_millis > 0);
     }
 
     #[test]

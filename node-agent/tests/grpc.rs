@@ -12,6 +12,7 @@ use std::time::Duration;
 use cryopod_node_agent::checkpoint::{CheckpointError, CheckpointOutcome, CheckpointRequest, Stage};
 use cryopod_node_agent::discovery::DiscoveryError;
 use cryopod_node_agent::freeze::FreezeReport;
+use cryopod_node_agent::journal::FreezeEnd;
 use cryopod_node_agent::metrics::AgentMetrics;
 use cryopod_node_agent::package::{MANIFEST_API_VERSION, MANIFEST_KIND, Manifest, NodeFacts};
 use cryopod_node_agent::restore::{PreparedRestore, RestoreError, RestoreRequest};
@@ -28,6 +29,8 @@ struct Stand {
     calls: AtomicUsize,
     mode: &'static str,
     dropped_while_running: Arc<AtomicBool>,
+    /// How each freeze ended; a succeeded checkpoint's is held until thawed.
+    ends: std::sync::Mutex<std::collections::HashMap<String, FreezeEnd>>,
 }
 
 struct DropFlag(Arc<AtomicBool>);
@@ -103,6 +106,19 @@ impl AgentBackend for Stand {
         }
     }
 
+    fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
+        let mut ends = self.ends.lock().unwrap();
+        if ends.contains_key(operation_id) {
+            return false;
+        }
+        ends.insert(operation_id.to_owned(), FreezeEnd::thawed_without_release(why));
+        true
+    }
+
+    fn freeze_end(&self, operation_id: &str) -> Result<Option<FreezeEnd>, String> {
+        Ok(self.ends.lock().unwrap().get(operation_id).cloned())
+    }
+
     fn node_facts(&self) -> NodeFacts {
         NodeFacts {
             name: "node-1".into(),
@@ -170,6 +186,12 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
         }
         fn node_facts(&self) -> NodeFacts {
             self.0.node_facts()
+        }
+        fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
+            self.0.thaw_now(operation_id, why)
+        }
+        fn freeze_end(&self, operation_id: &str) -> Result<Option<FreezeEnd>, String> {
+            self.0.freeze_end(operation_id)
         }
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -241,6 +263,7 @@ fn stand(mode: &'static str) -> Stand {
         calls: AtomicUsize::new(0),
         mode,
         dropped_while_running: Arc::new(AtomicBool::new(false)),
+        ends: Default::default(),
     }
 }
 
@@ -521,4 +544,44 @@ async fn an_idle_agent_drains_at_once() {
     let started = std::time::Instant::now();
     assert_eq!(drain.drain(Duration::from_secs(60)).await, Drained::default());
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The emergency thaw ends every freeze of the pod the agent holds, once: asked
+/// again it reports the same end as past; another pod's freezes are left alone; only
+/// the operator's certificate may ask.
+#[tokio::test]
+async fn thaw_ends_the_pods_freezes_once_and_says_how() {
+    let pki = pki();
+    let (url, _stand, _) = serve(stand("ok"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    run_to_end(&mut agent, "held-1").await;
+    let thaw = |uid: &str| pb::ThawRequest {
+        pod_uid: uid.into(),
+        reason: "kubectl cryopod thaw by alice".into(),
+    };
+    let first = agent.thaw(thaw("uid-1")).await.unwrap().into_inner();
+    assert_eq!(first.freezes.len(), 1, "{first:?}");
+    let freeze = &first.freezes[0];
+    assert_eq!(freeze.operation_id, "held-1");
+    assert!(freeze.thawed_now);
+    assert!(freeze.why.contains("kubectl cryopod thaw by alice"), "{}", freeze.why);
+    let again = agent.thaw(thaw("uid-1")).await.unwrap().into_inner();
+    assert_eq!(again.freezes.len(), 1);
+    assert!(!again.freezes[0].thawed_now, "idempotent: {again:?}");
+    assert_eq!(again.freezes[0].why, freeze.why);
+    assert!(
+        agent
+            .thaw(thaw("uid-other"))
+            .await
+            .unwrap()
+            .into_inner()
+            .freezes
+            .is_empty()
+    );
+    let err = agent.thaw(thaw("")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let mut stranger = client(&url, &pki, Some(&pki.stranger)).await;
+    if let Ok(stranger) = stranger.as_mut() {
+        assert!(stranger.thaw(thaw("uid-1")).await.is_err());
+    }
 }
