@@ -275,6 +275,10 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
     } = checkpoint_trio(&tb, &client, &ns, "e2e").await;
     {
         use cryopod_node_agent::checkpoint::Stage;
+        let steps: Vec<&Stage> = stages
+            .iter()
+            .filter(|s| !matches!(s, Stage::Frozen { .. } | Stage::Stored { .. }))
+            .collect();
         let expected = [
             Stage::Discovering,
             Stage::Freezing,
@@ -282,7 +286,30 @@ async fn a_pod_checkpoint_lands_in_s3_with_a_verified_manifest() {
             Stage::Thawed,
             Stage::Storing,
         ];
-        assert_eq!(stages, expected, "progress is reported stage by stage");
+        assert_eq!(
+            steps,
+            expected.iter().collect::<Vec<_>>(),
+            "progress is reported stage by stage"
+        );
+        // The freeze's instant once frozen, before the dump.
+        let frozen = stages.iter().position(|s| matches!(s, Stage::Frozen { .. })).unwrap();
+        assert_eq!(stages[frozen - 1], Stage::Freezing, "{stages:?}");
+        assert_eq!(stages[frozen + 1], Stage::Dumping, "{stages:?}");
+        // Bytes stored only grow, and end at the whole.
+        let stored: Vec<(u64, u64)> = stages
+            .iter()
+            .filter_map(|s| match s {
+                Stage::Stored { done, total } => Some((*done, *total)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            stored.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "{stored:?}"
+        );
+        let (done, total) = *stored.last().unwrap();
+        assert_eq!(done, total, "{stored:?}");
+        println!("storing progress: {stored:?}");
     }
     println!(
         "freeze window {:?} (settle {:?}), captures+dumps {:?}, package+upload+verify {:?}, manifest {}",

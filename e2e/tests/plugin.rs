@@ -210,3 +210,120 @@ async fn kubectl_cryopod_migrates_with_progress_and_exits_as_kubectl_does() {
     drop(control);
     delete_storage(&tb, &storage);
 }
+
+/// The emergency thaw: a migration holds its source frozen while its target's agent
+/// is away; `kubectl cryopod thaw --yes` (with the operator's client pair from the
+/// release's Secret, as an admin has it) thaws it at once. The source counts on, and
+/// once the target is back the migration ends `SourceResumed` naming the thaw, never
+/// `Succeeded`: the pod never runs twice.
+#[tokio::test]
+async fn kubectl_cryopod_thaw_ends_a_hold_and_the_migration_keeps_the_source() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-thaw").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let pods = ns.pods(&client);
+    let source_pod = pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
+    ns.wait_ready(&client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let Control {
+        state,
+        log,
+        agents: [agent_1, agent_2],
+        _operator,
+        tls,
+    } = start_control(&tb, &ns.name).await;
+    // The target's agent away: the restore waits, the source stays held.
+    let target_port = agent_2.port;
+    drop(agent_2);
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    // The release's Secret, as the chart makes it: the operator's pair and the CA.
+    let read = |file: &str| std::fs::read_to_string(tls.operator_dir.path().join(file)).unwrap();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "e2e-tls"},
+            "stringData": {"operator.crt": read("tls.crt"), "operator.key": read("tls.key"), "ca.crt": read("ca.crt")}}),
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &serde_json::json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "held"},
+            "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target}}}),
+    );
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    // Held: the migration shows the source frozen.
+    wait_until("the source to be held frozen", Duration::from_secs(90), || async {
+        let status = migrations.get("held").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "SourceFrozen" && c.status == "True")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let data = pod_data(&tb, &source_pod);
+    let frozen_at = number_in(&data.join("a"));
+
+    let thawed = plugin(
+        &tb,
+        &ns.name,
+        &[
+            "thaw",
+            "stateful",
+            "--yes",
+            "--reason",
+            "e2e",
+            "--release",
+            "e2e",
+            "--release-namespace",
+            &ns.name,
+            "--agent-endpoint",
+            &format!("https://localhost:{}", agent_1.port),
+            "--agent-tls-name",
+            "localhost",
+        ],
+    );
+    assert!(thawed.status.success(), "{}", stderr(&thawed));
+    // At once, not at the hold's deadline: the counter moves within seconds.
+    wait_until("the thawed source to count on", Duration::from_secs(10), || async {
+        (number_in(&data.join("a")) > frozen_at + 5).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The target back: the migration ends SourceResumed, naming the thaw.
+    let (_agent_2, _) = start_agent_at(
+        &tb,
+        &target,
+        &tls,
+        &tb.dir.join(&target).join("cryopod"),
+        &[],
+        target_port,
+    )
+    .await;
+    let status = migration_ended(&migrations, "held").await;
+    let (_, reason, message) = ready_of(&status.conditions);
+    assert_eq!(
+        (status.phase, reason.as_str()),
+        (Some(MigrationPhase::Failed), "SourceResumed"),
+        "{message}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(message.contains("kubectl cryopod thaw"), "{message}");
+    // One pod: the source, never restarted, still counting.
+    let left = wait_until("the restored pod to go", Duration::from_secs(60), || async {
+        let all = pods.list(&Default::default()).await.ok()?.items;
+        (all.len() == 1).then_some(all)
+    })
+    .await
+    .unwrap();
+    assert_eq!(left[0].metadata.uid, source_pod.metadata.uid);
+    assert!(ns.ready_without_restarts(&client, "stateful").await.unwrap());
+    drop(agent_1);
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -22,6 +22,32 @@ impl CgroupPath {
         }
     }
 
+    /// The path a container runtime names, in either driver's form. With the cgroupfs
+    /// driver it is a path already. With the systemd driver a container's is
+    /// `<slice>:<prefix>:<name>`, the scope `<prefix>-<name>.scope` in that slice, and
+    /// a pod's parent is a slice name alone; a slice `a-b-c.slice` sits at
+    /// `/a.slice/a-b.slice/a-b-c.slice` (each dash opens a level, as systemd nests them).
+    pub fn from_runtime(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let bad = |why: &str| Err(format!("cgroup {text:?}: {why}"));
+        match parts.as_slice() {
+            [path] if path.contains('/') || !path.ends_with(".slice") => Ok(Self::new(*path)),
+            [slice] => slice_path(slice)
+                .map(Self)
+                .ok_or_else(|| format!("cgroup {text:?}: not a slice name")),
+            [slice, prefix, name] => {
+                let Some(parent) = slice_path(slice) else {
+                    return bad("its first part is not a slice name");
+                };
+                if prefix.is_empty() || name.is_empty() || name.contains('/') || prefix.contains('/') {
+                    return bad("its scope is not <prefix>:<name>");
+                }
+                Ok(Self(format!("{parent}/{prefix}-{name}.scope")))
+            }
+            _ => bad("neither a path nor the systemd driver's <slice>:<prefix>:<name>"),
+        }
+    }
+
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -31,6 +57,28 @@ impl CgroupPath {
     pub fn under(&self, root: &Path) -> PathBuf {
         root.join(self.0.trim_start_matches('/'))
     }
+}
+
+/// Where systemd puts a slice: `-.slice` is the root, and every dash of the name
+/// opens a level. `None` for what is not a slice name.
+fn slice_path(slice: &str) -> Option<String> {
+    let stem = slice.strip_suffix(".slice")?;
+    if slice == "-.slice" {
+        return Some(String::new());
+    }
+    if stem.is_empty() || stem.contains('/') || stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") {
+        return None;
+    }
+    let mut path = String::new();
+    let mut name = String::new();
+    for (i, part) in stem.split('-').enumerate() {
+        if i > 0 {
+            name.push('-');
+        }
+        name.push_str(part);
+        path.push_str(&format!("/{name}.slice"));
+    }
+    Some(path)
 }
 
 impl fmt::Display for CgroupPath {
@@ -226,5 +274,50 @@ pub fn freezer_for(version: CgroupVersion, root: impl Into<PathBuf>) -> Box<dyn 
     match version {
         CgroupVersion::V1 => Box::new(V1Freezer::new(root)),
         CgroupVersion::V2 => Box::new(V2Freezer::new(root)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn both_drivers_paths_name_the_cgroup_to_freeze() {
+        let uid = "pod4b1c2d3e_0000_4000_8000_000000000001";
+        let cases = [
+            // cgroupfs: paths as they are.
+            ("/kubepods/besteffort/pod1/abc", "/kubepods/besteffort/pod1/abc"),
+            ("kubepods/pod1", "/kubepods/pod1"),
+            // systemd: a pod's parent slice, nested by its dashes.
+            (
+                &format!("kubepods-besteffort-{uid}.slice") as &str,
+                &format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{uid}.slice") as &str,
+            ),
+            ("kubepods.slice", "/kubepods.slice"),
+            ("-.slice", ""),
+            // systemd: a container's scope in its pod's slice.
+            (
+                &format!("kubepods-burstable-{uid}.slice:cri-containerd:0123abcd"),
+                &format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{uid}.slice/cri-containerd-0123abcd.scope"
+                ),
+            ),
+        ];
+        for (given, want) in cases {
+            assert_eq!(CgroupPath::from_runtime(given).unwrap().as_str(), want, "{given}");
+        }
+        for bad in [
+            "a:b",
+            "kubepods.slice:cri-containerd",
+            "kubepods.slice::id",
+            "notaslice:cri-containerd:id",
+            "a--b.slice",
+            "kubepods.slice:cri/x:id",
+        ] {
+            let err = CgroupPath::from_runtime(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
     }
 }

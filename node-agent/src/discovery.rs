@@ -253,14 +253,21 @@ pub fn pod_runtime(
     };
     check_sandbox(&sandbox)?;
     let sandbox_info = info_of(&format!("sandbox {}", sandbox.status.id), &sandbox.info)?;
-    let sandbox_cgroup = CgroupPath::new(&sandbox_info.runtime_spec.linux.cgroups_path);
+    let sandbox_object = format!("sandbox {}", sandbox.status.id);
+    let cgroup_of = |object: &str, text: &str| {
+        CgroupPath::from_runtime(text).map_err(|detail| DiscoveryError::RuntimeInfo {
+            object: object.to_owned(),
+            detail,
+        })
+    };
+    let sandbox_cgroup = cgroup_of(&sandbox_object, &sandbox_info.runtime_spec.linux.cgroups_path)?;
     let pod_cgroup = sandbox_info.config["linux"]["cgroup_parent"]
         .as_str()
-        .map(CgroupPath::new)
         .ok_or_else(|| DiscoveryError::RuntimeInfo {
-            object: format!("sandbox {}", sandbox.status.id),
+            object: sandbox_object.clone(),
             detail: "no linux.cgroup_parent".to_owned(),
-        })?;
+        })
+        .and_then(|parent| cgroup_of(&sandbox_object, parent))?;
 
     let mut running = Vec::new();
     for view in containers {
@@ -276,7 +283,7 @@ pub fn pod_runtime(
         }
         let (info, spec) = info_and_spec(&format!("container {name}"), &view.info)?;
         check_container(&name, &info)?;
-        let cgroup = CgroupPath::new(&info.runtime_spec.linux.cgroups_path);
+        let cgroup = cgroup_of(&format!("container {name}"), &info.runtime_spec.linux.cgroups_path)?;
         if !cgroup.as_str().starts_with(&format!("{}/", pod_cgroup.as_str())) {
             return Err(DiscoveryError::RuntimeInfo {
                 object: format!("container {name}"),
@@ -351,6 +358,10 @@ mod tests {
     const POD: &str = "/kubepods/besteffort/pod1";
 
     fn sandbox(network: NamespaceMode) -> SandboxView {
+        sandbox_at(network, &format!("{POD}/sandbox"), POD)
+    }
+
+    fn sandbox_at(network: NamespaceMode, cgroups_path: &str, parent: &str) -> SandboxView {
         let options = api::NamespaceOption {
             network: network as i32,
             pid: NamespaceMode::Container as i32,
@@ -360,8 +371,8 @@ mod tests {
         let info = json!({
             "pid": 100,
             "runtimeOptions": {"binary_name": "/usr/sbin/runc", "root": "/run/runc-k8s"},
-            "runtimeSpec": {"linux": {"cgroupsPath": format!("{POD}/sandbox")}},
-            "config": {"linux": {"cgroup_parent": POD}},
+            "runtimeSpec": {"linux": {"cgroupsPath": cgroups_path}},
+            "config": {"linux": {"cgroup_parent": parent}},
         });
         SandboxView {
             status: api::PodSandboxStatus {
@@ -444,6 +455,61 @@ mod tests {
             cgroups,
             [format!("{POD}/sandbox"), format!("{POD}/a"), format!("{POD}/b")]
         );
+    }
+
+    /// containerd with `SystemdCgroup = true` names cgroups as the systemd driver
+    /// does (a slice for the pod, `<slice>:cri-containerd:<id>` for each container);
+    /// hand-written after containerd's format until the VM node (issue #16) records
+    /// real answers.
+    #[test]
+    fn a_pod_under_the_systemd_driver_is_found_in_its_slice() {
+        let slice = "kubepods-besteffort-pod0f1e2d3c_4b5a_4968_8776_655443322110.slice";
+        let under = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f1e2d3c_4b5a_4968_8776_655443322110.slice";
+        let pod = pod_runtime(
+            "uid",
+            vec![sandbox_at(
+                NamespaceMode::Pod,
+                &format!("{slice}:cri-containerd:5ab0"),
+                slice,
+            )],
+            vec![container(
+                "app",
+                ContainerState::ContainerRunning,
+                10,
+                &format!("{slice}:cri-containerd:77ef"),
+                json!({}),
+            )],
+        )
+        .unwrap();
+        assert_eq!(pod.pod_cgroup.as_str(), under);
+        let targets = pod.freeze_targets();
+        let cgroups: Vec<&str> = targets.containers.iter().map(CgroupPath::as_str).collect();
+        assert_eq!(
+            cgroups,
+            [
+                format!("{under}/cri-containerd-5ab0.scope"),
+                format!("{under}/cri-containerd-77ef.scope")
+            ]
+        );
+        // A container outside the pod's slice is refused, naming both.
+        let err = pod_runtime(
+            "uid",
+            vec![sandbox_at(
+                NamespaceMode::Pod,
+                &format!("{slice}:cri-containerd:5ab0"),
+                slice,
+            )],
+            vec![container(
+                "app",
+                ContainerState::ContainerRunning,
+                10,
+                "kubepods-besteffort-podother.slice:cri-containerd:77ef",
+                json!({}),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("container app"), "{err}");
     }
 
     #[test]
