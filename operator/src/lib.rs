@@ -12,6 +12,7 @@
 pub mod agents;
 pub mod checkpoint;
 pub mod context;
+pub mod cron;
 pub mod evacuation;
 pub mod keys;
 pub mod leader;
