@@ -31,7 +31,7 @@ trap down EXIT
 "$here/cluster/up.sh"
 
 status=0
-cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin -- --test-threads=2 || status=$?
+cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin --test schedule -- --test-threads=2 || status=$?
 # An evacuation cordons a node of the shared cluster: alone, after the others.
 cargo test --locked -p cryopod-e2e --test evacuation || status=$?
 # The chart installed with Helm takes the whole cluster: alone, after the others.

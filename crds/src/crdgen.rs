@@ -3,7 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::v1alpha1::{CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
+use crate::v1alpha1::{CheckpointSchedule, CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
 
 /// Every CRD of the API, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -13,6 +13,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         PodMigration::crd(),
         CheckpointStorage::crd(),
         NodeEvacuation::crd(),
+        CheckpointSchedule::crd(),
     ]
 }
 
@@ -68,7 +69,8 @@ pub fn render_api_reference() -> String {
     let mut out = String::from(
         "# API reference: `cryopod.io/v1alpha1`\n\n\
          Generated from the Rust types by `make crds`; do not edit. `kubectl explain` shows\n\
-         the same descriptions. Every `spec` is immutable after creation.\n",
+         the same descriptions. Every `spec` is immutable after creation, except a\n\
+         CheckpointSchedule's.\n",
     );
     for crd in all() {
         let names = &crd.spec.names;

@@ -6,7 +6,9 @@
 
 mod support;
 
-use cryopod_crds::v1alpha1::{CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
+use cryopod_crds::v1alpha1::{
+    CheckpointSchedule, CheckpointStorage, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore,
+};
 use serde_json::Value;
 use support::{check, manifests, repo_root, schema_for};
 
@@ -18,6 +20,7 @@ fn parses_into_rust_type(object: &Value) -> Result<(), String> {
         "PodMigration" => serde_json::from_value::<PodMigration>(object.clone()).map(drop),
         "CheckpointStorage" => serde_json::from_value::<CheckpointStorage>(object.clone()).map(drop),
         "NodeEvacuation" => serde_json::from_value::<NodeEvacuation>(object.clone()).map(drop),
+        "CheckpointSchedule" => serde_json::from_value::<CheckpointSchedule>(object.clone()).map(drop),
         other => return Err(format!("unexpected kind {other}")),
     };
     result.map_err(|e| e.to_string())
@@ -125,4 +128,32 @@ fn defaults_in_schema_and_rust_agree() {
             ),
         }
     }
+}
+
+#[test]
+fn a_schedules_template_defaults_agree_and_its_name_fits_a_label() {
+    let crds = cryopod_crds::crdgen::all();
+    let object = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointSchedule",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"schedule": "@hourly", "selector": {"matchLabels": {"app": "a"}}, "keepLast": 2}
+        })
+    };
+    let minimal = object("s");
+    let schema = schema_for(&crds, &minimal).unwrap();
+    let defaulted = kube_cel::apply_defaults(&schema, &minimal);
+    assert_eq!(
+        serde_json::from_value::<CheckpointSchedule>(defaulted).unwrap().spec,
+        serde_json::from_value::<CheckpointSchedule>(minimal.clone())
+            .unwrap()
+            .spec
+    );
+    assert!(check(&schema, &minimal, None).is_empty());
+    // Its name is the label value on its checkpoints: 63 characters at most.
+    let findings = check(&schema, &object(&"s".repeat(64)), None);
+    assert!(
+        findings.iter().any(|f| f.contains("at most 63 characters")),
+        "{findings:?}"
+    );
 }

@@ -8,7 +8,7 @@
 //!   before the agent is called.
 //! - `Checkpointing`/`Uploading`: call the agent's `Checkpoint` with that id (which
 //!   starts it, or re-attaches after an operator restart) and follow it to its end.
-//! - `Ready`: retention (TTL, keep-last-N per pod).
+//! - `Ready`: retention (TTL, keep-last-N per pod, a schedule's apart from the rest).
 //! - `Failed`: final.
 //!
 //! A finalizer deletes the stored objects when the PodCheckpoint is deleted.
@@ -877,6 +877,16 @@ pub fn beyond_keep_last(mut checkpoints: Vec<(String, i64)>, keep: usize) -> Vec
     checkpoints.into_iter().skip(keep).map(|(name, _)| name).collect()
 }
 
+/// Which checkpoints count together for `keepLast` besides their pod: those a
+/// CheckpointSchedule made, by the schedule's UID (its controlling owner), so a
+/// schedule prunes only its own; `None` for the rest (a user's, a migration's).
+pub fn retention_group(cp: &PodCheckpoint) -> Option<String> {
+    cp.owner_references()
+        .iter()
+        .find(|o| o.kind == "CheckpointSchedule" && o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
 async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     let Some(retention) = cp.spec.retention else {
         return Ok(Action::await_change());
@@ -891,6 +901,7 @@ async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
     };
     if let Some(keep) = retention.keep_last {
         let source = cp.status.as_ref().and_then(|s| s.source_pod_uid.clone());
+        let group = retention_group(cp);
         let siblings: Vec<(String, i64)> = api
             .list(&ListParams::default())
             .await
@@ -900,6 +911,7 @@ async fn retain(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
             .filter(|c| c.spec.retention.is_some_and(|r| r.keep_last.is_some()))
             .filter(|c| c.status.as_ref().and_then(|s| s.phase) == Some(CheckpointPhase::Ready))
             .filter(|c| c.status.as_ref().and_then(|s| s.source_pod_uid.clone()) == source)
+            .filter(|c| retention_group(c) == group)
             .filter_map(|c| Some((c.name_any(), completed(c)?)))
             .collect();
         for name in beyond_keep_last(siblings, keep.max(1) as usize) {
@@ -1380,6 +1392,29 @@ mod tests {
             serde_json::json!({"name": "c", "ownerReferences": owner("PodMigration", "move")}),
         ] {
             assert!(!held_for_migration(&cp(meta.clone())), "{meta}");
+        }
+    }
+
+    #[test]
+    fn a_schedules_checkpoints_count_apart_from_the_others() {
+        let owned = |kind: &str, uid: &str, controller: bool| {
+            let mut cp = checkpoint(serde_json::json!({"sourcePodName": "p"}));
+            cp.metadata.owner_references =
+                Some(vec![serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": kind, "name": "n", "uid": uid, "controller": controller
+            })).unwrap()]);
+            cp
+        };
+        let table = [
+            (checkpoint(serde_json::json!({"sourcePodName": "p"})), None),
+            (owned("CheckpointSchedule", "s-1", true), Some("s-1")),
+            (owned("CheckpointSchedule", "s-2", true), Some("s-2")),
+            // Named as an owner but not the controller: not the schedule's.
+            (owned("CheckpointSchedule", "s-1", false), None),
+            (owned("PodMigration", "m-1", true), None),
+        ];
+        for (i, (cp, group)) in table.into_iter().enumerate() {
+            assert_eq!(retention_group(&cp).as_deref(), group, "case {i}");
         }
     }
 

@@ -106,6 +106,14 @@ pub fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
 }
 
+/// A hash of `text` that stays the same across releases and processes (FNV-1a),
+/// unlike the standard hasher: for names derived from other names.
+pub fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The current time, as the API writes it.
 pub fn now() -> Time {
     Time(Timestamp::now())

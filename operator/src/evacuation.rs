@@ -237,11 +237,7 @@ pub fn ending(status: &NodeEvacuationStatus) -> Option<(EvacuationPhase, &'stati
 /// The name of the PodMigration that moves `pod`: unique per evacuation, pod and
 /// attempt, and short enough for any pod name.
 pub fn migration_name(pod: &str, evacuation_uid: &str, attempt: u32) -> String {
-    // FNV-1a: stable across releases, unlike the standard hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in format!("{evacuation_uid}/{pod}/{attempt}").bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = crate::context::stable_hash(&format!("{evacuation_uid}/{pod}/{attempt}"));
     let stem: String = pod.chars().take(40).collect();
     format!("{}-evac-{:08x}", stem.trim_end_matches(['-', '.']), hash as u32)
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryopod_crds::v1alpha1::{NodeEvacuation, PodCheckpoint, PodMigration, PodRestore};
+use cryopod_crds::v1alpha1::{
+    CheckpointSchedule, NodeEvacuation, PodCheckpoint, PodMigration, PodRestore, SCHEDULE_LABEL,
+};
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -377,6 +379,28 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             tracing::debug!(kind = "NodeEvacuation", error = %e, "reconcile ended in error");
         }
     });
+    // Schedules sleep until their next run; the checkpoints they made (by label) wake
+    // them when their phase moves, for the counts in their status.
+    let (schedules, scheduled): (Api<CheckpointSchedule>, Api<PodCheckpoint>) = match &config.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(context.client.clone(), ns),
+            Api::namespaced(context.client.clone(), ns),
+        ),
+        None => (Api::all(context.client.clone()), Api::all(context.client.clone())),
+    };
+    let schedule_controller = Controller::new(schedules, watcher::Config::default())
+        .owns(scheduled, watcher::Config::default().labels(SCHEDULE_LABEL))
+        .shutdown_on_signal()
+        .run(
+            crate::schedule::reconcile,
+            crate::schedule::error_policy,
+            context.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(kind = "CheckpointSchedule", error = %e, "reconcile ended in error");
+            }
+        });
     let storages = crate::storage_probe::run(context);
     let signer = async {
         match signer {
@@ -387,7 +411,10 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
     // Only the Lease holder acts; losing it ends the process (it is restarted and
     // waits its turn), so two operators never act on the same resource.
     tokio::select! {
-        _ = futures::future::join5(checkpoint_controller, restore_controller, migration_controller, evacuation_controller, storages) => {
+        _ = futures::future::join(
+            futures::future::join5(checkpoint_controller, restore_controller, migration_controller, evacuation_controller, storages),
+            schedule_controller,
+        ) => {
             metrics_server.abort();
             Ok(())
         }

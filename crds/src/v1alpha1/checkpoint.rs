@@ -137,11 +137,11 @@ pub struct PodCheckpointSpec {
     pub retention: Option<RetentionSpec>,
 }
 
-fn default_timeout_seconds() -> i32 {
+pub(crate) fn default_timeout_seconds() -> i32 {
     300
 }
 
-fn default_max_freeze_seconds() -> i32 {
+pub(crate) fn default_max_freeze_seconds() -> i32 {
     30
 }
 
@@ -328,7 +328,9 @@ pub struct RetentionSpec {
     pub ttl_seconds: Option<i64>,
 
     /// Keep only this many Ready checkpoints of the same source pod that also set
-    /// `keepLast`; older ones are deleted with their objects.
+    /// `keepLast`; older ones are deleted with their objects. A CheckpointSchedule's
+    /// checkpoints count only among that schedule's, and the others only among
+    /// those no schedule made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_last: Option<i32>,
