@@ -103,6 +103,7 @@ impl AgentBackend for StubAgent {
         &self,
         _req: RestoreRequest,
         _store: Arc<dyn ObjectStore>,
+        _progress: Box<dyn Fn(u64, u64) + Send + Sync>,
     ) -> Result<PreparedRestore, RestoreError> {
         Err(RestoreError::Local {
             path: PathBuf::from("stub"),

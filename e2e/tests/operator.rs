@@ -412,6 +412,12 @@ async fn restore_on_the_other_node(prefix: &str, shared_pids: bool) {
     let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(client.clone(), &ns.name);
     let status = restores.get("trio-back").await.unwrap().status.unwrap();
     assert_eq!(status.node_name.as_deref(), Some(target.as_str()));
+    // Every byte fetched, shown while it was.
+    let fetched = status.progress.unwrap();
+    assert!(
+        fetched.bytes_done > 0 && fetched.bytes_done == fetched.bytes_total,
+        "{fetched:?}"
+    );
     // The source still runs under its name, so the restored pod gets another.
     let restored = status.restored_pod_name.clone().unwrap();
     assert!(restored.starts_with("trio-restored-"), "{restored}");

@@ -93,6 +93,10 @@ async fn kubectl_cryopod_migrates_with_progress_and_exits_as_kubectl_does() {
         &format!("Manifest digest:    {digest}"),
         &format!("Location:           CheckpointStorage {storage} at "),
         "Containers:",
+        // The manifest's own facts, read from status: the store is not touched.
+        "Node facts:         kernel ",
+        "Objects:",
+        "  containers/",
     ] {
         assert!(text.contains(expected), "{expected:?} in\n{text}");
     }
@@ -254,13 +258,13 @@ async fn kubectl_cryopod_thaw_ends_a_hold_and_the_migration_keeps_the_source() {
             "spec": {"sourcePodName": "stateful", "storage": storage, "target": {"nodeName": target}}}),
     );
     let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
-    // Held: the migration shows the source frozen.
+    // Held: its checkpoint stored, the migration shows the source frozen for it.
     wait_until("the source to be held frozen", Duration::from_secs(90), || async {
         let status = migrations.get("held").await.ok()?.status?;
         status
             .conditions
             .iter()
-            .any(|c| c.type_ == "SourceFrozen" && c.status == "True")
+            .any(|c| c.type_ == "SourceFrozen" && c.status == "True" && c.reason == "Held")
             .then_some(())
     })
     .await

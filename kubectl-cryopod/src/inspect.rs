@@ -47,14 +47,31 @@ pub fn describe(checkpoint: &PodCheckpoint) -> String {
         "Manifest digest:",
         status.manifest_digest.clone().unwrap_or_else(unknown),
     );
+    let manifest = status.manifest.clone();
     line(
         "Encryption:",
-        match &checkpoint.spec.encryption {
-            Some(e) => format!("age, to the recipients of Secret {}", e.secret_ref.name),
-            // The operator's default seal leaves no trace in the status; the manifest has it.
-            None => "no key of its own (sealed with a per-checkpoint key if the operator seals by default)".to_owned(),
+        match (&manifest, &checkpoint.spec.encryption) {
+            // What the agent stored, as its manifest says.
+            (Some(m), _) if m.encryption.is_empty() => "none".to_owned(),
+            (Some(m), _) => format!(
+                "{}, to {} recipient(s): {}",
+                m.encryption,
+                m.recipients.len(),
+                m.recipients.join(", ")
+            ),
+            (None, Some(e)) => format!("age, to the recipients of Secret {}", e.secret_ref.name),
+            (None, None) => "not recorded".to_owned(),
         },
     );
+    if let Some(m) = &manifest {
+        line(
+            "Node facts:",
+            format!(
+                "kernel {}, CRIU {}, cgroup {}, {} CPU flags",
+                m.kernel, m.criu_version, m.cgroup_version, m.cpu_flags
+            ),
+        );
+    }
     if let Some(sizes) = status.sizes {
         let size = |b: Option<i64>| b.map_or_else(unknown, |b| human_bytes(u64::try_from(b).unwrap_or(0)));
         line(
@@ -98,6 +115,18 @@ pub fn describe(checkpoint: &PodCheckpoint) -> String {
             c.image_id.clone().unwrap_or_else(unknown)
         ));
         out.push(format!("    Archive:    {}", c.archive.clone().unwrap_or_else(unknown)));
+    }
+    if let Some(m) = &manifest {
+        out.push("Objects:".to_owned());
+        for o in &m.objects {
+            out.push(format!(
+                "  {}  {} stored, {} raw  sha256:{}",
+                o.key,
+                human_bytes(u64::try_from(o.size).unwrap_or(0)),
+                human_bytes(u64::try_from(o.raw_size).unwrap_or(0)),
+                o.sha256
+            ));
+        }
     }
     let mut text = out.join("\n");
     text.push('\n');
@@ -160,5 +189,26 @@ mod tests {
         let text = describe(&checkpoint);
         assert!(text.contains("Phase:              <unknown>"), "{text}");
         assert!(text.contains("<none recorded>"), "{text}");
+    }
+
+    #[test]
+    fn the_manifests_objects_node_and_encryption_show_from_status() {
+        let checkpoint: PodCheckpoint = serde_json::from_value(json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+            "metadata": {"name": "c", "namespace": "demo"}, "spec": {"sourcePodName": "counter"},
+            "status": {"phase": "Ready", "manifest": {
+                "objects": [{"key": "containers/app.tar.zst", "size": 2048, "rawSize": 10240, "sha256": "beef"}],
+                "kernel": "6.12.0", "criuVersion": "4.2", "cgroupVersion": "V2", "cpuFlags": 97,
+                "encryption": "age", "recipients": ["age1xyz"]}}}))
+        .unwrap();
+        let text = describe(&checkpoint);
+        for expected in [
+            "Encryption:         age, to 1 recipient(s): age1xyz",
+            "Node facts:         kernel 6.12.0, CRIU 4.2, cgroup V2, 97 CPU flags",
+            "Objects:",
+            "  containers/app.tar.zst  2.0 KiB stored, 10.0 KiB raw  sha256:beef",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in\n{text}");
+        }
     }
 }

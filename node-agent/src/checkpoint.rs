@@ -177,6 +177,23 @@ async fn package_then_store(
     result
 }
 
+impl<R> NodeAgent<R> {
+    /// Why a freeze ended before its checkpoint was done, as the watchdog recorded it
+    /// (before it marked the freeze expired): an emergency thaw, or the deadline.
+    fn thawed_while_frozen(&self, req: &CheckpointRequest) -> CheckpointError {
+        match self.journal.end_of(&req.operation_id) {
+            Ok(Some(crate::journal::FreezeEnd::ThawedWithoutRelease { why, .. }))
+                if why != crate::freeze::deadline_passed(req.limits.max_freeze) =>
+            {
+                CheckpointError::ThawedEarly { why }
+            }
+            _ => CheckpointError::FreezeExpired {
+                after: req.limits.max_freeze,
+            },
+        }
+    }
+}
+
 /// About how many bytes the files under `dir` make as tar archives (a header and
 /// padding to 512 bytes each): the total that storing progress is measured against.
 /// Symlinks are not followed.
@@ -263,6 +280,9 @@ pub enum CheckpointError {
     Dump { source: DumpError },
     /// The freeze outlasted `max_freeze` and the watchdog thawed the pod.
     FreezeExpired { after: Duration },
+    /// The pod was thawed before its checkpoint was done, by an emergency thaw: `why`
+    /// is what was recorded.
+    ThawedEarly { why: String },
     /// Packaging failed.
     Package { source: PackageError },
     /// Storing failed; nothing was left in the store.
@@ -288,6 +308,7 @@ impl std::fmt::Display for CheckpointError {
             Self::Capture { source } => write!(f, "{source}"),
             Self::Dump { source } => write!(f, "{source}"),
             Self::FreezeExpired { after } => write!(f, "the pod stayed frozen longer than {after:?} and was thawed"),
+            Self::ThawedEarly { why } => write!(f, "the pod was thawed before its checkpoint was done: {why}"),
             Self::Package { source } => write!(f, "{source}"),
             Self::Store { source } => write!(f, "{source}"),
             Self::Task { step } => write!(f, "the {step} task died"),
@@ -310,6 +331,7 @@ impl std::error::Error for CheckpointError {
             Self::Store { source } => source.source(),
             Self::Workspace { source, .. } => Some(source),
             Self::FreezeExpired { .. }
+            | Self::ThawedEarly { .. }
             | Self::Hook { .. }
             | Self::Unsupported { .. }
             | Self::Task { .. }
@@ -448,9 +470,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         .await;
         // A dump cut short by the watchdog is reported as the expired freeze it is.
         if frozen.expired() {
-            return Err(CheckpointError::FreezeExpired {
-                after: req.limits.max_freeze,
-            });
+            return Err(self.thawed_while_frozen(req));
         }
         let dumps = dumps.map_err(|source| CheckpointError::Dump { source })?;
         let dump = dump_started.elapsed();
@@ -573,9 +593,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             // it, the stored checkpoint is stale and goes.
             Held::Frozen(frozen) if frozen.deadline_passed() => {
                 let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
-                return Err(CheckpointError::FreezeExpired {
-                    after: req.limits.max_freeze,
-                });
+                return Err(self.thawed_while_frozen(req));
             }
             Held::Frozen(frozen) if req.after == AfterDump::Held => {
                 tracing::info!("checkpoint stored; the pod stays frozen until it is released");
@@ -595,9 +613,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                 // The watchdog came first: nothing was killed, the pod ran on.
                 if report.expired {
                     let _ = delete_checkpoint(&store, &req.prefix, &manifest).await;
-                    return Err(CheckpointError::FreezeExpired {
-                        after: req.limits.max_freeze,
-                    });
+                    return Err(self.thawed_while_frozen(req));
                 }
                 tracing::info!("pod stopped after its checkpoint was stored");
                 progress(Stage::Thawed);

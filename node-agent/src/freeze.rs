@@ -417,8 +417,7 @@ pub fn freeze_pod(
                 }
                 // Thawed first, recorded after: the pod's deadline comes before the books.
                 let _ = thaw_all(freezer.as_ref(), &cgroups);
-                let why =
-                    early.unwrap_or_else(|| format!("its freeze deadline ({} s) passed", limits.max_freeze.as_secs()));
+                let why = early.unwrap_or_else(|| deadline_passed(limits.max_freeze));
                 if let Err(e) = journal.record_end(&operation_id, &FreezeEnd::thawed_without_release(why)) {
                     tracing::warn!(%operation_id, error = %e, "cannot record how the freeze ended");
                 }
@@ -483,6 +482,11 @@ pub fn freeze_pod(
         });
     }
     Ok(frozen)
+}
+
+/// What the journal records of a freeze its deadline ended.
+pub fn deadline_passed(max_freeze: Duration) -> String {
+    format!("its freeze deadline ({} s) passed", max_freeze.as_secs())
 }
 
 #[cfg(test)]

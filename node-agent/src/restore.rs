@@ -233,6 +233,31 @@ pub async fn prepare_restore(
     restores: &Path,
     key: &ManifestKey,
 ) -> Result<PreparedRestore, RestoreError> {
+    let at = RestorePlace { node, restores, key };
+    prepare_restore_with(store, req, &at, &|_, _| {}).await
+}
+
+/// Where a restore is prepared: this node's facts, its restores directory and the
+/// key manifests are signed with.
+#[derive(Debug, Clone, Copy)]
+pub struct RestorePlace<'a> {
+    /// The node's facts, checked against the checkpoint's.
+    pub node: &'a NodeFacts,
+    /// Where prepared restores live.
+    pub restores: &'a Path,
+    /// The manifests' signing key.
+    pub key: &'a ManifestKey,
+}
+
+/// [`prepare_restore`], reporting the bytes fetched so far of all the checkpoint's
+/// objects (as stored) after each object.
+pub async fn prepare_restore_with(
+    store: &Arc<dyn ObjectStore>,
+    req: &RestoreRequest,
+    at: &RestorePlace<'_>,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<PreparedRestore, RestoreError> {
+    let restores = at.restores;
     Journal::check_operation_id(&req.restore_id).map_err(|_| RestoreError::BadRestoreId {
         id: req.restore_id.clone(),
     })?;
@@ -259,7 +284,7 @@ pub async fn prepare_restore(
             .create(&partial)
             .map_err(local(&partial))?;
     }
-    let result = prepare_in(store, req, node, &partial, key).await;
+    let result = prepare_in(store, req, at, &partial, progress).await;
     match result {
         Ok(mut prepared) => {
             std::fs::rename(&partial, &dir).map_err(local(&dir))?;
@@ -297,10 +322,11 @@ fn already_prepared(dir: &Path, req: &RestoreRequest) -> Option<PreparedRestore>
 async fn prepare_in(
     store: &Arc<dyn ObjectStore>,
     req: &RestoreRequest,
-    node: &NodeFacts,
+    at: &RestorePlace<'_>,
     partial: &Path,
-    key: &ManifestKey,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<PreparedRestore, RestoreError> {
+    let (node, key) = (at.node, at.key);
     let fetch_started = Instant::now();
     let small = |name: &'static str, limit: u64| async move {
         let fetch = |source| RestoreError::Fetch {
@@ -383,10 +409,13 @@ async fn prepare_in(
         source,
     })?;
     let mut fetched_bytes = manifest_bytes.len() as u64;
+    let total = fetched_bytes + manifest.objects.iter().map(|o| o.size).sum::<u64>();
+    progress(fetched_bytes, total);
     let mut fetched = Vec::new();
     for (n, object) in manifest.objects.iter().enumerate() {
         let path = fetched_dir.join(n.to_string());
         fetched_bytes += fetch_verified(store, &req.prefix, object, &path).await?;
+        progress(fetched_bytes, total);
         fetched.push((object.key.clone(), path));
     }
     let fetch = fetch_started.elapsed();

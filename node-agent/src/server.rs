@@ -82,11 +82,12 @@ pub trait AgentBackend: Send + Sync + 'static {
         store: Arc<dyn ObjectStore>,
         progress: Box<dyn Fn(Stage) + Send + Sync>,
     ) -> impl Future<Output = Result<CheckpointOutcome, CheckpointError>> + Send;
-    /// Prepares a restore on this node.
+    /// Prepares a restore on this node, reporting the bytes fetched of the whole.
     fn prepare_restore(
         &self,
         req: RestoreRequest,
         store: Arc<dyn ObjectStore>,
+        progress: Box<dyn Fn(u64, u64) + Send + Sync>,
     ) -> impl Future<Output = Result<PreparedRestore, RestoreError>> + Send;
     /// Facts of this node.
     fn node_facts(&self) -> NodeFacts;
@@ -238,8 +239,14 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
         &self,
         req: RestoreRequest,
         store: Arc<dyn ObjectStore>,
+        progress: Box<dyn Fn(u64, u64) + Send + Sync>,
     ) -> Result<PreparedRestore, RestoreError> {
-        crate::restore::prepare_restore(&store, &req, &self.node, &self.restores, &self.manifest_key).await
+        let at = crate::restore::RestorePlace {
+            node: &self.node,
+            restores: &self.restores,
+            key: &self.manifest_key,
+        };
+        crate::restore::prepare_restore_with(&store, &req, &at, progress.as_ref()).await
     }
 
     fn node_facts(&self) -> NodeFacts {
@@ -351,6 +358,7 @@ pub fn code_of(err: &CheckpointError) -> Code {
         CheckpointError::BadOperationId { .. } => Code::InvalidArgument,
         CheckpointError::AlreadyRunning { .. } => Code::AlreadyExists,
         CheckpointError::FreezeExpired { .. } => Code::DeadlineExceeded,
+        CheckpointError::ThawedEarly { .. } => Code::Aborted,
         CheckpointError::Freeze { source } => match source {
             FreezeError::NotSettled { .. } | FreezeError::Expired { .. } => Code::DeadlineExceeded,
             FreezeError::Journal { .. }
@@ -798,6 +806,36 @@ impl<C: AgentBackend> AgentService<C> {
                         containers: outcome.manifest.containers.iter().map(|c| c.name.clone()).collect(),
                         warnings: outcome.manifest.warnings.clone(),
                         pod_ip_connections: outcome.manifest.pod_ip_connections.clone(),
+                        stored_objects: outcome
+                            .manifest
+                            .objects
+                            .iter()
+                            .map(|o| pb::StoredObject {
+                                key: o.key.clone(),
+                                size: o.size,
+                                raw_size: o.raw_size,
+                                sha256: o.sha256.clone(),
+                            })
+                            .collect(),
+                        node: Some(pb::NodeFacts {
+                            name: outcome.manifest.node.name.clone(),
+                            kernel: outcome.manifest.node.kernel.clone(),
+                            criu_version: outcome.manifest.node.criu_version.clone(),
+                            cgroup_version: outcome.manifest.node.cgroup_version.clone(),
+                            cpu_flags: outcome.manifest.node.cpu_flags.clone(),
+                        }),
+                        encryption_scheme: outcome
+                            .manifest
+                            .encryption
+                            .as_ref()
+                            .map(|e| e.scheme.clone())
+                            .unwrap_or_default(),
+                        encryption_recipients: outcome
+                            .manifest
+                            .encryption
+                            .as_ref()
+                            .map(|e| e.recipients.clone())
+                            .unwrap_or_default(),
                     });
                 }
                 Err(err) => {
@@ -823,7 +861,14 @@ impl<C: AgentBackend> AgentService<C> {
         self.track(request.restore_id.clone(), String::new(), span, move |tx| async move {
             tracing::info!("restore preparation started");
             tx.send_modify(|op| op.stage = pb::Stage::Fetching as i32);
-            let result = agent.prepare_restore(request, store).await;
+            let progress_tx = tx.clone();
+            let progress: Box<dyn Fn(u64, u64) + Send + Sync> = Box::new(move |done, total| {
+                progress_tx.send_modify(|op| {
+                    op.bytes_done = done;
+                    op.bytes_total = total.max(done);
+                })
+            });
+            let result = agent.prepare_restore(request, store, progress).await;
             match &result {
                 Ok(prepared) => {
                     metrics.restore_prepared(prepared);

@@ -45,6 +45,7 @@ impl AgentBackend for Stand {
         &self,
         req: RestoreRequest,
         _store: Arc<dyn ObjectStore>,
+        _progress: Box<dyn Fn(u64, u64) + Send + Sync>,
     ) -> Result<PreparedRestore, RestoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Err(RestoreError::Incompatible {
@@ -180,9 +181,10 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
             &self,
             req: RestoreRequest,
             store: Arc<dyn ObjectStore>,
+            progress: Box<dyn Fn(u64, u64) + Send + Sync>,
         ) -> impl std::future::Future<Output = Result<PreparedRestore, RestoreError>> + Send {
             let inner = self.0.clone();
-            async move { inner.prepare_restore(req, store).await }
+            async move { inner.prepare_restore(req, store, progress).await }
         }
         fn node_facts(&self) -> NodeFacts {
             self.0.node_facts()

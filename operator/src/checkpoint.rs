@@ -23,8 +23,8 @@ use cryopod_crds::common::{
 };
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, CheckpointSizes, CheckpointStorage, CheckpointTimings,
-    CheckpointedContainer, HookFailurePolicy, HookSignal, HttpScheme, PodCheckpoint, PodCheckpointStatus,
-    PodIpConnections, PostCheckpointState, checkpoint_reasons as reasons,
+    CheckpointedContainer, HookFailurePolicy, HookSignal, HttpScheme, ManifestSummary, PodCheckpoint,
+    PodCheckpointStatus, PodIpConnections, PostCheckpointState, StoredObject, checkpoint_reasons as reasons,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
@@ -672,6 +672,26 @@ pub fn succeeded_status(
     status.completion_time = Some(at.clone());
     status.observed_generation = generation;
     status.manifest_digest = Some(result.manifest_digest.clone());
+    let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let node = result.node.clone().unwrap_or_default();
+    status.manifest = Some(ManifestSummary {
+        objects: result
+            .stored_objects
+            .iter()
+            .map(|o| StoredObject {
+                key: o.key.clone(),
+                size: bytes(o.size),
+                raw_size: bytes(o.raw_size),
+                sha256: o.sha256.clone(),
+            })
+            .collect(),
+        kernel: node.kernel,
+        criu_version: node.criu_version,
+        cgroup_version: node.cgroup_version,
+        cpu_flags: i32::try_from(node.cpu_flags.len()).unwrap_or(i32::MAX),
+        encryption: result.encryption_scheme.clone(),
+        recipients: result.encryption_recipients.clone(),
+    });
     status.frozen_time = micro_time(result.frozen_at_unix_micros);
     status.timings = Some(CheckpointTimings {
         freeze_window_millis: Some(result.freeze_window_millis as i64),
@@ -1514,6 +1534,21 @@ mod tests {
             warnings: vec!["hook 1 failed (ignored)".into()],
             pod_ip_connections: vec![],
             frozen_at_unix_micros: 1_234_567,
+            stored_objects: vec![pb::StoredObject {
+                key: "containers/a.tar.zst".into(),
+                size: 600,
+                raw_size: 3000,
+                sha256: "aa".into(),
+            }],
+            node: Some(pb::NodeFacts {
+                kernel: "6.12".into(),
+                criu_version: "4.2".into(),
+                cgroup_version: "V1".into(),
+                cpu_flags: vec!["sse2".into(), "avx2".into()],
+                ..Default::default()
+            }),
+            encryption_scheme: "age".into(),
+            encryption_recipients: vec!["age1abc".into()],
         };
         let at = Time(Timestamp::from_millisecond(3_500).unwrap());
         let done = succeeded_status(status, &result, None, Some("cp-key"), Some(1), at);
@@ -1524,6 +1559,17 @@ mod tests {
             "the freeze instant to the microsecond"
         );
         assert_eq!(micro_time(0), None);
+        // The manifest's facts, for people to read.
+        let manifest = done.manifest.clone().unwrap();
+        assert_eq!(
+            (
+                manifest.objects[0].raw_size,
+                manifest.cpu_flags,
+                manifest.encryption.as_str()
+            ),
+            (3000, 2, "age")
+        );
+        assert_eq!(manifest.recipients, ["age1abc"]);
         assert_eq!(done.timings.unwrap().total_millis, Some(2_500));
         assert_eq!(done.sizes.unwrap().stored_bytes, Some(1000));
         assert_eq!(

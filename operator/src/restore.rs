@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cryopod_agent_api::pb;
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, reserved_key, set_condition};
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, OperationProgress, reserved_key, set_condition};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus,
     RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
@@ -40,6 +40,21 @@ use crate::workload::{WITHHOLD_LABELS_ANNOTATION, parse_withheld};
 pub fn restore_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<PodRestore>> {
     let name = pod.annotations().get(PODRESTORE_ANNOTATION)?;
     Some(kube::runtime::reflector::ObjectRef::new(name).within(&pod.namespace()?))
+}
+
+/// Takes the agent's fetch progress into the status; whether it changed.
+pub fn fetching(status: &mut PodRestoreStatus, op: &pb::Operation) -> bool {
+    let before = (status.stage.clone(), status.progress);
+    if op.stage == pb::Stage::Fetching as i32 {
+        status.stage = Some("Fetching".to_owned());
+    }
+    if op.bytes_total > 0 {
+        status.progress = Some(OperationProgress {
+            bytes_done: i64::try_from(op.bytes_done).unwrap_or(i64::MAX),
+            bytes_total: i64::try_from(op.bytes_total.max(op.bytes_done)).unwrap_or(i64::MAX),
+        });
+    }
+    before != (status.stage.clone(), status.progress)
 }
 
 /// Reconciles one PodRestore.
@@ -483,16 +498,23 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             })?
             .into_inner();
         let mut last = None;
+        let mut current = status.clone();
+        let mut written: Option<std::time::Instant> = None;
         while let Some(op) = stream.message().await.map_err(|source| Error::Grpc {
             action: "follow the restore on the agent",
             source,
         })? {
+            // The first answer at once, then byte counts at most once a second.
+            if fetching(&mut current, &op) && written.is_none_or(|w| w.elapsed() >= Duration::from_secs(1)) {
+                write_status(restore, ctx, &current).await?;
+                written = Some(std::time::Instant::now());
+            }
             last = Some(op);
         }
-        Ok::<_, Error>(last)
+        Ok::<_, Error>((last, current))
     })
     .await;
-    let op = match followed {
+    let (op, current) = match followed {
         Err(_) => {
             return fail(
                 restore,
@@ -505,7 +527,7 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             )
             .await;
         }
-        Ok(op) => op?,
+        Ok(followed) => followed?,
     };
     let Some(op) = op.filter(|op| op.state != pb::State::Running as i32) else {
         return Ok(Action::requeue(Duration::from_secs(2)));
@@ -515,8 +537,9 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     }
     let fetch_millis = op.restore.as_ref().map(|r| (r.fetch_millis + r.unpack_millis) as i64);
 
-    let mut next = status.clone();
+    let mut next = current;
     next.phase = Some(RestorePhase::Restoring);
+    next.stage = Some("Restoring".to_owned());
     next.restored_pod_name = Some(pod_name.clone());
     next.timings = Some(RestoreTimings {
         fetch_millis,
@@ -741,6 +764,29 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn the_fetch_shows_its_bytes_in_the_status() {
+        let mut status = PodRestoreStatus::default();
+        let op = |done, total| pb::Operation {
+            stage: pb::Stage::Fetching as i32,
+            bytes_done: done,
+            bytes_total: total,
+            ..Default::default()
+        };
+        assert!(fetching(&mut status, &op(0, 0)));
+        assert_eq!((status.stage.as_deref(), status.progress), (Some("Fetching"), None));
+        assert!(fetching(&mut status, &op(10, 100)));
+        assert!(!fetching(&mut status, &op(10, 100)), "nothing new");
+        assert!(fetching(&mut status, &op(100, 100)));
+        assert_eq!(
+            status.progress,
+            Some(OperationProgress {
+                bytes_done: 100,
+                bytes_total: 100
+            })
+        );
+    }
 
     #[test]
     fn the_operators_keys_are_refused_naming_the_field() {

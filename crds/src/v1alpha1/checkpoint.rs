@@ -404,6 +404,12 @@ pub struct PodCheckpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_digest: Option<String>,
 
+    /// What the stored manifest says, copied for people to read without the store:
+    /// each object, the node's facts and the encryption. Informational: a restore
+    /// trusts only the signed manifest itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ManifestSummary>,
+
     /// `Ready` and friends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
@@ -505,6 +511,49 @@ pub struct CheckpointTimings {
     /// The whole operation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_millis: Option<i64>,
+}
+
+/// What a checkpoint's manifest holds, as its agent stored it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestSummary {
+    /// Every stored object but the manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 512))]
+    pub objects: Vec<StoredObject>,
+    /// The kernel of the node it was taken on (`uname -r`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kernel: String,
+    /// CRIU's version on that node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub criu_version: String,
+    /// `V1` or `V2`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cgroup_version: String,
+    /// How many CPU feature flags the node had (a restore needs them all).
+    #[serde(default)]
+    pub cpu_flags: i32,
+    /// `age` when the objects are encrypted; empty when they are not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encryption: String,
+    /// The age recipients (public keys) the objects are encrypted to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub recipients: Vec<String>,
+}
+
+/// One stored object of a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredObject {
+    /// Key under the checkpoint's prefix.
+    pub key: String,
+    /// Bytes stored (compressed, encrypted).
+    pub size: i64,
+    /// Bytes before compression.
+    pub raw_size: i64,
+    /// sha256 of the stored bytes, hex.
+    pub sha256: String,
 }
 
 /// Sizes in bytes.

@@ -111,6 +111,15 @@ fn default_timeout_seconds() -> i32 {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreStatus {
+    /// What the target's agent is doing now: `Fetching` while it fetches and verifies
+    /// the checkpoint's objects, then `Restoring` while the pod starts from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+
+    /// Bytes fetched so far (as stored) of all the checkpoint's objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::common::OperationProgress>,
+
     /// Where the restore is in its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RestorePhase>,
