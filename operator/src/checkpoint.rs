@@ -51,6 +51,7 @@ pub const HOLD_ANNOTATION: &str = "cryopod.io/hold-for-migration";
 
 /// Reconciles one PodCheckpoint.
 pub async fn reconcile(cp: Arc<PodCheckpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.new_pass(cp.uid());
     let ns = cp.namespace().unwrap_or_default();
     let api: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, cp, |event| async {

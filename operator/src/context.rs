@@ -37,11 +37,25 @@ pub struct Context {
     /// The watched PodCheckpoints, as the checkpoint controller's watch last saw them.
     pub checkpoints: Store<PodCheckpoint>,
     /// The resource version each object had after this operator last wrote its
-    /// status, by UID: the precondition of the next write.
+    /// status in the reconcile under way, by UID: the precondition of that
+    /// reconcile's next write. Forgotten when a reconcile starts ([`Context::new_pass`]):
+    /// a later reconcile working from an older view must fail its write (409) and
+    /// look again, not write over what an earlier one wrote (it once took a finished
+    /// migration from Succeeded back to Finalizing).
     pub written: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     /// Checkpoints started here that the watch may not show yet; held while a
     /// checkpoint decides to start, so two cannot both see room.
     pub starts: Arc<tokio::sync::Mutex<Starts>>,
+}
+
+impl Context {
+    /// A reconcile of the object with `uid` starts: its writes are preconditioned on
+    /// the version it read, then on its own last write.
+    pub fn new_pass(&self, uid: Option<String>) {
+        if let (Ok(mut written), Some(uid)) = (self.written.lock(), uid) {
+            written.remove(&uid);
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -174,6 +188,20 @@ pub fn expected_version(read: Option<&str>, written: Option<u64>) -> Option<Stri
     }
 }
 
+/// The merge patch that makes the stored status `new`: a merge patch keeps what it
+/// does not name, so a field `new` no longer has (an optional one cleared, such as a
+/// schedule's next run while it is suspended) is named with `null`.
+pub fn status_patch<S: serde::Serialize>(old: Option<&S>, new: &S) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).unwrap_or(serde_json::Value::Null);
+    let old = old.and_then(|o| serde_json::to_value(o).ok());
+    if let (Some(serde_json::Value::Object(old)), serde_json::Value::Object(fields)) = (old, &mut patch) {
+        for key in old.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
+}
+
 /// Writes the whole status of `object`, on the condition that nobody else wrote the
 /// object since it was read (or since this operator last wrote it): a status
 /// computed from a stale read is refused by the API server (409) rather than
@@ -183,7 +211,7 @@ pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::S
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
     let uid = object.uid().unwrap_or_default();
     let written = ctx.written.lock().ok().and_then(|w| w.get(&uid).copied());
-    let mut patch = serde_json::json!({ "status": status });
+    let mut patch = serde_json::json!({ "status": status_patch(object.status(), status) });
     if let Some(version) = expected_version(object.resource_version().as_deref(), written) {
         patch["metadata"] = serde_json::json!({ "resourceVersion": version });
     }
@@ -425,6 +453,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_status_patch_clears_what_the_new_status_no_longer_has() {
+        use cryopod_crds::v1alpha1::CheckpointScheduleStatus;
+        let old: CheckpointScheduleStatus = serde_json::from_value(serde_json::json!({
+            "lastScheduleTime": "2026-12-04T00:00:00Z", "nextScheduleTime": "2026-12-04T00:01:00Z"}))
+        .unwrap();
+        let mut new = old.clone();
+        new.next_schedule_time = None;
+        let patch = status_patch(Some(&old), &new);
+        assert_eq!(patch["nextScheduleTime"], serde_json::Value::Null);
+        assert!(patch.as_object().unwrap().contains_key("nextScheduleTime"));
+        assert_eq!(patch["lastScheduleTime"], "2026-12-04T00:00:00Z");
+        // Nothing to clear without an old status.
+        let first = status_patch(None, &new);
+        assert!(!first.as_object().unwrap().contains_key("nextScheduleTime"));
+    }
 
     #[test]
     fn a_node_tainted_against_the_pod_is_no_target() {

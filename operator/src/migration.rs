@@ -65,6 +65,7 @@ impl Operation for PodMigration {
 
 /// Reconciles one PodMigration.
 pub async fn reconcile(migration: Arc<PodMigration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.new_pass(migration.uid());
     match migration.status.as_ref().and_then(|s| s.phase) {
         None | Some(MigrationPhase::Pending) => start(&migration, &ctx).await,
         Some(MigrationPhase::Checkpointing) => after_checkpoint(&migration, &ctx).await,

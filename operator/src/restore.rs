@@ -59,6 +59,7 @@ pub fn fetching(status: &mut PodRestoreStatus, op: &pb::Operation) -> bool {
 
 /// Reconciles one PodRestore.
 pub async fn reconcile(restore: Arc<PodRestore>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.new_pass(restore.uid());
     match restore.status.as_ref().and_then(|s| s.phase) {
         None | Some(RestorePhase::Pending) => start(&restore, &ctx).await,
         Some(RestorePhase::Fetching) => fetch(&restore, &ctx).await,

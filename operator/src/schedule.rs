@@ -241,6 +241,7 @@ pub fn checkpoint_for(schedule: &CheckpointSchedule, pod: &Pod, at: Timestamp) -
 
 /// Reconciles one CheckpointSchedule.
 pub async fn reconcile(schedule: Arc<CheckpointSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.new_pass(schedule.uid());
     if schedule.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
