@@ -76,6 +76,7 @@ if [[ ! -f "$dir/.complete" ]]; then
     --essential-hook="copy-in $VM_DIR/guest/etc/initramfs-tools/conf.d/cryopod.conf /etc/initramfs-tools/conf.d/" \
     --customize-hook="sync-in $VM_DIR/guest /" \
     --customize-hook='chroot "$1" systemctl enable cryopod-vm-agent.service' \
+    --customize-hook='chroot "$1" systemctl set-default multi-user.target' \
     --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer' \
     --customize-hook='chroot "$1" dpkg-query -W -f="\${Package} \${Version}\n" > "$1/root/packages.txt"' \
     "$VM_SUITE" "$root" "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $VM_SUITE main" >&2

@@ -1,0 +1,145 @@
+# The VM node's helpers: boot the image of hack/vm/ensure-image.sh under QEMU, run
+# commands in it, stop it. Source it (after hack/lib.sh); it keeps its state in VM_*.
+#
+#   vm_boot IMAGE_DIR RUN_DIR   start QEMU in the background (KVM if it boots here, else TCG)
+#   vm_wait_ready [SECONDS]     wait for the guest's agent, then for systemd to finish booting
+#   vm_exec [-t SECONDS] [SCRIPT]   run SCRIPT (or stdin) as root in the guest through the
+#                               9p command channel; prints its output, returns its status
+#   vm_stop                     stop QEMU (by the PID this shell started) and remove the run's disk
+#
+# The guest's disk is a qcow2 overlay in RUN_DIR on top of the cached image, so every boot
+# starts from the same state. The serial console goes to RUN_DIR/serial.log. The network
+# is QEMU's user mode with restrict=on: the guest reaches nothing outside itself.
+VM_MEMORY_MB=${CRYOPOD_VM_MEMORY_MB:-2048}
+VM_CPUS=${CRYOPOD_VM_CPUS:-2}
+# cgroup v2 only (systemd >= 258 knows no other), serial console, predictable eth0.
+VM_CMDLINE="root=/dev/vda rw console=ttyS0,115200 systemd.unified_cgroup_hierarchy=1 net.ifnames=0 panic=-1"
+VM_PID=
+VM_RUN=
+VM_SEQ=0
+
+# vm_accel IMAGE_DIR: prints the QEMU accelerator arguments that boot a kernel on this
+# machine: KVM if a guest under KVM gets through the kernel's start within a deadline,
+# otherwise TCG. The answer is kept per host boot ($CRYOPOD_CACHE/vm-accel/<boot id>);
+# CRYOPOD_VM_ACCEL=kvm|tcg skips the probe.
+vm_accel() {
+  local image=$1 cache="$CRYOPOD_CACHE/vm-accel/$(cat /proc/sys/kernel/random/boot_id)"
+  local choice=${CRYOPOD_VM_ACCEL:-}
+  if [[ -z $choice && -s $cache ]]; then choice=$(cat "$cache"); fi
+  if [[ -z $choice ]]; then
+    choice=tcg
+    if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+      local cpu
+      for cpu in host host,arch-capabilities=off; do
+        if vm_probe_kvm "$image" "$cpu"; then choice="kvm:$cpu"; break; fi
+      done
+    else
+      log "vm: /dev/kvm is not usable"
+    fi
+    mkdir -p "${cache%/*}" && echo "$choice" > "$cache"
+  fi
+  log "vm: accelerator ${choice} (probed once per host boot: $cache)"
+  case $choice in
+    kvm) echo "-accel kvm -cpu host" ;;
+    kvm:*) echo "-accel kvm -cpu ${choice#kvm:}" ;;
+    tcg) echo "-accel tcg,thread=multi -cpu max" ;;
+    *) die "unknown accelerator '$choice'" ;;
+  esac
+}
+
+# vm_probe_kvm IMAGE_DIR CPU: boots the kernel under KVM with no root filesystem; true if
+# it reaches the end of its own start ("Freeing unused kernel image") within 20 s.
+vm_probe_kvm() {
+  local image=$1 cpu=$2 log pid deadline=$((SECONDS + 20)) ok=1
+  log=$(mktemp /tmp/cryopod-vm-probe.XXXXXX)
+  qemu-system-x86_64 -accel kvm -cpu "$cpu" -machine q35 -m 512 -smp 1 -nodefaults -no-reboot \
+    -display none -serial "file:$log" -kernel "$image/vmlinuz" \
+    -append "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 rdinit=/nonexistent" >>"$log.err" 2>&1 &
+  pid=$!
+  while ((SECONDS < deadline)) && kill -0 "$pid" 2>/dev/null; do
+    if grep -q "Freeing unused kernel image" "$log"; then ok=0; break; fi
+    sleep 0.5
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if ((ok == 0)); then
+    log "vm: KVM boots a kernel here (-cpu $cpu)"
+  else
+    log "vm: KVM with -cpu $cpu did not boot a kernel within 20 s; serial: $(head -c 300 "$log" | tr -c '[:print:]' ' ') qemu: $(head -c 300 "$log.err" | tr '\n' ' ')"
+  fi
+  rm -f "$log" "$log.err"
+  return "$ok"
+}
+
+vm_boot() {
+  local image=$1 run=$2 accel
+  command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing (hack/vm/ensure-image.sh installs it)"
+  [[ -z $VM_PID ]] || die "a VM is already running (pid $VM_PID)"
+  accel=$(vm_accel "$image")
+  VM_RUN=$run
+  rm -rf "$run" && mkdir -p "$run/share/req" "$run/share/res"
+  qemu-img create -q -f qcow2 -F qcow2 -b "$image/rootfs.qcow2" "$run/disk.qcow2"
+  VM_BOOT_START=$(date +%s.%N)
+  # shellcheck disable=SC2086 # accel is a list of arguments
+  qemu-system-x86_64 $accel -machine q35 -smp "$VM_CPUS" -m "$VM_MEMORY_MB" -nodefaults -no-reboot \
+    -display none -serial "file:$run/serial.log" \
+    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" -append "$VM_CMDLINE ${CRYOPOD_VM_CMDLINE_EXTRA:-}" \
+    -drive "file=$run/disk.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+    -virtfs "local,path=$run/share,mount_tag=cryopod,security_model=none,id=share" \
+    -nic user,restrict=on,model=virtio-net-pci \
+    -device virtio-rng-pci \
+    >"$run/qemu.log" 2>&1 &
+  VM_PID=$!
+  echo "$VM_PID" > "$run/qemu.pid"
+  log "vm: QEMU pid $VM_PID ($accel, $VM_CPUS vCPUs, $VM_MEMORY_MB MiB), serial console $run/serial.log"
+}
+
+# vm_wait_ready [SECONDS]: the agent answers, then systemd has finished starting units.
+# Sets VM_AGENT_UP and VM_READY (host seconds since QEMU started).
+vm_elapsed() { awk -v s="$VM_BOOT_START" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n - s}'; }
+
+vm_wait_ready() {
+  local timeout=${1:-600} deadline
+  deadline=$((SECONDS + timeout))
+  until [[ -s $VM_RUN/share/res/agent-up ]]; do
+    kill -0 "$VM_PID" 2>/dev/null || die "vm: QEMU exited; see $VM_RUN/qemu.log and $VM_RUN/serial.log"
+    ((SECONDS < deadline)) || die "vm: no agent within ${timeout} s; see $VM_RUN/serial.log"
+    sleep 0.5
+  done
+  VM_AGENT_UP=$(vm_elapsed)
+  log "vm: agent up after ${VM_AGENT_UP} s"
+  vm_exec -t $((deadline - SECONDS)) 'systemctl is-system-running --wait' >/dev/null ||
+    log "vm: systemd reports a degraded system: $(vm_exec 'systemctl --failed --no-legend')"
+  VM_READY=$(vm_elapsed)
+  log "vm: systemd finished booting after ${VM_READY} s"
+}
+
+vm_exec() {
+  local timeout=600 id script req res deadline
+  if [[ ${1:-} == -t ]]; then timeout=$2; shift 2; fi
+  if (($#)); then script=$*; else script=$(cat); fi
+  [[ -n $VM_PID ]] || die "vm_exec: no VM"
+  id="$$-$((++VM_SEQ))"
+  req="$VM_RUN/share/req" res="$VM_RUN/share/res"
+  printf '%s\n' "$script" > "$req/.$id.tmp" && mv "$req/.$id.tmp" "$req/$id.sh"
+  deadline=$((SECONDS + timeout))
+  until [[ -s $res/$id.rc ]]; do
+    kill -0 "$VM_PID" 2>/dev/null || die "vm: QEMU exited during '$script'; see $VM_RUN/serial.log"
+    ((SECONDS < deadline)) || { log "vm: '$script' timed out after $timeout s"; cat "$res/$id.out" 2>/dev/null; return 124; }
+    sleep 0.2
+  done
+  cat "$res/$id.out"
+  return "$(cat "$res/$id.rc")"
+}
+
+vm_stop() {
+  [[ -n $VM_PID ]] || return 0
+  log "vm: stopping QEMU pid $VM_PID"
+  kill -TERM "$VM_PID" 2>/dev/null || true
+  local i
+  for i in $(seq 50); do kill -0 "$VM_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$VM_PID" 2>/dev/null || true
+  wait "$VM_PID" 2>/dev/null || true
+  VM_PID=
+  rm -f "$VM_RUN/disk.qcow2" "$VM_RUN/qemu.pid"
+}
