@@ -78,6 +78,8 @@ if [[ ! -f "$dir/.complete" ]]; then
     --customize-hook='chroot "$1" systemctl enable cryopod-vm-agent.service' \
     --customize-hook='chroot "$1" systemctl set-default multi-user.target' \
     --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer' \
+    `# First-boot work done now: ldconfig and the journal catalog (ConditionNeedsUpdate).` \
+    --customize-hook='chroot "$1" ldconfig && chroot "$1" journalctl --update-catalog && touch "$1/etc/.updated" "$1/var/.updated"' \
     --customize-hook='chroot "$1" dpkg-query -W -f="\${Package} \${Version}\n" > "$1/root/packages.txt"' \
     "$VM_SUITE" "$root" "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $VM_SUITE main" >&2
   # The kernel and the initramfs that the kernel's package generated inside the rootfs.
@@ -94,8 +96,8 @@ if [[ ! -f "$dir/.complete" ]]; then
       "$root/boot/config-${kernel#vmlinuz-}" | sed 's/^/config /'
   } > "$dir.tmp/manifest.txt"
   # ext4 straight from the directory (no loop device, no mount), then qcow2.
-  mke2fs -q -t ext4 -L cryopod-vm -d "$root" "$dir.tmp/rootfs.raw" "$IMAGE_SIZE"
-  qemu-img convert -O qcow2 "$dir.tmp/rootfs.raw" "$dir.tmp/rootfs.qcow2"
+  mke2fs -q -t ext4 -L cryopod-vm -d "$root" "$dir.tmp/rootfs.raw" "$IMAGE_SIZE" >&2
+  qemu-img convert -O qcow2 "$dir.tmp/rootfs.raw" "$dir.tmp/rootfs.qcow2" >&2
   rm -rf "$dir.tmp/rootfs.raw" "$root"
   echo "built in $((SECONDS - start)) s on $(date -u +%FT%TZ)" >> "$dir.tmp/manifest.txt"
   for old in "$CRYOPOD_CACHE/vm-$VM_SUITE"-*; do

@@ -12,6 +12,10 @@
 # is QEMU's user mode with restrict=on: the guest reaches nothing outside itself.
 VM_MEMORY_MB=${CRYOPOD_VM_MEMORY_MB:-2048}
 VM_CPUS=${CRYOPOD_VM_CPUS:-2}
+# TCG's multi-threaded mode (one host thread per vCPU) crashed the guest kernel here once:
+# "Oops: int3" in __schedule, at a site the kernel had just live-patched (text_poke with
+# int3), while the other vCPU ran it. One thread for both vCPUs is the safe default.
+VM_TCG_THREAD=${CRYOPOD_VM_TCG_THREAD:-single}
 # cgroup v2 only (systemd >= 258 knows no other), serial console, predictable eth0.
 VM_CMDLINE="root=/dev/vda rw console=ttyS0,115200 systemd.unified_cgroup_hierarchy=1 net.ifnames=0 panic=-1"
 VM_PID=
@@ -42,7 +46,7 @@ vm_accel() {
   case $choice in
     kvm) echo "-accel kvm -cpu host" ;;
     kvm:*) echo "-accel kvm -cpu ${choice#kvm:}" ;;
-    tcg) echo "-accel tcg,thread=multi -cpu max" ;;
+    tcg) echo "-accel tcg,thread=$VM_TCG_THREAD -cpu max" ;;
     *) die "unknown accelerator '$choice'" ;;
   esac
 }
@@ -119,7 +123,8 @@ vm_exec() {
   if [[ ${1:-} == -t ]]; then timeout=$2; shift 2; fi
   if (($#)); then script=$*; else script=$(cat); fi
   [[ -n $VM_PID ]] || die "vm_exec: no VM"
-  id="$$-$((++VM_SEQ))"
+  # Unique even when called from subshells (pipelines), which share $$ and VM_SEQ.
+  id="$(date +%s%N)-$BASHPID-$((++VM_SEQ))"
   req="$VM_RUN/share/req" res="$VM_RUN/share/res"
   printf '%s\n' "$script" > "$req/.$id.tmp" && mv "$req/.$id.tmp" "$req/$id.sh"
   deadline=$((SECONDS + timeout))
