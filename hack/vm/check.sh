@@ -72,31 +72,16 @@ check "criu features" '
 check "memory after boot" 'free -m; grep -E "MemTotal|MemAvailable" /proc/meminfo' |
   awk '/MemTotal/ {t=$2} /MemAvailable/ {a=$2} END {printf "guest memory used after boot (MemTotal - MemAvailable): %d MiB\n", (t - a) / 1024}' >> "$figures"
 
-# A busybox image built inside the guest as an OCI archive (the way e2e/cluster/images.sh
-# lays one out), a counter container under the systemd cgroup driver, then a checkpoint
+# A busybox image built inside the guest as an OCI archive (hack/vm/share/oci-image.sh), a counter container under the systemd cgroup driver, then a checkpoint
 # and a restore through containerd (runc and CRIU underneath).
 check "a container under the systemd driver, checkpointed and restored" '
   set -eux
-  d=/var/tmp/oci; rm -rf $d; mkdir -p $d/rootfs/bin $d/rootfs/tmp $d/oci/blobs/sha256
-  cp /usr/bin/busybox $d/rootfs/bin/busybox
-  for a in sh sleep echo cat; do ln -s busybox $d/rootfs/bin/$a; done
-  tar --sort=name --owner=0 --group=0 --mtime=@0 -C $d/rootfs -cf $d/layer.tar .
-  blob() { local s; s=$(sha256sum "$1" | cut -d" " -f1); cp "$1" $d/oci/blobs/sha256/$s; echo $s; }
-  size() { stat -c %s "$1"; }
-  layer=$(blob $d/layer.tar)
-  printf "{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{\"Env\":[\"PATH=/bin\"],\"Cmd\":[\"sh\"]},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:%s\"]}}" $layer > $d/config.json
-  config=$(blob $d/config.json)
-  printf "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:%s\",\"size\":%d},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:%s\",\"size\":%d}]}" \
-    $config $(size $d/config.json) $layer $(size $d/layer.tar) > $d/manifest.json
-  manifest=$(blob $d/manifest.json)
-  printf "{\"schemaVersion\":2,\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:%s\",\"size\":%d,\"platform\":{\"architecture\":\"amd64\",\"os\":\"linux\"},\"annotations\":{\"io.containerd.image.name\":\"cryopod.local/busybox:vm\",\"org.opencontainers.image.ref.name\":\"vm\"}}]}" \
-    $manifest $(size $d/manifest.json) > $d/oci/index.json
-  echo "{\"imageLayoutVersion\":\"1.0.0\"}" > $d/oci/oci-layout
-  tar -C $d/oci -cf $d/busybox.tar oci-layout index.json blobs
-  ctr images import $d/busybox.tar
-  ctr images ls -q | grep -x cryopod.local/busybox:vm
+  d=/var/tmp/busybox; rm -rf $d; mkdir -p $d/bin $d/tmp
+  cp /usr/bin/busybox $d/bin/busybox
+  for a in sh sleep echo cat; do ln -s busybox $d/bin/$a; done
+  /mnt/host/bin/oci-image.sh default cryopod.local/busybox:vm $d /bin/sh
   ctr run -d --runc-systemd-cgroup --cgroup system.slice:cryopod:c1 cryopod.local/busybox:vm c1 \
-    sh -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/count; sleep 1; done"
+    -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/count; sleep 1; done"
   sleep 3
   ctr c info c1 | grep -i cgroupsPath
   pid=$(ctr t ls | awk "\$1 == \"c1\" {print \$2}")

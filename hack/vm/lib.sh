@@ -81,7 +81,9 @@ vm_boot() {
   [[ -z $VM_PID ]] || die "a VM is already running (pid $VM_PID)"
   accel=$(vm_accel "$image")
   VM_RUN=$run
-  rm -rf "$run" && mkdir -p "$run/share/req" "$run/share/res"
+  rm -rf "$run" && mkdir -p "$run/share/req" "$run/share/res" "$run/share/bin"
+  # Guest-side tools, at /mnt/host/bin in the guest.
+  cp "$HACK_DIR/vm/share/"* "$run/share/bin/"
   qemu-img create -q -f qcow2 -F qcow2 -b "$image/rootfs.qcow2" "$run/disk.qcow2"
   VM_BOOT_START=$(date +%s.%N)
   # shellcheck disable=SC2086 # accel is a list of arguments
