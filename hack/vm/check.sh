@@ -81,7 +81,7 @@ check "a container under the systemd driver, checkpointed and restored" '
   for a in sh sleep echo cat; do ln -s busybox $d/bin/$a; done
   /mnt/host/bin/oci-image.sh default cryopod.local/busybox:vm $d /bin/sh
   ctr run -d --runc-systemd-cgroup --cgroup system.slice:cryopod:c1 cryopod.local/busybox:vm c1 \
-    -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/count; sleep 1; done"
+    sh -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/count; sleep 1; done"
   sleep 3
   ctr c info c1 | grep -i cgroupsPath
   pid=$(ctr t ls | awk "\$1 == \"c1\" {print \$2}")
