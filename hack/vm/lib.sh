@@ -16,6 +16,8 @@ VM_CPUS=${CRYOPOD_VM_CPUS:-2}
 # "Oops: int3" in __schedule, at a site the kernel had just live-patched (text_poke with
 # int3), while the other vCPU ran it. One thread for both vCPUs is the safe default.
 VM_TCG_THREAD=${CRYOPOD_VM_TCG_THREAD:-single}
+# TCG's translation cache (QEMU's default is 1 GiB, most of QEMU's resident memory).
+VM_TCG_TB_MB=${CRYOPOD_VM_TCG_TB_MB:-256}
 # cgroup v2 only (systemd >= 258 knows no other), serial console, predictable eth0.
 VM_CMDLINE="root=/dev/vda rw console=ttyS0,115200 systemd.unified_cgroup_hierarchy=1 net.ifnames=0 panic=-1"
 VM_PID=
@@ -46,7 +48,7 @@ vm_accel() {
   case $choice in
     kvm) echo "-accel kvm -cpu host" ;;
     kvm:*) echo "-accel kvm -cpu ${choice#kvm:}" ;;
-    tcg) echo "-accel tcg,thread=$VM_TCG_THREAD -cpu max" ;;
+    tcg) echo "-accel tcg,thread=$VM_TCG_THREAD,tb-size=$VM_TCG_TB_MB -cpu max" ;;
     *) die "unknown accelerator '$choice'" ;;
   esac
 }
