@@ -75,7 +75,7 @@ if [[ ! -f "$dir/.complete" ]]; then
     --essential-hook='mkdir -p "$1/etc/initramfs-tools/conf.d"' \
     --essential-hook="copy-in $VM_DIR/guest/etc/initramfs-tools/conf.d/cryopod.conf /etc/initramfs-tools/conf.d/" \
     --customize-hook="sync-in $VM_DIR/guest /" \
-    --customize-hook='chroot "$1" systemctl enable cryopod-vm-agent.service' \
+    --customize-hook='chroot "$1" systemctl enable cryopod-vm-agent.service cryopod-vm-net.service' \
     --customize-hook='chroot "$1" systemctl set-default multi-user.target' \
     --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer' \
     `# First-boot work done now: ldconfig and the journal catalog (ConditionNeedsUpdate).` \

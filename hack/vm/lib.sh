@@ -8,8 +8,11 @@
 #   vm_stop                     stop QEMU (by the PID this shell started) and remove the run's disk
 #
 # The guest's disk is a qcow2 overlay in RUN_DIR on top of the cached image, so every boot
-# starts from the same state. The serial console goes to RUN_DIR/serial.log. The network
-# is QEMU's user mode with restrict=on: the guest reaches nothing outside itself.
+# starts from the same state. The serial console goes to RUN_DIR/serial.log.
+# The network: by default QEMU's user mode with restrict=on (the guest reaches nothing
+# outside itself). With VM_TAP_NETNS and VM_TAP_BRIDGE set, QEMU runs inside that network
+# namespace (which the caller made) on a tap it creates there and puts on that bridge;
+# the guest's eth0 gets VM_GUEST_IP (ADDR/PREFIX) and the default route VM_GUEST_GW.
 VM_MEMORY_MB=${CRYOPOD_VM_MEMORY_MB:-2048}
 VM_CPUS=${CRYOPOD_VM_CPUS:-2}
 # TCG's multi-threaded mode (one host thread per vCPU) crashed the guest kernel here once:
@@ -20,6 +23,9 @@ VM_TCG_THREAD=${CRYOPOD_VM_TCG_THREAD:-single}
 VM_TCG_TB_MB=${CRYOPOD_VM_TCG_TB_MB:-256}
 # cgroup v2 only (systemd >= 258 knows no other), serial console, predictable eth0.
 VM_CMDLINE="root=/dev/vda rw console=ttyS0,115200 systemd.unified_cgroup_hierarchy=1 net.ifnames=0 panic=-1"
+VM_TAP_NETNS=${VM_TAP_NETNS:-} VM_TAP_BRIDGE=${VM_TAP_BRIDGE:-} VM_TAP=${VM_TAP:-vmtap0}
+VM_GUEST_IP=${VM_GUEST_IP:-} VM_GUEST_GW=${VM_GUEST_GW:-}
+VM_MAC=${VM_MAC:-52:54:00:c0:70:10}
 VM_PID=
 VM_RUN=
 VM_SEQ=0
@@ -87,14 +93,23 @@ vm_boot() {
   # Guest-side tools, at /mnt/host/bin in the guest.
   cp "$HACK_DIR/vm/share/"* "$run/share/bin/"
   qemu-img create -q -f qcow2 -F qcow2 -b "$image/rootfs.qcow2" "$run/disk.qcow2"
+  local netns=() nic=(-nic "user,restrict=on,model=virtio-net-pci,mac=$VM_MAC") cmdline=$VM_CMDLINE
+  if [[ -n $VM_TAP_NETNS ]]; then
+    [[ -n $VM_TAP_BRIDGE && -n $VM_GUEST_IP ]] || die "vm: a tap needs VM_TAP_BRIDGE and VM_GUEST_IP"
+    ip -n "$VM_TAP_NETNS" tuntap add dev "$VM_TAP" mode tap
+    ip -n "$VM_TAP_NETNS" link set "$VM_TAP" master "$VM_TAP_BRIDGE" up
+    netns=(nsenter "--net=/run/netns/$VM_TAP_NETNS")
+    nic=(-netdev "tap,id=net0,ifname=$VM_TAP,script=no,downscript=no" -device "virtio-net-pci,netdev=net0,mac=$VM_MAC")
+    cmdline+=" cryopod.ip=$VM_GUEST_IP${VM_GUEST_GW:+ cryopod.gw=$VM_GUEST_GW}"
+  fi
   VM_BOOT_START=$(date +%s.%N)
   # shellcheck disable=SC2086 # accel is a list of arguments
-  qemu-system-x86_64 $accel -machine q35 -smp "$VM_CPUS" -m "$VM_MEMORY_MB" -nodefaults -no-reboot \
+  "${netns[@]}" qemu-system-x86_64 $accel -machine q35 -smp "$VM_CPUS" -m "$VM_MEMORY_MB" -nodefaults -no-reboot \
     -display none -serial "file:$run/serial.log" \
-    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" -append "$VM_CMDLINE ${CRYOPOD_VM_CMDLINE_EXTRA:-}" \
+    -kernel "$image/vmlinuz" -initrd "$image/initrd.img" -append "$cmdline ${CRYOPOD_VM_CMDLINE_EXTRA:-}" \
     -drive "file=$run/disk.qcow2,if=virtio,format=qcow2,cache=unsafe" \
     -virtfs "local,path=$run/share,mount_tag=cryopod,security_model=none,id=share" \
-    -nic user,restrict=on,model=virtio-net-pci \
+    "${nic[@]}" \
     -device virtio-rng-pci \
     >"$run/qemu.log" 2>&1 &
   VM_PID=$!
@@ -151,4 +166,5 @@ vm_stop() {
   wait "$VM_PID" 2>/dev/null || true
   VM_PID=
   rm -f "$VM_RUN/disk.qcow2" "$VM_RUN/qemu.pid"
+  if [[ -n $VM_TAP_NETNS ]]; then ip -n "$VM_TAP_NETNS" link del "$VM_TAP" 2>/dev/null || true; fi
 }
