@@ -12,6 +12,6 @@ trap vm_stop EXIT
 trap 'exit 130' INT TERM
 vm_boot "$image" "$run"
 vm_wait_ready
-log "vm: running; commands: source hack/vm/lib.sh and vm_exec, or put scripts in $run/share/req"
+log "vm: running; commands: source hack/lib.sh and hack/vm/lib.sh, then vm_attach $run and vm_exec"
 while kill -0 "$VM_PID" 2>/dev/null; do sleep 1; done
 die "vm: QEMU exited; see $run/serial.log"

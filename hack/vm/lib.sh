@@ -6,6 +6,7 @@
 #   vm_exec [-t SECONDS] [SCRIPT]   run SCRIPT (or stdin) as root in the guest through the
 #                               9p command channel; prints its output, returns its status
 #   vm_stop                     stop QEMU (by the PID this shell started) and remove the run's disk
+#   vm_attach RUN_DIR           use vm_exec on a VM that another process (boot.sh) runs
 #
 # The guest's disk is a qcow2 overlay in RUN_DIR on top of the cached image, so every boot
 # starts from the same state. The serial console goes to RUN_DIR/serial.log.
@@ -154,6 +155,12 @@ vm_exec() {
   done
   cat "$res/$id.out"
   return "$(cat "$res/$id.rc")"
+}
+
+vm_attach() {
+  VM_RUN=$1
+  VM_PID=$(cat "$VM_RUN/qemu.pid" 2>/dev/null) || die "vm: no VM runs in $VM_RUN"
+  [[ $(readlink "/proc/$VM_PID/exe" 2>/dev/null) == */qemu-system-x86_64 ]] || die "vm: pid $VM_PID of $VM_RUN is not QEMU"
 }
 
 vm_stop() {
