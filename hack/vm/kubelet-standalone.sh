@@ -98,4 +98,39 @@ vm_exec 'set -eux
   echo "runc checkpoint --leave-running of the non-root container took $(( (t1 - t0) / 1000000 )) ms"
   ls /var/tmp/ck | head; du -sh /var/tmp/ck
   grep -c . /var/tmp/ck/*.img >/dev/null' | tee "$run/checkpoint.txt"
+# How a pod is frozen at one instant on cgroup v2 and then dumped (platform.md has the
+# v1 answers): with the pod's slice frozen, and with only the container's scope frozen
+# (freeze the slice, then each scope, then thaw the slice).
+log "freezing the pod on cgroup v2, then runc checkpoint"
+vm_exec 'set -u
+  id=$(for c in $(ctr -n k8s.io c ls -q); do
+         ctr -n k8s.io c info $c | grep -q "\"io.kubernetes.cri.container-name\": \"counter\"" && echo $c; done)
+  pid=$(ctr -n k8s.io t ls | awk -v id=$id "\$1 == id {print \$2}")
+  pod=$(dirname "/sys/fs/cgroup$(cut -d: -f3 /proc/$pid/cgroup)")
+  count() { cat /proc/$pid/root/data/count; }
+  frozen() { grep -q "^frozen 1" $1/cgroup.events; }
+  wait_frozen() { for i in $(seq 100); do frozen $1 && return 0; sleep 0.1; done; return 1; }
+  ck() { rm -rf /var/tmp/ck2; mkdir -p /var/tmp/ck2
+    t0=$(date +%s%N); timeout ${1:-120} runc --root /run/containerd/runc/k8s.io checkpoint --leave-running --image-path /var/tmp/ck2 $id > /var/tmp/ck2.out 2>&1; rc=$?; t1=$(date +%s%N)
+    echo "runc checkpoint exit $rc after $(( (t1 - t0) / 1000000 )) ms"
+    [ $rc = 0 ] || { tail -3 /var/tmp/ck2.out; grep -m3 Error /var/tmp/ck2/dump.log; tail -4 /var/tmp/ck2/dump.log; }; return $rc; }
+  echo "pod slice: $pod"
+  echo "== 1. one instant: freeze the slice, then every scope, then thaw the slice"
+  echo 1 > $pod/cgroup.freeze; wait_frozen $pod
+  for s in $pod/*.scope; do echo 1 > $s/cgroup.freeze; done
+  echo 0 > $pod/cgroup.freeze
+  a=$(count); sleep 2; b=$(count)
+  echo "slice thawed, scopes frozen: $(for s in $pod/*.scope; do frozen $s && echo -n "frozen " || echo -n "running "; done); count $a then $b 2 s later"
+  ck; r2=$?
+  echo "after: scope frozen: $(frozen $pod/cri-containerd-$id.scope && echo yes || echo no)"
+  for s in $pod/*.scope; do echo 0 > $s/cgroup.freeze; done
+  sleep 2; echo "thawed: count $(count)"
+  echo "== 2. the pod slice itself frozen (last: a failed dump may kill the container)"
+  echo 1 > $pod/cgroup.freeze; wait_frozen $pod && echo "slice frozen at count $(count)"
+  ck 30; r1=$?
+  echo "after: slice frozen: $(frozen $pod && echo yes || echo no); scope events: $(tr "\n" " " < $pod/cri-containerd-$id.scope/cgroup.events)"
+  echo 0 > $pod/cgroup.freeze; sleep 2
+  echo "the container process after the thaw: $(kill -0 $pid 2>/dev/null && echo alive || echo gone)"
+  echo "result: slice frozen -> exit $r1; scopes frozen -> exit $r2"
+  [ $r2 = 0 ] && [ "$a" = "$b" ]' | tee "$run/freeze.txt"
 log "fixtures in $run/share/fixtures"
