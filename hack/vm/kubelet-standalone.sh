@@ -4,7 +4,9 @@
 # static pod whose container runs as a non-root user, then keeps what containerd's CRI
 # answered (the sandbox's and the container's specs, their cgroups) as fixtures for
 # discovery, and checkpoints the non-root container with runc and CRIU, which this
-# machine's own root cannot do (it lacks CAP_SYS_RESOURCE).
+# machine's own root cannot do (it lacks CAP_SYS_RESOURCE). Last, it freezes the pod on
+# cgroup v2 in two ways and dumps it (RUN_DIR/freeze.txt): the scopes frozen one instant
+# (must work), and the pod slice itself frozen (recorded; CRIU hangs there).
 # usage: kubelet-standalone.sh [RUN_DIR]   (fixtures in RUN_DIR/share/fixtures)
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 source "$HACK_DIR/vm/lib.sh"
@@ -20,6 +22,7 @@ cp "$kube_bin/kubelet" "$run/share/bin/kubelet"
 vm_wait_ready 900
 
 log "kubelet: images, CNI, configuration"
+trap 'vm_stop; rm -f "$run/share/bin/kubelet"' EXIT
 vm_exec 'set -eux
   install -m 0755 /mnt/host/bin/kubelet /usr/local/bin/kubelet
   d=/var/tmp/pause; mkdir -p $d; cp /usr/bin/catatonit $d/pause

@@ -90,7 +90,13 @@ vm_boot() {
   [[ -z $VM_PID ]] || die "a VM is already running (pid $VM_PID)"
   accel=$(vm_accel "$image")
   VM_RUN=$run
-  rm -rf "$run" && mkdir -p "$run/share/req" "$run/share/res" "$run/share/bin"
+  # A run directory is reused only if it holds an earlier run (never wipe anything else).
+  if [[ -e $run ]]; then
+    [[ -d $run/share && ! -e $run/qemu.pid ]] || [[ -z $(ls -A "$run") ]] ||
+      die "vm: $run is not an earlier run's directory (or its QEMU still runs): not reusing it"
+    rm -rf "$run"
+  fi
+  mkdir -p "$run/share/req" "$run/share/res" "$run/share/bin"
   # Guest-side tools, at /mnt/host/bin in the guest.
   cp "$HACK_DIR/vm/share/"* "$run/share/bin/"
   qemu-img create -q -f qcow2 -F qcow2 -b "$image/rootfs.qcow2" "$run/disk.qcow2"
