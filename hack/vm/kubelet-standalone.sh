@@ -91,7 +91,7 @@ vm_exec 'set -eu
 log "checkpointing the non-root container with runc (CRIU)"
 vm_exec 'set -eux
   id=$(for c in $(ctr -n k8s.io c ls -q); do
-         ctr -n k8s.io c info $c | grep -q "\"io.kubernetes.cri.container-name\": \"counter\"" && echo $c; done)
+         ctr -n k8s.io c info $c | grep -q "\"io.kubernetes.cri.container-name\": \"counter\"" && echo $c; done; true)
   pid=$(ctr -n k8s.io t ls | awk -v id=$id "\$1 == id {print \$2}")
   cat /proc/$pid/root/data/count; stat -c "%U %u:%g %n" /proc/$pid/root/data/count
   rm -rf /var/tmp/ck; mkdir -p /var/tmp/ck
@@ -107,7 +107,7 @@ vm_exec 'set -eux
 log "freezing the pod on cgroup v2, then runc checkpoint"
 vm_exec 'set -u
   id=$(for c in $(ctr -n k8s.io c ls -q); do
-         ctr -n k8s.io c info $c | grep -q "\"io.kubernetes.cri.container-name\": \"counter\"" && echo $c; done)
+         ctr -n k8s.io c info $c | grep -q "\"io.kubernetes.cri.container-name\": \"counter\"" && echo $c; done; true)
   pid=$(ctr -n k8s.io t ls | awk -v id=$id "\$1 == id {print \$2}")
   pod=$(dirname "/sys/fs/cgroup$(cut -d: -f3 /proc/$pid/cgroup)")
   count() { cat /proc/$pid/root/data/count; }
