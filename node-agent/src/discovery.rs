@@ -512,6 +512,49 @@ mod tests {
         assert!(err.contains("container app"), "{err}");
     }
 
+    /// The cgroups containerd named on the VM node (systemd driver, cgroup v2; see
+    /// `tests/fixtures/vm-systemd-driver/`) are the ones its kernel put the tasks in.
+    #[test]
+    fn the_vm_nodes_recorded_cgroups_are_where_its_tasks_ran() {
+        let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+        let sandbox = json(include_str!(
+            "../tests/fixtures/vm-systemd-driver/ctr-info-sandbox.json"
+        ));
+        let metadata = json(include_str!(
+            "../tests/fixtures/vm-systemd-driver/ctr-info-sandbox.metadata.json"
+        ));
+        let recorded = json(include_str!(
+            "../tests/fixtures/vm-systemd-driver/ctr-info-container.json"
+        ));
+        let summary = include_str!("../tests/fixtures/vm-systemd-driver/summary.txt");
+        let cgroups_path =
+            |record: &serde_json::Value| record["Spec"]["linux"]["cgroupsPath"].as_str().unwrap().to_owned();
+        let parent = metadata["Metadata"]["Config"]["linux"]["cgroup_parent"]
+            .as_str()
+            .unwrap();
+        let pod = pod_runtime(
+            "uid",
+            vec![sandbox_at(NamespaceMode::Pod, &cgroups_path(&sandbox), parent)],
+            vec![container(
+                "counter",
+                ContainerState::ContainerRunning,
+                10,
+                &cgroups_path(&recorded),
+                json!({}),
+            )],
+        )
+        .unwrap();
+        let kernel: Vec<&str> = summary
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("/proc/"))
+            .filter_map(|l| l.split_once("0::").map(|(_, path)| path))
+            .collect();
+        let targets = pod.freeze_targets();
+        let ours: Vec<&str> = targets.containers.iter().map(CgroupPath::as_str).collect();
+        assert_eq!(ours, kernel, "the sandbox's scope, then the container's");
+        assert!(kernel[0].starts_with(&format!("{}/", pod.pod_cgroup.as_str())));
+    }
+
     #[test]
     fn refuses_host_network_naming_it() {
         let err = pod_runtime("uid", vec![sandbox(NamespaceMode::Node)], vec![]).unwrap_err();
