@@ -31,6 +31,7 @@ impl CgroupPath {
         let parts: Vec<&str> = text.split(':').collect();
         let bad = |why: &str| Err(format!("cgroup {text:?}: {why}"));
         match parts.as_slice() {
+            [path] if path.split('/').any(|c| c == ".." || c == ".") => bad("it has a . or .. component"),
             [path] if path.contains('/') || !path.ends_with(".slice") => Ok(Self::new(*path)),
             [slice] => slice_path(slice)
                 .map(Self)
@@ -315,6 +316,8 @@ mod tests {
             "notaslice:cri-containerd:id",
             "a--b.slice",
             "kubepods.slice:cri/x:id",
+            "/kubepods/../system.slice",
+            "kubepods/./pod1",
         ] {
             let err = CgroupPath::from_runtime(bad).unwrap_err();
             assert!(err.contains(bad), "{err}");

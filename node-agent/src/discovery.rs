@@ -268,6 +268,18 @@ pub fn pod_runtime(
             detail: "no linux.cgroup_parent".to_owned(),
         })
         .and_then(|parent| cgroup_of(&sandbox_object, parent))?;
+    // Containment below is by prefix: the pod's cgroup is never the root, and the
+    // sandbox sits in it like every container.
+    if pod_cgroup.as_str().trim_matches('/').is_empty()
+        || !sandbox_cgroup
+            .as_str()
+            .starts_with(&format!("{}/", pod_cgroup.as_str()))
+    {
+        return Err(DiscoveryError::RuntimeInfo {
+            object: sandbox_object,
+            detail: format!("cgroup {sandbox_cgroup} is not under the pod cgroup {pod_cgroup}"),
+        });
+    }
 
     let mut running = Vec::new();
     for view in containers {

@@ -96,18 +96,6 @@ impl Operation for PodCheckpoint {
         &mut status.conditions
     }
     fn set_failed(status: &mut PodCheckpointStatus, at: Time, generation: Option<i64>) {
-        // The agent thaws a pod whose checkpoint fails, on every path.
-        if status.conditions.iter().any(|c| c.type_ == CONDITION_SOURCE_FROZEN) {
-            set_condition(
-                &mut status.conditions,
-                CONDITION_SOURCE_FROZEN,
-                ConditionStatus::False,
-                "Thawed",
-                "the checkpoint failed and its agent thawed the pod",
-                generation,
-                at.clone(),
-            );
-        }
         status.phase = Some(CheckpointPhase::Failed);
         status.completion_time = Some(at);
         status.observed_generation = generation;
@@ -1288,10 +1276,6 @@ mod tests {
             let (state, reason, _) = frozen(&status).unwrap();
             assert_eq!((state.as_str(), reason.as_str()), want, "{after:?} held {held}");
         }
-        // A failed checkpoint's pod was thawed by its agent.
-        let mut failed = base.clone();
-        PodCheckpoint::set_failed(&mut failed, at, Some(1));
-        assert_eq!(frozen(&failed).unwrap().0, "False");
         // Never frozen: no condition appears.
         let mut never = PodCheckpointStatus::default();
         frozen_after(&mut never, PostCheckpointState::Running, false, Some(1), now());

@@ -311,8 +311,9 @@ pub async fn finish<K: Operation>(
     message: String,
 ) -> Result<(), Error> {
     let generation = object.meta().generation;
-    // An operation that did not succeed holds nothing frozen any more: its agent
-    // thawed the pod (or stopped it, for a StatefulSet's migration).
+    // An operation that did not succeed no longer holds the pod, but no agent
+    // confirmed a thaw here (a timeout, say): Unknown, not False. The agent thaws it
+    // on every path, at its freeze deadline at the latest.
     let conditions = K::conditions(&mut status);
     if ending != Ending::Succeeded
         && conditions
@@ -322,9 +323,10 @@ pub async fn finish<K: Operation>(
         set_condition(
             conditions,
             CONDITION_SOURCE_FROZEN,
-            ConditionStatus::False,
-            "Released",
-            "the operation ended and no longer holds the pod frozen",
+            ConditionStatus::Unknown,
+            "NotHeld",
+            "the operation ended without its agent confirming the thaw; the agent thaws the pod at its freeze \
+             deadline at the latest (cryopod_agent_frozen_pods shows what is frozen now)",
             generation,
             now(),
         );

@@ -2,13 +2,15 @@
 //! any that arrive later), and moves them off a few at a time. A pod that can keep
 //! its memory gets a PodMigration; the rest are evicted through the Eviction API or
 //! left, as the spec says. Every start waits until each PodDisruptionBudget of the
-//! pod allows one more disruption, counting the evacuation's own moves still in
-//! flight, so a budget is honoured for the whole evacuation, not only at its start.
+//! pod allows one more disruption, counting the pods in motion (the evacuation's own
+//! and every unfinished PodMigration of the namespace: the API server's count sees
+//! none of them, a frozen source still looks Ready), so a budget is honoured for the
+//! whole evacuation, not only at its start.
 //!
 //! Migrated sources are deleted by their PodMigration right after it kills them, not
-//! evicted: the disruption was charged to the budget when the migration started, and
-//! a refused eviction at that point would leave a killed pod for the kubelet to
-//! restart (the pod would run twice).
+//! evicted: the disruption began at the freeze, when this controller counted it
+//! against the budget, and a refused eviction at that point would leave a killed pod
+//! for the kubelet to restart (the pod would run twice).
 //!
 //! The evacuation has no finalizer: deleting it stops new moves, and the PodMigrations
 //! it started (labelled, not owned, so they are not garbage-collected) finish.
@@ -151,6 +153,24 @@ pub fn budget_allows(budget: &PodDisruptionBudget, live_healthy: i32, in_flight:
     }
 }
 
+/// The most pods an evacuation records (the schema's bound on `status.pods`).
+pub const MAX_PODS: usize = 1000;
+
+/// An entry nothing was done to yet: still waiting its first turn, or left alone.
+pub fn untouched(entry: &EvacuatedPod) -> bool {
+    (entry.outcome == PodOutcome::Waiting && entry.attempts == 0) || entry.outcome == PodOutcome::Skipped
+}
+
+/// An evicted pod whose containers all stopped, though a finalizer keeps its object.
+pub fn stopped(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_none_or(|c| c.iter().all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none())))
+}
+
 /// A pod that is Ready and not being deleted.
 pub fn healthy(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none()
@@ -192,20 +212,22 @@ pub fn tally(status: &mut NodeEvacuationStatus) {
     status.done = status.migrated + status.evicted + status.skipped + status.failed;
 }
 
-/// The pods to start now, by index, in the order they were found: as many waiting
-/// pods as there are free slots.
-pub fn next_to_start(pods: &[EvacuatedPod], max_concurrent: i32) -> Vec<usize> {
+/// How many more pods may start moving now, and the waiting ones in the order they
+/// were found. Each is tried in turn until that many started: one its budget holds
+/// back does not keep the others waiting.
+pub fn slots_and_waiting(pods: &[EvacuatedPod], max_concurrent: i32) -> (usize, Vec<usize>) {
     let moving = pods
         .iter()
         .filter(|p| matches!(p.outcome, PodOutcome::Migrating | PodOutcome::Evicting))
         .count();
     let free = usize::try_from(max_concurrent).unwrap_or(1).saturating_sub(moving);
-    pods.iter()
+    let waiting = pods
+        .iter()
         .enumerate()
         .filter(|(_, p)| p.outcome == PodOutcome::Waiting)
         .map(|(i, _)| i)
-        .take(free)
-        .collect()
+        .collect();
+    (free, waiting)
 }
 
 /// How the evacuation ends once every pod has its outcome.
@@ -323,19 +345,23 @@ pub async fn reconcile(evacuation: Arc<NodeEvacuation>, ctx: Arc<Context>) -> Re
     let watched = ctx.watch_namespace.as_deref();
     for pod in &on_node {
         let uid = pod.uid().unwrap_or_default();
-        if !status.pods.iter().any(|p| p.uid == uid) {
+        // Bounded by the schema's list size; a node holds far fewer pods at once.
+        if !status.pods.iter().any(|p| p.uid == uid) && status.pods.len() < MAX_PODS {
             status
                 .pods
                 .push(classify(pod, evacuation.spec.unmigratable, &ctx.namespace, watched));
         }
     }
     let live: HashMap<String, &Pod> = on_node.iter().map(|p| (p.uid().unwrap_or_default(), p)).collect();
+    // Pods that went before anything was done to them leave no record: pods created
+    // and deleted on the node over and over cannot grow the status without bound.
+    status.pods.retain(|e| live.contains_key(&e.uid) || !untouched(e));
 
     // What happened to the pods in motion.
     for entry in status.pods.iter_mut() {
         match entry.outcome {
             PodOutcome::Migrating => follow_migration(entry, &ctx).await?,
-            PodOutcome::Evicting if !live.contains_key(&entry.uid) => {
+            PodOutcome::Evicting if live.get(&entry.uid).is_none_or(|p| stopped(p)) => {
                 entry.outcome = PodOutcome::Evicted;
             }
             PodOutcome::Waiting if !live.contains_key(&entry.uid) => {
@@ -348,27 +374,21 @@ pub async fn reconcile(evacuation: Arc<NodeEvacuation>, ctx: Arc<Context>) -> Re
     }
 
     // New starts, each within its budgets.
-    let mut budgets: BTreeMap<String, (Vec<PodDisruptionBudget>, Vec<Pod>)> = BTreeMap::new();
-    for index in next_to_start(&status.pods, evacuation.spec.max_concurrent) {
+    let mut seen: BTreeMap<String, Namespaced> = BTreeMap::new();
+    let (free, waiting) = slots_and_waiting(&status.pods, evacuation.spec.max_concurrent);
+    let mut started = 0;
+    for index in waiting {
+        if started >= free {
+            break;
+        }
         let entry = status.pods[index].clone();
         let Some(pod) = live.get(&entry.uid) else { continue };
-        if !budgets.contains_key(&entry.namespace) {
-            let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &entry.namespace);
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &entry.namespace);
-            let pdbs = pdbs
-                .list(&ListParams::default())
-                .await
-                .map_err(kube_err("list PodDisruptionBudgets"))?
-                .items;
-            let pods = pods
-                .list(&ListParams::default())
-                .await
-                .map_err(kube_err("list the namespace's pods"))?
-                .items;
-            budgets.insert(entry.namespace.clone(), (pdbs, pods));
+        if !seen.contains_key(&entry.namespace) {
+            seen.insert(entry.namespace.clone(), Namespaced::read(&ctx, &entry.namespace).await?);
         }
-        let (pdbs, pods) = &budgets[&entry.namespace];
-        if let Err(why) = within_budgets(pod, pdbs, pods, &status.pods) {
+        let around = &seen[&entry.namespace];
+        let moving = moving_in(&entry.namespace, &status.pods, &around.migrations);
+        if let Err(why) = within_budgets(pod, &around.budgets, &around.pods, &moving) {
             let slot = &mut status.pods[index];
             slot.reason = Some(reasons::DISRUPTION_NOT_ALLOWED.to_owned());
             slot.message = Some(why);
@@ -379,6 +399,9 @@ pub async fn reconcile(evacuation: Arc<NodeEvacuation>, ctx: Arc<Context>) -> Re
             EvacuationAction::Migrate => start_migration(&evacuation, slot, &ctx).await?,
             EvacuationAction::Evict => evict(slot, &ctx).await?,
             EvacuationAction::Skip => {}
+        }
+        if matches!(slot.outcome, PodOutcome::Migrating | PodOutcome::Evicting) {
+            started += 1;
         }
     }
 
@@ -395,16 +418,71 @@ pub async fn reconcile(evacuation: Arc<NodeEvacuation>, ctx: Arc<Context>) -> Re
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
-/// Whether every budget that selects `pod` lets it go now, counting the moves of
-/// `evacuated` still in flight (a moving pod no longer listed counts for every budget
-/// of its namespace).
-fn within_budgets(
+/// What a budget decision needs of a namespace, read once a pass.
+struct Namespaced {
+    budgets: Vec<PodDisruptionBudget>,
+    pods: Vec<Pod>,
+    migrations: Vec<PodMigration>,
+}
+
+impl Namespaced {
+    async fn read(ctx: &Context, namespace: &str) -> Result<Self, Error> {
+        let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), namespace);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+        let migrations: Api<PodMigration> = Api::namespaced(ctx.client.clone(), namespace);
+        let all = ListParams::default();
+        Ok(Self {
+            budgets: budgets
+                .list(&all)
+                .await
+                .map_err(kube_err("list PodDisruptionBudgets"))?
+                .items,
+            pods: pods
+                .list(&all)
+                .await
+                .map_err(kube_err("list the namespace's pods"))?
+                .items,
+            migrations: migrations
+                .list(&all)
+                .await
+                .map_err(kube_err("list the namespace's PodMigrations"))?
+                .items,
+        })
+    }
+}
+
+/// The pods of `namespace` in motion, by name: this evacuation's moves, and every
+/// PodMigration not ended yet, whoever made it (another evacuation, a user). The API
+/// server's budget counts none of them: a frozen source still looks Ready.
+pub fn moving_in(
+    namespace: &str,
+    evacuated: &[EvacuatedPod],
+    migrations: &[PodMigration],
+) -> std::collections::BTreeSet<String> {
+    let ours = evacuated
+        .iter()
+        .filter(|e| e.namespace == namespace && matches!(e.outcome, PodOutcome::Migrating | PodOutcome::Evicting))
+        .map(|e| e.name.clone());
+    let others = migrations
+        .iter()
+        .filter(|m| {
+            !matches!(
+                m.status.as_ref().and_then(|s| s.phase),
+                Some(MigrationPhase::Succeeded | MigrationPhase::Failed | MigrationPhase::RolledBack)
+            )
+        })
+        .map(|m| m.spec.source_pod_name.clone());
+    ours.chain(others).collect()
+}
+
+/// Whether every budget that selects `pod` lets it go now, counting the pods in
+/// motion it selects (one no longer listed counts for every budget).
+pub fn within_budgets(
     pod: &Pod,
     pdbs: &[PodDisruptionBudget],
     pods: &[Pod],
-    evacuated: &[EvacuatedPod],
+    moving: &std::collections::BTreeSet<String>,
 ) -> Result<(), String> {
-    let namespace = pod.namespace().unwrap_or_default();
     let labels = pod.labels().clone();
     for pdb in pdbs {
         let Some(selector) = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
@@ -415,12 +493,11 @@ fn within_budgets(
         }
         let selected = |p: &Pod| selects(selector, p.labels());
         let live_healthy = pods.iter().filter(|p| selected(p) && healthy(p)).count() as i32;
-        let in_flight = evacuated
+        let in_flight = moving
             .iter()
-            .filter(|e| e.namespace == namespace && matches!(e.outcome, PodOutcome::Migrating | PodOutcome::Evicting))
-            .filter(|e| {
+            .filter(|name| {
                 pods.iter()
-                    .find(|p| p.uid().as_deref() == Some(e.uid.as_str()))
+                    .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
                     .is_none_or(selected)
             })
             .count() as i32;
@@ -770,6 +847,49 @@ mod tests {
     }
 
     #[test]
+    fn every_unfinished_migration_of_the_namespace_counts_against_a_budget() {
+        let web = |name: &str| {
+            pod(json!({"metadata": {"name": name, "labels": {"app": "db"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+        };
+        let pods = [web("db-0"), web("db-1"), web("db-2")];
+        // Another actor's migration of db-1 is under way; ours of nothing.
+        let theirs: PodMigration = serde_json::from_value(json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
+            "metadata": {"name": "by-hand", "namespace": "team"}, "spec": {"sourcePodName": "db-1"},
+            "status": {"phase": "Restoring"}}))
+        .unwrap();
+        let mut done = theirs.clone();
+        done.spec.source_pod_name = "db-2".into();
+        done.status.as_mut().unwrap().phase = Some(MigrationPhase::Succeeded);
+        let moving = moving_in("team", &[], &[theirs, done]);
+        assert_eq!(moving.iter().collect::<Vec<_>>(), ["db-1"]);
+        // One disruption allowed, already taken by the other migration: db-0 waits.
+        let why = within_budgets(&pods[0], &[budget(1, 2, 1, 1)], &pods, &moving).unwrap_err();
+        assert!(why.contains("1 moving"), "{why}");
+        assert!(within_budgets(&pods[0], &[budget(1, 2, 1, 1)], &pods, &Default::default()).is_ok());
+    }
+
+    #[test]
+    fn entries_nothing_was_done_to_leave_no_record_once_their_pod_is_gone() {
+        let mut tried = entry("b", PodOutcome::Waiting);
+        tried.attempts = 1;
+        assert!(untouched(&entry("a", PodOutcome::Waiting)));
+        assert!(untouched(&entry("s", PodOutcome::Skipped)));
+        assert!(!untouched(&tried));
+        assert!(!untouched(&entry("m", PodOutcome::Migrating)));
+        // An evicted pod held by a finalizer counts as evicted once nothing runs.
+        let terminating = |running: bool| {
+            pod(json!({"metadata": {"deletionTimestamp": "2026-12-04T00:00:00Z"},
+                "status": {"containerStatuses": [{"name": "app", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": if running { json!({"running": {}}) } else { json!({"terminated": {"exitCode": 0}}) }}]}}))
+        };
+        assert!(stopped(&terminating(false)));
+        assert!(!stopped(&terminating(true)));
+        assert!(!stopped(&pod(json!({}))));
+    }
+
+    #[test]
     fn starts_fill_the_free_slots_in_order() {
         let pods = [
             entry("a", PodOutcome::Migrated),
@@ -778,9 +898,11 @@ mod tests {
             entry("d", PodOutcome::Waiting),
             entry("e", PodOutcome::Waiting),
         ];
-        assert_eq!(next_to_start(&pods, 1), Vec::<usize>::new());
-        assert_eq!(next_to_start(&pods, 3), vec![2, 3]);
-        assert_eq!(next_to_start(&pods, 16), vec![2, 3, 4]);
+        // Every waiting pod is a candidate: one its budget holds back leaves its
+        // slot to the next.
+        assert_eq!(slots_and_waiting(&pods, 1), (0, vec![2, 3, 4]));
+        assert_eq!(slots_and_waiting(&pods, 3), (2, vec![2, 3, 4]));
+        assert_eq!(slots_and_waiting(&pods, 16).0, 15);
     }
 
     #[test]

@@ -169,6 +169,15 @@ pub struct Made {
     pub phase: Option<CheckpointPhase>,
 }
 
+/// The pods with a checkpoint of the schedule that has not ended (neither Ready nor
+/// Failed).
+pub fn busy_pods(made: &[Made]) -> std::collections::BTreeSet<String> {
+    made.iter()
+        .filter(|m| !matches!(m.phase, Some(CheckpointPhase::Ready | CheckpointPhase::Failed)))
+        .map(|m| m.pod.clone())
+        .collect()
+}
+
 /// Each pod's checkpoints of the schedule, by pod name, and the failed ones beyond
 /// the newest `keep` of each pod, to delete.
 pub fn summarize(mut made: Vec<Made>, keep: usize) -> (Vec<ScheduledPod>, Vec<String>) {
@@ -342,6 +351,25 @@ async fn run(schedule: &CheckpointSchedule, ctx: &Context, at: Timestamp) -> Res
     let ns = schedule.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = schedule.uid().unwrap_or_default();
+    // A pod whose checkpoint of an earlier run has not ended is skipped this run, as
+    // a CronJob's Forbid policy does: runs never pile up behind a slow one.
+    let busy = busy_pods(
+        &checkpoints
+            .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={}", schedule.name_any())))
+            .await
+            .map_err(kube_err("list a schedule's PodCheckpoints"))?
+            .items
+            .into_iter()
+            .filter(|c| crate::checkpoint::retention_group(c).as_deref() == Some(uid.as_str()))
+            .map(|c| Made {
+                name: c.name_any(),
+                pod: c.spec.source_pod_name.clone(),
+                created: 0,
+                phase: c.status.as_ref().and_then(|s| s.phase),
+            })
+            .collect::<Vec<_>>(),
+    );
     let mut made = 0;
     for pod in pods
         .list(&ListParams::default())
@@ -351,6 +379,10 @@ async fn run(schedule: &CheckpointSchedule, ctx: &Context, at: Timestamp) -> Res
         .iter()
         .filter(|p| eligible(&schedule.spec, p))
     {
+        if busy.contains(&pod.name_any()) {
+            tracing::info!(pod = %pod.name_any(), namespace = %ns, "skipped: its checkpoint of an earlier run has not ended");
+            continue;
+        }
         let checkpoint = checkpoint_for(schedule, pod, at);
         match checkpoints.create(&PostParams::default(), &checkpoint).await {
             Ok(_) => made += 1,
@@ -528,6 +560,19 @@ mod tests {
             created,
             phase,
         }
+    }
+
+    #[test]
+    fn a_pod_whose_last_run_has_not_ended_is_skipped() {
+        use CheckpointPhase::{Checkpointing, Failed, Pending, Ready};
+        let busy = busy_pods(&[
+            made("a-1", "a", 1, Some(Ready)),
+            made("b-1", "b", 1, Some(Pending)),
+            made("c-1", "c", 1, Some(Failed)),
+            made("d-1", "d", 1, Some(Checkpointing)),
+            made("e-1", "e", 1, None),
+        ]);
+        assert_eq!(busy.iter().collect::<Vec<_>>(), ["b", "d", "e"]);
     }
 
     #[test]
