@@ -256,7 +256,6 @@ pub async fn reconcile(schedule: Arc<CheckpointSchedule>, ctx: Arc<Context>) -> 
     }
     let ns = schedule.namespace().unwrap_or_default();
     let name = schedule.name_any();
-    let uid = schedule.uid().unwrap_or_default();
     let old = schedule.status.clone().unwrap_or_default();
     let now = Timestamp::now();
     let created = schedule.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
@@ -282,21 +281,7 @@ pub async fn reconcile(schedule: Arc<CheckpointSchedule>, ctx: Arc<Context>) -> 
     }
 
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let made: Vec<Made> = checkpoints
-        .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={name}")))
-        .await
-        .map_err(kube_err("list a schedule's PodCheckpoints"))?
-        .items
-        .into_iter()
-        // The label alone could be anyone's: only the ones this schedule controls.
-        .filter(|c| crate::checkpoint::retention_group(c).as_deref() == Some(uid.as_str()))
-        .map(|c| Made {
-            name: c.name_any(),
-            pod: c.spec.source_pod_name.clone(),
-            created: c.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
-            phase: c.status.as_ref().and_then(|s| s.phase),
-        })
-        .collect();
+    let made = made_by(&schedule, ctx.as_ref()).await?;
     let keep = usize::try_from(schedule.spec.keep_last).unwrap_or(1).max(1);
     let (pods, extra) = summarize(made, keep);
     for failed in extra {
@@ -345,31 +330,37 @@ pub async fn reconcile(schedule: Arc<CheckpointSchedule>, ctx: Arc<Context>) -> 
     })
 }
 
+/// The schedule's checkpoints: labelled with its name and controlled by it (the
+/// label alone could be anyone's).
+async fn made_by(schedule: &CheckpointSchedule, ctx: &Context) -> Result<Vec<Made>, Error> {
+    let checkpoints: Api<PodCheckpoint> =
+        Api::namespaced(ctx.client.clone(), &schedule.namespace().unwrap_or_default());
+    let uid = schedule.uid().unwrap_or_default();
+    Ok(checkpoints
+        .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={}", schedule.name_any())))
+        .await
+        .map_err(kube_err("list a schedule's PodCheckpoints"))?
+        .items
+        .into_iter()
+        .filter(|c| crate::checkpoint::retention_group(c).as_deref() == Some(uid.as_str()))
+        .map(|c| Made {
+            name: c.name_any(),
+            pod: c.spec.source_pod_name.clone(),
+            created: c.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+            phase: c.status.as_ref().and_then(|s| s.phase),
+        })
+        .collect())
+}
+
 /// Creates the run's checkpoint of each eligible pod; returns how many it created
 /// (ones already there, from an earlier try of the same run, are not counted).
 async fn run(schedule: &CheckpointSchedule, ctx: &Context, at: Timestamp) -> Result<usize, Error> {
     let ns = schedule.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    let uid = schedule.uid().unwrap_or_default();
     // A pod whose checkpoint of an earlier run has not ended is skipped this run, as
     // a CronJob's Forbid policy does: runs never pile up behind a slow one.
-    let busy = busy_pods(
-        &checkpoints
-            .list(&ListParams::default().labels(&format!("{SCHEDULE_LABEL}={}", schedule.name_any())))
-            .await
-            .map_err(kube_err("list a schedule's PodCheckpoints"))?
-            .items
-            .into_iter()
-            .filter(|c| crate::checkpoint::retention_group(c).as_deref() == Some(uid.as_str()))
-            .map(|c| Made {
-                name: c.name_any(),
-                pod: c.spec.source_pod_name.clone(),
-                created: 0,
-                phase: c.status.as_ref().and_then(|s| s.phase),
-            })
-            .collect::<Vec<_>>(),
-    );
+    let busy = busy_pods(&made_by(schedule, ctx).await?);
     let mut made = 0;
     for pod in pods
         .list(&ListParams::default())
