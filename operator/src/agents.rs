@@ -150,14 +150,9 @@ impl DaemonSetAgents {
             .items
             .iter()
             .filter_map(|pod| {
-                let status = pod.status.as_ref()?;
-                let ready = status
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let ready = crate::context::pod_ready(pod);
                 let node = pod.spec.as_ref()?.node_name.clone()?;
-                let ip = status.pod_ip.clone()?;
+                let ip = pod.status.as_ref()?.pod_ip.clone()?;
                 ready.then_some((node, ip))
             })
             .collect())

@@ -537,6 +537,15 @@ pub fn micro_time(unix_micros: u64) -> Option<MicroTime> {
         .map(MicroTime)
 }
 
+/// The bytes an agent's operation has moved of its whole, once it knows the whole;
+/// the total never below what is done.
+pub fn progress_of(op: &pb::Operation) -> Option<OperationProgress> {
+    (op.bytes_total > 0).then(|| OperationProgress {
+        bytes_done: i64::try_from(op.bytes_done).unwrap_or(i64::MAX),
+        bytes_total: i64::try_from(op.bytes_total.max(op.bytes_done)).unwrap_or(i64::MAX),
+    })
+}
+
 /// What an update of the agent's operation changed in the status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Followed {
@@ -592,10 +601,7 @@ pub fn followed(status: &mut PodCheckpointStatus, op: &pb::Operation, generation
             now(),
         );
     }
-    let bytes = (op.bytes_total > 0).then(|| OperationProgress {
-        bytes_done: i64::try_from(op.bytes_done).unwrap_or(i64::MAX),
-        bytes_total: i64::try_from(op.bytes_total.max(op.bytes_done)).unwrap_or(i64::MAX),
-    });
+    let bytes = progress_of(op);
     let moved = bytes.is_some() && bytes != status.progress;
     if bytes.is_some() {
         status.progress = bytes;

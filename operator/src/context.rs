@@ -209,9 +209,26 @@ pub fn status_patch<S: serde::Serialize>(old: Option<&S>, new: &S) -> serde_json
 /// there now.
 pub async fn write_status<K: Operation>(object: &K, ctx: &Context, status: &K::Status) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    patch_status(&api, object, object.status(), status, ctx).await
+}
+
+/// [`write_status`] through `api`, for any kind (cluster-scoped ones too): the
+/// status as a merge patch from `old`, preconditioned on the version this reconcile
+/// read or last wrote.
+pub async fn patch_status<K, S>(
+    api: &Api<K>,
+    object: &K,
+    old: Option<&S>,
+    status: &S,
+    ctx: &Context,
+) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
     let uid = object.uid().unwrap_or_default();
     let written = ctx.written.lock().ok().and_then(|w| w.get(&uid).copied());
-    let mut patch = serde_json::json!({ "status": status_patch(object.status(), status) });
+    let mut patch = serde_json::json!({ "status": status_patch(old, status) });
     if let Some(version) = expected_version(object.resource_version().as_deref(), written) {
         patch["metadata"] = serde_json::json!({ "resourceVersion": version });
     }
@@ -445,6 +462,14 @@ pub fn untolerated_taint(
 /// Whether a node reports itself Ready.
 pub fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> bool {
     node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether a pod reports itself Ready.
+pub fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))

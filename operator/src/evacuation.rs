@@ -33,7 +33,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use crate::context::{Context, Error, kube_err, now, publish};
+use crate::context::{Context, Error, kube_err, now, patch_status, publish};
 use crate::workload::{Workload, controller_of, selects};
 
 /// The label on each PodMigration an evacuation starts: the evacuation's name.
@@ -173,12 +173,7 @@ pub fn stopped(pod: &Pod) -> bool {
 
 /// A pod that is Ready and not being deleted.
 pub fn healthy(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.metadata.deletion_timestamp.is_none() && crate::context::pod_ready(pod)
 }
 
 /// What a pod's PodMigration says of it: its final outcome (with reason and message)
@@ -266,27 +261,12 @@ pub fn migration_name(pod: &str, evacuation_uid: &str, attempt: u32) -> String {
 
 async fn write(evacuation: &NodeEvacuation, ctx: &Context, status: &NodeEvacuationStatus) -> Result<(), Error> {
     let api: Api<NodeEvacuation> = Api::all(ctx.client.clone());
-    let mut patch = serde_json::json!({ "status": status });
-    if let Some(version) = evacuation.resource_version() {
-        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
-    }
-    match api
-        .patch_status(&evacuation.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::Conflict {
-            name: evacuation.name_any(),
-        }),
-        Err(source) => Err(Error::Kube {
-            action: "write a NodeEvacuation's status",
-            source,
-        }),
-    }
+    patch_status(&api, evacuation, evacuation.status.as_ref(), status, ctx).await
 }
 
 /// Reconciles one NodeEvacuation.
 pub async fn reconcile(evacuation: Arc<NodeEvacuation>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.new_pass(evacuation.uid());
     let mut status = evacuation.status.clone().unwrap_or_default();
     if matches!(status.phase, Some(EvacuationPhase::Succeeded | EvacuationPhase::Failed))
         || evacuation.meta().deletion_timestamp.is_some()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cryopod_agent_api::pb;
-use cryopod_crds::common::{CONDITION_READY, ConditionStatus, OperationProgress, reserved_key, set_condition};
+use cryopod_crds::common::{CONDITION_READY, ConditionStatus, reserved_key, set_condition};
 use cryopod_crds::v1alpha1::{
     CheckpointLocationType, CheckpointPhase, PodCheckpoint, PodRestore, PodRestoreStatus,
     RESTORE_NAMESPACES_ANNOTATION, RestorePhase, RestoreTimings, grants_restore_to, restore_reasons as reasons,
@@ -48,11 +48,8 @@ pub fn fetching(status: &mut PodRestoreStatus, op: &pb::Operation) -> bool {
     if op.stage == pb::Stage::Fetching as i32 {
         status.stage = Some("Fetching".to_owned());
     }
-    if op.bytes_total > 0 {
-        status.progress = Some(OperationProgress {
-            bytes_done: i64::try_from(op.bytes_done).unwrap_or(i64::MAX),
-            bytes_total: i64::try_from(op.bytes_total.max(op.bytes_done)).unwrap_or(i64::MAX),
-        });
+    if let Some(bytes) = crate::checkpoint::progress_of(op) {
+        status.progress = Some(bytes);
     }
     before != (status.stage.clone(), status.progress)
 }
@@ -763,6 +760,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::collections::BTreeMap;
+
+    use cryopod_crds::common::OperationProgress;
 
     use super::*;
 
