@@ -539,15 +539,12 @@ async fn after_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<Act
     mirrored(&mut status, checkpoint.status.as_ref());
     if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
         match retire_statefulset_source(migration, ctx).await? {
-            Retired::Gone => {}
+            Retired::Gone => source_stopped(&mut status, migration.metadata.generation),
             Retired::Going => return Ok(Action::requeue(Duration::from_secs(1))),
             Retired::RanOn(why) => return source_resumed(migration, ctx, None, &why).await,
         }
     }
     let restore_name = format!("{}-restore", migration.name_any());
-    if let Workload::StatefulSet(_) = Workload::from_recorded(status.source_controller.as_deref()) {
-        source_stopped(&mut status, migration.metadata.generation);
-    }
     status.stage = Some("Restoring".to_owned());
     status.phase = Some(MigrationPhase::Restoring);
     status.restore_name = Some(restore_name.clone());
