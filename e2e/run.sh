@@ -6,7 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/cluster/env.sh"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 export CRYOPOD_TESTBED="$TESTBED"
-export CRYOPOD_NODES="${NODES[*]}"
+export CRYOPOD_NODES="${NODES[*]}" CRYOPOD_VM_NODES="${VM_NODES[*]}"
 export CRYOPOD_S3_ENDPOINT="http://$HOST_S3" CRYOPOD_S3_CLUSTER_ENDPOINT="http://$HUB_IP:$S3_PORT"
 export CRYOPOD_S3_BUCKET="$S3_BUCKET"
 export CRYOPOD_S3_ACCESS_KEY="$S3_ACCESS_KEY" CRYOPOD_S3_SECRET_KEY="$S3_SECRET_KEY"
@@ -31,7 +31,7 @@ trap down EXIT
 "$here/cluster/up.sh"
 
 status=0
-cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin --test schedule -- --test-threads=2 || status=$?
+cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin --test schedule --test vm_node -- --test-threads=2 || status=$?
 # An evacuation cordons a node of the shared cluster: alone, after the others.
 cargo test --locked -p cryopod-e2e --test evacuation || status=$?
 # The chart installed with Helm takes the whole cluster: alone, after the others.

@@ -3,6 +3,8 @@
 //! messages that carry secrets. The operator depends on this crate alone to talk to
 //! an agent; the agent implements the server.
 
+pub mod compat;
+
 /// Generated messages, client and server of `cryopod.agent.v1alpha1`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod pb {

@@ -51,6 +51,8 @@ kill_node_leftovers() {
 }
 
 # Nodes first (they stop their containers), then the control plane and forwarders.
+# A VM node is its QEMU: boot.sh stops it and removes its disk; its tap goes with the hub.
+for node in "${VM_NODES[@]}"; do stop_pid "$node"; done
 for node in "${NODES[@]}"; do thaw_node "$node"; stop_pid "$node"; done
 for node in "${NODES[@]}"; do kill_node_leftovers "$node"; done
 for name in kube-scheduler kube-controller-manager s3 kube-apiserver etcd apiserver-forward s3-forward; do

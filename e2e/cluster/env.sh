@@ -10,6 +10,12 @@ PKI="$TESTBED/pki"
 KUBECONFIG_ADMIN="$TESTBED/admin.kubeconfig"
 
 NODES=(node-1 node-2)
+# The VM node (#16): its own kernel, systemd, pure cgroup v2 and the systemd cgroup
+# driver (hack/vm/). CRYOPOD_VM_NODE=0 leaves it out (a cluster of the two netns nodes).
+if [[ ${CRYOPOD_VM_NODE:-1} == 0 ]]; then VM_NODES=(); else VM_NODES=(node-3); fi
+ALL_NODES=("${NODES[@]}" "${VM_NODES[@]}")
+# Pods land there only when they ask: everything on it runs about 20 times slower (TCG).
+VM_TAINT=cryopod.io/vm-node=true:NoSchedule
 HUB_NS=cryopod-hub            # holds the bridge, the control plane and the S3 server
 HUB_BRIDGE=cryopod0
 HUB_IP=10.200.0.1
@@ -35,3 +41,34 @@ CGROUP_CONTROLLERS=(blkio cpu cpuacct cpuset devices freezer memory pids systemd
 # start_time PID: the process's start time in clock ticks since boot (field 22 of
 # /proc/PID/stat, counted after the parenthesised command name).
 start_time() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+
+# kubelet_config NODE: the kubelet settings every node shares; the caller adds its
+# runtime endpoint, cgroup driver and paths.
+kubelet_config() {
+  local node=$1
+  cat <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $(node_ip "$node")
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+tlsCertFile: $PKI/kubelet-$node-serving.crt
+tlsPrivateKeyFile: $PKI/kubelet-$node-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+failSwapOn: false
+maxPods: 50
+# Imported images cannot be pulled again: never garbage-collect them, never evict.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+serializeImagePulls: false
+localStorageCapacityIsolation: false
+YAML
+}

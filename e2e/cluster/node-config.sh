@@ -71,36 +71,16 @@ cat > "$dir/cni/net.d/10-cryopod.conflist" <<JSON
 }
 JSON
 
-cat > "$dir/kubelet.yaml" <<YAML
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
+{
+  kubelet_config "$node"
+  cat <<YAML
 containerRuntimeEndpoint: unix://$dir/containerd/containerd.sock
 cgroupDriver: cgroupfs
 failCgroupV1: false
 cgroupRoot: $(cgroup_root "$node")
-address: $(node_ip "$node")
-port: 10250
-readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-tlsCertFile: $PKI/kubelet-$node-serving.crt
-tlsPrivateKeyFile: $PKI/kubelet-$node-serving.key
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: true}
-  x509: {clientCAFile: $PKI/ca.crt}
-authorization: {mode: Webhook}
 podLogsDir: $dir/pod-logs
-clusterDomain: cluster.local
-resolvConf: /etc/resolv.conf
-failSwapOn: false
-maxPods: 50
-# Imported images cannot be pulled again: never garbage-collect them, never evict.
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-evictionHard: {memory.available: "1Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
-serializeImagePulls: false
-localStorageCapacityIsolation: false
 YAML
+} > "$dir/kubelet.yaml"
 
 cat > "$dir/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

@@ -56,7 +56,7 @@ kubeconfig admin "$HOST_APISERVER"
 kubeconfig controller-manager "$HUB_IP:$APISERVER_PORT"
 kubeconfig scheduler "$HUB_IP:$APISERVER_PORT"
 kubeconfig kube-proxy "$HUB_IP:$APISERVER_PORT"
-for node in "${NODES[@]}"; do
+for node in "${ALL_NODES[@]}"; do
   cert "kubelet-$node" "/O=system:nodes/CN=system:node:$node"
   cert "kubelet-$node-serving" "/CN=$node" "IP:$(node_ip "$node"),DNS:$node"
   kubeconfig "kubelet-$node" "$HUB_IP:$APISERVER_PORT"

@@ -6,6 +6,9 @@
 #     kube-controller-manager, kube-scheduler, the S3 server
 #   node netns (cryopod-node-N) + own mount ns: 10.200.0.1N, containerd, kubelet,
 #     kube-proxy, CNI bridge for pods 10.244.N.0/24
+#   VM node (node-3, hack/vm/): QEMU in the hub on a tap on cryopod0, 10.200.0.13, its
+#     own kernel, systemd, cgroup v2, containerd with the systemd cgroup driver, pods
+#     10.244.3.0/24; tainted VM_TAINT (CRYOPOD_VM_NODE=0 leaves it out)
 #   host: only loopback forwarders 127.0.0.1:6443 and :7070 into the hub
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,7 +26,7 @@ all_nodes_ready() {
   local ready
   ready=$("${kubectl[@]}" get nodes --request-timeout=5s \
     -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null | grep -c True) || return 1
-  ((ready == ${#NODES[@]}))
+  ((ready == ${#ALL_NODES[@]}))
 }
 healthy() {
   all_nodes_ready && curl -s "http://$HOST_S3/" -o /dev/null --max-time 5
@@ -84,11 +87,20 @@ for node in "${NODES[@]}"; do
   ip -n "$ns" addr add "$(node_ip "$node")/24" dev eth0
   ip -n "$ns" link set eth0 up
   ip -n "$ns" route add default via "$HUB_IP"
-  for peer in "${NODES[@]}"; do
+  for peer in "${ALL_NODES[@]}"; do
     [[ $peer == "$node" ]] || ip -n "$ns" route add "$(pod_cidr "$peer")" via "$(node_ip "$peer")"
   done
   # The control plane answers pods (the kubernetes Service leads there) through their node.
   "${in_hub[@]}" ip route add "$(pod_cidr "$node")" via "$(node_ip "$node")"
+done
+
+# The VM boots (about a minute under TCG) while the rest starts; QEMU runs in the hub,
+# on a tap on the hub's bridge, and goes with boot.sh at teardown.
+for node in "${VM_NODES[@]}"; do
+  "${in_hub[@]}" ip route add "$(pod_cidr "$node")" via "$(node_ip "$node")"
+  spawn "$node" env VM_TAP_NETNS="$HUB_NS" VM_TAP_BRIDGE="$HUB_BRIDGE" VM_TAP="tap-n$(node_idx "$node")" \
+    VM_GUEST_IP="$(node_ip "$node")/24" VM_GUEST_GW="$HUB_IP" VM_MAC="52:54:00:c0:70:1$(node_idx "$node")" \
+    "$HACK_DIR/vm/boot.sh" "$TESTBED/$node"
 done
 
 log "cgroups: a root of our own per node in every v1 controller"
@@ -153,7 +165,12 @@ for node in "${NODES[@]}"; do
   touch "$PIDS/$node.mnt-ref"
   mount --bind "/proc/$(cat "$PIDS/$node.pid")/ns/mnt" "$PIDS/$node.mnt-ref"
 done
-wait_for "all ${#NODES[@]} nodes Ready" 180 all_nodes_ready
+for node in "${VM_NODES[@]}"; do
+  wait_for "$node (the VM) to boot" 900 test -s "$TESTBED/$node/ready"
+  "$here/vm-node.sh" "$node" "$kube_bin" "$TESTBED/images" \
+    "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/x86_64-unknown-linux-gnu/image"
+done
+wait_for "all ${#ALL_NODES[@]} nodes Ready" 300 all_nodes_ready
 wait_for "default service account" 60 "${kubectl[@]}" get serviceaccount default -n default
 # The RuntimeClass of restored pods; every node has the handler (node-config.sh).
 "${kubectl[@]}" apply -f - >/dev/null <<YAML

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod chart;
+pub mod compat;
 pub mod oci;
 pub mod testbed;
 pub mod tls;
+pub mod vm;

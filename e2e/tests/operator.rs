@@ -443,6 +443,10 @@ async fn restore_on_the_other_node(prefix: &str, shared_pids: bool) {
     assert!(ns.ready_without_restarts(&client, &restored).await.unwrap());
     let events = event_reasons(&tb, &ns.name, "trio-back");
     assert!(events.contains("RestoreCompleted"), "{events}");
+    let test = format!("operator::{prefix}");
+    let v1 = cryopod_e2e::compat::V1_CGROUPFS;
+    record_compat(&tb, "checkpoint", (v1, ""), "", &test);
+    record_compat(&tb, "restore", (v1, v1), "", &test);
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }
@@ -566,6 +570,14 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     assert_eq!(heard[0], 1, "the same conversation from its start");
     let events = event_reasons(&tb, &ns.name, "move");
     assert!(events.contains("MigrationCompleted"), "{events}");
+    let v1 = cryopod_e2e::compat::V1_CGROUPFS;
+    record_compat(
+        &tb,
+        "migrate",
+        (v1, v1),
+        "",
+        "operator::a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart",
+    );
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }

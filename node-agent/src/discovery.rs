@@ -231,6 +231,12 @@ fn runc_root(configured: &str) -> PathBuf {
     PathBuf::from(root).join("k8s.io")
 }
 
+/// The runc binary the runtime runs: containerd's shim looks `runc` up in its PATH
+/// when `BinaryName` is unset, as in containerd's default configuration.
+fn runc_binary(configured: &str) -> PathBuf {
+    PathBuf::from(if configured.is_empty() { "runc" } else { configured })
+}
+
 /// Builds the pod's runtime facts from the runtime's answers.
 pub fn pod_runtime(
     pod_uid: &str,
@@ -335,7 +341,7 @@ pub fn pod_runtime(
         pod_cgroup,
         sandbox_cgroup,
         runc_root: runc_root(&sandbox_info.runtime_options.root),
-        runc_binary: PathBuf::from(sandbox_info.runtime_options.binary_name),
+        runc_binary: runc_binary(&sandbox_info.runtime_options.binary_name),
         containers: running.into_iter().map(|(_, c)| c).collect(),
     })
 }
@@ -600,5 +606,12 @@ mod tests {
         let stray = container("x", ContainerState::ContainerRunning, 1, "/elsewhere/x", json!({}));
         let err = pod_runtime("uid", vec![sandbox(NamespaceMode::Pod)], vec![stray]).unwrap_err();
         assert!(matches!(err, DiscoveryError::RuntimeInfo { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unset_runc_binary_is_the_one_in_the_runtimes_path() {
+        // containerd's default configuration (the VM node's) names no BinaryName.
+        assert_eq!(runc_binary(""), PathBuf::from("runc"));
+        assert_eq!(runc_binary("/usr/local/bin/runc"), PathBuf::from("/usr/local/bin/runc"));
     }
 }

@@ -159,70 +159,21 @@ impl std::error::Error for RestoreError {
     }
 }
 
-/// CPU flags that change what user-space code may run. A process dumped where one of
-/// these existed may use it; a node without it would kill the process with SIGILL.
-const ISA_FLAG_PREFIXES: [&str; 14] = [
-    "sse",
-    "ssse",
-    "avx",
-    "fma",
-    "bmi",
-    "aes",
-    "sha_ni",
-    "adx",
-    "f16c",
-    "popcnt",
-    "movbe",
-    "vaes",
-    "vpclmulqdq",
-    "gfni",
-];
-
-fn version_pair(text: &str) -> Option<(u32, u32)> {
-    let start = text.find(|c: char| c.is_ascii_digit())?;
-    let mut parts = text[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    Some((parts.next()?.parse().ok()?, parts.next().unwrap_or("0").parse().ok()?))
+/// Whether this node (`target`) can restore what `source` dumped
+/// ([`cryopod_agent_api::compat::check`], the rule the operator also applies before a
+/// migration freezes anything).
+pub fn check_compatible(source: &NodeFacts, target: &NodeFacts) -> Result<(), String> {
+    cryopod_agent_api::compat::check(&compat_facts(source), &compat_facts(target))
 }
 
-/// Whether this node (`target`) can restore what `source` dumped: the same cgroup
-/// version, a CRIU and a kernel at least as new, and every ISA extension the source
-/// had. The reason names what differs.
-pub fn check_compatible(source: &NodeFacts, target: &NodeFacts) -> Result<(), String> {
-    if source.cgroup_version != target.cgroup_version {
-        return Err(format!(
-            "the checkpoint was taken on cgroup {} and this node {} runs cgroup {}",
-            source.cgroup_version, target.name, target.cgroup_version
-        ));
+fn compat_facts(node: &NodeFacts) -> cryopod_agent_api::compat::Facts<'_> {
+    cryopod_agent_api::compat::Facts {
+        name: &node.name,
+        kernel: &node.kernel,
+        criu_version: &node.criu_version,
+        cgroup_version: &node.cgroup_version,
+        cpu_flags: &node.cpu_flags,
     }
-    let newer = |what: &str, s: &str, t: &str| match (version_pair(s), version_pair(t)) {
-        (Some(sv), Some(tv)) if tv >= sv => Ok(()),
-        (Some(_), Some(_)) => Err(format!(
-            "the checkpoint needs {what} {s} or newer and this node {} has {t}",
-            target.name
-        )),
-        _ => Err(format!("cannot compare {what} versions {s:?} and {t:?}")),
-    };
-    newer("CRIU", &source.criu_version, &target.criu_version)?;
-    newer("kernel", &source.kernel, &target.kernel)?;
-    let mut missing: Vec<&str> = source
-        .cpu_flags
-        .iter()
-        .filter(|f| ISA_FLAG_PREFIXES.iter().any(|p| f.starts_with(p)))
-        .filter(|f| !target.cpu_flags.contains(f))
-        .map(String::as_str)
-        .collect();
-    missing.sort_unstable();
-    if !missing.is_empty() {
-        return Err(format!(
-            "this node {} lacks the CPU features {} that the source node {} has",
-            target.name,
-            missing.join(", "),
-            source.name
-        ));
-    }
-    Ok(())
 }
 
 /// Fetches, verifies and unpacks a checkpoint into `<restores>/<restore id>`.
@@ -622,21 +573,6 @@ mod tests {
         for (key, expected) in table {
             assert_eq!(object_destination(key), expected.map(PathBuf::from), "{key}");
         }
-    }
-
-    #[test]
-    fn compatibility_names_what_differs() {
-        let source = facts("Version: 4.2.1", "6.1.0-40-amd64", &["fpu", "avx2", "sse4_2"]);
-        assert!(check_compatible(&source, &facts("Version: 4.2.1", "6.1.0", &["avx2", "sse4_2", "vmx"])).is_ok());
-        let err = check_compatible(&source, &facts("Version: 4.1", "6.1.0", &["avx2", "sse4_2"])).unwrap_err();
-        assert!(err.contains("needs CRIU Version: 4.2.1 or newer"), "{err}");
-        let err = check_compatible(&source, &facts("4.2", "5.15.0", &["avx2", "sse4_2"])).unwrap_err();
-        assert!(err.contains("kernel 6.1.0-40-amd64"), "{err}");
-        let err = check_compatible(&source, &facts("4.3", "6.8.0", &["sse4_2"])).unwrap_err();
-        assert!(err.contains("lacks the CPU features avx2"), "{err}");
-        let mut v2 = facts("4.2.1", "6.1.0", &["avx2", "sse4_2"]);
-        v2.cgroup_version = "V2".into();
-        assert!(check_compatible(&source, &v2).unwrap_err().contains("cgroup V1"));
     }
 
     /// A stored checkpoint of one shared-state object; returns the store and the

@@ -14,6 +14,7 @@
 
 pub mod agents;
 pub mod checkpoint;
+pub mod compat;
 pub mod context;
 pub mod cron;
 pub mod evacuation;

@@ -229,6 +229,15 @@ pub fn target_node(
     source: &str,
     nodes: &[(String, bool, std::collections::BTreeMap<String, String>)],
 ) -> Result<String, String> {
+    target_nodes(target, source, nodes).map(|mut fits| fits.remove(0))
+}
+
+/// Every node that fits `spec.target`, in the order they are tried (never empty).
+pub fn target_nodes(
+    target: Option<&NodeTarget>,
+    source: &str,
+    nodes: &[(String, bool, std::collections::BTreeMap<String, String>)],
+) -> Result<Vec<String>, String> {
     let target = target.cloned().unwrap_or_default();
     let mut fits: Vec<&String> = nodes
         .iter()
@@ -244,13 +253,14 @@ pub fn target_node(
         .map(|(name, _, _)| name)
         .collect();
     fits.sort();
-    fits.first()
-        .map(|n| (*n).clone())
-        .ok_or_else(|| match &target.node_name {
-            Some(n) if n == source => format!("spec.target.nodeName {n} is the source pod's own node"),
-            Some(n) => format!("spec.target.nodeName {n} is not a ready node whose taints the pod tolerates"),
-            None => format!("no ready node other than {source} whose taints the pod tolerates matches spec.target"),
-        })
+    if !fits.is_empty() {
+        return Ok(fits.into_iter().cloned().collect());
+    }
+    Err(match &target.node_name {
+        Some(n) if n == source => format!("spec.target.nodeName {n} is the source pod's own node"),
+        Some(n) => format!("spec.target.nodeName {n} is not a ready node whose taints the pod tolerates"),
+        None => format!("no ready node other than {source} whose taints the pod tolerates matches spec.target"),
+    })
 }
 
 async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error> {
@@ -291,7 +301,12 @@ async fn start(migration: &PodMigration, ctx: &Context) -> Result<Action, Error>
         .and_then(|s| s.tolerations.clone())
         .unwrap_or_default();
     let facts = node_facts(ctx, &tolerations).await?;
-    let target = match target_node(spec.target.as_ref(), &source, &facts) {
+    // Only a target that can restore what CRIU dumps here is worth a freeze.
+    let target = match target_nodes(spec.target.as_ref(), &source, &facts) {
+        Ok(fits) => crate::compat::choose_target(ctx, &source, &fits).await,
+        Err(message) => Err(message),
+    };
+    let target = match target {
         Ok(target) => target,
         Err(message) => return fail(migration, ctx, reasons::NO_COMPATIBLE_NODE, message).await,
     };

@@ -67,9 +67,21 @@ pub fn s3_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
     name
 }
 
+/// [`s3_checkpoint_storage`] at the S3 server's address on the cluster's network, for
+/// agents that run on a VM node (the host's loopback forwarder is not theirs).
+pub fn s3_cluster_checkpoint_storage(tb: &Testbed, ns: &str) -> String {
+    let name = format!("s3-{ns}");
+    s3_storage_at(tb, ns, &name, ("s3-creds", &tb.s3.secret_key), &tb.s3.cluster_endpoint);
+    name
+}
+
 /// CheckpointStorage `name` on the testbed's bucket (prefix `operator-e2e`), its
 /// credentials in Secret `secret` of `ns` with `secret_key`.
 pub fn s3_storage_with_key(tb: &Testbed, ns: &str, name: &str, secret: &str, secret_key: &str) {
+    s3_storage_at(tb, ns, name, (secret, secret_key), &tb.s3.endpoint);
+}
+
+fn s3_storage_at(tb: &Testbed, ns: &str, name: &str, (secret, secret_key): (&str, &str), endpoint: &str) {
     kubectl_apply(
         tb,
         ns,
@@ -81,7 +93,7 @@ pub fn s3_storage_with_key(tb: &Testbed, ns: &str, name: &str, secret: &str, sec
         ns,
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "CheckpointStorage", "metadata": {"name": name},
                 "spec": {"type": "S3", "prefix": "operator-e2e",
-                         "s3": {"endpoint": tb.s3.endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
+                         "s3": {"endpoint": endpoint, "bucket": tb.s3.bucket, "forcePathStyle": true,
                                 "credentialsSecretRef": {"name": secret, "namespace": ns}}}}),
     );
 }
@@ -265,6 +277,15 @@ pub fn event_reasons(tb: &Testbed, ns: &str, name: &str) -> String {
 /// The numbers a checkpoint's emptyDir object holds, file by file; every one must be
 /// there.
 pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &[&str]) -> Vec<u64> {
+    captured_texts(tb, checkpoint, names)
+        .await
+        .iter()
+        .map(|text| text.trim().parse().unwrap())
+        .collect()
+}
+
+/// The files of a checkpoint's emptyDir object `data`, by name; every one must be there.
+pub async fn captured_texts(tb: &Testbed, checkpoint: &PodCheckpoint, names: &[&str]) -> Vec<String> {
     let volume = opened(
         tb,
         checkpoint,
@@ -278,7 +299,7 @@ pub async fn captured_numbers(tb: &Testbed, checkpoint: &PodCheckpoint, names: &
             tar_members(inner)
                 .iter()
                 .find(|(p, _)| p.rsplit('/').next() == Some(*n))
-                .map(|(_, body)| String::from_utf8_lossy(body).trim().parse().unwrap())
+                .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
                 .unwrap_or_else(|| panic!("the checkpoint's emptyDir has no {n}"))
         })
         .collect()
@@ -336,4 +357,21 @@ pub fn stored_prefix(checkpoint: &PodCheckpoint) -> String {
 /// Deletes a test's CheckpointStorage (cluster-scoped, so the namespace does not).
 pub fn delete_storage(tb: &Testbed, name: &str) {
     let _ = tb.kubectl().args(["delete", "cpstor", name, "--wait=false"]).output();
+}
+
+/// Records an outcome this test asserted for the compatibility matrix
+/// (`cryopod_e2e::compat`); call it after the assertions, so only what held is kept.
+pub fn record_compat(tb: &Testbed, operation: &str, (from, to): (&str, &str), error: &str, test: &str) {
+    cryopod_e2e::compat::record(
+        &tb.dir,
+        &cryopod_e2e::compat::Row {
+            operation: operation.into(),
+            from: from.into(),
+            to: to.into(),
+            works: error.is_empty(),
+            error: error.into(),
+            test: test.into(),
+        },
+    )
+    .unwrap();
 }

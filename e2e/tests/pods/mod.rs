@@ -402,8 +402,6 @@ pub async fn start_agent_at(
     AgentProcess,
     cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
 ) {
-    use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
     // A port freed a moment ago can come back at once: never the gRPC port.
     let metrics_port = std::iter::repeat_with(free_port).find(|p| *p != port).unwrap();
@@ -432,12 +430,27 @@ pub async fn start_agent_at(
         log,
         port,
     };
+    let client = connect_agent(tls, port, Duration::from_secs(30)).await.unwrap();
+    (process, client)
+}
+
+/// A client of the agent at the loopback's `port`, once it serves mutual TLS.
+pub async fn connect_agent(
+    tls: &AgentTls,
+    port: u16,
+    within: Duration,
+) -> Result<
+    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
+    cryopod_e2e::testbed::HarnessError,
+> {
+    use cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&tls.ca))
         .identity(tls.client.clone())
         .domain_name("localhost");
     let url = format!("https://localhost:{port}");
-    let client = wait_until("the agent to serve", Duration::from_secs(30), || async {
+    wait_until("the agent to serve", within, || async {
         let channel = Channel::from_shared(url.clone())
             .ok()?
             .tls_config(config.clone())
@@ -448,8 +461,6 @@ pub async fn start_agent_at(
         Some(NodeAgentClient::new(channel))
     })
     .await
-    .unwrap();
-    (process, client)
 }
 
 /// What the operator would send for the trio pod, storing into the testbed's S3 server.
@@ -972,4 +983,75 @@ pub fn age_keys() -> AgeKeys {
         .trim_start_matches("Public key: ")
         .to_owned();
     AgeKeys { dir, identity, public }
+}
+
+/// An agent binary running in a VM node (a transient systemd unit there), reached from
+/// the host's loopback through a forwarder; stopped when dropped.
+pub struct VmAgent {
+    /// The forwarded port on the host's loopback: what the operator is told.
+    pub port: u16,
+    /// Its log (stderr, JSON lines), on the host side of the share.
+    pub log: PathBuf,
+    unit: String,
+    vm: cryopod_e2e::vm::VmNode,
+    _forward: cryopod_e2e::vm::Forward,
+}
+
+impl Drop for VmAgent {
+    fn drop(&mut self) {
+        // Queued for the guest; a test's end need not wait for it.
+        let script = format!(
+            "systemctl stop {0}; systemctl reset-failed {0} 2>/dev/null; true",
+            self.unit
+        );
+        let _ = std::fs::write(self.vm.share.join("req").join(format!("stop-{}.sh", self.unit)), script);
+    }
+}
+
+/// Starts the agent (the static build that up.sh put in the guest) on `vm` with this
+/// test's TLS material, its state in the guest's /var/lib/cryopod (where the node's
+/// runtime handler reads restores), and waits until it serves.
+pub async fn start_vm_agent(vm: &cryopod_e2e::vm::VmNode, tls: &AgentTls, env: &[(&str, &str)]) -> VmAgent {
+    let port = free_port();
+    let guest_port = port;
+    let unit = format!("cryopod-agent-{port}");
+    let (host_dir, guest_dir) = vm.share_dir(&unit).unwrap();
+    for name in ["ca.crt", "tls.crt", "tls.key", cryopod_e2e::tls::MANIFEST_KEY_FILE] {
+        std::fs::copy(tls.dir.path().join(name), host_dir.join(name)).unwrap();
+    }
+    let mut setenv = vec![
+        ("CRYOPOD_NODE_NAME".to_owned(), vm.name.clone()),
+        ("CRYOPOD_LISTEN".to_owned(), format!("{}:{guest_port}", vm.ip)),
+        ("CRYOPOD_TLS_DIR".to_owned(), guest_dir.display().to_string()),
+        (
+            "CRYOPOD_MANIFEST_KEY_FILE".to_owned(),
+            guest_dir
+                .join(cryopod_e2e::tls::MANIFEST_KEY_FILE)
+                .display()
+                .to_string(),
+        ),
+        ("CRYOPOD_CRIU_DIR".to_owned(), "/usr/sbin".to_owned()),
+        ("CRYOPOD_METRICS_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("RUST_LOG".to_owned(), "info".to_owned()),
+    ];
+    setenv.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let setenv: String = setenv.iter().map(|(k, v)| format!(" --setenv={k}={v}")).collect();
+    vm.run(&format!(
+        "systemd-run --unit={unit} --property=StandardError=file:{guest}/agent.log{setenv} /opt/cryopod/bin/cryopod-node-agent",
+        guest = guest_dir.display()
+    ))
+    .await
+    .unwrap();
+    let forward = cryopod_e2e::vm::Forward::start(port, &vm.ip, guest_port).unwrap();
+    let agent = VmAgent {
+        port,
+        log: host_dir.join("agent.log"),
+        unit,
+        vm: vm.clone(),
+        _forward: forward,
+    };
+    connect_agent(tls, port, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default()));
+    agent
 }

@@ -1,0 +1,86 @@
+//! Before a migration freezes anything: can the target restore what CRIU dumps on the
+//! source? The agents say what their nodes run (`NodeInfo`); the rule is the one the
+//! target's agent applies again before it restores (`cryopod_agent_api::compat`).
+
+use cryopod_agent_api::compat::{Facts, check};
+use cryopod_agent_api::pb;
+
+use crate::context::Context;
+
+/// The first of `candidates` (in order) that can restore what `source` dumps, or why
+/// none can: each candidate's reason, or why its agent could not be asked.
+pub fn first_compatible(
+    source: &pb::NodeFacts,
+    candidates: &[(String, Result<pb::NodeFacts, String>)],
+) -> Result<String, String> {
+    let mut refused = Vec::new();
+    for (name, facts) in candidates {
+        match facts {
+            Ok(facts) => match check(&Facts::from(source), &Facts::from(facts)) {
+                Ok(()) => return Ok(name.clone()),
+                Err(why) => refused.push(why),
+            },
+            Err(why) => refused.push(format!("cannot ask {name}'s agent what it runs: {why}")),
+        }
+    }
+    Err(format!(
+        "no target can restore what {} dumps, so nothing was frozen: {}",
+        source.name,
+        refused.join("; ")
+    ))
+}
+
+async fn facts_of(ctx: &Context, node: &str) -> Result<pb::NodeFacts, String> {
+    let mut client = ctx.agents.client(node).await.map_err(|e| e.to_string())?;
+    client
+        .node_info(pb::NodeInfoRequest::default())
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| status.message().to_owned())
+}
+
+/// [`first_compatible`] with the facts asked of the agents. An unanswering source
+/// agent refuses every target: its pod could not be checkpointed either.
+pub async fn choose_target(ctx: &Context, source: &str, candidates: &[String]) -> Result<String, String> {
+    let source_facts = facts_of(ctx, source).await.map_err(|why| {
+        format!("cannot ask the source node {source}'s agent what it runs, so nothing was frozen: {why}")
+    })?;
+    let mut asked = Vec::with_capacity(candidates.len());
+    for name in candidates {
+        asked.push((name.clone(), facts_of(ctx, name).await));
+    }
+    first_compatible(&source_facts, &asked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cgroup: &str) -> pb::NodeFacts {
+        pb::NodeFacts {
+            name: name.into(),
+            kernel: "6.18.0".into(),
+            criu_version: "4.2.1".into(),
+            cgroup_version: cgroup.into(),
+            cpu_flags: vec!["avx2".into()],
+        }
+    }
+
+    #[test]
+    fn the_first_target_that_can_restore_is_chosen_else_every_reason_is_named() {
+        let source = node("node-1", "V1");
+        let candidates = vec![
+            ("node-2".to_owned(), Err("connection refused".to_owned())),
+            ("node-3".to_owned(), Ok(node("node-3", "V2"))),
+            ("node-4".to_owned(), Ok(node("node-4", "V1"))),
+        ];
+        assert_eq!(first_compatible(&source, &candidates).unwrap(), "node-4");
+        let err = first_compatible(&source, &candidates[..2]).unwrap_err();
+        assert_eq!(
+            err,
+            "no target can restore what node-1 dumps, so nothing was frozen: cannot ask node-2's agent what it runs: \
+             connection refused; node-1 runs cgroup V1 and node-3 runs cgroup V2: CRIU restores a process only under \
+             the cgroup version it was dumped on"
+        );
+    }
+}
