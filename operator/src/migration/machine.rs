@@ -866,7 +866,7 @@ pub fn target_node(target: Option<&NodeTarget>, source: &str, nodes: &[NodeFacts
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
 
     use serde_json::{Value, json};
 
@@ -1880,6 +1880,156 @@ mod tests {
                 },
             ),
         ]);
+    }
+
+    /// The API server, the source's agent and the other controllers, as passes of
+    /// the shell see and change them: a stand-in for `super::take`.
+    struct World {
+        status: Value,
+        restore: Option<&'static str>,
+        source: HeldSource,
+        /// How the hold ended; `None`: still held.
+        hold: Option<Released>,
+        /// The releases asked, by `stop`.
+        releases: Vec<bool>,
+        handed_over: bool,
+        end: Option<Step>,
+    }
+
+    impl World {
+        /// A migration of a source of `controller` whose checkpoint is Ready.
+        fn new(controller: Option<&str>) -> Self {
+            Self {
+                status: status("Checkpointing", controller),
+                restore: None,
+                source: HeldSource::Present,
+                hold: None,
+                releases: vec![],
+                handed_over: false,
+                end: None,
+            }
+        }
+
+        /// Takes `step` as the shell would; whether it ends the pass.
+        fn take(&mut self, step: Step, seen: &mut Observed) -> bool {
+            match step {
+                Step::Look(Look::Checkpoint(_)) => seen.checkpoint = Some(Some(checkpoint("Ready", ""))),
+                Step::Look(Look::HeldSource { .. }) => seen.held_source = Some(self.source),
+                Step::Look(Look::Restore(_)) => seen.restore = Some(self.restore.map(target)),
+                Step::Look(Look::Adoption { .. }) => {
+                    seen.adopted = Some(self.handed_over || self.source == HeldSource::Gone)
+                }
+                Step::Release { stop, .. } => {
+                    self.releases.push(stop);
+                    let answer = self
+                        .hold
+                        .get_or_insert(if stop { Released::Stopped } else { Released::Thawed })
+                        .clone();
+                    seen.released = Some(answer);
+                }
+                Step::DeleteSource { grace_seconds, .. } => {
+                    self.source = if grace_seconds.is_some() {
+                        HeldSource::Terminating
+                    } else {
+                        HeldSource::Gone
+                    };
+                    seen.source_deleted = true;
+                }
+                Step::HandOver { .. } => {
+                    self.handed_over = true;
+                    self.source = HeldSource::Gone;
+                    seen.source_deleted = true;
+                }
+                Step::StartRestore { restore, .. } => {
+                    self.status["phase"] = "Restoring".into();
+                    self.status["restoreName"] = restore.name.into();
+                    self.restore = Some("Pending");
+                    return true;
+                }
+                Step::Finalize { target_pod, .. } => {
+                    self.status["phase"] = "Finalizing".into();
+                    self.status["targetPodName"] = target_pod.into();
+                }
+                Step::Requeue(_) => return true,
+                end @ (Step::Succeed { .. }
+                | Step::Fail { .. }
+                | Step::SourceResumed { .. }
+                | Step::RollBack { .. }) => {
+                    self.status["phase"] = "Ended".into();
+                    self.end = Some(end);
+                    return true;
+                }
+                other => panic!("{other:?} is not part of these migrations"),
+            }
+            false
+        }
+
+        /// Passes until the migration ends; the first stops (the operator is killed)
+        /// after `crash_after` steps. The steps of every pass.
+        fn run(&mut self, crash_after: usize) -> Vec<Vec<Step>> {
+            let mut passes = vec![];
+            while self.end.is_none() {
+                assert!(passes.len() < 10, "no end after {passes:?}");
+                // Between passes the restore controller and the kubelet go on.
+                self.restore = self.restore.map(|_| "Ready");
+                if self.source == HeldSource::Terminating {
+                    self.source = HeldSource::Gone;
+                }
+                let mut seen = after(20);
+                let mut steps = vec![];
+                loop {
+                    let step = decide(&migration(self.status.clone(), "Rollback"), &seen);
+                    steps.push(step.clone());
+                    if self.take(step, &mut seen) || (passes.is_empty() && steps.len() == crash_after) {
+                        break;
+                    }
+                    assert!(steps.len() < 16, "a pass that does not end: {steps:?}");
+                }
+                passes.push(steps);
+            }
+            passes
+        }
+    }
+
+    /// An operator killed after any step and started again finishes the same
+    /// migration the same way, and never thaws a source it stopped.
+    #[test]
+    fn an_operator_restarted_after_any_step_finishes_the_same_migration() {
+        let lost = || thawed_without_release(DEADLINE_PASSED);
+        let scenarios: [(&str, Option<&str>, Option<Released>, Step); 5] = [
+            ("bare", BARE, None, succeed("")),
+            ("ReplicaSet", RS, None, succeed(" under ReplicaSet/web-rs")),
+            ("StatefulSet", STS, None, succeed(" under StatefulSet/db")),
+            (
+                "bare, hold lost",
+                BARE,
+                Some(lost()),
+                resumed(
+                    Some("web-restored"),
+                    &format!("it was thawed without a release: {DEADLINE_PASSED}"),
+                ),
+            ),
+            (
+                "StatefulSet, hold lost",
+                STS,
+                Some(lost()),
+                resumed(None, &format!("it was thawed without a release: {DEADLINE_PASSED}")),
+            ),
+        ];
+        for (name, controller, hold, end) in scenarios {
+            let mut clean = World::new(controller);
+            clean.hold = hold.clone();
+            let steps: usize = clean.run(0).iter().map(Vec::len).sum();
+            assert_eq!(clean.end.as_ref(), Some(&end), "{name}");
+            for crash_after in 1..=steps {
+                let mut world = World::new(controller);
+                world.hold = hold.clone();
+                let passes = world.run(crash_after);
+                let context = format!("{name}, killed after step {crash_after}: {passes:#?}");
+                assert_eq!(world.end.as_ref(), Some(&end), "{context}");
+                assert!(world.releases.iter().all(|stop| *stop), "{context}");
+            }
+        }
     }
 
     #[test]
