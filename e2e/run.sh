@@ -30,20 +30,22 @@ down() {
 trap down EXIT
 "$here/cluster/up.sh"
 
-# Each run records its own outcomes for the compatibility matrix.
-rm -rf "$LOGS/compat"
+# Each run records its own outcomes for the matrices (compatibility, faults).
+rm -rf "$LOGS/compat" "$LOGS/faults"
 status=0
-cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin --test schedule --test vm_node -- --test-threads=2 || status=$?
+cargo test --locked --no-fail-fast -p cryopod-e2e --test cluster --test api --test agent --test agent_options --test restore --test security_capture --test security_restore --test operator --test workloads --test plugin --test schedule --test vm_node --test faults -- --test-threads=2 || status=$?
 # An evacuation cordons a node of the shared cluster: alone, after the others.
 cargo test --locked -p cryopod-e2e --test evacuation || status=$?
 # The chart installed with Helm takes the whole cluster: alone, after the others.
 cargo test --locked -p cryopod-e2e --test helm || status=$?
 
-# The compatibility matrix, from what the tests above recorded; with
-# CRYOPOD_UPDATE_DOCS=1 it replaces docs/compatibility.md.
-if cargo run --locked --quiet -p cryopod-e2e --bin compat-matrix -- "$TESTBED" >"$LOGS/compatibility.md"; then
-  log "compatibility matrix: $LOGS/compatibility.md"
-  [[ ${CRYOPOD_UPDATE_DOCS:-0} == 1 ]] && cp "$LOGS/compatibility.md" "$REPO_ROOT/docs/compatibility.md"
+# The compatibility and fault matrices, from what the tests above recorded; with
+# CRYOPOD_UPDATE_DOCS=1 they replace docs/compatibility.md and docs/reliability.md.
+if cargo run --locked --quiet -p cryopod-e2e --bin matrices -- "$TESTBED" "$LOGS"; then
+  log "matrices: $LOGS/compatibility.md, $LOGS/reliability.md"
+  if [[ ${CRYOPOD_UPDATE_DOCS:-0} == 1 ]]; then
+    cp "$LOGS/compatibility.md" "$LOGS/reliability.md" "$REPO_ROOT/docs/"
+  fi
 else
   status=1
 fi

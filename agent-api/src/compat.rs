@@ -98,6 +98,8 @@ pub fn check(source: &Facts<'_>, target: &Facts<'_>) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn node(criu: &'static str, kernel: &'static str, flags: &[&str]) -> (Facts<'static>, Vec<String>) {

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::matrix::cell;
+
 /// The testbed's netns nodes (node-1, node-2): the host's kernel and cgroup v1, whose
 /// root lacks `CAP_SYS_RESOURCE`.
 pub const V1_CGROUPFS: &str = "cgroup v1, cgroupfs driver";
@@ -30,21 +32,13 @@ pub struct Row {
     pub test: String,
 }
 
-/// Where rows go: beside the testbed's logs, which outlive `make cluster-down`.
-pub fn dir(testbed: &Path) -> std::path::PathBuf {
-    testbed.join("logs").join("compat")
-}
+/// The matrix's name under the testbed's logs ([`crate::matrix`]).
+pub const KIND: &str = "compat";
 
 /// Keeps `row` for the matrix.
 pub fn record(testbed: &Path, row: &Row) -> Result<(), String> {
-    let dir = dir(testbed);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-    let name: String = format!("{}-{}-{}-{}", row.operation, row.from, row.to, row.test)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let text = serde_json::to_string_pretty(row).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(format!("{name}.json")), text).map_err(|e| format!("cannot record {name}: {e}"))
+    let name = format!("{}-{}-{}-{}", row.operation, row.from, row.to, row.test);
+    crate::matrix::record(testbed, KIND, &name, row)
 }
 
 /// The matrix as Markdown, rows sorted so that equal runs render equally.
@@ -59,17 +53,13 @@ pub fn render(rows: &[Row]) -> String {
          | operation | from | to | works | what the user gets | test |\n|---|---|---|---|---|---|\n",
     );
     for row in &rows {
-        let to = if row.to.is_empty() { "-" } else { &row.to };
-        let error = if row.error.is_empty() {
-            "-".to_owned()
-        } else {
-            row.error.replace('|', "\\|")
-        };
         out.push_str(&format!(
-            "| {} | {} | {to} | {} | {error} | `{}` |\n",
-            row.operation,
-            row.from,
+            "| {} | {} | {} | {} | {} | `{}` |\n",
+            cell(&row.operation),
+            cell(&row.from),
+            cell(&row.to),
             if row.works { "yes" } else { "no" },
+            cell(&row.error),
             row.test
         ));
     }

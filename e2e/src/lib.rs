@@ -5,7 +5,9 @@
 
 pub mod chart;
 pub mod compat;
+pub mod matrix;
 pub mod oci;
+pub mod reliability;
 pub mod testbed;
 pub mod tls;
 pub mod vm;

@@ -54,6 +54,8 @@ pub async fn choose_target(ctx: &Context, source: &str, candidates: &[String]) -
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn node(name: &str, cgroup: &str) -> pb::NodeFacts {

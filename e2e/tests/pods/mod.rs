@@ -329,6 +329,9 @@ pub async fn checkpoint_counting(
     }
 }
 
+/// A gRPC client of an agent.
+pub type AgentClient = cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>;
+
 /// The agent binary, killed when the test ends.
 pub struct AgentProcess {
     /// The process.
@@ -359,10 +362,7 @@ pub async fn start_agent(
     node: &str,
     tls: &AgentTls,
     state: &std::path::Path,
-) -> (
-    AgentProcess,
-    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
-) {
+) -> (AgentProcess, AgentClient) {
     start_agent_with(tb, node, tls, state, &[]).await
 }
 
@@ -373,10 +373,7 @@ pub async fn start_agent_with(
     tls: &AgentTls,
     state: &std::path::Path,
     env: &[(&str, &str)],
-) -> (
-    AgentProcess,
-    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
-) {
+) -> (AgentProcess, AgentClient) {
     start_agent_at(tb, node, tls, state, env, free_port()).await
 }
 
@@ -398,17 +395,36 @@ pub async fn start_agent_at(
     state: &std::path::Path,
     env: &[(&str, &str)],
     port: u16,
-) -> (
-    AgentProcess,
-    cryopod_node_agent::server::pb::node_agent_client::NodeAgentClient<tonic::transport::Channel>,
-) {
+) -> (AgentProcess, AgentClient) {
+    start_agent_wrapped(tb, node, tls, state, env, port, &[]).await
+}
+
+/// [`start_agent_at`], run under the words of `wrap` (e.g. `nsenter` into the node's
+/// mount namespace; they exec the agent, so its PID is the child's).
+pub async fn start_agent_wrapped(
+    tb: &Testbed,
+    node: &str,
+    tls: &AgentTls,
+    state: &std::path::Path,
+    env: &[(&str, &str)],
+    port: u16,
+    wrap: &[String],
+) -> (AgentProcess, AgentClient) {
     let agent_bin = std::env::var("CRYOPOD_AGENT_BIN").expect("CRYOPOD_AGENT_BIN is set by e2e/run.sh");
+    let mut command = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(&agent_bin);
+            c
+        }
+        None => std::process::Command::new(&agent_bin),
+    };
     // A port freed a moment ago can come back at once: never the gRPC port.
     let metrics_port = std::iter::repeat_with(free_port).find(|p| *p != port).unwrap();
     std::fs::create_dir_all(state).unwrap();
     let log = state.join(format!("agent-{port}.log"));
     let process = AgentProcess {
-        child: std::process::Command::new(agent_bin)
+        child: command
             .env("CRYOPOD_NODE_NAME", node)
             .env("CRYOPOD_LISTEN", format!("127.0.0.1:{port}"))
             .env("CRYOPOD_TLS_DIR", tls.dir.path())
