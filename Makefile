@@ -21,6 +21,13 @@ test: lint unit e2e ## Run every test tier (what CI runs)
 .PHONY: unit
 unit: ## Tests without the cluster: unit, schema (CRD freshness, examples), the chart as helm renders it and its alerts through promtool, host integration (root, real cgroups)
 	hack/ensure-host-packages.sh
+	@# Layers (docs/development.md): the operator and the plugin reach the agent only
+	@# through its gRPC contract, cryopod-agent-api.
+	for crate in cryopod-operator kubectl-cryopod; do \
+	  if $(CARGO) tree --locked -p "$$crate" -e normal,build --prefix none | grep -q '^cryopod-node-agent '; then \
+	    echo "$$crate links cryopod-node-agent: talk to the agent through cryopod-agent-api" >&2; exit 1; \
+	  fi; \
+	done
 	$(CARGO) test --workspace --locked --exclude cryopod-e2e
 	@# A statement of its own: under set -e a failed promtool build stops here (as an
 	@# assignment prefixed to the cargo command it would not).

@@ -256,8 +256,8 @@ mod tests {
                 .collect();
             assert!(!verbs.contains(&"*"), "{rule}");
             if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
-                // Read by name, and created for a migration's key; never listed.
-                assert_eq!(verbs, ["get", "create"], "Secrets are read by name only");
+                // Read by name, never listed, never created outside the release's namespace.
+                assert_eq!(verbs, ["get"], "Secrets are read by name only");
             }
         }
         // The operator signs for its own signer name only.
@@ -271,6 +271,8 @@ mod tests {
         assert_eq!(signs[0]["resourceNames"], serde_json::json!(["cryopod.io/node-agent"]));
         let lease = find(&docs, "Role", "cryopod-operator-lease");
         assert_eq!(lease["rules"][0]["resources"][0], "leases");
+        assert_eq!(lease["rules"][1]["resources"][0], "secrets");
+        assert_eq!(lease["rules"][1]["verbs"], serde_json::json!(["create", "delete"]));
         // Users get the cryopod kinds through the built-in roles, by aggregation.
         let labels = &find(&docs, "ClusterRole", "cryopod-edit")["metadata"]["labels"];
         assert_eq!(labels["rbac.authorization.k8s.io/aggregate-to-edit"], "true");

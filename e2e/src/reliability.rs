@@ -36,17 +36,16 @@ pub fn record(testbed: &Path, row: &Row) -> Result<(), String> {
 }
 
 /// The order operations and their phases happen in, for the table.
-const PHASES: [(&str, &str); 10] = [
+const PHASES: [(&str, &str); 9] = [
     ("checkpoint", "freezing"),
     ("checkpoint", "dumping"),
     ("checkpoint", "storing"),
     ("restore", "fetching"),
     ("restore", "restoring"),
-    ("migration", "checking"),
+    ("migration", "checkpointing"),
     ("migration", "holding"),
     ("migration", "restoring"),
     ("migration", "releasing"),
-    ("migration", "after the switch"),
 ];
 
 fn rank(row: &Row) -> usize {

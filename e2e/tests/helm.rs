@@ -285,6 +285,38 @@ fn security_requests_need_the_requesters_own_rights(tb: &Testbed, ns: &str) {
     create_as(tb, ns, &editor, &hooked).unwrap();
 }
 
+/// Whoever may edit a PodCheckpoint grants it to restores in other namespaces
+/// (`cryopod.io/restore-namespaces`) and withdraws the grant; every other
+/// `cryopod.io/` annotation stays the operator's.
+fn security_a_checkpoints_owners_grant_it_and_nothing_else(tb: &Testbed, ns: &str) {
+    let editor = format!("system:serviceaccount:{ns}:default");
+    let checkpoint = json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "granted"},
+                            "spec": {"sourcePodName": "nobody", "storage": "any"}});
+    create_as_for_real(tb, ns, &editor, &checkpoint, "--dry-run=none").unwrap();
+    let annotate = |annotation: &str| {
+        let out = tb
+            .kubectl()
+            .args(["annotate", "--overwrite", "-n", ns, "--as", &editor])
+            .args(["podcheckpoint/granted", annotation])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() { Ok(text) } else { Err(text) }
+    };
+    annotate("cryopod.io/restore-namespaces=elsewhere").unwrap();
+    annotate("cryopod.io/restore-namespaces-").unwrap();
+    let refused = annotate("cryopod.io/hold-for-migration=x").unwrap_err();
+    assert!(
+        refused.contains("annotations under cryopod.io/ are the operator's"),
+        "{refused}"
+    );
+    kubectl(tb, &["delete", "-n", ns, "podcheckpoint/granted", "--wait=false"]);
+}
+
 /// `helm uninstall`, waiting until the release's resources are gone.
 fn uninstall(tb: &Testbed, extra: &[&str]) {
     let mut args = vec![
@@ -437,6 +469,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
     security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
     security_requests_need_the_requesters_own_rights(&tb, &ns.name);
+    security_a_checkpoints_owners_grant_it_and_nothing_else(&tb, &ns.name);
     security_only_an_agent_pod_gets_its_nodes_certificate(&tb, &ns.name).await;
     // The agents reach the S3 server from the nodes' network, at the hub's address.
     let storage = format!("s3-{}", ns.name);

@@ -493,10 +493,12 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     .await
     .unwrap();
     drop(operator);
+    let killed = std::time::Instant::now();
     println!("operator killed while the migration was {phase_at_kill:?}");
     let _operator = start_operator(&tb, &ns.name, &tls, &agents, &state.join("operator-2.log"));
 
     kubectl_wait_ready(&tb, &ns.name, "podmigration/move", &state.join("operator-2.log"));
+    let recovered = killed.elapsed();
     let status = migrations.get("move").await.unwrap().status.unwrap();
     assert_eq!(status.phase, Some(MigrationPhase::Succeeded));
     let target_pod = status.target_pod_name.clone().unwrap();
@@ -571,12 +573,21 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     let events = event_reasons(&tb, &ns.name, "move");
     assert!(events.contains("MigrationCompleted"), "{events}");
     let v1 = cryopod_e2e::compat::V1_CGROUPFS;
-    record_compat(
+    let test = "operator::a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart";
+    record_compat(&tb, "migrate", (v1, v1), "", test);
+    let phase = match phase_at_kill {
+        MigrationPhase::Checkpointing => "checkpointing",
+        MigrationPhase::Restoring => "restoring",
+        _ => "releasing",
+    };
+    record_fault(
         &tb,
-        "migrate",
-        (v1, v1),
-        "",
-        "operator::a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart",
+        ("migration", phase, "SIGKILL of the operator (restarted)"),
+        &format!(
+            "Succeeded exactly once (killed while {phase_at_kill:?}): one checkpoint, one restore, one pod on the target, the source gone; its counters and loopback conversation went on"
+        ),
+        recovered,
+        test,
     );
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
@@ -750,6 +761,7 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     let captured = captured_numbers(&stage.tb, &checkpoint, &["a"]).await[0];
     // The source's agent is killed and started again: its recovery thaws the held
     // source, which runs on.
+    let killed = std::time::Instant::now();
     stage.restart_source_agent().await;
     stage.source_counts_past(captured + 5).await;
     let (_agent_2, status) = stage.target_back_and_ended("twice").await;
@@ -767,6 +779,13 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     stage.source_runs_on().await;
     let events = event_reasons(&stage.tb, &stage.ns.name, "twice");
     assert!(events.contains("SourceResumed"), "{events}");
+    record_fault(
+        &stage.tb,
+        ("migration", "holding", "SIGKILL of the source's agent (restarted)"),
+        "Failed, SourceResumed: the restarted agent thawed the held source, which runs on with its newer state; the restored pod deleted, never both kept",
+        killed.elapsed(),
+        "operator::a_migration_whose_source_ran_on_keeps_the_source_and_fails",
+    );
     stage.done();
 }
 
@@ -781,6 +800,7 @@ async fn an_agent_stopped_while_it_holds_a_pod_thaws_it_before_it_exits() {
     let mut stage = target_away("e2e-drain", &[("CRYOPOD_DRAIN_SECONDS", "3")]).await;
     stage.migrate("rolled", json!({}));
     stage.held().await;
+    let signalled = std::time::Instant::now();
     let agent = &mut stage.agent_1;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(agent.child.id()).unwrap()),
@@ -804,6 +824,13 @@ async fn an_agent_stopped_while_it_holds_a_pod_thaws_it_before_it_exits() {
         "{message}"
     );
     stage.source_runs_on().await;
+    record_fault(
+        &stage.tb,
+        ("migration", "holding", "SIGTERM of the source's agent (a rollout)"),
+        "the agent drained for its 3 s, thawed the held source and exited 0; Failed, SourceResumed; the source runs on, the restored pod deleted",
+        signalled.elapsed(),
+        "operator::an_agent_stopped_while_it_holds_a_pod_thaws_it_before_it_exits",
+    );
     stage.done();
 }
 
@@ -815,6 +842,8 @@ async fn a_migration_that_outlives_its_timeout_rolls_back() {
     use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration, PodRestore};
     let stage = target_away("e2e-mig-timeout", &[]).await;
     stage.migrate("late", json!({"timeoutSeconds": 30}));
+    stage.held().await;
+    let held = std::time::Instant::now();
     let migrations: Api<PodMigration> = Api::namespaced(stage.client.clone(), &stage.ns.name);
     let status = migration_ended(&migrations, "late").await;
     let message = stage.ended_as(&status, MigrationPhase::RolledBack, "TimedOut");
@@ -850,6 +879,13 @@ async fn a_migration_that_outlives_its_timeout_rolls_back() {
     assert_eq!(left.len(), 1, "only the source");
     assert_eq!(left[0].metadata.uid, stage.source_pod.metadata.uid);
     stage.source_runs_on().await;
+    record_fault(
+        &stage.tb,
+        ("migration", "restoring", "the target's agent unreachable"),
+        "RolledBack, TimedOut at spec.timeoutSeconds (30 s): the PodRestore deleted before the source thawed; the source runs on, no restart",
+        held.elapsed(),
+        "operator::a_migration_that_outlives_its_timeout_rolls_back",
+    );
     stage.done();
 }
 

@@ -97,3 +97,96 @@ async fn security_a_volume_swapped_for_a_symlink_is_not_captured() {
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// The pod makes a user namespace, mounts an overlay whose upper directory it names
+/// like the node agent's state (`/var/lib/cryopod/restores`, on a tmpfs of its own)
+/// and pivots into it, so that its own mount table shows that overlay at `/`. The
+/// agent once took the upper directory from that table and read the node's directory
+/// of that name (other pods' prepared restores) into the tenant's checkpoint. Now it
+/// takes the one the runtime mounted for the container: the container's own changes,
+/// and nothing of the node.
+#[tokio::test]
+async fn security_a_tenants_own_overlay_root_does_not_choose_what_is_captured() {
+    use cryopod_node_agent::cri::CriClient;
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sec-ovl").await.unwrap();
+    let node = tb.nodes[0].clone();
+    // A file of the node's where the tenant points.
+    let node_dir = tb.dir.join(&node).join("cryopod/restores");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let canary = node_dir.join(format!("canary-{}", ns.name));
+    std::fs::write(&canary, "the node's, not the tenant's").unwrap();
+    let script = "mkdir -p /marker /var/lib/cryopod /tmp/new && echo tenant > /marker/own && \
+        exec busybox unshare -Urm sh -c 'set -e; \
+          busybox mount -t tmpfs t /var/lib/cryopod; \
+          mkdir /var/lib/cryopod/restores /var/lib/cryopod/work; \
+          busybox mount -t overlay overlay -o lowerdir=/,upperdir=/var/lib/cryopod/restores,workdir=/var/lib/cryopod/work /tmp/new; \
+          mkdir -p /tmp/new/old /tmp/new/data; busybox mount --bind /data /tmp/new/data; \
+          cd /tmp/new; busybox pivot_root . old; \
+          echo 1 > /data/ready; while :; do sleep 1; done'";
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pivoter"},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                 "volumes": [{"name": "data", "emptyDir": {}}],
+                 "containers": [{"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never",
+                                  "command": ["sh", "-c", script],
+                                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+    }))
+    .unwrap();
+    ns.pods(&client).create(&Default::default(), &pod).await.unwrap();
+    let running = ns
+        .wait_ready(&client, "pivoter", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let data = pod_data(&tb, &running);
+    wait_until(
+        "the pod to pivot into its own overlay",
+        Duration::from_secs(30),
+        || async { (number_in(&data.join("ready")) == 1).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", kubectl(&tb, &["logs", "-n", &ns.name, "pivoter"])));
+    let uid = running.metadata.uid.clone().unwrap();
+    let pod =
+        cryopod_node_agent::discovery::discover(&CriClient::connect(&cri_socket(&tb, &node)).await.unwrap(), &uid)
+            .await
+            .unwrap();
+    let container = &pod.containers[0];
+    // The attack is in place: the container's own table names the node's path at `/`.
+    let own = std::fs::read_to_string(format!("/proc/{}/mountinfo", container.pid)).unwrap();
+    assert!(
+        own.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/") && l.contains("upperdir=/var/lib/cryopod/restores")),
+        "{own}"
+    );
+
+    let exec = node_exec(&tb, &node);
+    let runtime_mounts = std::fs::read_to_string(exec.node_mountinfo()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tar = out.path().join("rootfs-diff.tar");
+    cryopod_node_agent::capture::rootfs_diff(container, &exec.node_root(), &runtime_mounts, &tar).unwrap();
+    let names: Vec<String> = tar_members(&std::fs::read(&tar).unwrap())
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    println!("captured rootfs changes: {names:?}");
+    assert!(
+        names.iter().any(|n| n == "marker/own"),
+        "the container's own changes: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("canary")),
+        "nothing of the node's directory: {names:?}"
+    );
+    let _ = std::fs::remove_file(&canary);
+}
+
+fn kubectl(tb: &Testbed, args: &[&str]) -> String {
+    let out = tb.kubectl().args(args).output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

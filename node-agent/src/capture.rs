@@ -431,14 +431,23 @@ pub fn capture_shared_state(
     Ok(captured)
 }
 
-/// The upper directory of the overlay mounted at `/` in a process's mount namespace.
-pub fn overlay_upper_dir(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
+/// The upper directory of the overlay the runtime mounted as container `id`'s root
+/// filesystem (its bundle's `.../<id>/rootfs`), read from the runtime's own mount
+/// table. Never from the container's: a tenant who can make a user namespace can
+/// mount an overlay at its own `/` naming any upper directory, which the agent would
+/// then read on the node.
+pub fn runtime_upper_dir(mountinfo: &str, id: &str) -> Option<PathBuf> {
+    if id.is_empty() || id.contains('/') {
+        return None;
+    }
+    let suffix = format!("/{id}/rootfs");
+    // The last mount at a point is the one on top.
+    mountinfo.lines().rev().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_point = left.split_whitespace().nth(4)?;
         let mut right = right.split_whitespace();
         let (fs_type, _source, options) = (right.next()?, right.next()?, right.next()?);
-        if mount_point != "/" || fs_type != "overlay" {
+        if !mount_point.ends_with(&suffix) || fs_type != "overlay" {
             return None;
         }
         options
@@ -457,17 +466,17 @@ pub struct RootfsDiff {
     pub deleted: Vec<String>,
 }
 
-/// Tars a container's overlay upper directory into `out`. The upper directory's
-/// path is the runtime's; `node_root` is where the runtime's root is seen from here
-/// (`/`, or `/proc/<runtime pid>/root` when the agent runs in a container).
-pub fn rootfs_diff(container: &RunningContainer, node_root: &Path, out: &Path) -> Result<RootfsDiff, CaptureError> {
-    let mountinfo_path = PathBuf::from(format!("/proc/{}/mountinfo", container.pid));
-    let mountinfo = std::fs::read_to_string(&mountinfo_path).map_err(|source| CaptureError::Archive {
-        what: format!("the mounts of container {}", container.name),
-        path: mountinfo_path.clone(),
-        source,
-    })?;
-    let upper = overlay_upper_dir(&mountinfo).ok_or_else(|| CaptureError::NoUpperDir {
+/// Tars a container's overlay upper directory into `out`. The upper directory is the
+/// one the runtime's mount table (`runtime_mountinfo`) names for the container;
+/// `node_root` is where the runtime's root is seen from here (`/`, or
+/// `/proc/<runtime pid>/root` when the agent runs in a container).
+pub fn rootfs_diff(
+    container: &RunningContainer,
+    node_root: &Path,
+    runtime_mountinfo: &str,
+    out: &Path,
+) -> Result<RootfsDiff, CaptureError> {
+    let upper = runtime_upper_dir(runtime_mountinfo, &container.id).ok_or_else(|| CaptureError::NoUpperDir {
         container: container.name.clone(),
     })?;
     let what = format!("the rootfs changes of container {}", container.name);
@@ -730,12 +739,22 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_root_overlay_upper_dir() {
-        let mountinfo = "\
-1 0 0:1 / / rw - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/snap/5/fs,workdir=/snap/5/work
-2 1 0:2 / /proc rw - proc proc rw
-";
-        assert_eq!(overlay_upper_dir(mountinfo), Some(PathBuf::from("/snap/5/fs")));
-        assert_eq!(overlay_upper_dir("2 1 0:2 / /proc rw - proc proc rw\n"), None);
+    fn the_upper_dir_is_the_runtimes_never_the_containers() {
+        let id = "0123abcd";
+        let runtime = format!(
+            "\
+1 0 0:1 / / rw - ext4 /dev/vda rw
+7 1 0:9 / /run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}/rootfs rw - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/snap/5/fs,workdir=/snap/5/work
+8 1 0:10 / /run/containerd/io.containerd.runtime.v2.task/k8s.io/other/rootfs rw - overlay overlay rw,lowerdir=/l3,upperdir=/snap/6/fs,workdir=/snap/6/work
+"
+        );
+        assert_eq!(runtime_upper_dir(&runtime, id), Some(PathBuf::from("/snap/5/fs")));
+        assert_eq!(runtime_upper_dir(&runtime, "other"), Some(PathBuf::from("/snap/6/fs")));
+        // The container's own table, where a tenant mounted an overlay at `/` naming
+        // a node path, never matches: its root is not the runtime's bundle.
+        let tenants = "1 0 0:1 / / rw - overlay overlay rw,lowerdir=/l,upperdir=/var/lib/cryopod,workdir=/w\n";
+        assert_eq!(runtime_upper_dir(tenants, id), None);
+        assert_eq!(runtime_upper_dir(&runtime, ""), None);
+        assert_eq!(runtime_upper_dir(&runtime, "k8s.io/other"), None);
     }
 }

@@ -429,10 +429,15 @@ impl<R: ContainerRuntime> NodeAgent<R> {
         // Shared state and rootfs changes first, while the processes whose /proc
         // entries they are read through are frozen.
         let (containers, state_dir) = (pod.containers.clone(), work.to_path_buf());
-        let node_root = self.exec.node_root();
+        let (node_root, node_mountinfo) = (self.exec.node_root(), self.exec.node_mountinfo());
         progress(Stage::Dumping);
         let captured = tokio::task::spawn_blocking(move || {
             let shared = capture_shared_state(&containers, &node_root, &state_dir)?;
+            let mountinfo = std::fs::read_to_string(&node_mountinfo).map_err(|source| CaptureError::Archive {
+                what: "the container runtime's mounts".to_owned(),
+                path: node_mountinfo.clone(),
+                source,
+            })?;
             let diffs = containers
                 .iter()
                 .map(|c| {
@@ -442,7 +447,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                         path: dir.clone(),
                         source,
                     })?;
-                    rootfs_diff(c, &node_root, &dir.join("rootfs-diff.tar"))
+                    rootfs_diff(c, &node_root, &mountinfo, &dir.join("rootfs-diff.tar"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, CaptureError>((shared, diffs))

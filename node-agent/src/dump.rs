@@ -80,10 +80,23 @@ impl NodeExec {
     /// runtime process's `/proc` entry, so that paths the runtime reports (overlay
     /// upper directories) resolve in its mount namespace; `/` without a runtime.
     pub fn node_root(&self) -> PathBuf {
+        self.runtime_proc()
+            .map_or_else(|| PathBuf::from("/"), |proc| proc.join("root"))
+    }
+
+    /// The runtime's mount table, where it mounted the containers' root filesystems
+    /// (this process's own without a runtime). Tenants cannot mount there.
+    pub fn node_mountinfo(&self) -> PathBuf {
+        self.runtime_proc()
+            .unwrap_or_else(|| PathBuf::from("/proc/self"))
+            .join("mountinfo")
+    }
+
+    fn runtime_proc(&self) -> Option<PathBuf> {
         self.runtime_socket
             .as_deref()
             .and_then(|socket| socket_peer_pid(socket).ok())
-            .map_or_else(|| PathBuf::from("/"), |pid| PathBuf::from(format!("/proc/{pid}/root")))
+            .map(|pid| PathBuf::from(format!("/proc/{pid}")))
     }
 
     pub(crate) fn command(&self, program: &Path) -> tokio::process::Command {

@@ -205,7 +205,18 @@ fn freeze_helper_process() {
     };
     let freezer: Arc<dyn Freezer> = Arc::from(freezer_for(version, root));
     let journal = Journal::open(journal_dir).unwrap();
-    let _frozen = freeze_pod(freezer, &journal, "op-crash", &cgroups, LIMITS).unwrap();
+    // Seen once on a cold, loaded machine: the v1 freezer stayed FREEZING past the
+    // settle deadline while the counters fork `sleep` every 10 ms. The agent then fails
+    // that checkpoint and thaws (freeze::tests cover it); the crash is what is tested
+    // here, so a freeze that did not settle is tried again.
+    let _frozen = (0..3)
+        .find_map(
+            |_| match freeze_pod(freezer.clone(), &journal, "op-crash", &cgroups, LIMITS) {
+                Err(cryopod_node_agent::freeze::FreezeError::NotSettled { .. }) => None,
+                other => Some(other.unwrap()),
+            },
+        )
+        .expect("the pod froze within three tries");
     println!("FROZEN");
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);

@@ -375,3 +375,26 @@ pub fn record_compat(tb: &Testbed, operation: &str, (from, to): (&str, &str), er
     )
     .unwrap();
 }
+
+/// Records a fault this test injected and the outcome it asserted, for the fault
+/// matrix (`cryopod_e2e::reliability`); call it after the assertions.
+pub fn record_fault(
+    tb: &Testbed,
+    (operation, phase, fault): (&str, &str, &str),
+    outcome: &str,
+    recovered: std::time::Duration,
+    test: &str,
+) {
+    cryopod_e2e::reliability::record(
+        &tb.dir,
+        &cryopod_e2e::reliability::Row {
+            operation: operation.into(),
+            phase: phase.into(),
+            fault: fault.into(),
+            outcome: outcome.into(),
+            recovered_ms: u64::try_from(recovered.as_millis()).unwrap_or(u64::MAX),
+            test: test.into(),
+        },
+    )
+    .unwrap();
+}
