@@ -170,9 +170,14 @@ impl Case {
     /// Asks again under the same operation id: a restarted agent answers with what
     /// happened (interrupted), and starts nothing new.
     async fn reattached(&mut self, request: pb::CheckpointRequest) -> pb::Operation {
-        ended(self.agent.checkpoint(request).await.unwrap().into_inner())
+        let asked = async {
+            ended(self.agent.checkpoint(request).await.unwrap().into_inner())
+                .await
+                .0
+        };
+        tokio::time::timeout(Duration::from_secs(60), asked)
             .await
-            .0
+            .expect("the restarted agent answers at once from its journal")
     }
 
     /// The objects stored under the case's prefix.

@@ -442,17 +442,6 @@ fn start(state: &State, target: Option<&NodeTarget>, seen: &Observed) -> Step {
         Ok(candidates) => candidates,
         Err(message) => return fail(reasons::NO_COMPATIBLE_NODE, message),
     };
-    // Only a target that can restore what CRIU dumps here is worth a freeze.
-    let target_node = match &seen.compatible {
-        None => {
-            return Step::Look(Look::Compatible {
-                source: source_node,
-                candidates,
-            });
-        }
-        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
-        Some(Ok(target)) => target.clone(),
-    };
     // A StatefulSet pod's name must be kept free for the restore before anything
     // is frozen.
     if let Workload::StatefulSet(_) = &workload {
@@ -480,6 +469,17 @@ fn start(state: &State, target: Option<&NodeTarget>, seen: &Observed) -> Step {
             }
         }
     }
+    // Only a target that can restore what CRIU dumps here is worth a freeze.
+    let target_node = match &seen.compatible {
+        None => {
+            return Step::Look(Look::Compatible {
+                source: source_node,
+                candidates,
+            });
+        }
+        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
+        Some(Ok(target)) => target.clone(),
+    };
     let Some(source_uid) = pod.metadata.uid.clone() else {
         return fail(
             reasons::MIGRATION_FAILED,
