@@ -31,7 +31,7 @@ fn pod(name: &str, node: &str, containers: serde_json::Value, volumes: serde_jso
 }
 
 #[tokio::test]
-async fn two_nodes_are_ready() {
+async fn every_node_is_ready_the_vm_too() {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     let nodes: Api<Node> = Api::all(client);
@@ -48,8 +48,15 @@ async fn two_nodes_are_ready() {
         .map(|n| n.metadata.name.clone().unwrap_or_default())
         .collect();
     ready.sort();
-    assert_eq!(ready, tb.nodes, "every node of the testbed is Ready");
-    assert!(ready.len() >= 2);
+    let vms: Vec<String> = cryopod_e2e::vm::VmNode::all(&tb)
+        .unwrap()
+        .into_iter()
+        .map(|vm| vm.name)
+        .collect();
+    let mut all = [tb.nodes.clone(), vms].concat();
+    all.sort();
+    assert_eq!(ready, all, "every node of the testbed is Ready, the VM's too");
+    assert!(tb.nodes.len() >= 2);
 }
 
 /// On each node a pod whose writer puts a page into an emptyDir that its server

@@ -443,10 +443,14 @@ async fn restore_on_the_other_node(prefix: &str, shared_pids: bool) {
     assert!(ns.ready_without_restarts(&client, &restored).await.unwrap());
     let events = event_reasons(&tb, &ns.name, "trio-back");
     assert!(events.contains("RestoreCompleted"), "{events}");
-    let test = format!("operator::{prefix}");
+    let test = if shared_pids {
+        "operator::a_pod_sharing_its_pid_namespace_restores_on_the_other_node"
+    } else {
+        "operator::a_pod_restore_brings_the_pod_back_on_the_other_node"
+    };
     let v1 = cryopod_e2e::compat::V1_CGROUPFS;
-    record_compat(&tb, "checkpoint", (v1, ""), "", &test);
-    record_compat(&tb, "restore", (v1, v1), "", &test);
+    record_compat(&tb, "checkpoint", (v1, ""), "", test);
+    record_compat(&tb, "restore", (v1, v1), "", test);
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }

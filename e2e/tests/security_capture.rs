@@ -117,14 +117,17 @@ async fn security_a_tenants_own_overlay_root_does_not_choose_what_is_captured() 
     std::fs::create_dir_all(&node_dir).unwrap();
     let canary = node_dir.join(format!("canary-{}", ns.name));
     std::fs::write(&canary, "the node's, not the tenant's").unwrap();
+    // The new root is an overlay on a tmpfs of the pod's own: busybox in its lower
+    // layer, the upper layer named like the node's directory.
     let script = "mkdir -p /marker /var/lib/cryopod /tmp/new && echo tenant > /marker/own && \
         exec busybox unshare -Urm sh -c 'set -e; \
-          busybox mount -t tmpfs t /var/lib/cryopod; \
-          mkdir /var/lib/cryopod/restores /var/lib/cryopod/work; \
-          busybox mount -t overlay overlay -o lowerdir=/,upperdir=/var/lib/cryopod/restores,workdir=/var/lib/cryopod/work /tmp/new; \
-          mkdir -p /tmp/new/old /tmp/new/data; busybox mount --bind /data /tmp/new/data; \
+          busybox mount -t tmpfs t /var/lib/cryopod; cd /var/lib/cryopod; \
+          mkdir -p restores work lower/bin lower/data lower/old; \
+          cp /bin/busybox lower/bin/busybox; ln -s busybox lower/bin/sh; ln -s busybox lower/bin/sleep; \
+          busybox mount -t overlay overlay -o lowerdir=/var/lib/cryopod/lower,upperdir=/var/lib/cryopod/restores,workdir=/var/lib/cryopod/work,userxattr /tmp/new; \
+          busybox mount --bind /data /tmp/new/data; \
           cd /tmp/new; busybox pivot_root . old; \
-          echo 1 > /data/ready; while :; do sleep 1; done'";
+          echo 1 > /data/ready; exec /bin/busybox sh -c \"while :; do sleep 1; done\"'";
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pivoter"},
         "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,

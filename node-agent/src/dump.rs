@@ -165,6 +165,8 @@ pub enum DumpError {
         status: String,
         stderr: String,
         criu_log: String,
+        /// Set when the images' filesystem was found full after the failure.
+        disk_full: Option<String>,
     },
     /// The dump did not finish before the freeze deadline.
     Timeout { container: String, after: Duration },
@@ -183,11 +185,17 @@ impl std::fmt::Display for DumpError {
                 status,
                 stderr,
                 criu_log,
-            } => write!(
-                f,
-                "CRIU failed to dump container {container} ({status}): {}; CRIU log: {criu_log}",
-                stderr.trim()
-            ),
+                disk_full,
+            } => {
+                if let Some(disk) = disk_full {
+                    write!(f, "{disk}: ")?;
+                }
+                write!(
+                    f,
+                    "CRIU failed to dump container {container} ({status}): {}; CRIU log: {criu_log}",
+                    stderr.trim()
+                )
+            }
             Self::Timeout { container, after } => write!(f, "dumping container {container} took over {after:?}"),
         }
     }
@@ -202,17 +210,40 @@ impl std::error::Error for DumpError {
     }
 }
 
-/// The lines of a CRIU log worth quoting: its errors, else its last lines.
+/// Below this much free space the images' filesystem counts as full.
+const FULL_BELOW: u64 = 1024 * 1024;
+
+/// Says so when the filesystem holding `dir` is full: a dump that failed there
+/// failed for want of space, whichever tool's error CRIU's log shows first.
+pub fn disk_full(dir: &Path) -> Option<String> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    let total = stats.f_blocks.saturating_mul(stats.f_frsize);
+    (free < FULL_BELOW.min(total / 2)).then(|| {
+        format!(
+            "no space left on the filesystem of {} ({} KiB free of {} KiB)",
+            dir.display(),
+            free / 1024,
+            total / 1024
+        )
+    })
+}
+
+/// The lines of a CRIU log worth quoting: its errors (the first ones, which name the
+/// cause, and the last ones; a full disk also shows in lines of tools CRIU ran, such
+/// as tar), else its last lines.
 pub fn criu_log_excerpt(log: &str) -> String {
     let errors: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("Error") || l.contains("error"))
+        .filter(|l| l.contains("Error") || l.contains("error") || l.contains("No space left on device"))
         .collect();
     let lines: Vec<&str> = if errors.is_empty() {
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(5)..].to_vec()
+    } else if errors.len() > 8 {
+        [&errors[..4], &["..."], &errors[errors.len() - 4..]].concat()
     } else {
-        errors[errors.len().saturating_sub(8)..].to_vec()
+        errors
     };
     lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" | ")
 }
@@ -304,6 +335,7 @@ async fn dump_one(
             status: output.status.to_string(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
             criu_log: criu_log_excerpt(&log),
+            disk_full: disk_full(&images),
         });
     }
     Ok(ContainerDump {
@@ -390,5 +422,19 @@ mod tests {
         let log = "(00.001) Dumping\n(00.002) Error (criu/sk-inet.c:188): inet: Connected TCP socket, consider using --tcp-established option.\n(00.003) Unlock\n";
         assert!(criu_log_excerpt(log).contains("Connected TCP socket"));
         assert_eq!(criu_log_excerpt("a\nb\n"), "a | b");
+        // The first errors name the cause; a tool's full disk counts as one.
+        let mut log = String::from("tar: x: Cannot write: No space left on device\n");
+        for i in 0..12 {
+            log.push_str(&format!("(00.{i:03}) Error (criu/util.c:657): exited, status={i}\n"));
+        }
+        let excerpt = criu_log_excerpt(&log);
+        assert!(
+            excerpt.starts_with("tar: x: Cannot write: No space left on device | "),
+            "{excerpt}"
+        );
+        assert!(
+            excerpt.contains(" | ... | ") && excerpt.ends_with("status=11"),
+            "{excerpt}"
+        );
     }
 }

@@ -115,27 +115,41 @@ pub trait AgentBackend: Send + Sync + 'static {
     }
 }
 
+/// `err` with each cause its message does not already quote (`cannot write X: No
+/// space left on device`): the caller sees why, not only what.
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut cause = err.source();
+    while let Some(source) = cause {
+        let text = source.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = source.source();
+    }
+    message
+}
+
 /// What a checkpoint asked for again, when this agent no longer runs it, answers:
-/// the outcome it recorded; or, when the freeze had ended with no outcome (the agent
-/// died mid-way and its recovery thawed the pod), a failure saying so. `None`: it
-/// never froze anything here, so it starts.
+/// the outcome it recorded; or, when it was recorded as started and never ended (the
+/// agent died mid-way; its recovery thawed what it had frozen), or its freeze ended
+/// with no outcome, a failure saying so. `None`: it never started here, so it starts.
 pub fn earlier_checkpoint(
     operation_id: &str,
     outcome: Option<pb::Operation>,
     end: Option<&crate::journal::FreezeEnd>,
 ) -> Option<pb::Operation> {
-    if let Some(outcome) = outcome {
-        return Some(outcome);
-    }
-    let why = match end? {
-        crate::journal::FreezeEnd::ThawedWithoutRelease { why, .. } => why.clone(),
-        crate::journal::FreezeEnd::Released { stopped, .. } => {
-            if *stopped {
-                "the pod was stopped".to_owned()
-            } else {
-                "the pod was thawed".to_owned()
-            }
-        }
+    let started = match outcome {
+        Some(outcome) if outcome.state != pb::State::Running as i32 => return Some(outcome),
+        Some(_) => true,
+        None => false,
+    };
+    let why = match end {
+        Some(crate::journal::FreezeEnd::ThawedWithoutRelease { why, .. }) => why.clone(),
+        Some(crate::journal::FreezeEnd::Released { stopped: true, .. }) => "the pod was stopped".to_owned(),
+        Some(crate::journal::FreezeEnd::Released { stopped: false, .. }) => "the pod was thawed".to_owned(),
+        None if started => "it had frozen nothing yet".to_owned(),
+        None => return None,
     };
     Some(pb::Operation {
         operation_id: operation_id.to_owned(),
@@ -750,6 +764,15 @@ impl<C: AgentBackend> AgentService<C> {
     fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
         self.refuse_when_draining()?;
         let (request, store) = checkpoint_request(req)?;
+        // Recorded before anything is done: asked again after a restart of this
+        // agent, it is answered as interrupted, never run a second time.
+        self.agent
+            .record_outcome(&pb::Operation {
+                operation_id: request.operation_id.clone(),
+                state: pb::State::Running as i32,
+                ..pb::Operation::default()
+            })
+            .map_err(|e| Status::unavailable(format!("cannot record the checkpoint's start: {e}")))?;
         let span = tracing::info_span!(
             "checkpoint",
             operation_id = %request.operation_id,
@@ -841,7 +864,7 @@ impl<C: AgentBackend> AgentService<C> {
                 Err(err) => {
                     op.state = pb::State::Failed as i32;
                     op.error_code = code_of(&err) as i32;
-                    op.error_message = err.to_string();
+                    op.error_message = with_causes(&err);
                 }
             }
             // Kept before it is told: a caller that saw the end and re-attaches after
@@ -901,7 +924,7 @@ impl<C: AgentBackend> AgentService<C> {
                 Err(err) => {
                     op.state = pb::State::Failed as i32;
                     op.error_code = restore_code_of(&err) as i32;
-                    op.error_message = err.to_string();
+                    op.error_message = with_causes(&err);
                 }
             });
         })
@@ -1229,6 +1252,20 @@ mod tests {
     }
 
     #[test]
+    fn failures_quote_their_causes_once() {
+        let err = RestoreError::Local {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(
+            with_causes(&err),
+            "cannot write /x: No space left on device (os error 28)"
+        );
+        let quoted = std::io::Error::other(std::io::Error::from_raw_os_error(28).to_string());
+        assert_eq!(with_causes(&quoted), "No space left on device (os error 28)");
+    }
+
+    #[test]
     fn a_checkpoint_asked_for_again_is_answered_from_its_record_never_run_twice() {
         // Nothing froze under this id here: it starts.
         assert_eq!(earlier_checkpoint("op", None, None), None);
@@ -1251,6 +1288,21 @@ mod tests {
             "{}",
             interrupted.error_message
         );
+        assert!(interrupted.error_message.contains("the agent restarted and thawed it"));
+        // Recorded as started, never ended, nothing frozen: a failure too.
+        let started = pb::Operation {
+            operation_id: "op".into(),
+            state: pb::State::Running as i32,
+            ..Default::default()
+        };
+        let interrupted = earlier_checkpoint("op", Some(started.clone()), None).unwrap();
+        assert_eq!(interrupted.error_code, Code::Aborted as i32);
+        assert!(
+            interrupted.error_message.contains("it had frozen nothing yet"),
+            "{}",
+            interrupted.error_message
+        );
+        let interrupted = earlier_checkpoint("op", Some(started), Some(&end)).unwrap();
         assert!(interrupted.error_message.contains("the agent restarted and thawed it"));
     }
 }

@@ -7,27 +7,35 @@ use cryopod_agent_api::pb;
 
 use crate::context::Context;
 
-/// The first of `candidates` (in order) that can restore what `source` dumps, or why
-/// none can: each candidate's reason, or why its agent could not be asked.
+/// The first of `candidates` (in order) that can restore what `source` dumps, else
+/// the first whose agent could not be asked (it checks again before it restores
+/// anything, and a refusal there rolls the migration back), else why none can: each
+/// candidate's reason. An agent that is restarting (a rollout) does not fail a
+/// migration; only a node known to be unable to restore does.
 pub fn first_compatible(
     source: &pb::NodeFacts,
     candidates: &[(String, Result<pb::NodeFacts, String>)],
 ) -> Result<String, String> {
     let mut refused = Vec::new();
+    let mut unknown = None;
     for (name, facts) in candidates {
         match facts {
             Ok(facts) => match check(&Facts::from(source), &Facts::from(facts)) {
                 Ok(()) => return Ok(name.clone()),
                 Err(why) => refused.push(why),
             },
-            Err(why) => refused.push(format!("cannot ask {name}'s agent what it runs: {why}")),
+            Err(_) => {
+                unknown.get_or_insert_with(|| name.clone());
+            }
         }
     }
-    Err(format!(
-        "no target can restore what {} dumps, so nothing was frozen: {}",
-        source.name,
-        refused.join("; ")
-    ))
+    unknown.ok_or_else(|| {
+        format!(
+            "no target can restore what {} dumps, so nothing was frozen: {}",
+            source.name,
+            refused.join("; ")
+        )
+    })
 }
 
 async fn facts_of(ctx: &Context, node: &str) -> Result<pb::NodeFacts, String> {
@@ -39,12 +47,20 @@ async fn facts_of(ctx: &Context, node: &str) -> Result<pb::NodeFacts, String> {
         .map_err(|status| status.message().to_owned())
 }
 
-/// [`first_compatible`] with the facts asked of the agents. An unanswering source
-/// agent refuses every target: its pod could not be checkpointed either.
+/// [`first_compatible`] with the facts asked of the agents. When the source's agent
+/// does not answer, nothing is compared: the first candidate is taken, as its agent
+/// checks before it restores (and the checkpoint waits for the source's agent).
 pub async fn choose_target(ctx: &Context, source: &str, candidates: &[String]) -> Result<String, String> {
-    let source_facts = facts_of(ctx, source).await.map_err(|why| {
-        format!("cannot ask the source node {source}'s agent what it runs, so nothing was frozen: {why}")
-    })?;
+    let source_facts = match facts_of(ctx, source).await {
+        Ok(facts) => facts,
+        Err(why) => {
+            tracing::info!(source, %why, "cannot ask the source's agent what it runs; the target checks before it restores");
+            return candidates
+                .first()
+                .cloned()
+                .ok_or_else(|| format!("no node other than {source} to move to"));
+        }
+    };
     let mut asked = Vec::with_capacity(candidates.len());
     for name in candidates {
         asked.push((name.clone(), facts_of(ctx, name).await));
@@ -77,12 +93,13 @@ mod tests {
             ("node-4".to_owned(), Ok(node("node-4", "V1"))),
         ];
         assert_eq!(first_compatible(&source, &candidates).unwrap(), "node-4");
-        let err = first_compatible(&source, &candidates[..2]).unwrap_err();
+        // None known to fit: the one whose agent did not answer (it checks itself).
+        assert_eq!(first_compatible(&source, &candidates[..2]).unwrap(), "node-2");
+        let err = first_compatible(&source, &candidates[1..2]).unwrap_err();
         assert_eq!(
             err,
-            "no target can restore what node-1 dumps, so nothing was frozen: cannot ask node-2's agent what it runs: \
-             connection refused; node-1 runs cgroup V1 and node-3 runs cgroup V2: CRIU restores a process only under \
-             the cgroup version it was dumped on"
+            "no target can restore what node-1 dumps, so nothing was frozen: node-1 runs cgroup V1 and node-3 runs \
+             cgroup V2: CRIU restores a process only under the cgroup version it was dumped on"
         );
     }
 }
