@@ -87,7 +87,17 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Kube { action, .. } => write!(f, "cannot {action}"),
+            // The API server's answer (a 403 names the missing right, a 409 the
+            // conflict) is what an SRE needs from the log line.
+            Self::Kube {
+                action,
+                source: kube::Error::Api(status),
+            } => write!(
+                f,
+                "cannot {action}: {} {}: {}",
+                status.code, status.reason, status.message
+            ),
+            Self::Kube { action, source } => write!(f, "cannot {action}: {source}"),
             Self::Agent { source } => write!(f, "{source}"),
             Self::Grpc { action, source } => write!(f, "{action}: {}", source.message()),
             Self::Finalizer { detail } => write!(f, "finalizer: {detail}"),
@@ -480,6 +490,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn an_api_servers_refusal_shows_its_code_and_message() {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "code": 403, "reason": "Forbidden",
+            "message": "pods is forbidden: User \"x\" cannot create resource \"pods\""
+        }))
+        .unwrap();
+        let err = Error::Kube {
+            action: "create the restored pod",
+            source: kube::Error::Api(Box::new(status)),
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot create the restored pod: 403 Forbidden: pods is forbidden: User \"x\" cannot create resource \"pods\""
+        );
+    }
 
     #[test]
     fn a_status_patch_clears_what_the_new_status_no_longer_has() {

@@ -1,5 +1,7 @@
 //! The controllers against a mocked API server (tower-test): every request a
-//! reconcile makes is checked, in order, and answered; nothing else may happen.
+//! reconcile makes is checked, in order, and answered; nothing else may happen. A
+//! missing request fails within a deadline, and so does an extra one
+//! ([`ApiServer::finish`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -24,9 +26,9 @@ struct ApiServer(Handle);
 impl ApiServer {
     async fn expect(&mut self, method: Method, path: &str, status: StatusCode, answer: Value) -> Value {
         let mut handle = pin!(&mut self.0);
-        let (request, send) = handle
-            .next_request()
+        let (request, send) = tokio::time::timeout(DEADLINE, handle.next_request())
             .await
+            .unwrap_or_else(|_| panic!("the reconcile did not ask for {method} {path} within {DEADLINE:?}"))
             .expect("the reconcile made no further request");
         assert_eq!(
             (request.method(), request.uri().path()),
@@ -45,6 +47,30 @@ impl ApiServer {
         sent
     }
 }
+
+impl ApiServer {
+    /// The reconcile's result, once it ends without another request: one more
+    /// request, or no end within the deadline, fails the test.
+    async fn finish<T>(&mut self, reconcile: tokio::task::JoinHandle<T>) -> T {
+        let mut handle = pin!(&mut self.0);
+        let ended = async {
+            tokio::select! {
+                biased;
+                done = reconcile => done.unwrap(),
+                extra = handle.next_request() => match extra {
+                    Some((request, _)) => panic!("unexpected extra request {} {}", request.method(), request.uri()),
+                    None => panic!("the client went away before the reconcile ended"),
+                },
+            }
+        };
+        tokio::time::timeout(DEADLINE, ended)
+            .await
+            .unwrap_or_else(|_| panic!("the reconcile did not end within {DEADLINE:?}"))
+    }
+}
+
+/// How long a reconcile may take to make its next request or to end.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn not_found(what: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
@@ -107,7 +133,7 @@ async fn a_new_podcheckpoint_first_gets_its_finalizer_and_nothing_else() {
         )
         .await;
     assert!(patch.to_string().contains("cryopod.io/checkpoint-objects"), "{patch}");
-    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(api.finish(reconcile).await.unwrap(), Action::await_change());
 }
 
 /// A finalized PodCheckpoint of a pod that does not exist, reconciled up to the
@@ -160,7 +186,7 @@ async fn a_podcheckpoint_of_a_missing_pod_fails_naming_it_with_an_event() {
         (event["type"].as_str(), event["reason"].as_str()),
         (Some("Warning"), Some("SourcePodNotFound"))
     );
-    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(api.finish(reconcile).await.unwrap(), Action::await_change());
 }
 
 /// Another writer changed the PodCheckpoint after it was read: the status computed
@@ -180,7 +206,7 @@ async fn a_status_write_over_someone_elses_change_is_refused_and_retried() {
         )
         .await;
     assert_eq!(sent["metadata"]["resourceVersion"], "1");
-    let err = reconcile.await.unwrap().unwrap_err();
+    let err = api.finish(reconcile).await.unwrap_err();
     assert!(err.to_string().contains("changed since it was read"), "{err}");
 }
 
@@ -224,7 +250,7 @@ async fn a_migration_of_a_job_pod_is_refused_naming_the_controller() {
     let message = status["status"]["conditions"][0]["message"].as_str().unwrap();
     assert!(message.contains("managed by Job nightly"), "{message}");
     api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
-    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(api.finish(reconcile).await.unwrap(), Action::await_change());
 }
 
 /// A StatefulSet pod's migration puts up its fence before anything is frozen; when
@@ -321,5 +347,5 @@ async fn a_statefulset_migration_without_the_fence_policy_fails_and_lifts_the_fe
         "{message}"
     );
     api.expect(Method::POST, EVENTS, StatusCode::CREATED, json!({})).await;
-    assert_eq!(reconcile.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(api.finish(reconcile).await.unwrap(), Action::await_change());
 }
