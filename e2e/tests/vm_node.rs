@@ -106,8 +106,10 @@ async fn a_non_root_pod_on_the_cgroup_v2_node_checkpoints_and_restores_with_its_
     kubectl_apply(
         &tb,
         &ns.name,
+        // Under TCG, with the other tiers loading the host's two cores, one dump of
+        // this small pod took over the default 30 s of freeze: it gets 120 s.
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "nonroot-cp"},
-                "spec": {"sourcePodName": "nonroot", "storage": storage}}),
+                "spec": {"sourcePodName": "nonroot", "storage": storage, "maxFreezeSeconds": 120}}),
     );
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
     let cp = ended(&checkpoints, "nonroot-cp").await;
