@@ -31,8 +31,9 @@ fn non_root_pod(node: &str) -> Pod {
     let [server, client] = talkers();
     let counter = json!({"name": "counter", "image": BUSYBOX, "imagePullPolicy": "Never",
         "command": ["sh", "-c", "busybox id -u > /data/owner; t=$RANDOM$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); \
-                     echo $t > /data/token; echo $i > /data/count.tmp && mv /data/count.tmp /data/count; \
-                     echo $i > /dev/shm/count; sleep 0.2; done"],
+                     echo $t > /data/token.tmp && mv /data/token.tmp /data/token; \
+                     echo $i > /data/count.tmp && mv /data/count.tmp /data/count; \
+                     echo $i > /dev/shm/count.tmp && mv /dev/shm/count.tmp /dev/shm/count; sleep 0.2; done"],
         "volumeMounts": [{"name": "data", "mountPath": "/data"}]});
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -227,7 +228,7 @@ async fn migrations_between_cgroup_versions_are_refused_before_anything_is_froze
             "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
                      "tolerations": [{"key": "cryopod.io/vm-node", "operator": "Exists"}],
                      "containers": [{"name": "counter", "image": BUSYBOX, "imagePullPolicy": "Never",
-                         "command": ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"]}]}
+                         "command": ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new && mv /tmp/count.new /tmp/count; sleep 0.2; done"]}]}
         }))
         .unwrap()
     };
