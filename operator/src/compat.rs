@@ -6,26 +6,30 @@ use cryopod_agent_api::compat::{Facts, check};
 use cryopod_agent_api::pb;
 
 use crate::context::Context;
+use crate::migration::machine::Choice;
 
 /// The first of `candidates` (in order) that can restore what `source` dumps, else
-/// the first whose agent could not be asked (it checks again before it restores
-/// anything, and a refusal there rolls the migration back), else why none can: each
-/// candidate's reason. An agent that is restarting (a rollout) does not fail a
-/// migration; only a node known to be unable to restore does.
+/// the first whose agent could not be asked, marked unchecked (the migration decides
+/// whether it may take it), else why none can: each candidate's reason. An agent that
+/// is restarting (a rollout) does not fail a migration; only a node known to be unable
+/// to restore does.
 pub fn first_compatible(
     source: &pb::NodeFacts,
     candidates: &[(String, Result<pb::NodeFacts, String>)],
-) -> Result<String, String> {
+) -> Result<Choice, String> {
     let mut refused = Vec::new();
     let mut unknown = None;
     for (name, facts) in candidates {
         match facts {
             Ok(facts) => match check(&Facts::from(source), &Facts::from(facts)) {
-                Ok(()) => return Ok(name.clone()),
+                Ok(()) => return Ok(Choice::Checked(name.clone())),
                 Err(why) => refused.push(why),
             },
-            Err(_) => {
-                unknown.get_or_insert_with(|| name.clone());
+            Err(why) => {
+                unknown.get_or_insert_with(|| Choice::Unchecked {
+                    node: name.clone(),
+                    why: format!("the agent on {name} does not answer: {why}"),
+                });
             }
         }
     }
@@ -48,16 +52,18 @@ async fn facts_of(ctx: &Context, node: &str) -> Result<pb::NodeFacts, String> {
 }
 
 /// [`first_compatible`] with the facts asked of the agents. When the source's agent
-/// does not answer, nothing is compared: the first candidate is taken, as its agent
-/// checks before it restores (and the checkpoint waits for the source's agent).
-pub async fn choose_target(ctx: &Context, source: &str, candidates: &[String]) -> Result<String, String> {
+/// does not answer, nothing is compared: the first candidate is taken unchecked.
+pub async fn choose_target(ctx: &Context, source: &str, candidates: &[String]) -> Result<Choice, String> {
     let source_facts = match facts_of(ctx, source).await {
         Ok(facts) => facts,
         Err(why) => {
-            tracing::info!(source, %why, "cannot ask the source's agent what it runs; the target checks before it restores");
+            tracing::info!(source, %why, "cannot ask the source's agent what it runs");
             return candidates
                 .first()
-                .cloned()
+                .map(|node| Choice::Unchecked {
+                    node: node.clone(),
+                    why: format!("the agent on {source} does not answer: {why}"),
+                })
                 .ok_or_else(|| format!("no node other than {source} to move to"));
         }
     };
@@ -92,9 +98,18 @@ mod tests {
             ("node-3".to_owned(), Ok(node("node-3", "V2"))),
             ("node-4".to_owned(), Ok(node("node-4", "V1"))),
         ];
-        assert_eq!(first_compatible(&source, &candidates).unwrap(), "node-4");
-        // None known to fit: the one whose agent did not answer (it checks itself).
-        assert_eq!(first_compatible(&source, &candidates[..2]).unwrap(), "node-2");
+        assert_eq!(
+            first_compatible(&source, &candidates).unwrap(),
+            Choice::Checked("node-4".into())
+        );
+        // None known to fit: the one whose agent did not answer, marked unchecked.
+        assert_eq!(
+            first_compatible(&source, &candidates[..2]).unwrap(),
+            Choice::Unchecked {
+                node: "node-2".into(),
+                why: "the agent on node-2 does not answer: connection refused".into()
+            }
+        );
         let err = first_compatible(&source, &candidates[1..2]).unwrap_err();
         assert_eq!(
             err,

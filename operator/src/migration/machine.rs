@@ -50,6 +50,9 @@ pub enum Phase {
     New {
         /// `spec.target`.
         target: Option<NodeTarget>,
+        /// `spec.timeoutSeconds` from the migration's creation: how long a start may
+        /// wait for an agent to answer.
+        deadline: Option<Deadline>,
     },
     /// The source is checkpointed and then held frozen.
     Checkpointing(Moving),
@@ -115,6 +118,10 @@ impl State {
         let phase = match status.phase {
             None | Some(MigrationPhase::Pending) => Phase::New {
                 target: spec.target.clone(),
+                deadline: migration.metadata.creation_timestamp.clone().map(|started| Deadline {
+                    started,
+                    seconds: spec.timeout_seconds,
+                }),
             },
             Some(MigrationPhase::Succeeded | MigrationPhase::RolledBack | MigrationPhase::Failed) => Phase::Ended,
             Some(phase) => on_the_move(phase, &status, spec.timeout_seconds)
@@ -175,8 +182,9 @@ pub struct Observed {
     /// The nodes, as a pod with the source's tolerations sees them.
     pub nodes: Option<Vec<NodeFacts>>,
     /// The first fitting node whose agent says it can restore what the source's
-    /// dumps, or why none can (`crate::compat`).
-    pub compatible: Option<Result<String, String>>,
+    /// dumps (or, when no agent could be asked, a node taken unchecked), or why none
+    /// can (`crate::compat`).
+    pub compatible: Option<Result<Choice, String>>,
     /// The fence of a StatefulSet pod's name, once put up.
     pub fence: Option<Fence>,
     /// The migration's PodCheckpoint.
@@ -216,6 +224,17 @@ impl Observed {
             adopted: None,
         }
     }
+}
+
+/// The target a compatibility check chose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Its agent and the source's said it can restore what the source dumps.
+    Checked(String),
+    /// No node is known to fit, and this one's agent (or the source's) did not
+    /// answer, for the reason given. Its agent checks again before it restores, and a
+    /// refusal there rolls back a migration whose source is still held.
+    Unchecked { node: String, why: String },
 }
 
 /// Whether the fence of a StatefulSet pod's name is enforced.
@@ -370,7 +389,7 @@ pub struct RestoreOf {
 /// What the migration in `state` does next, given what was `seen` in this pass.
 pub fn decide(state: &State, seen: &Observed) -> Step {
     match &state.phase {
-        Phase::New { target } => start(state, target.as_ref(), seen),
+        Phase::New { target, deadline } => start(state, target.as_ref(), deadline.as_ref(), seen),
         Phase::Checkpointing(moving) => checkpointing(state, moving, seen),
         Phase::Restoring { moving, restore } => restoring(state, moving, restore, None, seen),
         Phase::Finalizing {
@@ -397,7 +416,7 @@ const SOON: Duration = Duration::from_secs(1);
 
 /// Checks the source pod, its controller, budgets and a target node, fences a
 /// StatefulSet pod's name, then begins.
-fn start(state: &State, target: Option<&NodeTarget>, seen: &Observed) -> Step {
+fn start(state: &State, target: Option<&NodeTarget>, deadline: Option<&Deadline>, seen: &Observed) -> Step {
     let pod = match &seen.source {
         None => return Step::Look(Look::Source),
         Some(SourcePod::Found(pod)) => pod,
@@ -478,7 +497,24 @@ fn start(state: &State, target: Option<&NodeTarget>, seen: &Observed) -> Step {
             });
         }
         Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
-        Some(Ok(target)) => target.clone(),
+        Some(Ok(Choice::Checked(target))) => target.clone(),
+        // A StatefulSet's source is deleted before its target restores, so a refusal
+        // there would leave nothing to roll back to: it is never moved unchecked. The
+        // agents are waited for (a rollout) until the migration's deadline.
+        Some(Ok(Choice::Unchecked { node, why })) if matches!(workload, Workload::StatefulSet(_)) => {
+            if deadline.is_some_and(|d| d.passed(&seen.now)) {
+                return fail(
+                    reasons::NO_COMPATIBLE_NODE,
+                    format!(
+                        "no node is known to restore what {source_node} dumps within spec.timeoutSeconds: {why}; a \
+                         StatefulSet pod's source is deleted before its target restores, so it is not moved to {node} \
+                         unchecked, and nothing was frozen"
+                    ),
+                );
+            }
+            return Step::Requeue(Duration::from_secs(5));
+        }
+        Some(Ok(Choice::Unchecked { node, .. })) => node.clone(),
     };
     let Some(source_uid) = pod.metadata.uid.clone() else {
         return fail(
@@ -916,7 +952,8 @@ mod tests {
         State::of(
             &serde_json::from_value(json!({
                 "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
-                "metadata": {"name": "move", "namespace": "ns", "uid": "m-1"},
+                "metadata": {"name": "move", "namespace": "ns", "uid": "m-1",
+                             "creationTimestamp": "2023-11-14T22:13:20Z"},
                 "spec": {"sourcePodName": "web", "timeoutSeconds": 60, "failurePolicy": policy},
                 "status": status
             }))
@@ -944,6 +981,12 @@ mod tests {
 
     fn new() -> State {
         migration(Value::Null, "Rollback")
+    }
+    fn unchecked() -> Choice {
+        Choice::Unchecked {
+            node: "node-2".into(),
+            why: "the agent on node-2 does not answer: connection refused".into(),
+        }
     }
     fn checkpointing(controller: Option<&str>) -> State {
         migration(status("Checkpointing", controller), "Rollback")
@@ -1056,7 +1099,7 @@ mod tests {
             seen.withheld = Some(Ok(vec!["app".to_owned()]));
             seen.budgets = Some(vec![budget(1)]);
             seen.nodes = Some(nodes());
-            seen.compatible = Some(Ok("node-2".to_owned()));
+            seen.compatible = Some(Ok(Choice::Checked("node-2".to_owned())));
             seen
         }
         fn fence(mut self, fence: Fence) -> Self {
@@ -1394,6 +1437,40 @@ mod tests {
                 new(),
                 after(0).checked(sts).fence(Fence::Enforced),
                 begin(Workload::StatefulSet("db".into())),
+            ),
+            row(
+                "a bare pod goes to a target whose agent did not answer: it checks before it restores, and the held \
+                 source is thawed if it refuses",
+                new(),
+                Observed {
+                    compatible: Some(Ok(unchecked())),
+                    ..after(0).checked(None)
+                },
+                begin(Workload::Bare),
+            ),
+            row(
+                "a StatefulSet pod is never moved unchecked (its source is deleted before the restore): the agents \
+                 are waited for",
+                new(),
+                Observed {
+                    compatible: Some(Ok(unchecked())),
+                    ..after(60).checked(sts).fence(Fence::Enforced)
+                },
+                Step::Requeue(Duration::from_secs(5)),
+            ),
+            row(
+                "until spec.timeoutSeconds from the migration's creation, before anything is frozen",
+                new(),
+                Observed {
+                    compatible: Some(Ok(unchecked())),
+                    ..after(61).checked(sts).fence(Fence::Enforced)
+                },
+                failed(
+                    reasons::NO_COMPATIBLE_NODE,
+                    "no node is known to restore what node-1 dumps within spec.timeoutSeconds: the agent on node-2 \
+                     does not answer: connection refused; a StatefulSet pod's source is deleted before its target \
+                     restores, so it is not moved to node-2 unchecked, and nothing was frozen",
+                ),
             ),
         ]);
     }
