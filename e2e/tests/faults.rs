@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cryopod_e2e::reliability::Row;
 use cryopod_e2e::testbed::{TestNamespace, Testbed, wait_until};
 use cryopod_node_agent::cgroup::{Freezer, FreezerState, V1Freezer};
 use cryopod_node_agent::server::pb;
@@ -237,18 +236,13 @@ impl Case {
     }
 
     fn record(&self, operation: &str, phase: &str, fault: &str, outcome: &str, recovered: Duration, test: &str) {
-        cryopod_e2e::reliability::record(
-            &self.tb.dir,
-            &Row {
-                operation: operation.into(),
-                phase: phase.into(),
-                fault: fault.into(),
-                outcome: outcome.into(),
-                recovered_ms: u64::try_from(recovered.as_millis()).unwrap(),
-                test: format!("faults::{test}"),
-            },
-        )
-        .unwrap();
+        pods::control::record_fault(
+            &self.tb,
+            (operation, phase, fault),
+            outcome,
+            recovered,
+            &format!("faults::{test}"),
+        );
     }
 
     async fn done(self) {

@@ -609,6 +609,9 @@ pub struct AgentService<C> {
     metrics: Arc<AgentMetrics>,
     held: Arc<Mutex<HashMap<String, HeldPod>>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Held from the lookup of an operation id to its start: two calls with the same
+    /// id never both find it unknown and both start it.
+    admit: Arc<Mutex<()>>,
 }
 
 /// The shutdown side of a service: once draining, it starts no new operation, while
@@ -702,6 +705,7 @@ impl<C: AgentBackend> AgentService<C> {
             metrics,
             held: Arc::default(),
             draining: Arc::default(),
+            admit: Arc::default(),
         }
     }
 
@@ -721,6 +725,13 @@ impl<C: AgentBackend> AgentService<C> {
             ));
         }
         Ok(())
+    }
+
+    /// The admission of a new operation; its lookup and journal reads are brief.
+    fn admit(&self) -> Result<std::sync::MutexGuard<'_, ()>, Status> {
+        self.admit
+            .lock()
+            .map_err(|_| Status::internal("admission lock poisoned"))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Tracked>>, Status> {
@@ -963,6 +974,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
         // The same id re-attaches to the operation instead of starting it again,
         // also after a restart of this agent (from the journal).
+        let _admitted = self.admit()?;
         let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
         let rx = match existing {
             Some(rx) => rx,
@@ -1055,6 +1067,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         request: Request<pb::PrepareRestoreRequest>,
     ) -> Result<Response<Self::PrepareRestoreStream>, Status> {
         let req = request.into_inner();
+        let _admitted = self.admit()?;
         let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
         let rx = match existing {
             Some(rx) => rx,
@@ -1091,6 +1104,11 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
                 op.error_code = Code::Cancelled as i32;
                 op.error_message = "cancelled by the caller".to_owned();
             });
+            // Replaces its start record: asked again after a restart, it is cancelled,
+            // not interrupted.
+            if let Err(e) = self.agent.record_outcome(&tracked.state.borrow()) {
+                tracing::warn!(operation_id = %id, error = %e, "cannot record the cancellation");
+            }
         }
         Ok(Response::new(tracked.state.borrow().clone()))
     }

@@ -31,6 +31,9 @@ struct Stand {
     dropped_while_running: Arc<AtomicBool>,
     /// How each freeze ended; a succeeded checkpoint's is held until thawed.
     ends: std::sync::Mutex<std::collections::HashMap<String, FreezeEnd>>,
+    /// The journal of outcomes, and how long each read of it takes.
+    outcomes: std::sync::Mutex<std::collections::HashMap<String, pb::Operation>>,
+    journal_read: Duration,
 }
 
 struct DropFlag(Arc<AtomicBool>);
@@ -116,6 +119,20 @@ impl AgentBackend for Stand {
         true
     }
 
+    fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
+        self.outcomes
+            .lock()
+            .unwrap()
+            .insert(op.operation_id.clone(), op.clone());
+        Ok(())
+    }
+
+    fn outcome_of(&self, operation_id: &str) -> Result<Option<pb::Operation>, String> {
+        // A slow disk: the window in which a second call with the same id arrives.
+        std::thread::sleep(self.journal_read);
+        Ok(self.outcomes.lock().unwrap().get(operation_id).cloned())
+    }
+
     fn freeze_end(&self, operation_id: &str) -> Result<Option<FreezeEnd>, String> {
         Ok(self.ends.lock().unwrap().get(operation_id).cloned())
     }
@@ -195,6 +212,12 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
         fn freeze_end(&self, operation_id: &str) -> Result<Option<FreezeEnd>, String> {
             self.0.freeze_end(operation_id)
         }
+        fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
+            self.0.record_outcome(op)
+        }
+        fn outcome_of(&self, operation_id: &str) -> Result<Option<pb::Operation>, String> {
+            self.0.outcome_of(operation_id)
+        }
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -266,6 +289,8 @@ fn stand(mode: &'static str) -> Stand {
         mode,
         dropped_while_running: Arc::new(AtomicBool::new(false)),
         ends: Default::default(),
+        outcomes: Default::default(),
+        journal_read: Duration::ZERO,
     }
 }
 
@@ -316,6 +341,47 @@ async fn progress_streams_to_the_end_and_a_repeat_reattaches() {
         "{text}"
     );
     assert!(text.contains("cryopod_agent_freeze_window_seconds_count 1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_calls_with_one_id_at_once_start_one_checkpoint() {
+    let pki = pki();
+    let slow = Stand {
+        journal_read: Duration::from_millis(200),
+        ..stand("ok")
+    };
+    let (url, stand, _) = serve(slow, &pki).await;
+    let (mut a, mut b) = (
+        client(&url, &pki, Some(&pki.client)).await.unwrap(),
+        client(&url, &pki, Some(&pki.client)).await.unwrap(),
+    );
+    let (first, second) = tokio::join!(run_to_end(&mut a, "op-twice"), run_to_end(&mut b, "op-twice"));
+    assert_eq!(stand.calls.load(Ordering::SeqCst), 1, "one checkpoint ran");
+    assert_eq!(first.last(), second.last(), "and both callers saw its end");
+    assert_eq!(first.last().unwrap().state, pb::State::Succeeded as i32);
+}
+
+#[tokio::test]
+async fn a_cancelled_checkpoint_is_recorded_cancelled_for_a_later_reattach() {
+    let pki = pki();
+    let (url, stand, _) = serve(stand("hang"), &pki).await;
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let mut stream = agent.checkpoint(request("op-cancel")).await.unwrap().into_inner();
+    // Wait until it runs (its first progress), then cancel it.
+    stream.next().await.unwrap().unwrap();
+    let cancelled = agent
+        .cancel(pb::CancelRequest {
+            operation_id: "op-cancel".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, pb::State::Cancelled as i32);
+    // What a restarted agent would answer from its journal.
+    let recorded = stand.outcomes.lock().unwrap().get("op-cancel").cloned().unwrap();
+    assert_eq!(recorded.state, pb::State::Cancelled as i32, "{recorded:?}");
+    let answer = cryopod_node_agent::server::earlier_checkpoint("op-cancel", Some(recorded), None).unwrap();
+    assert_eq!(answer.error_code, tonic::Code::Cancelled as i32);
 }
 
 #[tokio::test]
