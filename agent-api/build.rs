@@ -2,12 +2,13 @@
 //! pure Rust: no `protoc` is needed on the machine.
 
 /// Messages of the agent API whose derived Debug would print a secret.
-const SECRET_MESSAGES: [&str; 5] = [
+const SECRET_MESSAGES: [&str; 6] = [
     "S3Storage",
     "GcsStorage",
     "AzureStorage",
     "CheckpointRequest",
     "PrepareRestoreRequest",
+    "RestoreResult",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

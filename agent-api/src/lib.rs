@@ -82,6 +82,19 @@ mod redacted {
         }
     }
 
+    impl Debug for pb::RestoreResult {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("RestoreResult")
+                .field("directory", &self.directory)
+                .field("fetched_bytes", &self.fetched_bytes)
+                .field("fetch_millis", &self.fetch_millis)
+                .field("unpack_millis", &self.unpack_millis)
+                .field("containers", &self.containers)
+                .field("pod_template_json", &self.pod_template_json.len())
+                .finish()
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -113,7 +126,14 @@ mod redacted {
                 access_key: "azkey".into(),
                 ..Default::default()
             };
-            let printed = format!("{restore:?} {checkpoint:?} {gcs:?} {azure:?}");
+            let result = pb::Operation {
+                restore: Some(pb::RestoreResult {
+                    pod_template_json: r#"{"env":"TOKEN=tok3n"}"#.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let printed = format!("{restore:?} {checkpoint:?} {gcs:?} {azure:?} {result:?}");
             for secret in [
                 "AKIDSECRET",
                 "verysecret",
@@ -121,6 +141,7 @@ mod redacted {
                 "hunter2",
                 "private_key",
                 "azkey",
+                "tok3n",
             ] {
                 assert!(!printed.contains(secret), "{secret} in {printed}");
             }

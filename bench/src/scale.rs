@@ -117,7 +117,7 @@ impl AgentBackend for StubAgent {
 }
 
 /// Serves the stub agent over mTLS on a loopback port; returns the port.
-async fn serve_stub(tls: &AgentTls) -> Result<(u16, tokio::task::JoinHandle<()>), Failure> {
+async fn serve_stub(tls: &AgentTls, store_dir: &Path) -> Result<(u16, tokio::task::JoinHandle<()>), Failure> {
     use tonic::transport::{Certificate, Server, ServerTlsConfig};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -132,7 +132,9 @@ async fn serve_stub(tls: &AgentTls) -> Result<(u16, tokio::task::JoinHandle<()>)
             ..NodeFacts::default()
         }),
         Arc::new(AgentMetrics::new()),
-    );
+    )
+    // The Local CheckpointStorage of the fixture.
+    .with_local_roots(vec![store_dir.to_path_buf()]);
     let server = Server::builder()
         .tls_config(config)
         .map_err(|e| format!("stub agent TLS: {e}"))?
@@ -471,7 +473,7 @@ pub async fn operator_at_scale(
 ) -> Result<Vec<ScaleSample>, Failure> {
     tb.install_crds()?;
     let tls = cryopod_e2e::tls::agent_tls()?;
-    let (port, stub) = serve_stub(&tls).await?;
+    let (port, stub) = serve_stub(&tls, &work.join("scale-store")).await?;
     let fixture = Fixture::create(tb, client, count, work).await?;
     let mut samples = Vec::new();
     let mut result = Ok(());

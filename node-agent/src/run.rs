@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// asked for lasts; the agent drains and exits (to be restarted with a new one)
     /// after two thirds of it.
     pub cert_validity: std::time::Duration,
+    /// `CRYOPOD_LOCAL_ROOTS`, default `/var/lib/cryopod/checkpoints`: colon-separated
+    /// absolute directories under which Local checkpoint storage may read and write.
+    pub local_roots: Vec<PathBuf>,
     /// `CRYOPOD_DRAIN_SECONDS`, default 120: after SIGTERM, how long operations may
     /// finish and held pods wait for their release before they are thawed.
     pub drain: std::time::Duration,
@@ -187,6 +190,7 @@ impl AgentConfig {
                 .unwrap_or_default(),
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
             drain: std::time::Duration::from_secs(drain),
+            local_roots: local_roots(get("CRYOPOD_LOCAL_ROOTS"))?,
             cert_signer: get("CRYOPOD_CERT_SIGNER").filter(|v| !v.is_empty()),
             cert_validity: std::time::Duration::from_secs(cert_validity),
             client_name: get("CRYOPOD_CLIENT_NAME")
@@ -194,6 +198,26 @@ impl AgentConfig {
                 .unwrap_or_else(|| "cryopod-operator".into()),
         })
     }
+}
+
+/// The local checkpoint roots `CRYOPOD_LOCAL_ROOTS` names: absolute, climbing nowhere.
+fn local_roots(value: Option<String>) -> Result<Vec<PathBuf>, RunError> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(vec![PathBuf::from(crate::server::EMBEDDED_LOCAL_ROOT)]);
+    };
+    value
+        .split(':')
+        .map(|root| {
+            if crate::server::under_a_root(root, &[PathBuf::from("/")]) && root != "/" {
+                Ok(PathBuf::from(root))
+            } else {
+                Err(RunError::Config {
+                    variable: "CRYOPOD_LOCAL_ROOTS",
+                    problem: format!("{root:?} is not an absolute directory other than / without .."),
+                })
+            }
+        })
+        .collect()
 }
 
 /// This node's own certificate chain and key (PEM), asked of `signer` with a key made
@@ -430,7 +454,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         metrics_journal,
     ));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
-    let service = AgentService::new(agent, metrics);
+    let service = AgentService::new(agent, metrics).with_local_roots(config.local_roots.clone());
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = service.drain_handle();
     let drain_limit = config.drain;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -314,13 +315,16 @@ pub fn restore_code_of(err: &RestoreError) -> Code {
 }
 
 /// Turns the wire request into the agent's, naming the field of any error.
-pub fn restore_request(req: pb::PrepareRestoreRequest) -> Result<(RestoreRequest, Arc<dyn ObjectStore>), Status> {
+pub fn restore_request(
+    req: pb::PrepareRestoreRequest,
+    roots: &[PathBuf],
+) -> Result<(RestoreRequest, Arc<dyn ObjectStore>), Status> {
     crate::journal::Journal::check_operation_id(&req.operation_id)
         .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
     let storage = req
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
-    let store = store_for(&storage)?;
+    let store = store_for(&storage, roots)?;
     if req.prefix.is_empty() || !req.prefix.ends_with('/') {
         return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
     }
@@ -421,7 +425,25 @@ pub fn advance(op: &mut pb::Operation, stage: Stage) {
 }
 
 /// Builds the store a request names.
-pub fn store_for(storage: &pb::Storage) -> Result<Arc<dyn ObjectStore>, Status> {
+/// The embedded store's directory (the CRD's default `local.path`): the local root
+/// an agent allows when its admin names none.
+pub const EMBEDDED_LOCAL_ROOT: &str = "/var/lib/cryopod/checkpoints";
+
+/// Whether `path` is absolute, climbs nowhere, and is one of `roots` or under one.
+pub fn under_a_root(path: &str, roots: &[PathBuf]) -> bool {
+    use std::path::Component;
+    let path = Path::new(path);
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && roots.iter().any(|root| path.starts_with(root))
+}
+
+/// The store `storage` names. A local path must lie under one of `roots`, the
+/// directories this node's admin gave the agent for checkpoints: the agent writes and
+/// deletes there as root.
+pub fn store_for(storage: &pb::Storage, roots: &[PathBuf]) -> Result<Arc<dyn ObjectStore>, Status> {
     match &storage.backend {
         Some(pb::storage::Backend::S3(s3)) => {
             let mut builder = object_store::aws::AmazonS3Builder::new()
@@ -444,6 +466,17 @@ pub fn store_for(storage: &pb::Storage) -> Result<Arc<dyn ObjectStore>, Status> 
             Ok(Arc::new(store))
         }
         Some(pb::storage::Backend::Local(local)) => {
+            if !under_a_root(&local.path, roots) {
+                return Err(Status::invalid_argument(format!(
+                    "storage.local.path {}: not under a local checkpoint root of this agent ({}): refused",
+                    local.path,
+                    roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             std::fs::create_dir_all(&local.path)
                 .map_err(|e| Status::failed_precondition(format!("storage.local.path {}: {e}", local.path)))?;
             let store = object_store::local::LocalFileSystem::new_with_prefix(&local.path)
@@ -537,7 +570,10 @@ pub fn hooks_of(hooks: &[pb::Hook]) -> Result<Vec<Hook>, Status> {
 }
 
 /// Turns the wire request into the agent's, naming the field of any error.
-pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointRequest, Arc<dyn ObjectStore>), Status> {
+pub fn checkpoint_request(
+    req: pb::CheckpointRequest,
+    roots: &[PathBuf],
+) -> Result<(CheckpointRequest, Arc<dyn ObjectStore>), Status> {
     let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
     if pod.uid.is_empty() {
         return Err(Status::invalid_argument("pod.uid is required"));
@@ -545,7 +581,7 @@ pub fn checkpoint_request(req: pb::CheckpointRequest) -> Result<(CheckpointReque
     let storage = req
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
-    let store = store_for(&storage)?;
+    let store = store_for(&storage, roots)?;
     let seal = if req.age_recipients.is_empty() {
         Seal::Clear
     } else {
@@ -612,6 +648,8 @@ pub struct AgentService<C> {
     /// Held from the lookup of an operation id to its start: two calls with the same
     /// id never both find it unknown and both start it.
     admit: Arc<Mutex<()>>,
+    /// The directories local checkpoint storage may use.
+    local_roots: Arc<Vec<PathBuf>>,
 }
 
 /// The shutdown side of a service: once draining, it starts no new operation, while
@@ -706,7 +744,16 @@ impl<C: AgentBackend> AgentService<C> {
             held: Arc::default(),
             draining: Arc::default(),
             admit: Arc::default(),
+            local_roots: Arc::new(vec![PathBuf::from(EMBEDDED_LOCAL_ROOT)]),
         }
+    }
+
+    /// Allows local checkpoint storage under `roots` only (by default, the embedded
+    /// store's directory).
+    #[must_use]
+    pub fn with_local_roots(mut self, roots: Vec<PathBuf>) -> Self {
+        self.local_roots = Arc::new(roots);
+        self
     }
 
     /// The handle that drains this service at shutdown.
@@ -774,7 +821,7 @@ impl<C: AgentBackend> AgentService<C> {
 
     fn start(&self, req: pb::CheckpointRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
         self.refuse_when_draining()?;
-        let (request, store) = checkpoint_request(req)?;
+        let (request, store) = checkpoint_request(req, &self.local_roots)?;
         // Recorded before anything is done: asked again after a restart of this
         // agent, it is answered as interrupted, never run a second time.
         self.agent
@@ -889,7 +936,7 @@ impl<C: AgentBackend> AgentService<C> {
 
     fn start_restore(&self, req: pb::PrepareRestoreRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
         self.refuse_when_draining()?;
-        let (request, store) = restore_request(req)?;
+        let (request, store) = restore_request(req, &self.local_roots)?;
         let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
         self.track(request.restore_id.clone(), String::new(), span, move |tx| async move {
@@ -1049,7 +1096,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let storage = req
             .storage
             .ok_or_else(|| Status::invalid_argument("storage is required"))?;
-        let store = store_for(&storage)?;
+        let store = store_for(&storage, &self.local_roots)?;
         let deleted = crate::store::delete_prefix(&store, &req.prefix).await.map_err(|e| {
             Status::unavailable(format!(
                 "{e}: {}",
@@ -1126,7 +1173,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
                 "prefix: must be empty or a key prefix ending in /",
             ));
         }
-        let store = store_for(&storage)?;
+        let store = store_for(&storage, &self.local_roots)?;
         // Unique per probe: probes of storages sharing a bucket and prefix run at once.
         static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let name = format!(
@@ -1226,6 +1273,43 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::journal::FreezeEnd;
+
+    #[test]
+    fn security_local_storage_stays_under_the_agents_roots() {
+        let roots = [PathBuf::from(EMBEDDED_LOCAL_ROOT), PathBuf::from("/srv/ckpt")];
+        for inside in [
+            "/var/lib/cryopod/checkpoints",
+            "/var/lib/cryopod/checkpoints/ns/cp",
+            "/srv/ckpt/x",
+        ] {
+            assert!(under_a_root(inside, &roots), "{inside}");
+        }
+        for outside in [
+            "/var/lib/cryopod/restores",
+            "/var/lib/cryopod/checkpoints/../journal",
+            "/var/lib/cryopod/checkpoints-evil",
+            "var/lib/cryopod/checkpoints",
+            "/",
+            "",
+        ] {
+            assert!(!under_a_root(outside, &roots), "{outside}");
+        }
+        let local = |path: &str| pb::Storage {
+            backend: Some(pb::storage::Backend::Local(pb::LocalStorage { path: path.into() })),
+        };
+        let refused = store_for(&local("/etc"), &roots).err().unwrap();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused
+                .message()
+                .contains("storage.local.path /etc: not under a local checkpoint root"),
+            "{}",
+            refused.message()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        assert!(store_for(&local(&root.join("ns").display().to_string()), &[root]).is_ok());
+    }
 
     #[test]
     fn each_step_of_a_checkpoint_shows_in_its_operation() {

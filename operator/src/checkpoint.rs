@@ -252,7 +252,11 @@ async fn start(cp: &PodCheckpoint, ctx: &Context) -> Result<Action, Error> {
         SourcePod::Replaced(message) => return fail(cp, ctx, reasons::SOURCE_POD_REPLACED, message).await,
     };
     // Refused before anything is frozen: such a pod could never be restored.
-    if let Some(why) = pod.spec.as_ref().and_then(crate::template::refused_spec) {
+    if let Some(why) = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| crate::template::refused_spec_with(spec, pod.metadata.annotations.as_ref()))
+    {
         return fail(
             cp,
             ctx,

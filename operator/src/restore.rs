@@ -351,9 +351,10 @@ fn refused_template(checkpoint: &PodCheckpoint) -> Option<String> {
     let recorded = checkpoint
         .status
         .as_ref()
-        .and_then(|s| s.checkpointed_pod_template.as_ref())
-        .and_then(|t| t.spec.as_ref());
-    recorded.and_then(crate::template::refused_spec).map(|why| {
+        .and_then(|s| s.checkpointed_pod_template.as_ref())?;
+    let annotations = recorded.metadata.as_ref().and_then(|m| m.annotations.as_ref());
+    let spec = recorded.spec.as_ref()?;
+    crate::template::refused_spec_with(spec, annotations).map(|why| {
         format!(
             "PodCheckpoint {}: status.checkpointedPodTemplate.{why}",
             checkpoint.name_any()
@@ -606,6 +607,15 @@ async fn create_pod(
     // left out here too).
     annotations.extend(tenant_entries(&restore.spec.annotations));
     annotations.insert(PODRESTORE_ANNOTATION.to_owned(), restore.name_any());
+    // The pod as it will be created, with the tenant's annotations (a legacy AppArmor
+    // one among them) checked too.
+    if let Some(why) = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| crate::template::refused_spec_with(spec, pod.metadata.annotations.as_ref()))
+    {
+        return Ok(Err(format!("the restored pod cannot be created: {why}")));
+    }
     pods.create(&PostParams::default(), &pod)
         .await
         .map_err(kube_err("create the restored pod"))?;
@@ -622,7 +632,12 @@ pub fn verified_pod_template(json: &str) -> Result<PodTemplateSpec, String> {
     }
     let template: PodTemplateSpec =
         serde_json::from_str(json).map_err(|e| format!("the signed manifest's pod template is unusable: {e}"))?;
-    if let Some(why) = template.spec.as_ref().and_then(crate::template::refused_spec) {
+    let annotations = template.metadata.as_ref().and_then(|m| m.annotations.as_ref());
+    if let Some(why) = template
+        .spec
+        .as_ref()
+        .and_then(|spec| crate::template::refused_spec_with(spec, annotations))
+    {
         return Err(format!("the checkpointed pod cannot be restored: {why}"));
     }
     Ok(template)

@@ -83,12 +83,84 @@ const BASELINE_CAPABILITIES: [&str; 13] = [
     "SYS_CHROOT",
 ];
 
+/// The sysctls the baseline Pod Security profile allows a pod to set.
+const SAFE_SYSCTLS: [&str; 9] = [
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+];
+
+/// The SELinux types the baseline Pod Security profile allows.
+const BASELINE_SELINUX_TYPES: [&str; 4] = [
+    "container_t",
+    "container_init_t",
+    "container_kvm_t",
+    "container_engine_t",
+];
+
+/// Annotation prefix of the legacy AppArmor profile of a container.
+const APPARMOR_ANNOTATION: &str = "container.apparmor.security.beta.kubernetes.io/";
+
+/// Why a security option breaks the baseline profile: a seccomp or AppArmor profile
+/// that confines nothing, an SELinux user, role or type of the node's own.
+fn refused_options(
+    field: &str,
+    seccomp: Option<&k8s_openapi::api::core::v1::SeccompProfile>,
+    apparmor: Option<&k8s_openapi::api::core::v1::AppArmorProfile>,
+    selinux: Option<&k8s_openapi::api::core::v1::SELinuxOptions>,
+) -> Option<String> {
+    if seccomp.is_some_and(|p| p.type_ == "Unconfined") {
+        return Some(format!(
+            "{field}.seccompProfile.type: Unconfined lifts the runtime's syscall filter"
+        ));
+    }
+    if apparmor.is_some_and(|p| p.type_ == "Unconfined") {
+        return Some(format!(
+            "{field}.appArmorProfile.type: Unconfined lifts the node's AppArmor profile"
+        ));
+    }
+    if let Some(selinux) = selinux {
+        if let Some(user) = &selinux.user {
+            return Some(format!("{field}.seLinuxOptions.user: {user} is not the runtime's"));
+        }
+        if let Some(role) = &selinux.role {
+            return Some(format!("{field}.seLinuxOptions.role: {role} is not the runtime's"));
+        }
+        if let Some(type_) = selinux
+            .type_
+            .as_ref()
+            .filter(|t| !BASELINE_SELINUX_TYPES.contains(&t.as_str()))
+        {
+            return Some(format!(
+                "{field}.seLinuxOptions.type: {type_} is not one the baseline Pod Security profile allows"
+            ));
+        }
+    }
+    None
+}
+
 /// Why a pod spec may not be checkpointed nor come back from a checkpoint, naming
 /// the field: a restored pod is created with the operator's rights, so it gets none of
-/// what the baseline Pod Security profile forbids among privileged containers,
-/// capabilities beyond its set, the node's namespaces and its files, whatever a
-/// checkpoint's recorded template says.
+/// what the baseline Pod Security profile forbids (privileged or host-process
+/// containers, capabilities beyond its set, the node's namespaces, files and ports, an
+/// unmasked /proc, unsafe sysctls, seccomp or AppArmor lifted, SELinux options of the
+/// node's own), whatever a checkpoint's recorded template says. Its service account is
+/// one of the namespace's, which any pod its requester may create can name.
 pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    refused_spec_with(spec, None)
+}
+
+/// [`refused_spec`], also checking the annotations the pod is created with.
+pub fn refused_spec_with(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<String> {
     let host = [
         ("hostNetwork", spec.host_network),
         ("hostPID", spec.host_pid),
@@ -103,18 +175,70 @@ pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String
             volume.name
         ));
     }
+    if let Some(pod) = &spec.security_context {
+        if let Some(sysctl) = pod
+            .sysctls
+            .iter()
+            .flatten()
+            .find(|s| !SAFE_SYSCTLS.contains(&s.name.as_str()))
+        {
+            return Some(format!(
+                "spec.securityContext.sysctls: {} is not a sysctl the baseline Pod Security profile allows",
+                sysctl.name
+            ));
+        }
+        if pod.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
+            return Some("spec.securityContext.windowsOptions.hostProcess: the pod runs on the node".to_owned());
+        }
+        if let Some(why) = refused_options(
+            "spec.securityContext",
+            pod.seccomp_profile.as_ref(),
+            pod.app_armor_profile.as_ref(),
+            pod.se_linux_options.as_ref(),
+        ) {
+            return Some(why);
+        }
+    }
+    if let Some((key, _)) = annotations
+        .into_iter()
+        .flatten()
+        .find(|(k, v)| k.starts_with(APPARMOR_ANNOTATION) && v.as_str() == "unconfined")
+    {
+        return Some(format!(
+            "metadata.annotations[{key}]: unconfined lifts the node's AppArmor profile"
+        ));
+    }
     let containers = spec
         .containers
         .iter()
         .map(|c| ("containers", c))
         .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)));
     for (kind, container) in containers {
+        if let Some(port) = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.host_port.is_some_and(|h| h != 0))
+        {
+            return Some(format!(
+                "spec.{kind}[{}].ports[{}].hostPort: the container takes a port of the node",
+                container.name, port.container_port
+            ));
+        }
         let Some(security) = &container.security_context else {
             continue;
         };
         let field = format!("spec.{kind}[{}].securityContext", container.name);
         if security.privileged == Some(true) {
             return Some(format!("{field}.privileged: the container is privileged"));
+        }
+        if security.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) {
+            return Some(format!(
+                "{field}.windowsOptions.hostProcess: the container runs on the node"
+            ));
+        }
+        if let Some(mount) = security.proc_mount.as_ref().filter(|m| m.as_str() != "Default") {
+            return Some(format!("{field}.procMount: {mount} unmasks the node's /proc"));
         }
         let added = security.capabilities.as_ref().and_then(|c| c.add.as_ref());
         if let Some(cap) = added
@@ -125,6 +249,14 @@ pub fn refused_spec(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String
             return Some(format!(
                 "{field}.capabilities.add: {cap} is beyond the baseline Pod Security profile's capabilities"
             ));
+        }
+        if let Some(why) = refused_options(
+            &field,
+            security.seccomp_profile.as_ref(),
+            security.app_armor_profile.as_ref(),
+            security.se_linux_options.as_ref(),
+        ) {
+            return Some(why);
         }
     }
     None
@@ -163,10 +295,59 @@ mod tests {
                 "spec.initContainers[init].securityContext.capabilities.add: SYS_ADMIN is beyond the baseline Pod \
                  Security profile's capabilities",
             ),
+            (
+                serde_json::json!({"containers": [{"name": "app", "image": "x",
+                    "ports": [{"containerPort": 80, "hostPort": 80}]}]}),
+                "spec.containers[app].ports[80].hostPort: the container takes a port of the node",
+            ),
+            (
+                serde_json::json!({"containers": [{"name": "app", "image": "x",
+                    "securityContext": {"procMount": "Unmasked"}}]}),
+                "spec.containers[app].securityContext.procMount: Unmasked unmasks the node's /proc",
+            ),
+            (
+                serde_json::json!({"containers": [app], "securityContext": {"seccompProfile": {"type": "Unconfined"}}}),
+                "spec.securityContext.seccompProfile.type: Unconfined lifts the runtime's syscall filter",
+            ),
+            (
+                serde_json::json!({"containers": [{"name": "app", "image": "x",
+                    "securityContext": {"appArmorProfile": {"type": "Unconfined"}}}]}),
+                "spec.containers[app].securityContext.appArmorProfile.type: Unconfined lifts the node's AppArmor \
+                 profile",
+            ),
+            (
+                serde_json::json!({"containers": [{"name": "app", "image": "x",
+                    "securityContext": {"seLinuxOptions": {"type": "spc_t"}}}]}),
+                "spec.containers[app].securityContext.seLinuxOptions.type: spc_t is not one the baseline Pod \
+                 Security profile allows",
+            ),
+            (
+                serde_json::json!({"containers": [app], "securityContext": {"seLinuxOptions": {"user": "system_u"}}}),
+                "spec.securityContext.seLinuxOptions.user: system_u is not the runtime's",
+            ),
+            (
+                serde_json::json!({"containers": [app], "securityContext": {"sysctls": [
+                    {"name": "net.ipv4.tcp_syncookies", "value": "1"}, {"name": "kernel.msgmax", "value": "1"}]}}),
+                "spec.securityContext.sysctls: kernel.msgmax is not a sysctl the baseline Pod Security profile allows",
+            ),
         ];
         for (given, expected) in table {
             assert_eq!(refused_spec(&spec(given.clone())).as_deref(), Some(expected), "{given}");
         }
+        let legacy = std::collections::BTreeMap::from([(format!("{APPARMOR_ANNOTATION}app"), "unconfined".to_owned())]);
+        assert_eq!(
+            refused_spec_with(&spec(serde_json::json!({"containers": [app]})), Some(&legacy)).as_deref(),
+            Some(
+                "metadata.annotations[container.apparmor.security.beta.kubernetes.io/app]: unconfined lifts the \
+                  node's AppArmor profile"
+            )
+        );
+        // The confined defaults pass.
+        let confined = serde_json::json!({"containers": [{"name": "app", "image": "x",
+            "securityContext": {"procMount": "Default", "seccompProfile": {"type": "RuntimeDefault"},
+                                "seLinuxOptions": {"type": "container_t", "level": "s0:c1,c2"}}}],
+            "securityContext": {"sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65000"}]}});
+        assert_eq!(refused_spec(&spec(confined)), None);
     }
 
     #[test]
