@@ -46,9 +46,10 @@ for applet in sh nsenter cat ls; do
 done
 "$oci_image" "${agent_args[@]}" >/dev/null
 
+# /escape -> / is the security tests' attack: a tenant's image may link anywhere.
 busybox_args=(--name cryopod.local/busybox:e2e --out "$out/busybox.tar" --file /bin/busybox:/bin/busybox
   --file "$lock_holder:/bin/lock-holder" --file "$static/cryopod-memory-dirtier:/bin/memory-dirtier"
-  --dir /tmp --env PATH=/bin --cmd sh)
+  --dir /tmp --symlink /escape=/ --env PATH=/bin --cmd sh)
 for applet in sh ash cat echo sleep ls mkdir rm touch date seq grep head tail wc nc httpd wget \
   ps kill env hostname ip cut tr sha256sum dd true false test chmod sync; do
   busybox_args+=(--symlink "/bin/$applet=busybox")

@@ -216,3 +216,32 @@ async fn printer_columns_short_names_category_and_status_work() {
     let _ = run(&tb, &["delete", "cpstor", &name, "--wait=false"]);
     assert_eq!(&row[..3], [name.as_str(), "S3", "true"], "NAME TYPE DEFAULT: {row:?}");
 }
+
+/// A tenant's PodRestore that puts the operator's keys on its pod (the restore
+/// binding `cryopod.io/restore`, or any other `cryopod.io/` key) in its labels or
+/// annotations is refused by the API server, naming the field.
+#[tokio::test]
+async fn security_a_restores_labels_and_annotations_cannot_name_a_prepared_restore() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    install_crds(&tb);
+    let ns = TestNamespace::create(&tb, &client, "e2e-api-sec").await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for (field, key) in [
+        ("annotations", "cryopod.io/restore"),
+        ("labels", "cryopod.io/restore"),
+        ("annotations", "cryopod.io/podrestore"),
+    ] {
+        let doc = serde_json::json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore",
+            "metadata": {"name": "thief"},
+            "spec": {"checkpointName": "victim", field: {key: "someone-elses-restore"}}});
+        let path = write_doc(scratch.path(), "thief.json", &doc);
+        let out = run(&tb, &["create", "--dry-run=server", "-n", &ns.name, "-f", &path]);
+        let message = text(&out);
+        assert!(!out.status.success(), "spec.{field}[{key}] was accepted");
+        assert!(
+            message.contains(&format!("spec.{field}")) && message.contains("reserved for the operator"),
+            "{message}"
+        );
+    }
+}

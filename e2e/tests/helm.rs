@@ -285,6 +285,85 @@ fn security_requests_need_the_requesters_own_rights(tb: &Testbed, ns: &str) {
     create_as(tb, ns, &editor, &hooked).unwrap();
 }
 
+/// A tenant who may create pods and every cryopod kind in its namespace, but not
+/// delete pods, read another namespace's checkpoints or drain a node, cannot have the
+/// operator do any of these: a PodMigration (it deletes the source), a PodRestore of
+/// another namespace's checkpoint, a NodeEvacuation.
+fn security_moves_across_namespaces_and_evacuations_need_their_own_rights(tb: &Testbed, ns: &str) {
+    let mover = format!("system:serviceaccount:{ns}:mover");
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "mover"},
+                      "rules": [{"apiGroups": ["cryopod.io"], "resources": ["*"], "verbs": ["create", "get"]},
+                                {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get"]}]});
+    tb.kubectl_apply(Some(ns), &role.to_string()).unwrap();
+    kubectl(
+        tb,
+        &[
+            "create",
+            "rolebinding",
+            "mover",
+            "-n",
+            ns,
+            "--role=mover",
+            &format!("--serviceaccount={ns}:mover"),
+        ],
+    );
+    // RBAC lets the request through; only the chart's policy stands in its way.
+    let cluster_role = format!("{ns}-evacuator");
+    kubectl(
+        tb,
+        &[
+            "create",
+            "clusterrole",
+            &cluster_role,
+            "--verb=create",
+            "--resource=nodeevacuations.cryopod.io",
+        ],
+    );
+    kubectl(
+        tb,
+        &[
+            "create",
+            "clusterrolebinding",
+            &cluster_role,
+            &format!("--clusterrole={cluster_role}"),
+            &format!("--serviceaccount={ns}:mover"),
+        ],
+    );
+    let attempts = [
+        (
+            json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "m"},
+                   "spec": {"sourcePodName": "any"}}),
+            format!("creating a PodMigration needs the right to delete pods in namespace {ns}"),
+        ),
+        (
+            json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "r"},
+                   "spec": {"checkpointName": "any", "checkpointNamespace": "kube-system"}}),
+            format!(
+                "spec.checkpointNamespace: reading PodCheckpoints in namespace kube-system is not allowed to {mover}"
+            ),
+        ),
+        (
+            json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "NodeEvacuation", "metadata": {"name": format!("{ns}-e")},
+                   "spec": {"nodeName": tb.nodes[0]}}),
+            format!(
+                "creating a NodeEvacuation needs the rights of a drain: patch node {}",
+                tb.nodes[0]
+            ),
+        ),
+    ];
+    for (doc, expected) in attempts {
+        let refused = create_as(tb, ns, &mover, &doc).unwrap_err();
+        println!("refused: {}", refused.trim());
+        assert!(refused.contains(&expected), "{doc}: {refused}");
+    }
+    // The same PodRestore within the namespace passes: the refusal was the other namespace.
+    let own = json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "r"},
+                     "spec": {"checkpointName": "any"}});
+    create_as(tb, ns, &mover, &own).unwrap();
+    kubectl(tb, &["delete", "clusterrolebinding", &cluster_role]);
+    kubectl(tb, &["delete", "clusterrole", &cluster_role]);
+}
+
 /// Whoever may edit a PodCheckpoint grants it to restores in other namespaces
 /// (`cryopod.io/restore-namespaces`) and withdraws the grant; every other
 /// `cryopod.io/` annotation stays the operator's.
@@ -469,6 +548,7 @@ async fn helm_install_checkpoint_restore_migrate_upgrade_uninstall() {
     let ns = TestNamespace::create(&tb, &client, "e2e-helm").await.unwrap();
     security_only_the_operator_creates_pods_that_restore(&tb, &ns.name);
     security_requests_need_the_requesters_own_rights(&tb, &ns.name);
+    security_moves_across_namespaces_and_evacuations_need_their_own_rights(&tb, &ns.name);
     security_a_checkpoints_owners_grant_it_and_nothing_else(&tb, &ns.name);
     security_only_an_agent_pod_gets_its_nodes_certificate(&tb, &ns.name).await;
     // The agents reach the S3 server from the nodes' network, at the hub's address.

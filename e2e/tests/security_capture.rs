@@ -98,6 +98,88 @@ async fn security_a_volume_swapped_for_a_symlink_is_not_captured() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// The attack: the tenant's image links `/escape -> /`, and the pod mounts its
+/// emptyDir at `/escape` + the agent's own TLS directory. runc resolved that path
+/// inside the container, so the volume is at `<rootfs>/<tls dir>`; an agent that read
+/// `/proc/<pid>/root/escape/...` followed the absolute link to its own root and put its
+/// key into the tenant's checkpoint. Now the path is resolved as the container sees it:
+/// the checkpoint holds the pod's own file, and nothing of the agent's directory.
+#[tokio::test]
+async fn security_an_images_link_to_root_does_not_lead_the_capture_out() {
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sec-link").await.unwrap();
+    let node = tb.nodes[0].clone();
+    let OneNodeControl {
+        state,
+        log,
+        _agent,
+        _operator,
+        _tls,
+    } = start_one_node_control(&tb, &ns.name).await;
+    let tls_dir = _tls.dir.path().to_path_buf();
+    let agent_files: Vec<String> = std::fs::read_dir(&tls_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!agent_files.is_empty(), "the agent's TLS directory holds its key");
+    let mount = format!("/escape{}", tls_dir.display());
+    let script = format!("echo tenant > {mount}/own.tmp && mv {mount}/own.tmp {mount}/own; while :; do sleep 1; done");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "linker"},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                 "volumes": [{"name": "data", "emptyDir": {}}],
+                 "containers": [{"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never",
+                                  "command": ["sh", "-c", script],
+                                  "volumeMounts": [{"name": "data", "mountPath": mount}]}]}
+    }))
+    .unwrap();
+    ns.pods(&client).create(&Default::default(), &pod).await.unwrap();
+    let running = ns.wait_ready(&client, "linker", Duration::from_secs(90)).await.unwrap();
+    let data = pod_data(&tb, &running);
+    wait_until("the pod to write its own file", Duration::from_secs(30), || async {
+        data.join("own").exists().then_some(())
+    })
+    .await
+    .unwrap();
+
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "link"},
+                "spec": {"sourcePodName": "linker", "storage": storage}}),
+    );
+    let api: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = ended(&api, "link").await;
+    let (_, reason, message) = ready_condition(&cp);
+    assert_eq!(
+        cp.status.as_ref().unwrap().phase,
+        Some(CheckpointPhase::Ready),
+        "{reason}: {message}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let volume = opened(&tb, &cp, stored_object(&tb, &cp, "pod/volume/data.tar.zst").await).await;
+    let inner = &tar_members(&unzstd(&volume))[0].1;
+    let names: Vec<String> = tar_members(inner).into_iter().map(|(name, _)| name).collect();
+    println!("captured volume: {names:?}; the agent's directory holds {agent_files:?}");
+    assert!(
+        names.iter().any(|n| n.rsplit('/').next() == Some("own")),
+        "the pod's own file: {names:?}"
+    );
+    for file in &agent_files {
+        assert!(
+            !names.iter().any(|n| n.rsplit('/').next() == Some(file.as_str())),
+            "the agent's {file} was captured: {names:?}"
+        );
+    }
+    api.delete("link", &Default::default()).await.unwrap();
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 /// The pod makes a user namespace, mounts an overlay whose upper directory it names
 /// like the node agent's state (`/var/lib/cryopod/restores`, on a tmpfs of its own)
 /// and pivots into it, so that its own mount table shows that overlay at `/`. The

@@ -232,3 +232,298 @@ async fn security_a_rewritten_manifest_is_refused_though_every_digest_matches() 
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&control.state);
 }
+
+/// The tenant's image links `/escape -> /`. The pod makes `/escape` a directory of its
+/// own and writes a file in it, so its rootfs changes hold `escape/tmp/<canary>`. On
+/// restore the new container's rootfs has the image's link again: a handler that
+/// unpacked through it, as host root, would write the file into the node's `/tmp`.
+/// Now the change replaces the link: the file is in the pod's directory, and the
+/// node has none.
+#[tokio::test]
+async fn security_a_restored_rootfs_change_never_writes_through_the_images_link() {
+    use cryopod_crds::v1alpha1::{CheckpointPhase, PodCheckpoint, PodRestore};
+    use pods::control::*;
+    use serde_json::json;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sec-unlink").await.unwrap();
+    let canary = format!("cryopod-canary-{}", ns.name);
+    let on_the_node = std::path::Path::new("/tmp").join(&canary);
+    let _ = std::fs::remove_file(&on_the_node);
+    let script = format!(
+        "rm /escape && mkdir -p /escape/tmp && echo pwned > /escape/tmp/{canary} && echo 1 > /data/ready; \
+         while :; do sleep 1; done"
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unlinker"},
+        "spec": {"nodeName": tb.nodes[0], "terminationGracePeriodSeconds": 1,
+                 "volumes": [{"name": "data", "emptyDir": {}}],
+                 "containers": [{"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never",
+                                  "command": ["sh", "-c", script],
+                                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}
+    }))
+    .unwrap();
+    ns.pods(&client).create(&PostParams::default(), &pod).await.unwrap();
+    let running = ns
+        .wait_ready(&client, "unlinker", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let data = pod_data(&tb, &running);
+    wait_until("the pod to replace the link", Duration::from_secs(30), || async {
+        data.join("ready").exists().then_some(())
+    })
+    .await
+    .unwrap();
+
+    let control = start_control(&tb, &ns.name).await;
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "unlink"},
+                "spec": {"sourcePodName": "unlinker", "storage": storage}}),
+    );
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = ended(&checkpoints, "unlink").await;
+    assert_eq!(
+        cp.status.as_ref().unwrap().phase,
+        Some(CheckpointPhase::Ready),
+        "{:?}",
+        ready_condition(&cp)
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "unlink-back"},
+                "spec": {"checkpointName": "unlink", "target": {"nodeName": tb.nodes[1]}}}),
+    );
+    kubectl_wait_ready(&tb, &ns.name, "podrestore/unlink-back", &control.log);
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let restored = restores
+        .get("unlink-back")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .restored_pod_name
+        .unwrap();
+    assert!(
+        !on_the_node.exists(),
+        "the restore wrote the tenant's file into the node's {}",
+        on_the_node.display()
+    );
+    let out = tb
+        .kubectl()
+        .args(["exec", "-n", &ns.name, &restored, "-c", "app", "--"])
+        .args([
+            "sh",
+            "-c",
+            &format!("test -d /escape && test ! -L /escape && cat /escape/tmp/{canary}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pwned",
+        "the pod's own directory holds its file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    checkpoints.delete("unlink", &Default::default()).await.unwrap();
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&control.state);
+}
+
+/// A tenant who may write `podcheckpoints/status` points its own checkpoint at
+/// another checkpoint's objects, or records a privileged pod in it; a tenant names a
+/// node whose taints the pod does not tolerate as the target of a restore and of a
+/// migration. Each is refused before anything is prepared or frozen, naming the field.
+#[tokio::test]
+async fn security_rewritten_status_and_tainted_targets_are_refused() {
+    use cryopod_crds::v1alpha1::{MigrationPhase, PodCheckpoint, PodMigration, PodRestore, RestorePhase};
+    use kube::api::{Patch, PatchParams};
+    use pods::control::*;
+    use serde_json::json;
+
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-sec-status").await.unwrap();
+    let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let control = start_control(&tb, &ns.name).await;
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    for name in ["victim", "attacker"] {
+        kubectl_apply(
+            &tb,
+            &ns.name,
+            &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": name},
+                    "spec": {"sourcePodName": "trio", "storage": storage}}),
+        );
+        kubectl_wait_ready(&tb, &ns.name, &format!("podcheckpoint/{name}"), &control.log);
+    }
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let victim = checkpoints.get("victim").await.unwrap();
+    let victim_status = victim.status.clone().unwrap();
+    let attacker_status = checkpoints.get("attacker").await.unwrap().status.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let only_trio = || async {
+        let names: Vec<String> = pods
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        assert_eq!(names, ["trio"], "no pod was made");
+    };
+    let refused = |name: &'static str| {
+        let restores = restores.clone();
+        async move {
+            let ended = restore_ended(&restores, name).await;
+            let status = ended.status.clone().unwrap();
+            let (_, reason, message) = ready_of(&status.conditions);
+            println!("{name} refused: {reason}: {message}");
+            assert_eq!(status.phase, Some(RestorePhase::Failed), "{message}");
+            message
+        }
+    };
+
+    // 1. The attacker's status names the victim's objects and digest.
+    checkpoints
+        .patch_status(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "checkpointLocation": victim_status.checkpoint_location,
+                "manifestDigest": victim_status.manifest_digest,
+            }})),
+        )
+        .await
+        .unwrap();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "hijack"},
+                "spec": {"checkpointName": "attacker", "target": {"nodeName": tb.nodes[1]}}}),
+    );
+    let message = refused("hijack").await;
+    assert!(
+        message.contains("status.checkpointLocation.objectStore.prefix")
+            && message.contains("is not this checkpoint's own"),
+        "{message}"
+    );
+    checkpoints
+        .patch_status(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "checkpointLocation": attacker_status.checkpoint_location,
+                "manifestDigest": attacker_status.manifest_digest,
+            }})),
+        )
+        .await
+        .unwrap();
+
+    // 2. The victim's status records a privileged pod.
+    let mut template = victim_status.checkpointed_pod_template.clone().unwrap();
+    let spec = template.spec.as_mut().unwrap();
+    spec.host_pid = Some(true);
+    checkpoints
+        .patch_status(
+            "victim",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"checkpointedPodTemplate": template}})),
+        )
+        .await
+        .unwrap();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "escalate"},
+                "spec": {"checkpointName": "victim", "target": {"nodeName": tb.nodes[1]}}}),
+    );
+    let message = refused("escalate").await;
+    assert!(
+        message.contains("status.checkpointedPodTemplate.spec.hostPID"),
+        "{message}"
+    );
+
+    // 3. A target whose taint the pod does not tolerate, for a restore and a migration.
+    let taint = format!("e2e.cryopod.io/{}", ns.name);
+    let untaint = Untaint {
+        tb: &tb,
+        node: tb.nodes[1].clone(),
+        taint: format!("{taint}-"),
+    };
+    let out = tb
+        .kubectl()
+        .args(["taint", "node", &tb.nodes[1], &format!("{taint}=x:NoSchedule")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "tainted"},
+                "spec": {"checkpointName": "attacker", "target": {"nodeName": tb.nodes[1]}}}),
+    );
+    let message = refused("tainted").await;
+    assert!(
+        message.contains(&format!("spec.target.nodeName {}", tb.nodes[1])) && message.contains("taints"),
+        "{message}"
+    );
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "tainted"},
+                "spec": {"sourcePodName": "trio", "target": {"nodeName": tb.nodes[1]}}}),
+    );
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let status = migration_ended(&migrations, "tainted").await;
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("migration refused: {reason}: {message}");
+    assert_eq!(
+        (status.phase, reason.as_str()),
+        (Some(MigrationPhase::Failed), "NoCompatibleNode")
+    );
+    assert!(message.contains("taints the pod tolerates"), "{message}");
+    assert!(status.checkpoint_name.is_none(), "nothing was frozen: {status:?}");
+    drop(untaint);
+    only_trio().await;
+    // The source never stopped counting.
+    let before = counts(&trio.data);
+    wait_until("the source to count on", Duration::from_secs(20), || async {
+        counts(&trio.data)
+            .iter()
+            .zip(&before)
+            .all(|(now, then)| now > then)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    for name in ["victim", "attacker"] {
+        checkpoints.delete(name, &Default::default()).await.unwrap();
+    }
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&control.state);
+}
+
+/// Removes a test's taint from its node, also when the test fails.
+struct Untaint<'a> {
+    tb: &'a Testbed,
+    node: String,
+    taint: String,
+}
+
+impl Drop for Untaint<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .tb
+            .kubectl()
+            .args(["taint", "node", &self.node, &self.taint])
+            .output();
+    }
+}

@@ -30,7 +30,8 @@ const FS_GROUP: u32 = 2000;
 fn non_root_pod(node: &str) -> Pod {
     let [server, client] = talkers();
     let counter = json!({"name": "counter", "image": BUSYBOX, "imagePullPolicy": "Never",
-        "command": ["sh", "-c", "busybox id -u > /data/owner; t=$RANDOM$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); \
+        "command": ["sh", "-c", "busybox id -u > /data/owner; for f in /tmp/suid /data/suid; do echo x > $f; chmod 4755 $f; done; \
+                     t=$RANDOM$RANDOM$RANDOM; i=0; while :; do i=$((i+1)); \
                      echo $t > /data/token.tmp && mv /data/token.tmp /data/token; \
                      echo $i > /data/count.tmp && mv /data/count.tmp /data/count; \
                      echo $i > /dev/shm/count.tmp && mv /dev/shm/count.tmp /dev/shm/count; sleep 0.2; done"],
@@ -45,6 +46,22 @@ fn non_root_pod(node: &str) -> Pod {
                  "volumes": [{"name": "data", "emptyDir": {}}]}
     }))
     .unwrap()
+}
+
+/// The pod's user made setuid files of its own, in its rootfs and in its emptyDir. A
+/// restore that lost owners but kept modes would hand back root-owned setuid files;
+/// they come back owned by the user, with their modes.
+fn security_a_users_setuid_file_comes_back_the_users(tb: &Testbed, ns: &str, restored: &str) {
+    assert_eq!(
+        exec(
+            tb,
+            ns,
+            restored,
+            "counter",
+            "busybox stat -c %u:%a /tmp/suid /data/suid"
+        ),
+        format!("{UID}:4755\n{UID}:4755")
+    );
 }
 
 /// `sh -c script` in a container of a pod, through the API server and the kubelet.
@@ -179,6 +196,7 @@ async fn a_non_root_pod_on_the_cgroup_v2_node_checkpoints_and_restores_with_its_
         ),
         format!("{UID}:{FS_GROUP}\n{UID}:{FS_GROUP}")
     );
+    security_a_users_setuid_file_comes_back_the_users(&tb, &ns.name, &restored);
     // The loopback connection survived: the server's file was not truncated by a
     // fresh start, and the numbers heard after the restore follow on without a gap.
     let first = heard(&tb, &ns.name, &restored).len();

@@ -943,4 +943,23 @@ mod tests {
         assert_eq!(list(&s.target.join("etc/app")), ["new"]);
         s.untouched();
     }
+
+    #[test]
+    fn a_link_of_the_image_replaced_by_a_directory_stays_inside() {
+        // The image links `escape -> /`; the tenant made it an (opaque) directory
+        // with a file in it. Unpacked as root, the file lands in the new directory,
+        // never through the image's link.
+        let s = scene();
+        std::os::unix::fs::symlink(&s.outside, s.target.join("escape")).unwrap();
+        let tar = Tar::new()
+            .dir("escape")
+            .file("escape/.wh..wh..opq", b"")
+            .dir("escape/tmp")
+            .file("escape/tmp/canary", b"pwned")
+            .bytes();
+        unpack(tar.as_slice(), &s.target, UnpackOptions::ROOTFS_DIFF).unwrap();
+        assert!(std::fs::symlink_metadata(s.target.join("escape")).unwrap().is_dir());
+        assert_eq!(std::fs::read(s.target.join("escape/tmp/canary")).unwrap(), b"pwned");
+        s.untouched();
+    }
 }

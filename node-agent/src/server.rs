@@ -104,6 +104,11 @@ pub trait AgentBackend: Send + Sync + 'static {
         let _ = (operation_id, why);
         false
     }
+    /// Removes the pod data of prepared restore `restore_id`; `true` when there was some.
+    fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
+        let _ = restore_id;
+        Ok(false)
+    }
     /// Keeps how an operation ended, durably, for a re-attach after a restart.
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
         let _ = op;
@@ -274,6 +279,16 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
 
     fn thaw_now(&self, operation_id: &str, why: &str) -> bool {
         self.journal.live().thaw_now(operation_id, why)
+    }
+
+    fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
+        let dir = self.restores.join(restore_id);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => crate::sweep::scrub(&dir).map(|()| true).map_err(|e| e.to_string()),
+            Ok(_) => Err(format!("{} is not a directory", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
@@ -1254,6 +1269,34 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         }
         tracing::warn!(pod_uid = %req.pod_uid, %why, ?freezes, "emergency thaw");
         Ok(Response::new(pb::ThawResponse { freezes }))
+    }
+
+    async fn discard_restore(
+        &self,
+        request: Request<pb::DiscardRestoreRequest>,
+    ) -> Result<Response<pb::DiscardRestoreResponse>, Status> {
+        let id = request.into_inner().operation_id;
+        crate::journal::Journal::check_operation_id(&id)
+            .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
+        // A preparation still under way stops first; its partial directory is swept.
+        if let Some(tracked) = self.lock()?.get_mut(&id)
+            && !terminal(&tracked.state.borrow())
+        {
+            if let Some(task) = tracked.task.take() {
+                task.abort();
+            }
+            tracked.state.send_modify(|op| {
+                op.state = pb::State::Cancelled as i32;
+                op.error_code = Code::Cancelled as i32;
+                op.error_message = "discarded by the caller".to_owned();
+            });
+        }
+        let discarded = self
+            .agent
+            .discard_restore(&id)
+            .map_err(|e| Status::internal(format!("cannot discard restore {id}: {e}")))?;
+        tracing::info!(operation_id = %id, discarded, "prepared restore discarded");
+        Ok(Response::new(pb::DiscardRestoreResponse { discarded }))
     }
 
     async fn node_info(&self, _: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeFacts>, Status> {

@@ -34,6 +34,8 @@ struct Stand {
     /// The journal of outcomes, and how long each read of it takes.
     outcomes: std::sync::Mutex<std::collections::HashMap<String, pb::Operation>>,
     journal_read: Duration,
+    /// The prepared restores held, and those discarded.
+    prepared: std::sync::Mutex<Vec<String>>,
 }
 
 struct DropFlag(Arc<AtomicBool>);
@@ -117,6 +119,13 @@ impl AgentBackend for Stand {
         }
         ends.insert(operation_id.to_owned(), FreezeEnd::thawed_without_release(why));
         true
+    }
+
+    fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
+        let mut prepared = self.prepared.lock().unwrap();
+        let held = prepared.iter().any(|id| id == restore_id);
+        prepared.retain(|id| id != restore_id);
+        Ok(held)
     }
 
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
@@ -215,6 +224,9 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
         fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
             self.0.record_outcome(op)
         }
+        fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
+            self.0.discard_restore(restore_id)
+        }
         fn outcome_of(&self, operation_id: &str) -> Result<Option<pb::Operation>, String> {
             self.0.outcome_of(operation_id)
         }
@@ -291,6 +303,7 @@ fn stand(mode: &'static str) -> Stand {
         ends: Default::default(),
         outcomes: Default::default(),
         journal_read: Duration::ZERO,
+        prepared: Default::default(),
     }
 }
 
@@ -382,6 +395,25 @@ async fn a_cancelled_checkpoint_is_recorded_cancelled_for_a_later_reattach() {
     assert_eq!(recorded.state, pb::State::Cancelled as i32, "{recorded:?}");
     let answer = cryopod_node_agent::server::earlier_checkpoint("op-cancel", Some(recorded), None).unwrap();
     assert_eq!(answer.error_code, tonic::Code::Cancelled as i32);
+}
+
+#[tokio::test]
+async fn a_failed_restores_prepared_data_is_discarded_once() {
+    let pki = pki();
+    let (url, stand, _) = serve(stand("ok"), &pki).await;
+    stand.prepared.lock().unwrap().push("restore-1".into());
+    let mut agent = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let discard = |id: &str| pb::DiscardRestoreRequest {
+        operation_id: id.into(),
+    };
+    let first = agent.discard_restore(discard("restore-1")).await.unwrap().into_inner();
+    assert!(first.discarded);
+    assert!(stand.prepared.lock().unwrap().is_empty());
+    let again = agent.discard_restore(discard("restore-1")).await.unwrap().into_inner();
+    assert!(!again.discarded, "idempotent: nothing left the second time");
+    let bad = agent.discard_restore(discard("../journal")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().starts_with("operation_id:"), "{}", bad.message());
 }
 
 #[tokio::test]

@@ -1010,6 +1010,15 @@ pub fn foreign_location(cp: &PodCheckpoint, location: &cryopod_crds::v1alpha1::C
             location.object_store.as_ref().map(|o| o.prefix.clone()),
         ),
     };
+    // The storage the spec names, when it names one, is the only one the objects can be in.
+    if let (Some(named), Some(at)) = (&cp.spec.storage, &location.object_store)
+        && &at.storage != named
+    {
+        return Some(format!(
+            "status.checkpointLocation.objectStore.storage {} is not spec.storage {named}: refused",
+            at.storage
+        ));
+    }
     let recorded = recorded?;
     let climbs = recorded.split('/').any(|c| c == "..");
     let ours = recorded == own || recorded.ends_with(&format!("/{own}"));
@@ -1381,6 +1390,15 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(foreign_location(&cp, &local), None);
+        // A checkpoint whose spec names its storage is read from that storage only.
+        let mut named = cp.clone();
+        named.spec.storage = Some("s3".into());
+        assert_eq!(foreign_location(&named, &at("ns/p/u1/")), None);
+        named.spec.storage = Some("tenant-s3".into());
+        assert_eq!(
+            foreign_location(&named, &at("ns/p/u1/")).unwrap(),
+            "status.checkpointLocation.objectStore.storage s3 is not spec.storage tenant-s3: refused"
+        );
     }
 
     #[test]

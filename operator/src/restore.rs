@@ -100,8 +100,42 @@ async fn fail(restore: &PodRestore, ctx: &Context, reason: &'static str, message
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
         let _ = pods.delete(pod, &DeleteParams::default()).await;
     }
+    discard_prepared(restore, ctx).await;
     fail_with(restore, ctx, reason, message).await?;
     Ok(Action::await_change())
+}
+
+/// Asks the agent that prepared the restore, if one did, to remove its decrypted
+/// data now rather than at its sweep. Best effort: the sweep still removes it, and a
+/// restore that failed never waits on an unreachable agent.
+async fn discard_prepared(restore: &PodRestore, ctx: &Context) {
+    let status = restore.status.as_ref();
+    let (Some(node), Some(id)) = (
+        status.and_then(|s| s.node_name.clone()),
+        status.and_then(|s| s.operation_id.clone()),
+    ) else {
+        return;
+    };
+    let asked = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut client = ctx.agents.client(&node).await.map_err(|e| e.to_string())?;
+        client
+            .discard_restore(pb::DiscardRestoreRequest {
+                operation_id: id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().discarded)
+            .map_err(|status| status.message().to_owned())
+    })
+    .await;
+    match asked {
+        Ok(Ok(discarded)) => tracing::info!(%node, operation_id = %id, discarded, "prepared restore discarded"),
+        Ok(Err(why)) => {
+            tracing::warn!(%node, operation_id = %id, %why, "cannot discard the prepared restore; its agent sweeps it")
+        }
+        Err(_) => {
+            tracing::warn!(%node, operation_id = %id, "the agent did not discard the prepared restore within 5 s; it sweeps it")
+        }
+    }
 }
 
 /// Ends a restore whose PodCheckpoint was deleted while it ran.
