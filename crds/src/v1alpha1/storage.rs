@@ -169,7 +169,9 @@ pub struct AzureStorage {
     .message("local.persistentVolumeClaim: not supported yet; use a node directory or S3"))]
 pub struct LocalStorage {
     /// Absolute path on each node's disk: checkpoints there are restorable only on
-    /// the node that took them.
+    /// the node that took them. It must lie under one of the agents' local roots (the
+    /// embedded `/var/lib/cryopod/checkpoints`, or the chart's
+    /// `agent.localStorageRoots`); the agent refuses any other.
     #[serde(default = "default_local_path")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
     pub path: String,
