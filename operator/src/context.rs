@@ -12,8 +12,8 @@ use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 
 use crate::agents::{AgentError, Agents};
-use crate::checkpoint::Starts;
 use crate::metrics::OperatorMetrics;
+use crate::starts::Starts;
 
 /// What the controller works with.
 #[derive(Clone)]

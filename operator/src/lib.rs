@@ -27,6 +27,7 @@ pub mod restore_pod;
 pub mod run;
 pub mod schedule;
 pub mod signer;
+pub mod starts;
 pub mod storage;
 pub mod storage_probe;
 pub mod template;

@@ -318,7 +318,8 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, signer: Arc<Signer>) -> 
         }
         Verdict::Deny { reason, message } => {
             tracing::warn!(csr = %name, %reason, %message, "denied an agent certificate request");
-            let patch = serde_json::json!({"status": {"conditions": [condition("Denied", reason, &message)]}});
+            let patch = serde_json::json!({"metadata": {"resourceVersion": csr.resource_version()},
+                                           "status": {"conditions": [condition("Denied", reason, &message)]}});
             api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(write)?;
@@ -333,16 +334,21 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, signer: Arc<Signer>) -> 
                 .iter()
                 .flat_map(|s| s.conditions.iter().flatten())
                 .any(|c| c.type_ == "Approved");
+            // Each write on the version it was decided on: a request changed since
+            // (denied by someone else, say) is read and decided again (409).
+            let mut version = csr.resource_version();
             if !approved {
                 let message = format!("an agent pod on {node} asks for {node}'s certificate");
-                let patch =
-                    serde_json::json!({"status": {"conditions": [condition("Approved", "AgentOnItsNode", &message)]}});
-                api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                let patch = serde_json::json!({"metadata": {"resourceVersion": version},
+                    "status": {"conditions": [condition("Approved", "AgentOnItsNode", &message)]}});
+                version = api
+                    .patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map_err(write)?;
+                    .map_err(write)?
+                    .resource_version();
             }
-            let patch =
-                serde_json::json!({"status": {"certificate": k8s_openapi::ByteString(certificate.into_bytes())}});
+            let patch = serde_json::json!({"metadata": {"resourceVersion": version},
+                "status": {"certificate": k8s_openapi::ByteString(certificate.into_bytes())}});
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(write)?;

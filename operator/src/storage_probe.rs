@@ -162,10 +162,14 @@ async fn reconcile(storage: Arc<CheckpointStorage>, ctx: Arc<Context>) -> Result
     current.last_checked_time = Some(now());
     current.observed_generation = generation;
     let api: Api<CheckpointStorage> = Api::all(ctx.client.clone());
+    // On the version read: a status another writer changed since is read again (409).
     api.patch_status(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": current })),
+        &Patch::Merge(serde_json::json!({
+            "metadata": {"resourceVersion": storage.resource_version()},
+            "status": current,
+        })),
     )
     .await
     .map_err(crate::context::kube_err("write a CheckpointStorage's status"))?;
