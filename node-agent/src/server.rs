@@ -161,6 +161,7 @@ pub fn earlier_checkpoint(
         operation_id: operation_id.to_owned(),
         state: pb::State::Failed as i32,
         error_code: Code::Aborted as i32,
+        failure: pb::Failure::Interrupted as i32,
         error_message: format!(
             "this checkpoint was interrupted: the agent restarted while it ran, and it ended without a result \
              ({why}); it is not run again under the same id"
@@ -420,6 +421,60 @@ pub fn code_of(err: &CheckpointError) -> Code {
         | CheckpointError::Workspace { .. }
         | CheckpointError::Package { .. }
         | CheckpointError::Task { .. } => Code::Internal,
+    }
+}
+
+/// What failed, as the caller acts on it, of each checkpoint failure.
+pub fn failure_of(err: &CheckpointError) -> pb::Failure {
+    use pb::Failure as F;
+    match err {
+        CheckpointError::Discovery { source } => match source {
+            DiscoveryError::PodNotRunning { .. } => F::PodNotFound,
+            DiscoveryError::Unsupported { .. } | DiscoveryError::AmbiguousSandbox { .. } => F::UnsupportedPod,
+            DiscoveryError::Runtime { .. } | DiscoveryError::RuntimeInfo { .. } => F::Internal,
+        },
+        CheckpointError::Unsupported { .. } => F::UnsupportedPod,
+        CheckpointError::FreezeExpired { .. } => F::TimedOut,
+        CheckpointError::ThawedEarly { .. } => F::ThawedEarly,
+        CheckpointError::Freeze { source } => match source {
+            FreezeError::NotSettled { .. } | FreezeError::Expired { .. } => F::TimedOut,
+            _ => F::Internal,
+        },
+        CheckpointError::Dump { source } => match source {
+            DumpError::Criu { .. } => F::Criu,
+            DumpError::Timeout { .. } => F::TimedOut,
+            DumpError::Prepare { .. } | DumpError::Spawn { .. } | DumpError::Wait { .. } => F::Internal,
+        },
+        CheckpointError::Store { source } => match source {
+            StoreError::DigestMismatch { .. } => F::Corrupt,
+            StoreError::ReadLocal { .. } | StoreError::Manifest { .. } => F::Internal,
+            StoreError::Upload { .. } | StoreError::ReadBack { .. } | StoreError::Delete { .. } => F::Storage,
+        },
+        CheckpointError::Hook { .. } => F::Hook,
+        CheckpointError::BadOperationId { .. }
+        | CheckpointError::AlreadyRunning { .. }
+        | CheckpointError::Capture { .. }
+        | CheckpointError::Workspace { .. }
+        | CheckpointError::Package { .. }
+        | CheckpointError::Task { .. } => F::Internal,
+    }
+}
+
+/// What failed, as the caller acts on it, of each restore failure.
+pub fn restore_failure_of(err: &RestoreError) -> pb::Failure {
+    use pb::Failure as F;
+    match err {
+        RestoreError::Fetch { .. } => F::Storage,
+        RestoreError::ManifestDigest { .. }
+        | RestoreError::Signature { .. }
+        | RestoreError::Size { .. }
+        | RestoreError::Digest { .. }
+        | RestoreError::Manifest { .. } => F::Corrupt,
+        RestoreError::Incompatible { .. } => F::Incompatible,
+        RestoreError::Decrypt { .. } => F::Decrypt,
+        RestoreError::BadRestoreId { .. } | RestoreError::AlreadyPrepared { .. } | RestoreError::Local { .. } => {
+            F::Internal
+        }
     }
 }
 
@@ -937,6 +992,7 @@ impl<C: AgentBackend> AgentService<C> {
                 Err(err) => {
                     op.state = pb::State::Failed as i32;
                     op.error_code = code_of(&err) as i32;
+                    op.failure = failure_of(&err) as i32;
                     op.error_message = with_causes(&err);
                 }
             }
@@ -997,6 +1053,7 @@ impl<C: AgentBackend> AgentService<C> {
                 Err(err) => {
                     op.state = pb::State::Failed as i32;
                     op.error_code = restore_code_of(&err) as i32;
+                    op.failure = restore_failure_of(&err) as i32;
                     op.error_message = with_causes(&err);
                 }
             });
@@ -1164,6 +1221,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             tracked.state.send_modify(|op| {
                 op.state = pb::State::Cancelled as i32;
                 op.error_code = Code::Cancelled as i32;
+                op.failure = pb::Failure::Cancelled as i32;
                 op.error_message = "cancelled by the caller".to_owned();
             });
             // Replaces its start record: asked again after a restart, it is cancelled,
@@ -1288,6 +1346,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             tracked.state.send_modify(|op| {
                 op.state = pb::State::Cancelled as i32;
                 op.error_code = Code::Cancelled as i32;
+                op.failure = pb::Failure::Cancelled as i32;
                 op.error_message = "discarded by the caller".to_owned();
             });
         }
@@ -1426,6 +1485,7 @@ mod tests {
         let interrupted = earlier_checkpoint("op", None, Some(&end)).unwrap();
         assert_eq!(interrupted.state, pb::State::Failed as i32);
         assert_eq!(interrupted.error_code, Code::Aborted as i32);
+        assert_eq!(interrupted.failure, pb::Failure::Interrupted as i32);
         assert!(
             interrupted
                 .error_message

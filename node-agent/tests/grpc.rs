@@ -393,6 +393,7 @@ async fn a_cancelled_checkpoint_is_recorded_cancelled_for_a_later_reattach() {
     // What a restarted agent would answer from its journal.
     let recorded = stand.outcomes.lock().unwrap().get("op-cancel").cloned().unwrap();
     assert_eq!(recorded.state, pb::State::Cancelled as i32, "{recorded:?}");
+    assert_eq!(recorded.failure, pb::Failure::Cancelled as i32);
     let answer = cryopod_node_agent::server::earlier_checkpoint("op-cancel", Some(recorded), None).unwrap();
     assert_eq!(answer.error_code, tonic::Code::Cancelled as i32);
 }
@@ -425,6 +426,7 @@ async fn failures_carry_a_code_and_the_cause() {
     let last = ops.last().unwrap();
     assert_eq!(last.state, pb::State::Failed as i32);
     assert_eq!(last.error_code, tonic::Code::NotFound as i32);
+    assert_eq!(last.failure, pb::Failure::PodNotFound as i32, "what failed, typed");
     assert!(last.error_message.contains("uid-1"), "{}", last.error_message);
 
     let mut bad = request("op-3");
@@ -594,6 +596,7 @@ async fn restores_are_prepared_as_operations_and_bad_requests_name_the_field() {
     let last = last.unwrap();
     assert_eq!(last.state, pb::State::Failed as i32);
     assert_eq!(last.error_code, tonic::Code::FailedPrecondition as i32);
+    assert_eq!(last.failure, pb::Failure::Incompatible as i32);
     assert!(
         last.error_message.contains("stand-in refuses r-1"),
         "{}",

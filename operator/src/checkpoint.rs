@@ -452,12 +452,19 @@ fn hook_to_pb(hook: &cryopod_crds::v1alpha1::Hook) -> pb::Hook {
     }
 }
 
-/// The reason a failed agent operation ends the PodCheckpoint with.
-pub fn failure_reason(code: i32, message: &str) -> &'static str {
-    match tonic::Code::from(code) {
-        tonic::Code::NotFound => reasons::SOURCE_POD_NOT_FOUND,
-        tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
-        tonic::Code::FailedPrecondition if message.contains("cannot be checkpointed") => reasons::UNSUPPORTED_POD,
+/// The reason a failed agent operation ends the PodCheckpoint with: from what the
+/// agent says failed, or, from an agent that does not say, from its status code.
+pub fn failure_reason(op: &pb::Operation) -> &'static str {
+    use pb::Failure as F;
+    match F::try_from(op.failure).unwrap_or(F::Unspecified) {
+        F::PodNotFound => reasons::SOURCE_POD_NOT_FOUND,
+        F::UnsupportedPod => reasons::UNSUPPORTED_POD,
+        F::TimedOut => reasons::TIMED_OUT,
+        F::Unspecified => match tonic::Code::from(op.error_code) {
+            tonic::Code::NotFound => reasons::SOURCE_POD_NOT_FOUND,
+            tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
+            _ => reasons::CHECKPOINT_FAILED,
+        },
         _ => reasons::CHECKPOINT_FAILED,
     }
 }
@@ -788,7 +795,7 @@ async fn run_on_agent(cp: &PodCheckpoint, ctx: &Context, node: &str, resolved: R
         finish(cp, ctx, done, Ending::Succeeded, reasons::CHECKPOINT_COMPLETED, message).await?;
         return retain(cp, ctx).await;
     }
-    let reason = failure_reason(op.error_code, &op.error_message);
+    let reason = failure_reason(&op);
     fail(cp, ctx, reason, op.error_message.clone()).await
 }
 
@@ -1334,29 +1341,37 @@ mod tests {
 
     #[test]
     fn agent_failures_map_to_reasons() {
-        assert_eq!(
-            failure_reason(tonic::Code::NotFound as i32, "no sandbox"),
-            reasons::SOURCE_POD_NOT_FOUND
-        );
-        assert_eq!(
-            failure_reason(
-                tonic::Code::FailedPrecondition as i32,
-                "the pod cannot be checkpointed: hostNetwork"
+        use pb::Failure as F;
+        let failed = |failure: F, code: tonic::Code| pb::Operation {
+            failure: failure as i32,
+            error_code: code as i32,
+            error_message: "the pod cannot be checkpointed (a message is never read)".into(),
+            ..pb::Operation::default()
+        };
+        let table = [
+            (F::PodNotFound, tonic::Code::NotFound, reasons::SOURCE_POD_NOT_FOUND),
+            (
+                F::UnsupportedPod,
+                tonic::Code::FailedPrecondition,
+                reasons::UNSUPPORTED_POD,
             ),
-            reasons::UNSUPPORTED_POD
-        );
-        assert_eq!(
-            failure_reason(tonic::Code::FailedPrecondition as i32, "hook 0 failed"),
-            reasons::CHECKPOINT_FAILED
-        );
-        assert_eq!(
-            failure_reason(tonic::Code::DeadlineExceeded as i32, "x"),
-            reasons::TIMED_OUT
-        );
-        assert_eq!(
-            failure_reason(tonic::Code::Unavailable as i32, "x"),
-            reasons::CHECKPOINT_FAILED
-        );
+            (F::Hook, tonic::Code::FailedPrecondition, reasons::CHECKPOINT_FAILED),
+            (F::Criu, tonic::Code::FailedPrecondition, reasons::CHECKPOINT_FAILED),
+            (F::TimedOut, tonic::Code::DeadlineExceeded, reasons::TIMED_OUT),
+            (F::Storage, tonic::Code::Unavailable, reasons::CHECKPOINT_FAILED),
+            (F::ThawedEarly, tonic::Code::Aborted, reasons::CHECKPOINT_FAILED),
+            // An agent that does not say: its status code.
+            (F::Unspecified, tonic::Code::NotFound, reasons::SOURCE_POD_NOT_FOUND),
+            (F::Unspecified, tonic::Code::DeadlineExceeded, reasons::TIMED_OUT),
+            (
+                F::Unspecified,
+                tonic::Code::FailedPrecondition,
+                reasons::CHECKPOINT_FAILED,
+            ),
+        ];
+        for (failure, code, reason) in table {
+            assert_eq!(failure_reason(&failed(failure, code)), reason, "{failure:?} {code:?}");
+        }
     }
 
     fn checkpoint(spec: serde_json::Value) -> PodCheckpoint {

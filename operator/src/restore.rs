@@ -403,12 +403,20 @@ fn tenant_entries(map: &std::collections::BTreeMap<String, String>) -> impl Iter
         .map(|(k, v)| (k.clone(), v.clone()))
 }
 
-/// The reason a failed PrepareRestore ends the PodRestore with.
-pub fn prepare_failure_reason(code: i32) -> &'static str {
-    match tonic::Code::from(code) {
-        tonic::Code::DataLoss => reasons::CHECKPOINT_CORRUPT,
-        tonic::Code::FailedPrecondition => reasons::NO_COMPATIBLE_NODE,
-        tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
+/// The reason a failed PrepareRestore ends the PodRestore with: from what the agent
+/// says failed, or, from an agent that does not say, from its status code.
+pub fn prepare_failure_reason(op: &pb::Operation) -> &'static str {
+    use pb::Failure as F;
+    match F::try_from(op.failure).unwrap_or(F::Unspecified) {
+        F::Corrupt => reasons::CHECKPOINT_CORRUPT,
+        F::Incompatible => reasons::NO_COMPATIBLE_NODE,
+        F::TimedOut => reasons::TIMED_OUT,
+        F::Unspecified => match tonic::Code::from(op.error_code) {
+            tonic::Code::DataLoss => reasons::CHECKPOINT_CORRUPT,
+            tonic::Code::FailedPrecondition => reasons::NO_COMPATIBLE_NODE,
+            tonic::Code::DeadlineExceeded => reasons::TIMED_OUT,
+            _ => reasons::RESTORE_FAILED,
+        },
         _ => reasons::RESTORE_FAILED,
     }
 }
@@ -566,7 +574,7 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
     if op.state != pb::State::Succeeded as i32 {
-        return fail(restore, ctx, prepare_failure_reason(op.error_code), op.error_message).await;
+        return fail(restore, ctx, prepare_failure_reason(&op), op.error_message).await;
     }
     let fetch_millis = op.restore.as_ref().map(|r| (r.fetch_millis + r.unpack_millis) as i64);
 
@@ -1008,14 +1016,38 @@ mod tests {
             pod_progress(&rejected),
             PodProgress::Failed("the restored pod failed: NodeAffinity: Pod Predicate NodeAffinity failed".into())
         );
-        assert_eq!(
-            prepare_failure_reason(tonic::Code::DataLoss as i32),
-            reasons::CHECKPOINT_CORRUPT
-        );
-        assert_eq!(
-            prepare_failure_reason(tonic::Code::FailedPrecondition as i32),
-            reasons::NO_COMPATIBLE_NODE
-        );
+        let failed = |failure: pb::Failure, code: tonic::Code| pb::Operation {
+            failure: failure as i32,
+            error_code: code as i32,
+            ..pb::Operation::default()
+        };
+        for (failure, code, reason) in [
+            (pb::Failure::Corrupt, tonic::Code::DataLoss, reasons::CHECKPOINT_CORRUPT),
+            (
+                pb::Failure::Incompatible,
+                tonic::Code::FailedPrecondition,
+                reasons::NO_COMPATIBLE_NODE,
+            ),
+            // A key that opens nothing is no fault of the node.
+            (
+                pb::Failure::Decrypt,
+                tonic::Code::FailedPrecondition,
+                reasons::RESTORE_FAILED,
+            ),
+            (pb::Failure::Storage, tonic::Code::Unavailable, reasons::RESTORE_FAILED),
+            (
+                pb::Failure::Unspecified,
+                tonic::Code::DataLoss,
+                reasons::CHECKPOINT_CORRUPT,
+            ),
+            (
+                pb::Failure::Unspecified,
+                tonic::Code::FailedPrecondition,
+                reasons::NO_COMPATIBLE_NODE,
+            ),
+        ] {
+            assert_eq!(prepare_failure_reason(&failed(failure, code)), reason, "{failure:?}");
+        }
     }
 
     #[test]
