@@ -174,23 +174,25 @@ impl AgentConfig {
             }
             None => (CgroupVersion::V2, PathBuf::from("/sys/fs/cgroup")),
         };
+        let state_dir = PathBuf::from(get("CRYOPOD_STATE_DIR").unwrap_or_else(|| "/var/lib/cryopod".into()));
+        let tls_dir = PathBuf::from(required("CRYOPOD_TLS_DIR")?);
         Ok(Self {
             node_name: required("CRYOPOD_NODE_NAME")?,
             listen,
             metrics_listen,
-            tls_dir: PathBuf::from(required("CRYOPOD_TLS_DIR")?),
+            tls_dir: tls_dir.clone(),
             manifest_key_file: PathBuf::from(required("CRYOPOD_MANIFEST_KEY_FILE")?),
             cri_socket: PathBuf::from(
                 get("CRYOPOD_CRI_SOCKET").unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
             ),
             cgroup,
-            state_dir: PathBuf::from(get("CRYOPOD_STATE_DIR").unwrap_or_else(|| "/var/lib/cryopod".into())),
+            state_dir: state_dir.clone(),
             node_exec: get("CRYOPOD_NODE_EXEC")
                 .map(|v| v.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             criu_dir: get("CRYOPOD_CRIU_DIR").filter(|v| !v.is_empty()).map(PathBuf::from),
             drain: std::time::Duration::from_secs(drain),
-            local_roots: local_roots(get("CRYOPOD_LOCAL_ROOTS"))?,
+            local_roots: local_roots(get("CRYOPOD_LOCAL_ROOTS"), &state_dir, &tls_dir)?,
             cert_signer: get("CRYOPOD_CERT_SIGNER").filter(|v| !v.is_empty()),
             cert_validity: std::time::Duration::from_secs(cert_validity),
             client_name: get("CRYOPOD_CLIENT_NAME")
@@ -200,22 +202,42 @@ impl AgentConfig {
     }
 }
 
-/// The local checkpoint roots `CRYOPOD_LOCAL_ROOTS` names: absolute, climbing nowhere.
-fn local_roots(value: Option<String>) -> Result<Vec<PathBuf>, RunError> {
+/// The local checkpoint roots `CRYOPOD_LOCAL_ROOTS` names: absolute, climbing
+/// nowhere, not `/`, and holding none of the agent's own files (`state` and `tls`):
+/// under `state`, only its `checkpoints` directory may be one. Unset: the embedded
+/// store's directory.
+fn local_roots(
+    value: Option<String>,
+    state: &std::path::Path,
+    tls: &std::path::Path,
+) -> Result<Vec<PathBuf>, RunError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(vec![PathBuf::from(crate::server::EMBEDDED_LOCAL_ROOT)]);
     };
+    let refused = |root: &str, why: &str| RunError::Config {
+        variable: "CRYOPOD_LOCAL_ROOTS",
+        problem: format!("{root:?} {why}"),
+    };
     value
         .split(':')
-        .map(|root| {
-            if crate::server::under_a_root(root, &[PathBuf::from("/")]) && root != "/" {
-                Ok(PathBuf::from(root))
-            } else {
-                Err(RunError::Config {
-                    variable: "CRYOPOD_LOCAL_ROOTS",
-                    problem: format!("{root:?} is not an absolute directory other than / without .."),
-                })
+        .map(|text| {
+            let root = PathBuf::from(text);
+            if !crate::server::under_a_root(text, &[PathBuf::from("/")]) || root.parent().is_none() {
+                return Err(refused(text, "is not an absolute directory other than / without .."));
             }
+            let holds_own = state.starts_with(&root) || tls.starts_with(&root) || root.starts_with(tls);
+            let in_state = root.starts_with(state) && !root.starts_with(state.join("checkpoints"));
+            if holds_own || in_state {
+                return Err(refused(
+                    text,
+                    &format!(
+                        "would hold the agent's own files ({} or {}); under the state directory only its checkpoints/ may be a root",
+                        state.display(),
+                        tls.display()
+                    ),
+                ));
+            }
+            Ok(root)
         })
         .collect()
 }
@@ -532,6 +554,34 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn security_local_roots_hold_none_of_the_agents_own_files() {
+        let (state, tls) = (Path::new("/var/lib/cryopod"), Path::new("/tls"));
+        let roots = |v: &str| local_roots(Some(v.into()), state, tls);
+        assert_eq!(roots("").unwrap(), [PathBuf::from("/var/lib/cryopod/checkpoints")]);
+        assert_eq!(
+            roots("/var/lib/cryopod/checkpoints:/srv/ckpt").unwrap(),
+            [
+                PathBuf::from("/var/lib/cryopod/checkpoints"),
+                PathBuf::from("/srv/ckpt")
+            ]
+        );
+        for bad in [
+            "/",
+            "//",
+            "/.",
+            "srv",
+            "/srv/../etc",
+            "/var/lib",
+            "/var/lib/cryopod",
+            "/var/lib/cryopod/restores",
+            "/tls/x",
+        ] {
+            let err = roots(bad).unwrap_err().to_string();
+            assert!(err.contains("CRYOPOD_LOCAL_ROOTS"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn settings_name_the_variable_at_fault() {

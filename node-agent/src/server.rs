@@ -283,13 +283,7 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
     }
 
     fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
-        let dir = self.restores.join(restore_id);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => crate::sweep::scrub(&dir).map(|()| true).map_err(|e| e.to_string()),
-            Ok(_) => Err(format!("{} is not a directory", dir.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.to_string()),
-        }
+        crate::sweep::discard(&self.restores, restore_id).map_err(|e| e.to_string())
     }
 
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
@@ -703,6 +697,10 @@ pub fn checkpoint_request(
 struct Tracked {
     state: watch::Sender<pb::Operation>,
     task: Option<tokio::task::AbortHandle>,
+    /// Claimed by whoever ends the operation: its task, or a Cancel. The loser
+    /// neither records nor publishes an end (a cancel that came as the task finished
+    /// must not journal "cancelled" over a success).
+    ended: Arc<std::sync::atomic::AtomicBool>,
     /// The pod a checkpoint freezes ("" for a restore): what Thaw looks for.
     pod_uid: String,
 }
@@ -716,8 +714,9 @@ pub struct AgentService<C> {
     held: Arc<Mutex<HashMap<String, HeldPod>>>,
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Held from the lookup of an operation id to its start: two calls with the same
-    /// id never both find it unknown and both start it.
-    admit: Arc<Mutex<()>>,
+    /// id never both find it unknown and both start it. An async lock: callers that
+    /// wait for it park no worker thread.
+    admit: Arc<tokio::sync::Mutex<()>>,
     /// The directories local checkpoint storage may use.
     local_roots: Arc<Vec<PathBuf>>,
 }
@@ -844,13 +843,6 @@ impl<C: AgentBackend> AgentService<C> {
         Ok(())
     }
 
-    /// The admission of a new operation; its lookup and journal reads are brief.
-    fn admit(&self) -> Result<std::sync::MutexGuard<'_, ()>, Status> {
-        self.admit
-            .lock()
-            .map_err(|_| Status::internal("admission lock poisoned"))
-    }
-
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Tracked>>, Status> {
         self.operations
             .lock()
@@ -865,7 +857,7 @@ impl<C: AgentBackend> AgentService<C> {
         operation_id: String,
         pod_uid: String,
         span: tracing::Span,
-        work: impl FnOnce(watch::Sender<pb::Operation>) -> F,
+        work: impl FnOnce(watch::Sender<pb::Operation>, Arc<std::sync::atomic::AtomicBool>) -> F,
     ) -> Result<watch::Receiver<pb::Operation>, Status>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -877,12 +869,14 @@ impl<C: AgentBackend> AgentService<C> {
             ..Default::default()
         };
         let (tx, rx) = watch::channel(initial);
-        let handle = tokio::spawn(work(tx.clone()).instrument(span));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handle = tokio::spawn(work(tx.clone(), ended.clone()).instrument(span));
         self.lock()?.insert(
             operation_id,
             Tracked {
                 state: tx,
                 task: Some(handle.abort_handle()),
+                ended,
                 pod_uid,
             },
         );
@@ -909,13 +903,21 @@ impl<C: AgentBackend> AgentService<C> {
         );
         let (agent, metrics, held) = (self.agent.clone(), self.metrics.clone(), self.held.clone());
         let operation_id = request.operation_id.clone();
-        self.track(request.operation_id.clone(), request.pod.uid.clone(), span, move |tx| async move {
+        self.track(request.operation_id.clone(), request.pod.uid.clone(), span, move |tx, ended| async move {
             tracing::info!("checkpoint started");
             let progress_tx = tx.clone();
             let progress: Box<dyn Fn(Stage) + Send + Sync> =
                 Box::new(move |stage| progress_tx.send_modify(|op| advance(op, stage)));
             let mut result = agent.checkpoint(request, store, progress).await;
-            if let Some(pod) = result.as_mut().ok().and_then(|o| o.held.take())
+            let held_pod = result.as_mut().ok().and_then(|o| o.held.take());
+            // A Cancel that came as it ended won: the pod is thawed (dropped), and the
+            // cancellation is what was recorded and told.
+            if ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                drop(held_pod);
+                tracing::info!("checkpoint cancelled as it ended; the pod is thawed");
+                return;
+            }
+            if let Some(pod) = held_pod
                 && let Ok(mut table) = held.lock()
             {
                 table.insert(operation_id, pod);
@@ -1010,7 +1012,8 @@ impl<C: AgentBackend> AgentService<C> {
         let (request, store) = restore_request(req, &self.local_roots)?;
         let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
-        self.track(request.restore_id.clone(), String::new(), span, move |tx| async move {
+        let restore_id = request.restore_id.clone();
+        self.track(request.restore_id.clone(), String::new(), span, move |tx, ended| async move {
             tracing::info!("restore preparation started");
             tx.send_modify(|op| op.stage = pb::Stage::Fetching as i32);
             let progress_tx = tx.clone();
@@ -1021,6 +1024,15 @@ impl<C: AgentBackend> AgentService<C> {
                 })
             });
             let result = agent.prepare_restore(request, store, progress).await;
+            // Discarded or cancelled as it ended: what it just prepared goes too.
+            if ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                if result.is_ok()
+                    && let Err(e) = agent.discard_restore(&restore_id)
+                {
+                    tracing::warn!(error = %e, "cannot discard a restore cancelled as it was prepared");
+                }
+                return;
+            }
             match &result {
                 Ok(prepared) => {
                     metrics.restore_prepared(prepared);
@@ -1093,7 +1105,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
         // The same id re-attaches to the operation instead of starting it again,
         // also after a restart of this agent (from the journal).
-        let _admitted = self.admit()?;
+        let _admitted = self.admit.lock().await;
         let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
         let rx = match existing {
             Some(rx) => rx,
@@ -1186,7 +1198,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         request: Request<pb::PrepareRestoreRequest>,
     ) -> Result<Response<Self::PrepareRestoreStream>, Status> {
         let req = request.into_inner();
-        let _admitted = self.admit()?;
+        let _admitted = self.admit.lock().await;
         let existing = self.lock()?.get(&req.operation_id).map(|t| t.state.subscribe());
         let rx = match existing {
             Some(rx) => rx,
@@ -1211,7 +1223,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let tracked = ops
             .get_mut(&id)
             .ok_or_else(|| Status::not_found(format!("no operation {id} on this agent")))?;
-        if !terminal(&tracked.state.borrow()) {
+        if !terminal(&tracked.state.borrow()) && !tracked.ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
             // Dropping the checkpoint's future drops its frozen pod, which thaws it.
             if let Some(task) = tracked.task.take() {
                 task.abort();
@@ -1339,6 +1351,7 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         // A preparation still under way stops first; its partial directory is swept.
         if let Some(tracked) = self.lock()?.get_mut(&id)
             && !terminal(&tracked.state.borrow())
+            && !tracked.ended.swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             if let Some(task) = tracked.task.take() {
                 task.abort();

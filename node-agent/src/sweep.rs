@@ -92,6 +92,34 @@ pub fn scrub(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Discards prepared restore `id` under `restores` now (its PodRestore failed): the
+/// pod data of a prepared one is scrubbed, as a sweep would, and a preparation still
+/// in progress loses its directory (its unpack, reopening it, then fails). `true`
+/// when there was something. `id` must be a checked operation id.
+pub fn discard(restores: &Path, id: &str) -> std::io::Result<bool> {
+    let mut found = false;
+    let partial = restores.join(format!(".{id}.partial"));
+    match std::fs::symlink_metadata(&partial) {
+        Ok(_) => {
+            remove_any(&partial)?;
+            found = true;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let dir = restores.join(id);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.is_dir() => {
+            scrub(&dir)?;
+            found = true;
+        }
+        Ok(_) => return Err(std::io::Error::other(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(found)
+}
+
 fn remove_any(path: &Path) -> std::io::Result<()> {
     let result = match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
@@ -265,5 +293,26 @@ mod tests {
         assert_eq!(swept.scrubbed, ["r2"]);
         assert!(!r2.join("containers/app/checkpoint").exists());
         assert_eq!(sweep(&restores, &work, HOUR, HOUR, Duration::ZERO), Swept::default());
+    }
+
+    #[test]
+    fn a_discarded_restore_loses_its_data_prepared_or_in_progress() {
+        let state = tempfile::tempdir().unwrap();
+        let restores = state.path().join("restores");
+        let prepared = restores.join("r1");
+        std::fs::create_dir_all(prepared.join("containers/app/checkpoint")).unwrap();
+        std::fs::write(prepared.join("containers/app/checkpoint/pages-1.img"), b"memory").unwrap();
+        std::fs::write(prepared.join(PREPARED_MANIFEST), b"{}").unwrap();
+        std::fs::create_dir_all(restores.join(".r2.partial/containers")).unwrap();
+        std::fs::write(restores.join(".r2.partial/containers/pages-1.img"), b"memory").unwrap();
+        assert!(discard(&restores, "r1").unwrap());
+        assert!(
+            !prepared.join("containers/app/checkpoint").exists(),
+            "the memory is gone"
+        );
+        assert!(prepared.join(PREPARED_MANIFEST).exists(), "the bookkeeping stays");
+        assert!(discard(&restores, "r2").unwrap());
+        assert!(!restores.join(".r2.partial").exists());
+        assert!(!discard(&restores, "r3").unwrap(), "nothing there");
     }
 }

@@ -984,16 +984,23 @@ pub async fn stored_at(cp: &PodCheckpoint, ctx: &Context) -> Result<Result<(pb::
             // that status alone names.
             let own = own_prefix(cp);
             let storages: Api<CheckpointStorage> = Api::all(ctx.client.clone());
-            let mut roots = vec![cryopod_crds::v1alpha1::EMBEDDED_LOCAL_PATH.to_owned()];
-            roots.extend(
-                storages
-                    .list(&Default::default())
-                    .await
-                    .map_err(kube_err("list CheckpointStorages"))?
-                    .items
+            let listed = storages
+                .list(&Default::default())
+                .await
+                .map_err(kube_err("list CheckpointStorages"))?
+                .items;
+            // A checkpoint whose spec names its storage is in that storage's root
+            // alone; else in the embedded one or any Local storage's.
+            let roots: Vec<String> = match &cp.spec.storage {
+                Some(named) => listed
                     .into_iter()
-                    .filter_map(|s| s.spec.local.map(|l| l.path)),
-            );
+                    .filter(|s| s.metadata.name.as_ref() == Some(named))
+                    .filter_map(|s| s.spec.local.map(|l| l.path))
+                    .collect(),
+                None => std::iter::once(cryopod_crds::v1alpha1::EMBEDDED_LOCAL_PATH.to_owned())
+                    .chain(listed.into_iter().filter_map(|s| s.spec.local.map(|l| l.path)))
+                    .collect(),
+            };
             let recorded = format!("{}/", path.trim_end_matches('/'));
             let Some(root) = roots
                 .into_iter()

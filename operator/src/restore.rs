@@ -109,11 +109,9 @@ async fn fail(restore: &PodRestore, ctx: &Context, reason: &'static str, message
 /// data now rather than at its sweep. Best effort: the sweep still removes it, and a
 /// restore that failed never waits on an unreachable agent.
 async fn discard_prepared(restore: &PodRestore, ctx: &Context) {
-    let status = restore.status.as_ref();
-    let (Some(node), Some(id)) = (
-        status.and_then(|s| s.node_name.clone()),
-        status.and_then(|s| s.operation_id.clone()),
-    ) else {
+    // The id is the restore's own UID, as it was prepared under: never one that
+    // status (which others may write) names.
+    let (Some(node), Some(id)) = (restore.status.as_ref().and_then(|s| s.node_name.clone()), restore.uid()) else {
         return;
     };
     let asked = tokio::time::timeout(Duration::from_secs(5), async {

@@ -84,7 +84,7 @@ const BASELINE_CAPABILITIES: [&str; 13] = [
 ];
 
 /// The sysctls the baseline Pod Security profile allows a pod to set.
-const SAFE_SYSCTLS: [&str; 9] = [
+const SAFE_SYSCTLS: [&str; 10] = [
     "kernel.shm_rmid_forced",
     "net.ipv4.ip_local_port_range",
     "net.ipv4.ip_unprivileged_port_start",
@@ -94,6 +94,7 @@ const SAFE_SYSCTLS: [&str; 9] = [
     "net.ipv4.tcp_keepalive_time",
     "net.ipv4.tcp_fin_timeout",
     "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
 ];
 
 /// The SELinux types the baseline Pod Security profile allows.
@@ -106,6 +107,10 @@ const BASELINE_SELINUX_TYPES: [&str; 4] = [
 
 /// Annotation prefix of the legacy AppArmor profile of a container.
 const APPARMOR_ANNOTATION: &str = "container.apparmor.security.beta.kubernetes.io/";
+
+/// The legacy seccomp annotations: the pod's, and each container's by prefix.
+const SECCOMP_POD_ANNOTATION: &str = "seccomp.security.alpha.kubernetes.io/pod";
+const SECCOMP_CONTAINER_ANNOTATION: &str = "container.seccomp.security.alpha.kubernetes.io/";
 
 /// Why a security option breaks the baseline profile: a seccomp or AppArmor profile
 /// that confines nothing, an SELinux user, role or type of the node's own.
@@ -199,20 +204,37 @@ pub fn refused_spec_with(
             return Some(why);
         }
     }
-    if let Some((key, _)) = annotations
-        .into_iter()
-        .flatten()
-        .find(|(k, v)| k.starts_with(APPARMOR_ANNOTATION) && v.as_str() == "unconfined")
-    {
-        return Some(format!(
-            "metadata.annotations[{key}]: unconfined lifts the node's AppArmor profile"
-        ));
+    for (key, value) in annotations.into_iter().flatten() {
+        if key.starts_with(APPARMOR_ANNOTATION) && value == "unconfined" {
+            return Some(format!(
+                "metadata.annotations[{key}]: unconfined lifts the node's AppArmor profile"
+            ));
+        }
+        if (key == SECCOMP_POD_ANNOTATION || key.starts_with(SECCOMP_CONTAINER_ANNOTATION)) && value == "unconfined" {
+            return Some(format!(
+                "metadata.annotations[{key}]: unconfined lifts the runtime's syscall filter"
+            ));
+        }
     }
+    // Ephemeral containers are never checkpointed (the template drops them), and the
+    // API server refuses them at creation; they are held to the profile all the same.
+    let ephemeral: Vec<k8s_openapi::api::core::v1::Container> = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|e| k8s_openapi::api::core::v1::Container {
+            name: e.name.clone(),
+            ports: e.ports.clone(),
+            security_context: e.security_context.clone(),
+            ..Default::default()
+        })
+        .collect();
     let containers = spec
         .containers
         .iter()
         .map(|c| ("containers", c))
-        .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)));
+        .chain(spec.init_containers.iter().flatten().map(|c| ("initContainers", c)))
+        .chain(ephemeral.iter().map(|c| ("ephemeralContainers", c)));
     for (kind, container) in containers {
         if let Some(port) = container
             .ports
@@ -341,6 +363,21 @@ mod tests {
                 "metadata.annotations[container.apparmor.security.beta.kubernetes.io/app]: unconfined lifts the \
                   node's AppArmor profile"
             )
+        );
+        let legacy_seccomp =
+            std::collections::BTreeMap::from([(format!("{SECCOMP_CONTAINER_ANNOTATION}app"), "unconfined".to_owned())]);
+        assert_eq!(
+            refused_spec_with(&spec(serde_json::json!({"containers": [app]})), Some(&legacy_seccomp)).as_deref(),
+            Some(
+                "metadata.annotations[container.seccomp.security.alpha.kubernetes.io/app]: unconfined lifts the \
+                 runtime's syscall filter"
+            )
+        );
+        assert_eq!(
+            refused_spec(&spec(serde_json::json!({"containers": [app], "ephemeralContainers": [
+                {"name": "debug", "image": "x", "securityContext": {"privileged": true}}]})))
+            .as_deref(),
+            Some("spec.ephemeralContainers[debug].securityContext.privileged: the container is privileged")
         );
         // The confined defaults pass.
         let confined = serde_json::json!({"containers": [{"name": "app", "image": "x",

@@ -169,8 +169,8 @@ pub struct AzureStorage {
     .message("local.persistentVolumeClaim: not supported yet; use a node directory or S3"))]
 pub struct LocalStorage {
     /// Absolute path on each node's disk: checkpoints there are restorable only on
-    /// the node that took them. It must lie under one of the agents' local roots (the
-    /// embedded `/var/lib/cryopod/checkpoints`, or the chart's
+    /// the node that took them. It must lie under one of the agents' local roots (with
+    /// the chart: the embedded `/var/lib/cryopod/checkpoints` and
     /// `agent.localStorageRoots`); the agent refuses any other.
     #[serde(default = "default_local_path")]
     #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]

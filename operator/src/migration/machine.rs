@@ -461,6 +461,35 @@ fn start(state: &State, target: Option<&NodeTarget>, deadline: Option<&Deadline>
         Ok(candidates) => candidates,
         Err(message) => return fail(reasons::NO_COMPATIBLE_NODE, message),
     };
+    // Only a target that can restore what CRIU dumps here is worth a freeze.
+    let target_node = match &seen.compatible {
+        None => {
+            return Step::Look(Look::Compatible {
+                source: source_node,
+                candidates,
+            });
+        }
+        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
+        Some(Ok(Choice::Checked(target))) => target.clone(),
+        // A StatefulSet's source is deleted before its target restores, so a refusal
+        // there would leave nothing to roll back to: it is never moved unchecked. The
+        // agents are waited for (a rollout) until the migration's deadline (none
+        // known: no wait), before its name is fenced.
+        Some(Ok(Choice::Unchecked { node, why })) if matches!(workload, Workload::StatefulSet(_)) => {
+            if deadline.is_none_or(|d| d.passed(&seen.now)) {
+                return fail(
+                    reasons::NO_COMPATIBLE_NODE,
+                    format!(
+                        "no node is known to restore what {source_node} dumps within spec.timeoutSeconds: {why}; a \
+                         StatefulSet pod's source is deleted before its target restores, so it is not moved to {node} \
+                         unchecked, and nothing was frozen"
+                    ),
+                );
+            }
+            return Step::Requeue(Duration::from_secs(5));
+        }
+        Some(Ok(Choice::Unchecked { node, .. })) => node.clone(),
+    };
     // A StatefulSet pod's name must be kept free for the restore before anything
     // is frozen.
     if let Workload::StatefulSet(_) = &workload {
@@ -488,34 +517,6 @@ fn start(state: &State, target: Option<&NodeTarget>, deadline: Option<&Deadline>
             }
         }
     }
-    // Only a target that can restore what CRIU dumps here is worth a freeze.
-    let target_node = match &seen.compatible {
-        None => {
-            return Step::Look(Look::Compatible {
-                source: source_node,
-                candidates,
-            });
-        }
-        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
-        Some(Ok(Choice::Checked(target))) => target.clone(),
-        // A StatefulSet's source is deleted before its target restores, so a refusal
-        // there would leave nothing to roll back to: it is never moved unchecked. The
-        // agents are waited for (a rollout) until the migration's deadline.
-        Some(Ok(Choice::Unchecked { node, why })) if matches!(workload, Workload::StatefulSet(_)) => {
-            if deadline.is_some_and(|d| d.passed(&seen.now)) {
-                return fail(
-                    reasons::NO_COMPATIBLE_NODE,
-                    format!(
-                        "no node is known to restore what {source_node} dumps within spec.timeoutSeconds: {why}; a \
-                         StatefulSet pod's source is deleted before its target restores, so it is not moved to {node} \
-                         unchecked, and nothing was frozen"
-                    ),
-                );
-            }
-            return Step::Requeue(Duration::from_secs(5));
-        }
-        Some(Ok(Choice::Unchecked { node, .. })) => node.clone(),
-    };
     let Some(source_uid) = pod.metadata.uid.clone() else {
         return fail(
             reasons::MIGRATION_FAILED,
@@ -1450,11 +1451,11 @@ mod tests {
             ),
             row(
                 "a StatefulSet pod is never moved unchecked (its source is deleted before the restore): the agents \
-                 are waited for",
+                 are waited for, before its name is fenced",
                 new(),
                 Observed {
                     compatible: Some(Ok(unchecked())),
-                    ..after(60).checked(sts).fence(Fence::Enforced)
+                    ..after(60).checked(sts)
                 },
                 Step::Requeue(Duration::from_secs(5)),
             ),
@@ -1463,7 +1464,7 @@ mod tests {
                 new(),
                 Observed {
                     compatible: Some(Ok(unchecked())),
-                    ..after(61).checked(sts).fence(Fence::Enforced)
+                    ..after(61).checked(sts)
                 },
                 failed(
                     reasons::NO_COMPATIBLE_NODE,
