@@ -279,6 +279,14 @@ fn security_requests_need_the_requesters_own_rights(tb: &Testbed, ns: &str) {
         refused.contains("spec.hooks: an exec hook needs the right to create pods/exec"),
         "{refused}"
     );
+    let post_hooked = json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "c"},
+                             "spec": {"sourcePodName": "any", "storage": "any",
+                                      "hooks": {"postRestore": [{"container": "app", "exec": {"command": ["id"]}}]}}});
+    let refused = create_as(tb, ns, &narrow, &post_hooked).unwrap_err();
+    assert!(
+        refused.contains("spec.hooks: an exec hook needs the right to create pods/exec"),
+        "postRestore: {refused}"
+    );
     println!("refused: {}", refused.trim());
     let editor = format!("system:serviceaccount:{ns}:default");
     create_as(tb, ns, &editor, &restore).unwrap();

@@ -970,6 +970,10 @@ async fn every_example_reaches_ready() {
         run(&["apply", "-n", &ns.name, "-f", path.to_str().unwrap()]);
         kubectl_wait_ready(&tb, &ns.name, resource, &log);
         println!("{file}: Ready");
+        if file == "podrestore.yaml" {
+            post_restore_hooks_run_in_the_restored_pod_and_a_failing_one_fails_it(&tb, &client, &ns, &storage_name)
+                .await;
+        }
     }
     let restored = ns.pods(&client).get("counter-restored").await.unwrap();
     assert_eq!(restored.spec.unwrap().node_name.as_deref(), Some(target.as_str()));
@@ -998,4 +1002,84 @@ async fn every_example_reaches_ready() {
         .args(["label", "node", &target, &format!("{label}-")])
         .output();
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The example checkpoint's postRestore hook wrote its file in the restored pod
+/// before the PodRestore was Ready. A checkpoint whose postRestore hook fails gives a
+/// restore that fails naming the hook, and its pod is deleted.
+async fn post_restore_hooks_run_in_the_restored_pod_and_a_failing_one_fails_it(
+    tb: &Testbed,
+    client: &kube::Client,
+    ns: &TestNamespace,
+    storage: &str,
+) {
+    let out = tb
+        .kubectl()
+        .args([
+            "exec",
+            "-n",
+            &ns.name,
+            "counter-restored",
+            "-c",
+            "app",
+            "--",
+            "cat",
+            "/tmp/restored-at",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "the postRestore hook's file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kubectl_apply(
+        tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "failing-hook"},
+                "spec": {"sourcePodName": "counter", "storage": storage,
+                         "hooks": {"postRestore": [{"container": "app",
+                             "exec": {"command": ["sh", "-c", "echo no database >&2; exit 3"]}}]}}}),
+    );
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = ended(&checkpoints, "failing-hook").await;
+    assert_eq!(
+        cp.status.as_ref().unwrap().phase,
+        Some(CheckpointPhase::Ready),
+        "{:?}",
+        ready_condition(&cp)
+    );
+    kubectl_apply(
+        tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "failing-hook"},
+                "spec": {"checkpointName": "failing-hook", "podName": "failing-hook-pod"}}),
+    );
+    let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let ended = restore_ended(&restores, "failing-hook").await;
+    let status = ended.status.unwrap();
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("failing postRestore hook: {reason}: {message}");
+    assert_eq!(
+        status.phase,
+        Some(cryopod_crds::v1alpha1::RestorePhase::Failed),
+        "{message}"
+    );
+    assert!(
+        message.contains("a postRestore hook failed")
+            && message.contains("exit code 3")
+            && message.contains("no database"),
+        "{message}"
+    );
+    wait_until("the failed restore's pod to go", Duration::from_secs(30), || async {
+        ns.pods(client)
+            .get_opt("failing-hook-pod")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    checkpoints.delete("failing-hook", &Default::default()).await.unwrap();
 }

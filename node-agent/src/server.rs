@@ -104,6 +104,12 @@ pub trait AgentBackend: Send + Sync + 'static {
         let _ = (operation_id, why);
         false
     }
+    /// Runs `hooks` in the running pod of UID `pod_uid`; the ignored failures, or why
+    /// the hooks failed.
+    fn run_hooks(&self, pod_uid: &str, hooks: Vec<Hook>) -> impl Future<Output = Result<Vec<String>, Status>> + Send {
+        let _ = (pod_uid, hooks);
+        async { Err(Status::unimplemented("this agent runs no hooks")) }
+    }
     /// Removes the pod data of prepared restore `restore_id`; `true` when there was some.
     fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
         let _ = restore_id;
@@ -284,6 +290,18 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
 
     fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
         crate::sweep::discard(&self.restores, restore_id).map_err(|e| e.to_string())
+    }
+
+    async fn run_hooks(&self, pod_uid: &str, hooks: Vec<Hook>) -> Result<Vec<String>, Status> {
+        let pod = crate::discovery::discover(&self.runtime, pod_uid)
+            .await
+            .map_err(|e| match e {
+                DiscoveryError::PodNotRunning { .. } => Status::not_found(e.to_string()),
+                _ => Status::unavailable(with_causes(&e)),
+            })?;
+        crate::hooks::run_hooks(&hooks, &pod, &self.runtime)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
     fn record_outcome(&self, op: &pb::Operation) -> Result<(), String> {
@@ -1369,6 +1387,18 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             .map_err(|e| Status::internal(format!("cannot discard restore {id}: {e}")))?;
         tracing::info!(operation_id = %id, discarded, "prepared restore discarded");
         Ok(Response::new(pb::DiscardRestoreResponse { discarded }))
+    }
+
+    async fn run_hooks(&self, request: Request<pb::RunHooksRequest>) -> Result<Response<pb::RunHooksResponse>, Status> {
+        let req = request.into_inner();
+        let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
+        if pod.uid.is_empty() {
+            return Err(Status::invalid_argument("pod.uid is required"));
+        }
+        let hooks = hooks_of(&req.hooks)?;
+        let span = tracing::info_span!("post-restore hooks", pod = %format!("{}/{}", pod.namespace, pod.name), pod_uid = %pod.uid);
+        let ignored = self.agent.run_hooks(&pod.uid, hooks).instrument(span).await?;
+        Ok(Response::new(pb::RunHooksResponse { ignored }))
     }
 
     async fn node_info(&self, _: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeFacts>, Status> {

@@ -420,7 +420,7 @@ pub fn agent_request(
     }
 }
 
-fn hook_to_pb(hook: &cryopod_crds::v1alpha1::Hook) -> pb::Hook {
+pub fn hook_to_pb(hook: &cryopod_crds::v1alpha1::Hook) -> pb::Hook {
     let action = if let Some(exec) = &hook.exec {
         Some(pb::hook::Action::Exec(pb::ExecAction {
             command: exec.command.clone(),

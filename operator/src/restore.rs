@@ -136,6 +136,53 @@ async fn discard_prepared(restore: &PodRestore, ctx: &Context) {
     }
 }
 
+/// Runs the checkpoint's postRestore hooks in the restored `pod`, through the agent
+/// of its node: the failures ignored, or why a hook failed the restore. At least once:
+/// an operator that stops after the hooks and before it records the restore Ready
+/// runs them again.
+async fn post_restore_hooks(
+    restore: &PodRestore,
+    ctx: &Context,
+    pod: &Pod,
+) -> Result<Result<Vec<String>, String>, Error> {
+    let Some(checkpoint) = checkpoint_of(restore, ctx).await? else {
+        return Ok(Ok(Vec::new()));
+    };
+    let hooks: Vec<pb::Hook> = checkpoint
+        .spec
+        .hooks
+        .as_ref()
+        .map(|h| h.post_restore.iter().map(crate::checkpoint::hook_to_pb).collect())
+        .unwrap_or_default();
+    if hooks.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let mut client = ctx
+        .agents
+        .client(&node)
+        .await
+        .map_err(|source| Error::Agent { source })?;
+    let request = pb::RunHooksRequest {
+        pod: Some(pb::PodRef {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            uid: pod.uid().unwrap_or_default(),
+        }),
+        hooks,
+    };
+    match client.run_hooks(request).await {
+        Ok(answer) => Ok(Ok(answer.into_inner().ignored)),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            Ok(Err(format!("a postRestore hook failed: {}", status.message())))
+        }
+        Err(source) => Err(Error::Grpc {
+            action: "run the postRestore hooks on the agent",
+            source,
+        }),
+    }
+}
+
 /// Ends a restore whose PodCheckpoint was deleted while it ran.
 async fn checkpoint_deleted(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let message = format!(
@@ -773,6 +820,12 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         }
         PodProgress::Waiting => Ok(Action::requeue(Duration::from_secs(1))),
         PodProgress::Ready => {
+            // The checkpoint's postRestore hooks run before the restore is Ready (a
+            // migration hands over only then); a failing one fails it.
+            let ignored = match post_restore_hooks(restore, ctx, &pod).await? {
+                Ok(ignored) => ignored,
+                Err(why) => return fail(restore, ctx, reasons::RESTORE_FAILED, why).await,
+            };
             let mut done = status.clone();
             let at = now();
             let total = status
@@ -789,10 +842,13 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
             done.ready_time = Some(MicroTime(Timestamp::now()));
             done.restored_pod_uid = pod.metadata.uid.clone();
             done.completion_time = Some(at.clone());
-            let message = format!(
+            let mut message = format!(
                 "pod {pod_name} is Running and Ready on node {}",
                 status.node_name.clone().unwrap_or_default()
             );
+            if !ignored.is_empty() {
+                message = format!("{message}; {}", ignored.join("; "));
+            }
             if let Some(total) = total {
                 ctx.metrics.duration("PodRestore", total as f64 / 1000.0);
             }

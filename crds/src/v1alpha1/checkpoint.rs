@@ -120,7 +120,7 @@ pub struct PodCheckpointSpec {
     #[serde(default)]
     pub tcp: TcpSpec,
 
-    /// Application hooks run before the freeze (`postRestore` is refused until built).
+    /// Application hooks: before the freeze, and after each restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<Hooks>,
 
@@ -178,16 +178,17 @@ pub enum PodIpConnections {
 /// Application hooks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.postRestore) || size(self.postRestore) == 0")
-    .message("hooks.postRestore: not implemented yet; no restore would run them"))]
 pub struct Hooks {
     /// Run in order before the pod is frozen, e.g. to flush buffers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub pre_checkpoint: Vec<Hook>,
 
-    /// Run in order once a restored pod is running, e.g. to refresh its address.
-    /// Not implemented yet: refused when given.
+    /// Run in order in each pod restored from this checkpoint, once its containers
+    /// run and before its PodRestore is Ready (a migration hands over or deletes its
+    /// source only then), e.g. to refresh its address. A failing hook fails the
+    /// restore, and deletes the restored pod, unless it ignores failure. At least
+    /// once: an operator restart at that moment runs them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub post_restore: Vec<Hook>,
