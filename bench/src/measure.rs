@@ -343,6 +343,7 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
             restored_pod: cryopod_node_agent::handler::RestoredPod {
                 namespace: ns.name.clone(),
                 name: "bench-restored".into(),
+                start_stopped: false,
             },
         };
         settle_disk();

@@ -331,6 +331,7 @@ async fn connections_on_the_pod_ip_are_refused_or_recorded() {
             restored_pod: cryopod_node_agent::handler::RestoredPod {
                 namespace: ns.name.clone(),
                 name: "caller-restored".into(),
+                start_stopped: false,
             },
         },
         &agent.node,

@@ -220,6 +220,7 @@ impl Case {
                 name: "trio-restored".into(),
                 uid: String::new(),
             }),
+            start_stopped: false,
         }
     }
 

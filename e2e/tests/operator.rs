@@ -768,7 +768,49 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     let killed = std::time::Instant::now();
     stage.restart_source_agent().await;
     stage.source_counts_past(captured + 5).await;
+    // While the target exists, its counter is read: restored stopped, it must never
+    // count past the checkpoint, since its source was found to have run on.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (tb, pods, source_uid, watching) = (
+            stage.tb.clone(),
+            stage.ns.pods(&stage.client),
+            stage.source_pod.metadata.uid.clone(),
+            watching.clone(),
+        );
+        tokio::spawn(async move {
+            let mut highest = None;
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                for pod in pods
+                    .list(&Default::default())
+                    .await
+                    .map(|l| l.items)
+                    .unwrap_or_default()
+                {
+                    let on_a_node = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                    if pod.metadata.uid != source_uid && on_a_node {
+                        let counter = pod_data(&tb, &pod).join("a");
+                        if let Ok(text) = std::fs::read_to_string(&counter)
+                            && let Ok(n) = text.trim().parse::<u64>()
+                        {
+                            highest = highest.max(Some(n));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            highest
+        })
+    };
     let (_agent_2, status) = stage.target_back_and_ended("twice").await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let target_highest = watcher.await.unwrap();
+    println!("the target's counter: captured {captured}, highest seen on the target {target_highest:?}");
+    assert!(
+        target_highest.is_some_and(|n| n <= captured),
+        "the target was restored (its counter seen) and never counted past the checkpoint ({captured}): \
+         {target_highest:?}"
+    );
     let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
     assert!(message.contains("the agent restarted and thawed it"), "{message}");
     // One pod runs: the source, the same process, still counting; the restored pod is gone.
@@ -786,7 +828,7 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     record_fault(
         &stage.tb,
         ("migration", "holding", "SIGKILL of the source's agent (restarted)"),
-        "Failed, SourceResumed: the restarted agent thawed the held source, which runs on with its newer state; the restored pod deleted, never both kept",
+        "Failed, SourceResumed: the restarted agent thawed the held source, which runs on with its newer state; the target, restored stopped, never ran and was deleted",
         killed.elapsed(),
         "operator::a_migration_whose_source_ran_on_keeps_the_source_and_fails",
     );

@@ -131,6 +131,7 @@ async fn a_pod_checkpointed_on_node_1_restores_as_a_new_pod_on_node_2() {
                 name: "stateful-restored".into(),
                 uid: String::new(),
             }),
+            start_stopped: false,
         })
         .await
         .unwrap()
@@ -356,6 +357,7 @@ async fn bad_checkpoints_are_refused_before_anything_runs() {
         restored_pod: cryopod_node_agent::handler::RestoredPod {
             namespace: ns.name.clone(),
             name: "half".into(),
+            start_stopped: false,
         },
     };
     let archive = &outcome.manifest.containers[0].archive;

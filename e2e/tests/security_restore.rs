@@ -55,6 +55,7 @@ async fn security_a_prepared_restore_serves_only_the_pod_it_was_prepared_for() {
             restored_pod: RestoredPod {
                 namespace: ns.name.clone(),
                 name: "trio-restored".into(),
+                start_stopped: false,
             },
         },
         &agent.node,

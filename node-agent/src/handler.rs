@@ -38,6 +38,10 @@ pub struct RestoredPod {
     pub namespace: String,
     /// The pod's name.
     pub name: String,
+    /// Its processes are restored stopped, and stay so until the agent continues
+    /// them (a migration's target, until its source is stopped for good).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub start_stopped: bool,
 }
 
 /// The handler's settings: `<handler binary>.json` beside the binary.
@@ -338,7 +342,18 @@ impl ContainerRestore<'_> {
         // close some connections and keep others, so then all come back closed.
         let close_tcp = !manifest.pod_ip_connections.is_empty();
         let shared_pids = joined_pid_namespace(&spec);
-        let result = self.restore(&mut spec, &spec_path, &bundle, &id, close_tcp, shared_pids.is_some());
+        let start_stopped = std::fs::read(self.dir.join(RESTORED_POD_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RestoredPod>(&b).ok())
+            .is_some_and(|bound| bound.start_stopped);
+        let result = self.restore(
+            &mut spec,
+            &spec_path,
+            &bundle,
+            &id,
+            close_tcp,
+            shared_pids.is_some() || start_stopped,
+        );
         if let Err(reason) = &result {
             self.fail_restore(reason);
         }
@@ -347,8 +362,10 @@ impl ContainerRestore<'_> {
             .iter()
             .all(|c| restored_marker(self.dir, &c.name).exists());
         // Processes restored stopped go on together, once all are back (or the
-        // restore failed: nothing stays stopped).
-        if (result.is_err() || all_back)
+        // restore failed: nothing stays stopped), unless they wait for the agent: a
+        // failed restore's pod is deleted without running.
+        if !start_stopped
+            && (result.is_err() || all_back)
             && let Some(pid_ns) = &shared_pids
         {
             continue_pid_namespace(pid_ns).map_err(|e| format!("cannot continue the pod's processes: {e}"))?;

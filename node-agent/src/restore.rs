@@ -638,6 +638,7 @@ mod tests {
             restored_pod: RestoredPod {
                 namespace: "ns".into(),
                 name: "p".into(),
+                start_stopped: false,
             },
         }
     }

@@ -110,6 +110,12 @@ pub trait AgentBackend: Send + Sync + 'static {
         let _ = (pod_uid, hooks);
         async { Err(Status::unimplemented("this agent runs no hooks")) }
     }
+    /// Lets the stopped processes of the restored pod of UID `pod_uid` run; how many
+    /// were sent SIGCONT.
+    fn continue_restored(&self, pod_uid: &str) -> impl Future<Output = Result<u32, Status>> + Send {
+        let _ = pod_uid;
+        async { Err(Status::unimplemented("this agent continues no pod")) }
+    }
     /// Removes the pod data of prepared restore `restore_id`; `true` when there was some.
     fn discard_restore(&self, restore_id: &str) -> Result<bool, String> {
         let _ = restore_id;
@@ -292,6 +298,29 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
         crate::sweep::discard(&self.restores, restore_id).map_err(|e| e.to_string())
     }
 
+    async fn continue_restored(&self, pod_uid: &str) -> Result<u32, Status> {
+        let pod = crate::discovery::discover(&self.runtime, pod_uid)
+            .await
+            .map_err(|e| match e {
+                DiscoveryError::PodNotRunning { .. } => Status::not_found(e.to_string()),
+                _ => Status::unavailable(with_causes(&e)),
+            })?;
+        let mut namespaces = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for container in &pod.containers {
+            let link = PathBuf::from(format!("/proc/{}/ns/pid", container.pid));
+            let target = std::fs::read_link(&link)
+                .map_err(|e| Status::unavailable(format!("container {}: {}: {e}", container.name, link.display())))?;
+            if namespaces.insert(target) {
+                let continued = crate::handler::continue_pid_namespace(&link)
+                    .map_err(|e| Status::internal(format!("container {}: cannot continue: {e}", container.name)))?;
+                tracing::info!(container = %container.name, continued, "restored processes continued");
+                total += continued;
+            }
+        }
+        Ok(u32::try_from(total).unwrap_or(u32::MAX))
+    }
+
     async fn run_hooks(&self, pod_uid: &str, hooks: Vec<Hook>) -> Result<Vec<String>, Status> {
         let pod = crate::discovery::discover(&self.runtime, pod_uid)
             .await
@@ -369,6 +398,7 @@ pub fn restore_request(
         .map(|p| crate::handler::RestoredPod {
             namespace: p.namespace.clone(),
             name: p.name.clone(),
+            start_stopped: req.start_stopped,
         })
         .filter(|p| !p.namespace.is_empty() && !p.name.is_empty())
         .ok_or_else(|| {
@@ -1387,6 +1417,22 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
             .map_err(|e| Status::internal(format!("cannot discard restore {id}: {e}")))?;
         tracing::info!(operation_id = %id, discarded, "prepared restore discarded");
         Ok(Response::new(pb::DiscardRestoreResponse { discarded }))
+    }
+
+    async fn continue_restored(
+        &self,
+        request: Request<pb::ContinueRestoredRequest>,
+    ) -> Result<Response<pb::ContinueRestoredResponse>, Status> {
+        let pod = request
+            .into_inner()
+            .pod
+            .ok_or_else(|| Status::invalid_argument("pod is required"))?;
+        if pod.uid.is_empty() {
+            return Err(Status::invalid_argument("pod.uid is required"));
+        }
+        let continued = self.agent.continue_restored(&pod.uid).await?;
+        tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), pod_uid = %pod.uid, continued, "restored pod continued");
+        Ok(Response::new(pb::ContinueRestoredResponse { continued }))
     }
 
     async fn run_hooks(&self, request: Request<pb::RunHooksRequest>) -> Result<Response<pb::RunHooksResponse>, Status> {

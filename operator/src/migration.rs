@@ -186,6 +186,10 @@ async fn take(
             return Ok(Some(Action::requeue(SOON)));
         }
         Step::CreateRestore(restore) => seen.restore = Some(Some(create_restore(migration, ctx, &restore).await?)),
+        Step::ContinueTarget { node, pod, restore } => {
+            continue_target(ctx, &ns, &node, &pod, &restore).await?;
+            return Ok(Some(Action::requeue(SOON)));
+        }
         Step::DeleteRestoredPod(pod) => {
             let now = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -570,6 +574,9 @@ async fn create_restore(migration: &PodMigration, ctx: &Context, of: &RestoreOf)
     if !withheld.is_empty() {
         annotations.insert(WITHHOLD_LABELS_ANNOTATION.to_owned(), withheld.join(","));
     }
+    if of.start_stopped {
+        annotations.insert(crate::restore::START_STOPPED_ANNOTATION.to_owned(), "true".to_owned());
+    }
     restore.metadata.annotations = Some(on_behalf(migration, annotations)).filter(|a| !a.is_empty());
     let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), &ns);
     restores
@@ -640,6 +647,46 @@ pub fn released_as(answer: Result<&pb::ReleaseResponse, &tonic::Status>, stop: b
 
 /// Ends the hold `operation_id` on the agent of `node`: stop the source for good, or
 /// thaw it, and says how the hold really ended.
+/// Lets the restored target's processes run through its node's agent, then marks its
+/// PodRestore continued (which then waits for it to be Ready). Both idempotent.
+async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore: &str) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let uid = pods
+        .get(pod)
+        .await
+        .map_err(kube_err("read the restored pod"))?
+        .uid()
+        .unwrap_or_default();
+    let mut client = ctx
+        .agents
+        .client(node)
+        .await
+        .map_err(|source| Error::Agent { source })?;
+    let continued = client
+        .continue_restored(pb::ContinueRestoredRequest {
+            pod: Some(pb::PodRef {
+                namespace: ns.to_owned(),
+                name: pod.to_owned(),
+                uid,
+            }),
+        })
+        .await
+        .map_err(|source| Error::Grpc {
+            action: "continue the restored pod on the target's agent",
+            source,
+        })?
+        .into_inner()
+        .continued;
+    tracing::info!(%node, %pod, continued, "the target runs: its processes were continued");
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), ns);
+    let mark = serde_json::json!({"metadata": {"annotations": {crate::restore::CONTINUED_ANNOTATION: "true"}}});
+    restores
+        .patch(restore, &PatchParams::default(), &Patch::Merge(&mark))
+        .await
+        .map_err(kube_err("mark the migration's PodRestore continued"))?;
+    Ok(())
+}
+
 async fn release(ctx: &Context, node: &str, operation_id: String, stop: bool) -> Result<Released, Error> {
     let mut client = ctx
         .agents

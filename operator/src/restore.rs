@@ -568,6 +568,7 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
             name: pod_name.clone(),
             uid: String::new(),
         }),
+        start_stopped: restore.annotations().get(START_STOPPED_ANNOTATION).map(String::as_str) == Some("true"),
     };
     let mut client = ctx
         .agents
@@ -730,6 +731,38 @@ pub fn verified_pod_template(json: &str) -> Result<PodTemplateSpec, String> {
     Ok(template)
 }
 
+/// On a PodRestore, set by the migration that creates it: its pod's processes are
+/// restored stopped, and run only once the migration, having stopped the source for
+/// good, continues them (so the pod never runs on two nodes at once).
+pub const START_STOPPED_ANNOTATION: &str = "cryopod.io/start-stopped";
+/// On such a PodRestore, set by its migration once it continued the pod.
+pub const CONTINUED_ANNOTATION: &str = "cryopod.io/continued";
+/// `status.stage` of a PodRestore whose pod is restored and held stopped.
+pub const HELD_STAGE: &str = "HeldStopped";
+
+/// Whether the restore's pod waits, stopped, for its migration to continue it.
+pub fn waits_to_continue(restore: &PodRestore) -> bool {
+    let annotations = restore.annotations();
+    annotations.get(START_STOPPED_ANNOTATION).map(String::as_str) == Some("true")
+        && !annotations.contains_key(CONTINUED_ANNOTATION)
+}
+
+/// Whether every container of the pod was created and runs (its processes may be
+/// stopped: readiness does not count).
+pub fn every_container_runs(pod: &Pod) -> bool {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    let expected = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    statuses.len() == expected
+        && expected > 0
+        && statuses
+            .iter()
+            .all(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+}
+
 /// What the restored pod's state says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodProgress {
@@ -804,7 +837,30 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         )
         .await;
     }
-    match pod_progress(&pod) {
+    let progress = pod_progress(&pod);
+    // Restored stopped: held until its migration continues it (readiness cannot come
+    // while its processes are stopped).
+    if waits_to_continue(restore) && !matches!(progress, PodProgress::Failed(_)) && every_container_runs(&pod) {
+        if remaining(restore).is_zero() {
+            return fail(
+                restore,
+                ctx,
+                reasons::TIMED_OUT,
+                format!(
+                    "the restored pod {pod_name} was not continued by its migration within spec.timeoutSeconds ({} s)",
+                    restore.spec.timeout_seconds
+                ),
+            )
+            .await;
+        }
+        if status.stage.as_deref() != Some(HELD_STAGE) {
+            let mut held = status.clone();
+            held.stage = Some(HELD_STAGE.to_owned());
+            write_status(restore, ctx, &held).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    match progress {
         PodProgress::Failed(message) => fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
         PodProgress::Waiting if remaining(restore).is_zero() => {
             fail(
@@ -1102,6 +1158,45 @@ mod tests {
         ] {
             assert_eq!(prepare_failure_reason(&failed(failure, code)), reason, "{failure:?}");
         }
+    }
+
+    #[test]
+    fn a_pod_restored_stopped_is_held_until_its_migration_continues_it() {
+        let restore = |annotations: serde_json::Value| -> PodRestore {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore",
+                "metadata": {"name": "r", "namespace": "ns", "annotations": annotations},
+                "spec": {"checkpointName": "c"}
+            }))
+            .unwrap()
+        };
+        assert!(!waits_to_continue(&restore(serde_json::json!({}))));
+        assert!(waits_to_continue(&restore(
+            serde_json::json!({START_STOPPED_ANNOTATION: "true"})
+        )));
+        assert!(!waits_to_continue(&restore(
+            serde_json::json!({START_STOPPED_ANNOTATION: "true", CONTINUED_ANNOTATION: "true"})
+        )));
+        // Its containers run (stopped, so not Ready): every one must have started.
+        let pod = |states: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"containers": [{"name": "a"}, {"name": "b"}]},
+                "status": {"containerStatuses": states}
+            }))
+            .unwrap()
+        };
+        let running = serde_json::json!({"name": "a", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                                         "state": {"running": {}}});
+        let waiting = serde_json::json!({"name": "b", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                                         "state": {"waiting": {"reason": "ContainerCreating"}}});
+        let mut both = running.clone();
+        both["name"] = "b".into();
+        assert!(!every_container_runs(&pod(serde_json::json!([running.clone()]))));
+        assert!(!every_container_runs(&pod(serde_json::json!([
+            running.clone(),
+            waiting
+        ]))));
+        assert!(every_container_runs(&pod(serde_json::json!([running, both]))));
     }
 
     #[test]

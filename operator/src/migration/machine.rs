@@ -336,6 +336,10 @@ pub enum Step {
     StartRestore { restore: RestoreOf, source_stopped: bool },
     /// Create the PodRestore, then decide again with it.
     CreateRestore(RestoreOf),
+    /// Let the target pod's processes run (the source is stopped for good): the target
+    /// agent on `node` continues `pod`, then the PodRestore `restore` is marked
+    /// continued; look again in 1 s.
+    ContinueTarget { node: String, pod: String, restore: String },
     /// Delete a late restore's pod at once, and look again in 1 s.
     DeleteRestoredPod(String),
     /// Delete a late PodRestore, and look again in 1 s.
@@ -384,6 +388,9 @@ pub struct RestoreOf {
     /// The source's labels as the checkpoint recorded them: a ReplicaSet's restored
     /// pod is created without those its ReplicaSet selects on.
     pub labels: BTreeMap<String, String>,
+    /// Its processes are restored stopped, to run only once the source is stopped for
+    /// good (all but a StatefulSet's, whose source is gone before its restore).
+    pub start_stopped: bool,
 }
 
 /// What the migration in `state` does next, given what was `seen` in this pass.
@@ -616,6 +623,7 @@ fn restore_of(name: String, moving: &Moving, checkpoint: &PodCheckpoint) -> Rest
         target_node: moving.target_node.clone(),
         workload: moving.workload.clone(),
         labels: checkpointed_labels(checkpoint),
+        start_stopped: !matches!(moving.workload, Workload::StatefulSet(_)),
     }
 }
 
@@ -703,6 +711,30 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
             (Some(pod), Some(true)) => Step::DeleteRestoredPod(pod.clone()),
             _ => Step::DeleteRestore(restore.name_any()),
         },
+        // Restored, its processes stopped: the source is stopped for good first (its
+        // release says whether it ran on), then the target is let run. It never runs
+        // while the source might.
+        _ if held_stopped(restore) => {
+            let Some(pod) = restored_pod else {
+                return Step::Requeue(SOON);
+            };
+            match target_pod {
+                None => match &seen.released {
+                    None => release(moving, checkpoint, true),
+                    Some(Released::Stopped) => Step::Finalize {
+                        target_pod: pod.clone(),
+                        source_stopped: true,
+                    },
+                    Some(Released::Thawed) => source_resumed(state, Some(pod), "an earlier release thawed it"),
+                    Some(Released::RanOn(why)) => source_resumed(state, Some(pod), why),
+                },
+                Some(target_pod) => Step::ContinueTarget {
+                    node: moving.target_node.clone(),
+                    pod: target_pod.clone(),
+                    restore: restore.name_any(),
+                },
+            }
+        }
         Some(RestorePhase::Failed) => {
             let cause = status
                 .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY))
@@ -719,6 +751,12 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
         }
         _ => Step::Requeue(SOON),
     }
+}
+
+/// Whether the restore's pod is restored and waits, stopped, to be continued.
+fn held_stopped(restore: &PodRestore) -> bool {
+    crate::restore::waits_to_continue(restore)
+        && restore.status.as_ref().and_then(|s| s.stage.as_deref()) == Some(crate::restore::HELD_STAGE)
 }
 
 fn late_cause(moving: &Moving) -> String {
@@ -1051,6 +1089,17 @@ mod tests {
     fn target(phase: &str) -> PodRestore {
         restore(phase, Some("web-restored"), "")
     }
+    /// The target restored with its processes stopped (`HeldStopped`), or continued.
+    fn held_target(continued: bool) -> PodRestore {
+        let mut held = target("Restoring");
+        let annotations = held.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(crate::restore::START_STOPPED_ANNOTATION.into(), "true".into());
+        if continued {
+            annotations.insert(crate::restore::CONTINUED_ANNOTATION.into(), "true".into());
+        }
+        held.status.as_mut().unwrap().stage = Some(crate::restore::HELD_STAGE.into());
+        held
+    }
 
     /// The source pod, controlled by `owner` (kind, name), on `node`.
     fn source(owner: Option<(&str, &str)>, node: Option<&str>) -> SourcePod {
@@ -1196,6 +1245,7 @@ mod tests {
             labels: [("app", "web"), ("tier", "front")]
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .into(),
+            start_stopped: workload != STS,
         }
     }
     fn start_restore(workload: Option<&str>, source_stopped: bool) -> Step {
@@ -1635,6 +1685,63 @@ mod tests {
                 checkpointing(STS),
                 after(10).ready().held(HeldSource::Present).released(Released::Thawed),
                 resumed(None, EARLIER),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn a_target_restored_stopped_runs_only_once_its_source_is_stopped_for_good() {
+        let held = || after(20).ready().restore(Some(held_target(false)));
+        let continue_target = Step::ContinueTarget {
+            node: "node-2".into(),
+            pod: "web-restored".into(),
+            restore: "move-restore".into(),
+        };
+        check(vec![
+            row(
+                "the target is restored, stopped: the source is released for good first",
+                restoring(BARE),
+                held(),
+                release(true),
+            ),
+            row(
+                "stopped: Finalizing is recorded (the source will never run again)",
+                restoring(BARE),
+                held().released(Released::Stopped),
+                finalize(true),
+            ),
+            row(
+                "then the target is let run",
+                finalizing(BARE),
+                held(),
+                continue_target.clone(),
+            ),
+            row(
+                "an operator restarted after continuing it waits for it to be Ready",
+                finalizing(BARE),
+                after(20).ready().restore(Some(held_target(true))),
+                SOON,
+            ),
+            row(
+                "a ReplicaSet's target the same",
+                finalizing(RS),
+                held(),
+                continue_target,
+            ),
+            row(
+                "the source ran on (its agent restarted): the target, which never ran, is deleted",
+                restoring(BARE),
+                held().released(thawed_without_release(AGENT_RESTARTED)),
+                resumed(
+                    Some("web-restored"),
+                    &format!("it was thawed without a release: {AGENT_RESTARTED}"),
+                ),
+            ),
+            row(
+                "late while held: the target goes, and the source is thawed after",
+                restoring(BARE),
+                after(61).ready().restore(Some(held_target(false))),
+                Step::Look(Look::RestoredPod("web-restored".into())),
             ),
         ]);
     }
