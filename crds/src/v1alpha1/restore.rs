@@ -112,7 +112,9 @@ fn default_timeout_seconds() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct PodRestoreStatus {
     /// What the target's agent is doing now: `Fetching` while it fetches and verifies
-    /// the checkpoint's objects, then `Restoring` while the pod starts from them.
+    /// the checkpoint's objects, then `Restoring` while the pod starts from them; a
+    /// migration's target then shows `HeldStopped` while its processes wait, stopped,
+    /// for the source to be stopped for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
 
