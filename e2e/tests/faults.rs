@@ -772,3 +772,149 @@ async fn the_disk_full_while_fetching() {
     );
     case.done().await;
 }
+
+/// A CRIU that restores a container under the runtime handler, for the restore whose
+/// id is `restore_id` (runc's `--image-path` names it): found by an ancestor's
+/// command line.
+fn criu_restoring(restore_id: &str) -> Option<i32> {
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let is_criu = |pid: i32| {
+        cmdline(pid)
+            .split(|b| *b == 0)
+            .take(8)
+            .any(|arg| arg == b"criu" || arg.ends_with(b"/criu"))
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&pid| {
+            if !is_criu(pid) {
+                return false;
+            }
+            let mut up = parent(pid).unwrap_or(0);
+            for _ in 0..6 {
+                if up <= 1 {
+                    break;
+                }
+                if String::from_utf8_lossy(&cmdline(up)).contains(restore_id) {
+                    return true;
+                }
+                up = parent(up).unwrap_or(0);
+            }
+            false
+        })
+}
+
+/// CRIU killed (SIGKILL) while the runtime handler restores a container of a
+/// PodRestore on node-2: the restore fails naming the container, the half-restored
+/// pod is deleted, and the target's agent discards the prepared memory. The source
+/// (a restore leaves it running) counts on.
+#[tokio::test]
+async fn criu_killed_while_restoring() {
+    use cryopod_crds::v1alpha1::{CheckpointPhase, PodCheckpoint, PodRestore, RestorePhase};
+    use kube::Api;
+    use pods::control::*;
+    use serde_json::json;
+
+    let test = "criu_killed_while_restoring";
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-f-rcriu").await.unwrap();
+    let trio = start_trio(&tb, &client, &ns, &tb.nodes[0]).await;
+    let control = start_control(&tb, &ns.name).await;
+    let storage = s3_checkpoint_storage(&tb, &ns.name);
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint", "metadata": {"name": "cp"},
+                "spec": {"sourcePodName": "trio", "storage": storage}}),
+    );
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    let cp = control::ended(&checkpoints, "cp").await;
+    assert_eq!(cp.status.as_ref().unwrap().phase, Some(CheckpointPhase::Ready));
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "back"},
+                "spec": {"checkpointName": "cp", "target": {"nodeName": tb.nodes[1]}, "podName": "trio-back"}}),
+    );
+    let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
+    let restore_id = wait_until("the PodRestore's UID", Duration::from_secs(10), || async {
+        restores.get("back").await.ok()?.metadata.uid
+    })
+    .await
+    .unwrap();
+    // A container's restore lasts a fraction of a second: looked for closely.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let criu = loop {
+        if let Some(pid) = criu_restoring(&restore_id) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no CRIU restoring {restore_id} within 90 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(criu), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let ended = restore_ended(&restores, "back").await;
+    let status = ended.status.clone().unwrap();
+    let (_, reason, message) = ready_of(&status.conditions);
+    println!("CRIU {criu} killed while restoring: {reason}: {message}");
+    assert_eq!(status.phase, Some(RestorePhase::Failed), "{message}");
+    assert_eq!(reason, "RestoreFailed", "{message}");
+    assert!(
+        message.contains("could not be restored"),
+        "names the container: {message}"
+    );
+    // The half-restored pod goes, and its prepared memory with it.
+    wait_until("the restored pod to go", Duration::from_secs(60), || async {
+        ns.pods(&client)
+            .get_opt("trio-back")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let prepared = tb.dir.join(&tb.nodes[1]).join("cryopod/restores").join(&restore_id);
+    let images = prepared.join("containers");
+    let memory_left: Vec<PathBuf> = std::fs::read_dir(&images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|c| c.path().join("checkpoint"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(
+        memory_left.is_empty(),
+        "the prepared memory is discarded: {memory_left:?}"
+    );
+    let recovered = killed.elapsed();
+    // The source runs on.
+    let before = counts(&trio.data);
+    wait_until("the source to count on", Duration::from_secs(20), || async {
+        counts(&trio.data)
+            .iter()
+            .zip(&before)
+            .all(|(now, then)| now > then)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    pods::control::record_fault(
+        &tb,
+        ("restore", "restoring", "SIGKILL of CRIU"),
+        "Failed (RestoreFailed), naming the container; the half-restored pod deleted, its prepared memory discarded; the source runs on",
+        recovered,
+        &format!("faults::{test}"),
+    );
+    checkpoints.delete("cp", &Default::default()).await.unwrap();
+    delete_storage(&tb, &storage);
+    let _ = std::fs::remove_dir_all(&control.state);
+}
