@@ -855,4 +855,131 @@ mod tests {
         assert!(matches!(err, CheckpointError::Discovery { .. }), "{err}");
         assert!(!dir.path().join("work/op-2").exists());
     }
+
+    /// A freezer that records what it was asked and models only the state asked for.
+    #[derive(Debug, Default)]
+    struct Recording {
+        frozen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl crate::cgroup::Freezer for Recording {
+        fn freeze(&self, cgroup: &crate::cgroup::CgroupPath) -> Result<(), crate::cgroup::CgroupError> {
+            self.calls.lock().unwrap().push(format!("freeze {cgroup}"));
+            self.frozen.lock().unwrap().insert(cgroup.as_str().to_owned());
+            Ok(())
+        }
+        fn thaw(&self, cgroup: &crate::cgroup::CgroupPath) -> Result<(), crate::cgroup::CgroupError> {
+            self.calls.lock().unwrap().push(format!("thaw {cgroup}"));
+            self.frozen.lock().unwrap().remove(cgroup.as_str());
+            Ok(())
+        }
+        fn state(
+            &self,
+            cgroup: &crate::cgroup::CgroupPath,
+        ) -> Result<crate::cgroup::FreezerState, crate::cgroup::CgroupError> {
+            let frozen = self.frozen.lock().unwrap();
+            let under = frozen
+                .iter()
+                .any(|f| cgroup.as_str() == f || cgroup.as_str().starts_with(&format!("{f}/")));
+            Ok(if under {
+                crate::cgroup::FreezerState::Frozen
+            } else {
+                crate::cgroup::FreezerState::Thawed
+            })
+        }
+        fn self_frozen(&self, cgroup: &crate::cgroup::CgroupPath) -> Result<bool, crate::cgroup::CgroupError> {
+            Ok(self.frozen.lock().unwrap().contains(cgroup.as_str()))
+        }
+        fn version(&self) -> crate::cgroup::CgroupVersion {
+            crate::cgroup::CgroupVersion::V1
+        }
+        fn root(&self) -> &std::path::Path {
+            std::path::Path::new("/fake-freezer")
+        }
+    }
+
+    /// A runtime with one running pod of one container, whose process is this test's;
+    /// its sandbox's process is `sandbox_pid`.
+    #[derive(Debug)]
+    struct OnePod {
+        sandbox_pid: u32,
+    }
+
+    impl ContainerRuntime for OnePod {
+        async fn sandboxes_of_pod(&self, _: &str) -> Result<Vec<SandboxView>, CriError> {
+            let mut sandbox = crate::discovery::tests::sandbox(crate::cri::api::NamespaceMode::Pod);
+            let info = sandbox.info.get_mut("info").unwrap();
+            let mut parsed: serde_json::Value = serde_json::from_str(info).unwrap();
+            parsed["pid"] = self.sandbox_pid.into();
+            *info = parsed.to_string();
+            Ok(vec![sandbox])
+        }
+        async fn containers_of_sandbox(&self, _: &str) -> Result<Vec<ContainerView>, CriError> {
+            Ok(vec![crate::discovery::tests::container(
+                "app",
+                crate::cri::api::ContainerState::ContainerRunning,
+                i64::from(std::process::id()),
+                &format!("{}/app", crate::discovery::tests::POD),
+                serde_json::json!({}),
+            )])
+        }
+        async fn exec_sync(&self, _: &str, _: &[String], _: Duration) -> Result<ExecOutput, CriError> {
+            Ok(ExecOutput::default())
+        }
+    }
+
+    /// A failure after the freeze ends the checkpoint with that failure, and the pod
+    /// thawed: every cgroup frozen is thawed again, the journal records the freeze
+    /// ended, and the work directory goes. Two such failures: the pod's sockets cannot
+    /// be read (its sandbox's process is gone), and the capture finds no root
+    /// filesystem the runtime mounted for the container.
+    #[tokio::test]
+    async fn a_failure_once_frozen_thaws_the_pod() {
+        let gone = u32::MAX - 7;
+        for (sandbox_pid, failed_at) in [(gone, "inspect"), (std::process::id(), "capture")] {
+            let dir = tempfile::tempdir().unwrap();
+            let freezer = Arc::new(Recording::default());
+            let agent = NodeAgent {
+                runtime: OnePod { sandbox_pid },
+                freezer: freezer.clone(),
+                journal: Journal::open(dir.path().join("journal")).unwrap(),
+                exec: NodeExec::default(),
+                work_dir: dir.path().join("work"),
+                restores: dir.path().join("restores"),
+                node: NodeFacts::default(),
+                manifest_key: crate::signing::ManifestKey::new(&[7; 32]).unwrap(),
+            };
+            let err = agent
+                .checkpoint(&request("op-thaw"), Arc::new(InMemory::new()), &|_| {})
+                .await
+                .unwrap_err();
+            match failed_at {
+                "inspect" => assert!(matches!(err, CheckpointError::Unsupported { .. }), "{err}"),
+                _ => assert!(matches!(err, CheckpointError::Capture { .. }), "{err}"),
+            }
+            let calls = freezer.calls.lock().unwrap().clone();
+            assert!(
+                calls.iter().any(|c| c.starts_with("freeze ")),
+                "{failed_at}: it froze first: {calls:?}"
+            );
+            assert!(
+                freezer.frozen.lock().unwrap().is_empty(),
+                "{failed_at}: every cgroup thawed again: {calls:?}"
+            );
+            assert!(
+                calls.iter().rposition(|c| c.starts_with("thaw "))
+                    > calls.iter().rposition(|c| c.starts_with("freeze ")),
+                "{failed_at}: thawed after the last freeze: {calls:?}"
+            );
+            assert!(
+                agent.journal.end_of("op-thaw").unwrap().is_some(),
+                "{failed_at}: the freeze's end is journaled"
+            );
+            assert!(
+                !dir.path().join("work/op-thaw").exists(),
+                "{failed_at}: the work directory goes"
+            );
+        }
+    }
 }

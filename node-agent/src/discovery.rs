@@ -363,7 +363,7 @@ pub async fn discover(runtime: &impl ContainerRuntime, pod_uid: &str) -> Result<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
 
     use std::collections::HashMap;
@@ -373,9 +373,9 @@ mod tests {
     use super::*;
     use crate::cri::api;
 
-    const POD: &str = "/kubepods/besteffort/pod1";
+    pub(crate) const POD: &str = "/kubepods/besteffort/pod1";
 
-    fn sandbox(network: NamespaceMode) -> SandboxView {
+    pub(crate) fn sandbox(network: NamespaceMode) -> SandboxView {
         sandbox_at(network, &format!("{POD}/sandbox"), POD)
     }
 
@@ -404,7 +404,7 @@ mod tests {
         }
     }
 
-    fn container(
+    pub(crate) fn container(
         name: &str,
         state: ContainerState,
         created_at: i64,
