@@ -841,7 +841,10 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
     // Restored stopped: held until its migration continues it (readiness cannot come
     // while its processes are stopped).
     if waits_to_continue(restore) && !matches!(progress, PodProgress::Failed(_)) && every_container_runs(&pod) {
-        if remaining(restore).is_zero() {
+        // A migration's target: its migration's deadline governs (its source may be
+        // stopped for good already, and then only this pod can carry on).
+        let migrations = restore.owner_references().iter().any(|o| o.kind == "PodMigration");
+        if !migrations && remaining(restore).is_zero() {
             return fail(
                 restore,
                 ctx,

@@ -704,6 +704,18 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
             None => target_runs(state, moving, checkpoint, restore, seen),
             Some(target_pod) => hand_over(state, moving, target_pod, checkpoint, restore, seen),
         },
+        // Late, the target held stopped: the source is thawed first. A source that an
+        // earlier release stopped for good (an operator stopped between that release
+        // and recording it) cannot come back: the target goes on instead.
+        _ if late && held_stopped(restore) && matches!(seen.released, None | Some(Released::Stopped)) => {
+            match (&seen.released, restored_pod) {
+                (None, _) | (_, None) => release(moving, checkpoint, false),
+                (_, Some(pod)) => Step::Finalize {
+                    target_pod: pod.clone(),
+                    source_stopped: true,
+                },
+            }
+        }
         // Late and not running: what exists of the target goes (the pod first, each
         // waited for), so nothing of it can start once the source thaws.
         _ if late => match (restored_pod, seen.restored_pod) {
@@ -1738,10 +1750,29 @@ mod tests {
                 ),
             ),
             row(
-                "late while held: the target goes, and the source is thawed after",
+                "late while held: the source is thawed first",
                 restoring(BARE),
                 after(61).ready().restore(Some(held_target(false))),
+                release(false),
+            ),
+            row(
+                "late, thawed: the target, which never ran, goes",
+                restoring(BARE),
+                after(61)
+                    .ready()
+                    .restore(Some(held_target(false)))
+                    .released(Released::Thawed),
                 Step::Look(Look::RestoredPod("web-restored".into())),
+            ),
+            row(
+                "late, but an earlier release (its record lost to an operator restart) stopped the source: the \
+                 target goes on",
+                restoring(BARE),
+                after(61)
+                    .ready()
+                    .restore(Some(held_target(false)))
+                    .released(Released::Stopped),
+                finalize(true),
             ),
         ]);
     }
