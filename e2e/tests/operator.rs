@@ -768,19 +768,34 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     let killed = std::time::Instant::now();
     stage.restart_source_agent().await;
     stage.source_counts_past(captured + 5).await;
-    // While the target exists, its counter is read: restored stopped, it must never
-    // count past the checkpoint, since its source was found to have run on.
+    // While the target exists it is watched: its PodRestore shows it held, and then
+    // every one of its containers' processes is stopped (state T), and its counter
+    // never passes the checkpoint's value. The watch lasts until its PodRestore ended,
+    // so a target made again after the deletion would be seen too.
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watcher = {
-        let (tb, pods, source_uid, watching) = (
+        let (tb, client, ns, target, source_uid, watching) = (
             stage.tb.clone(),
-            stage.ns.pods(&stage.client),
+            stage.client.clone(),
+            stage.ns.name.clone(),
+            stage.target.clone(),
             stage.source_pod.metadata.uid.clone(),
             watching.clone(),
         );
         tokio::spawn(async move {
-            let mut highest = None;
+            let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+            let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(client, &ns);
+            let cri = cryopod_node_agent::cri::CriClient::connect(&cri_socket(&tb, &target))
+                .await
+                .unwrap();
+            let (mut highest, mut held_seen, mut running_while_held) = (None, 0, Vec::new());
             while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                let held = restores
+                    .get_opt("twice-restore")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.status.and_then(|s| s.stage).as_deref() == Some("HeldStopped"));
                 for pod in pods
                     .list(&Default::default())
                     .await
@@ -788,28 +803,58 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
                     .unwrap_or_default()
                 {
                     let on_a_node = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
-                    if pod.metadata.uid != source_uid && on_a_node {
-                        let counter = pod_data(&tb, &pod).join("a");
-                        if let Ok(text) = std::fs::read_to_string(&counter)
-                            && let Ok(n) = text.trim().parse::<u64>()
-                        {
-                            highest = highest.max(Some(n));
+                    if pod.metadata.uid == source_uid || !on_a_node {
+                        continue;
+                    }
+                    if let Ok(text) = std::fs::read_to_string(pod_data(&tb, &pod).join("a"))
+                        && let Ok(n) = text.trim().parse::<u64>()
+                    {
+                        highest = highest.max(Some(n));
+                    }
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    // Until its deletion begins (the runtime's stop may wake it to die).
+                    let deleting = pod.metadata.deletion_timestamp.is_some();
+                    if held
+                        && !deleting
+                        && let Ok(found) = cryopod_node_agent::discovery::discover(&cri, &uid).await
+                    {
+                        held_seen += 1;
+                        for c in &found.containers {
+                            let state = std::fs::read_to_string(format!("/proc/{}/status", c.pid))
+                                .ok()
+                                .and_then(|st| st.lines().find(|l| l.starts_with("State:")).map(str::to_owned));
+                            // Stopped (T), or dying as the pod is deleted (Z, X): never running.
+                            let ran = |st: &String| ["R (", "S (", "D ("].iter().any(|r| st.contains(r));
+                            if let Some(state) = state.filter(ran) {
+                                running_while_held.push(format!("{}: {state}", c.name));
+                            }
                         }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            highest
+            (highest, held_seen, running_while_held)
         })
     };
     let (_agent_2, status) = stage.target_back_and_ended("twice").await;
+    let restores: Api<cryopod_crds::v1alpha1::PodRestore> = Api::namespaced(stage.client.clone(), &stage.ns.name);
+    let restore = restore_ended(&restores, "twice-restore").await;
+    let (_, _, restore_message) = ready_of(&restore.status.clone().unwrap().conditions);
+    println!("the target's PodRestore: {restore_message}");
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
-    let target_highest = watcher.await.unwrap();
-    println!("the target's counter: captured {captured}, highest seen on the target {target_highest:?}");
+    let (target_highest, held_seen, running_while_held) = watcher.await.unwrap();
+    println!(
+        "the target: counter captured {captured}, highest seen {target_highest:?}; seen held {held_seen} times, \
+         running while held: {running_while_held:?}"
+    );
+    assert!(held_seen > 0, "the target was seen held stopped");
     assert!(
-        target_highest.is_some_and(|n| n <= captured),
-        "the target was restored (its counter seen) and never counted past the checkpoint ({captured}): \
-         {target_highest:?}"
+        running_while_held.is_empty(),
+        "processes ran while held: {running_while_held:?}"
+    );
+    assert!(
+        target_highest.is_some_and(|n| n == captured),
+        "the target was restored (its counter seen) and never counted ({captured}): {target_highest:?}"
     );
     let message = stage.ended_as(&status, MigrationPhase::Failed, "SourceResumed");
     assert!(message.contains("the agent restarted and thawed it"), "{message}");

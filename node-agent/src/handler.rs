@@ -30,6 +30,10 @@ const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 /// The file of a prepared restore naming the one pod that may use it.
 pub const RESTORED_POD_FILE: &str = "restored-pod.json";
 
+/// Written in a prepared restore's directory by the agent once it continued the
+/// pod's processes (a migration's target, restored stopped).
+pub const CONTINUED_FILE: &str = ".continued";
+
 /// The pod a prepared restore is bound to. Any pod may carry the restore annotation
 /// (a tenant can copy another restore's id); only this one gets the memory.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -181,6 +185,7 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
         annotations[SANDBOX_NAMESPACE].as_str().unwrap_or_default(),
         annotations[SANDBOX_NAME].as_str().unwrap_or_default(),
     );
+    let start_stopped = bound.as_ref().is_some_and(|b| b.start_stopped);
     match bound {
         Some(b) if b.namespace == namespace && b.name == pod => {}
         Some(b) => {
@@ -199,6 +204,15 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
         // Half a pod restored is worse than none: once one container failed, none runs.
         return Err(format!(
             "restore {restore_id} failed, so no container of this pod runs: {reason}"
+        ));
+    }
+    // Held stopped for a migration and not yet let run: a restart (a probe failed on
+    // the stopped processes) would start it fresh next to a source that may still
+    // run. It is refused until the agent continued the pod.
+    if start_stopped && restored_marker(&dir, name).exists() && !dir.join(CONTINUED_FILE).exists() {
+        return Err(format!(
+            "container {name} of restore {restore_id} is held stopped until its migration's source is stopped for good: \
+             it is not started afresh"
         ));
     }
     if !dir.join("containers").join(name).join("checkpoint").is_dir() || restored_marker(&dir, name).exists() {
@@ -685,6 +699,37 @@ mod tests {
         std::fs::write(failed_marker(&root.join("r1")), "CRIU said no").unwrap();
         let err = decide_create(&spec("container", Some("r1")), root).unwrap_err();
         assert_eq!(err, "restore r1 failed, so no container of this pod runs: CRIU said no");
+    }
+
+    #[test]
+    fn a_held_container_is_never_started_afresh_until_continued() {
+        let restores = tempfile::tempdir().unwrap();
+        let root = restores.path();
+        std::fs::create_dir_all(root.join("r1/containers/app/checkpoint")).unwrap();
+        std::fs::write(root.join("r1/manifest.json"), b"{}").unwrap();
+        std::fs::write(
+            root.join("r1").join(RESTORED_POD_FILE),
+            br#"{"namespace":"ns","name":"p","start_stopped":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            decide_create(&spec("container", Some("r1")), root),
+            Ok(CreateDecision::Restore { .. })
+        ));
+        // Restored (stopped), then restarted by the kubelet before its migration let
+        // it run: refused, so nothing runs afresh beside a source that may.
+        std::fs::write(restored_marker(&root.join("r1"), "app"), b"").unwrap();
+        let err = decide_create(&spec("container", Some("r1")), root).unwrap_err();
+        assert!(
+            err.contains("is held stopped until its migration's source is stopped for good"),
+            "{err}"
+        );
+        // Once continued, a restart starts fresh as any other.
+        std::fs::write(root.join("r1").join(CONTINUED_FILE), b"").unwrap();
+        assert_eq!(
+            decide_create(&spec("container", Some("r1")), root),
+            Ok(CreateDecision::Create)
+        );
     }
 
     #[test]

@@ -112,8 +112,8 @@ pub trait AgentBackend: Send + Sync + 'static {
     }
     /// Lets the stopped processes of the restored pod of UID `pod_uid` run; how many
     /// were sent SIGCONT.
-    fn continue_restored(&self, pod_uid: &str) -> impl Future<Output = Result<u32, Status>> + Send {
-        let _ = pod_uid;
+    fn continue_restored(&self, pod_uid: &str, restore_id: &str) -> impl Future<Output = Result<u32, Status>> + Send {
+        let _ = (pod_uid, restore_id);
         async { Err(Status::unimplemented("this agent continues no pod")) }
     }
     /// Removes the pod data of prepared restore `restore_id`; `true` when there was some.
@@ -298,7 +298,13 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
         crate::sweep::discard(&self.restores, restore_id).map_err(|e| e.to_string())
     }
 
-    async fn continue_restored(&self, pod_uid: &str) -> Result<u32, Status> {
+    async fn continue_restored(&self, pod_uid: &str, restore_id: &str) -> Result<u32, Status> {
+        // Recorded first: once continued, a restarted container may start afresh.
+        let dir = self.restores.join(restore_id);
+        if dir.is_dir() {
+            std::fs::write(dir.join(crate::handler::CONTINUED_FILE), b"")
+                .map_err(|e| Status::internal(format!("cannot mark restore {restore_id} continued: {e}")))?;
+        }
         let pod = crate::discovery::discover(&self.runtime, pod_uid)
             .await
             .map_err(|e| match e {
@@ -1423,14 +1429,14 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         &self,
         request: Request<pb::ContinueRestoredRequest>,
     ) -> Result<Response<pb::ContinueRestoredResponse>, Status> {
-        let pod = request
-            .into_inner()
-            .pod
-            .ok_or_else(|| Status::invalid_argument("pod is required"))?;
+        let req = request.into_inner();
+        let pod = req.pod.ok_or_else(|| Status::invalid_argument("pod is required"))?;
         if pod.uid.is_empty() {
             return Err(Status::invalid_argument("pod.uid is required"));
         }
-        let continued = self.agent.continue_restored(&pod.uid).await?;
+        crate::journal::Journal::check_operation_id(&req.restore_id)
+            .map_err(|e| Status::invalid_argument(format!("restore_id: {e}")))?;
+        let continued = self.agent.continue_restored(&pod.uid, &req.restore_id).await?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), pod_uid = %pod.uid, continued, "restored pod continued");
         Ok(Response::new(pb::ContinueRestoredResponse { continued }))
     }

@@ -11,7 +11,8 @@ use crate::restore::PREPARED_MANIFEST;
 
 /// The files of a prepared restore that hold no pod data. `criu.conf` stays because
 /// runc reads it again on every later checkpoint of a restored container.
-const BOOKKEEPING: [&str; 5] = [
+const BOOKKEEPING: [&str; 6] = [
+    crate::handler::CONTINUED_FILE,
     PREPARED_MANIFEST,
     crate::handler::RESTORED_POD_FILE,
     ".failed",

@@ -645,8 +645,6 @@ pub fn released_as(answer: Result<&pb::ReleaseResponse, &tonic::Status>, stop: b
     }
 }
 
-/// Ends the hold `operation_id` on the agent of `node`: stop the source for good, or
-/// thaw it, and says how the hold really ended.
 /// Lets the restored target's processes run through its node's agent, then marks its
 /// PodRestore continued (which then waits for it to be Ready). Both idempotent.
 async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore: &str) -> Result<(), Error> {
@@ -655,6 +653,13 @@ async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore
         .get(pod)
         .await
         .map_err(kube_err("read the restored pod"))?
+        .uid()
+        .unwrap_or_default();
+    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), ns);
+    let restore_id = restores
+        .get(restore)
+        .await
+        .map_err(kube_err("read the migration's PodRestore"))?
         .uid()
         .unwrap_or_default();
     let mut client = ctx
@@ -669,6 +674,7 @@ async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore
                 name: pod.to_owned(),
                 uid,
             }),
+            restore_id,
         })
         .await
         .map_err(|source| Error::Grpc {
@@ -678,7 +684,6 @@ async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore
         .into_inner()
         .continued;
     tracing::info!(%node, %pod, continued, "the target runs: its processes were continued");
-    let restores: Api<PodRestore> = Api::namespaced(ctx.client.clone(), ns);
     let mark = serde_json::json!({"metadata": {"annotations": {crate::restore::CONTINUED_ANNOTATION: "true"}}});
     restores
         .patch(restore, &PatchParams::default(), &Patch::Merge(&mark))
@@ -687,6 +692,8 @@ async fn continue_target(ctx: &Context, ns: &str, node: &str, pod: &str, restore
     Ok(())
 }
 
+/// Ends the hold `operation_id` on the agent of `node`: stop the source for good, or
+/// thaw it, and says how the hold really ended.
 async fn release(ctx: &Context, node: &str, operation_id: String, stop: bool) -> Result<Released, Error> {
     let mut client = ctx
         .agents

@@ -96,13 +96,31 @@ impl Operation for PodRestore {
 /// Ends the restore as Failed, deleting the restored pod if it was created: no
 /// half-restored pod stays behind.
 async fn fail(restore: &PodRestore, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
-    if let Some(pod) = restore.status.as_ref().and_then(|s| s.restored_pod_name.as_ref()) {
+    let pod = restore.status.as_ref().and_then(|s| s.restored_pod_name.clone());
+    // Continued by its migration, the pod is the only copy (the source was stopped
+    // for good): it is kept, whatever failed.
+    if committed(restore) {
+        let kept = pod.map_or(String::new(), |pod| {
+            format!("; pod {pod} is kept: its migration's source was stopped for good")
+        });
+        fail_with(restore, ctx, reason, format!("{message}{kept}")).await?;
+        return Ok(Action::await_change());
+    }
+    if let Some(pod) = pod {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
-        let _ = pods.delete(pod, &DeleteParams::default()).await;
+        let _ = pods.delete(&pod, &DeleteParams::default()).await;
     }
     discard_prepared(restore, ctx).await;
     fail_with(restore, ctx, reason, message).await?;
     Ok(Action::await_change())
+}
+
+/// Whether the restore's pod was continued by its migration: from then on it is the
+/// only copy of the pod.
+pub fn committed(restore: &PodRestore) -> bool {
+    let annotations = restore.annotations();
+    annotations.get(START_STOPPED_ANNOTATION).map(String::as_str) == Some("true")
+        && annotations.contains_key(CONTINUED_ANNOTATION)
 }
 
 /// Asks the agent that prepared the restore, if one did, to remove its decrypted
@@ -763,6 +781,24 @@ pub fn every_container_runs(pod: &Pod) -> bool {
             .all(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
 }
 
+/// A container of a held pod that the kubelet restarted (a probe failed on its
+/// stopped processes): it started fresh, without the checkpoint's state.
+pub fn restarted_while_held(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|s| s.restart_count > 0)
+        .map(|s| {
+            format!(
+                "container {} was restarted while it was held stopped (a liveness or startup probe?), so it \
+                 lost the checkpoint's state",
+                s.name
+            )
+        })
+}
+
 /// What the restored pod's state says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodProgress {
@@ -781,11 +817,16 @@ pub fn pod_progress(pod: &Pod) -> PodProgress {
     };
     // Rejected by the kubelet (node affinity, resources) or ended.
     if status.phase.as_deref() == Some("Failed") {
-        return PodProgress::Failed(format!(
-            "the restored pod failed: {}: {}",
-            status.reason.clone().unwrap_or_default(),
-            status.message.clone().unwrap_or_default()
-        ));
+        let why: Vec<String> = [status.reason.clone(), status.message.clone()]
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.is_empty())
+            .collect();
+        return PodProgress::Failed(if why.is_empty() {
+            "the restored pod failed (it was deleted, or its node ended it)".to_owned()
+        } else {
+            format!("the restored pod failed: {}", why.join(": "))
+        });
     }
     let statuses = status.container_statuses.clone().unwrap_or_default();
     for s in &statuses {
@@ -822,6 +863,17 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         .await
         .map_err(kube_err("read the restored pod"))?
     else {
+        // Held, it existed: deleted since (its migration found the source ran on, or
+        // was late), it is never made again.
+        if status.stage.as_deref() == Some(HELD_STAGE) {
+            return fail(
+                restore,
+                ctx,
+                reasons::RESTORE_FAILED,
+                format!("the restored pod {pod_name} was deleted while it was held stopped"),
+            )
+            .await;
+        }
         // Recorded but not created (an operator stopped in between): the agent is
         // asked again for the prepared restore (it answers the same request with
         // what it prepared, and its verified template), and the pod is created.
@@ -837,7 +889,12 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
         )
         .await;
     }
-    let progress = pod_progress(&pod);
+    let mut progress = pod_progress(&pod);
+    if waits_to_continue(restore)
+        && let Some(why) = restarted_while_held(&pod)
+    {
+        progress = PodProgress::Failed(why);
+    }
     // Restored stopped: held until its migration continues it (readiness cannot come
     // while its processes are stopped).
     if waits_to_continue(restore) && !matches!(progress, PodProgress::Failed(_)) && every_container_runs(&pod) {

@@ -707,7 +707,11 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
         // Late, the target held stopped: the source is thawed first. A source that an
         // earlier release stopped for good (an operator stopped between that release
         // and recording it) cannot come back: the target goes on instead.
-        _ if late && held_stopped(restore) && matches!(seen.released, None | Some(Released::Stopped)) => {
+        _ if late
+            && !state.retain
+            && held_stopped(restore)
+            && matches!(seen.released, None | Some(Released::Stopped)) =>
+        {
             match (&seen.released, restored_pod) {
                 (None, _) | (_, None) => release(moving, checkpoint, false),
                 (_, Some(pod)) => Step::Finalize {
@@ -740,12 +744,34 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
                     Some(Released::Thawed) => source_resumed(state, Some(pod), "an earlier release thawed it"),
                     Some(Released::RanOn(why)) => source_resumed(state, Some(pod), why),
                 },
+                // A bare source goes first, stopped: its kubelet would restart its
+                // killed containers, fresh, while the target runs.
+                Some(_) if moving.workload == Workload::Bare && !seen.source_deleted => Step::DeleteSource {
+                    uid: moving.source_uid.clone(),
+                    grace_seconds: Some(1),
+                },
                 Some(target_pod) => Step::ContinueTarget {
                     node: moving.target_node.clone(),
                     pod: target_pod.clone(),
                     restore: restore.name_any(),
                 },
             }
+        }
+        // Continued, the target is the only copy (the source was stopped for good):
+        // nothing to roll back to, and the restore kept its pod.
+        Some(RestorePhase::Failed) if crate::restore::committed(restore) => {
+            let cause = status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY))
+                .map(|c| c.message.clone())
+                .unwrap_or_else(|| format!("PodRestore {} failed", restore.name_any()));
+            fail(
+                reasons::MIGRATION_FAILED,
+                format!(
+                    "the source pod {} was stopped for good and its target was let run, but the restore then failed \
+                     ({cause})",
+                    state.pod
+                ),
+            )
         }
         Some(RestorePhase::Failed) => {
             let cause = status
@@ -1723,9 +1749,21 @@ mod tests {
                 finalize(true),
             ),
             row(
-                "then the target is let run",
+                "then a bare source goes (its kubelet would restart its killed containers, fresh)",
                 finalizing(BARE),
                 held(),
+                Step::DeleteSource {
+                    uid: "uid-1".into(),
+                    grace_seconds: Some(1),
+                },
+            ),
+            row(
+                "then the target is let run",
+                finalizing(BARE),
+                Observed {
+                    source_deleted: true,
+                    ..held()
+                },
                 continue_target.clone(),
             ),
             row(
@@ -1763,6 +1801,23 @@ mod tests {
                     .restore(Some(held_target(false)))
                     .released(Released::Thawed),
                 Step::Look(Look::RestoredPod("web-restored".into())),
+            ),
+            row(
+                "continued, the target then failed: the source is gone for good, so the migration fails keeping \
+                 the target (never rolled back)",
+                finalizing(BARE),
+                after(20).ready().restore(Some({
+                    let mut failed = held_target(true);
+                    let status = failed.status.as_mut().unwrap();
+                    status.phase = Some(RestorePhase::Failed);
+                    status.conditions = serde_json::from_value(ready_condition("the pod was not Ready")).unwrap();
+                    failed
+                })),
+                failed(
+                    reasons::MIGRATION_FAILED,
+                    "the source pod web was stopped for good and its target was let run, but the restore then failed \
+                     (the pod was not Ready)",
+                ),
             ),
             row(
                 "late, but an earlier release (its record lost to an operator restart) stopped the source: the \
