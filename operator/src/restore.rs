@@ -898,10 +898,33 @@ async fn watch_pod(restore: &PodRestore, ctx: &Context) -> Result<Action, Error>
     // Restored stopped: held until its migration continues it (readiness cannot come
     // while its processes are stopped).
     if waits_to_continue(restore) && !matches!(progress, PodProgress::Failed(_)) && every_container_runs(&pod) {
-        // A migration's target: its migration's deadline governs (its source may be
-        // stopped for good already, and then only this pod can carry on).
-        let migrations = restore.owner_references().iter().any(|o| o.kind == "PodMigration");
-        if !migrations && remaining(restore).is_zero() {
+        // A migration's target: its migration's deadline governs while it runs (its
+        // source may be stopped for good already, and then only this pod can carry
+        // on). A migration that ended, or is gone, leaves it to its own deadline: its
+        // processes never ran, and none stays stopped for good.
+        let governed = match restore.owner_references().iter().find(|o| o.kind == "PodMigration") {
+            None => false,
+            Some(owner) => {
+                let migrations: Api<cryopod_crds::v1alpha1::PodMigration> =
+                    Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+                migrations
+                    .get_opt(&owner.name)
+                    .await
+                    .map_err(kube_err("read the restore's PodMigration"))?
+                    .filter(|m| m.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+                    .is_some_and(|m| {
+                        !matches!(
+                            m.status.and_then(|s| s.phase),
+                            Some(
+                                cryopod_crds::v1alpha1::MigrationPhase::Succeeded
+                                    | cryopod_crds::v1alpha1::MigrationPhase::Failed
+                                    | cryopod_crds::v1alpha1::MigrationPhase::RolledBack
+                            )
+                        )
+                    })
+            }
+        };
+        if !governed && remaining(restore).is_zero() {
             return fail(
                 restore,
                 ctx,

@@ -468,35 +468,6 @@ fn start(state: &State, target: Option<&NodeTarget>, deadline: Option<&Deadline>
         Ok(candidates) => candidates,
         Err(message) => return fail(reasons::NO_COMPATIBLE_NODE, message),
     };
-    // Only a target that can restore what CRIU dumps here is worth a freeze.
-    let target_node = match &seen.compatible {
-        None => {
-            return Step::Look(Look::Compatible {
-                source: source_node,
-                candidates,
-            });
-        }
-        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
-        Some(Ok(Choice::Checked(target))) => target.clone(),
-        // A StatefulSet's source is deleted before its target restores, so a refusal
-        // there would leave nothing to roll back to: it is never moved unchecked. The
-        // agents are waited for (a rollout) until the migration's deadline (none
-        // known: no wait), before its name is fenced.
-        Some(Ok(Choice::Unchecked { node, why })) if matches!(workload, Workload::StatefulSet(_)) => {
-            if deadline.is_none_or(|d| d.passed(&seen.now)) {
-                return fail(
-                    reasons::NO_COMPATIBLE_NODE,
-                    format!(
-                        "no node is known to restore what {source_node} dumps within spec.timeoutSeconds: {why}; a \
-                         StatefulSet pod's source is deleted before its target restores, so it is not moved to {node} \
-                         unchecked, and nothing was frozen"
-                    ),
-                );
-            }
-            return Step::Requeue(Duration::from_secs(5));
-        }
-        Some(Ok(Choice::Unchecked { node, .. })) => node.clone(),
-    };
     // A StatefulSet pod's name must be kept free for the restore before anything
     // is frozen.
     if let Workload::StatefulSet(_) = &workload {
@@ -524,6 +495,35 @@ fn start(state: &State, target: Option<&NodeTarget>, deadline: Option<&Deadline>
             }
         }
     }
+    // Only a target that can restore what CRIU dumps here is worth a freeze.
+    let target_node = match &seen.compatible {
+        None => {
+            return Step::Look(Look::Compatible {
+                source: source_node,
+                candidates,
+            });
+        }
+        Some(Err(message)) => return fail(reasons::NO_COMPATIBLE_NODE, message.clone()),
+        Some(Ok(Choice::Checked(target))) => target.clone(),
+        // A StatefulSet's source is deleted before its target restores, so a refusal
+        // there would leave nothing to roll back to: it is never moved unchecked. The
+        // agents are waited for (a rollout) until the migration's deadline (none
+        // known: no wait); its fence stays up meanwhile (it only keeps the name).
+        Some(Ok(Choice::Unchecked { node, why })) if matches!(workload, Workload::StatefulSet(_)) => {
+            if deadline.is_none_or(|d| d.passed(&seen.now)) {
+                return fail(
+                    reasons::NO_COMPATIBLE_NODE,
+                    format!(
+                        "no node is known to restore what {source_node} dumps within spec.timeoutSeconds: {why}; a \
+                         StatefulSet pod's source is deleted before its target restores, so it is not moved to {node} \
+                         unchecked, and nothing was frozen"
+                    ),
+                );
+            }
+            return Step::Requeue(Duration::from_secs(5));
+        }
+        Some(Ok(Choice::Unchecked { node, .. })) => node.clone(),
+    };
     let Some(source_uid) = pod.metadata.uid.clone() else {
         return fail(
             reasons::MIGRATION_FAILED,
@@ -677,6 +677,15 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
     let checkpoint = match &seen.checkpoint {
         None => return Step::Look(Look::Checkpoint(moving.checkpoint.clone())),
         Some(None) => {
+            // Finalizing, the source is stopped for good: a held target is let run
+            // before the migration ends, or the pod would be lost.
+            if let Some(target_pod) = target_pod {
+                match &seen.restore {
+                    None => return Step::Look(Look::Restore(restore.to_owned())),
+                    Some(Some(held)) if held_stopped(held) => return let_target_run(moving, target_pod, held, seen),
+                    _ => {}
+                }
+            }
             return fail(
                 reasons::MIGRATION_FAILED,
                 "the migration's PodCheckpoint was deleted while it ran".to_owned(),
@@ -744,17 +753,7 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
                     Some(Released::Thawed) => source_resumed(state, Some(pod), "an earlier release thawed it"),
                     Some(Released::RanOn(why)) => source_resumed(state, Some(pod), why),
                 },
-                // A bare source goes first, stopped: its kubelet would restart its
-                // killed containers, fresh, while the target runs.
-                Some(_) if moving.workload == Workload::Bare && !seen.source_deleted => Step::DeleteSource {
-                    uid: moving.source_uid.clone(),
-                    grace_seconds: Some(1),
-                },
-                Some(target_pod) => Step::ContinueTarget {
-                    node: moving.target_node.clone(),
-                    pod: target_pod.clone(),
-                    restore: restore.name_any(),
-                },
+                Some(target_pod) => let_target_run(moving, target_pod, restore, seen),
             }
         }
         // Continued, the target is the only copy (the source was stopped for good):
@@ -788,6 +787,22 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
             )
         }
         _ => Step::Requeue(SOON),
+    }
+}
+
+/// The source is stopped for good: a bare one is deleted (its kubelet would restart
+/// its killed containers, fresh, beside the target), then the held target is let run.
+fn let_target_run(moving: &Moving, target_pod: &str, restore: &PodRestore, seen: &Observed) -> Step {
+    if moving.workload == Workload::Bare && !seen.source_deleted {
+        return Step::DeleteSource {
+            uid: moving.source_uid.clone(),
+            grace_seconds: Some(1),
+        };
+    }
+    Step::ContinueTarget {
+        node: moving.target_node.clone(),
+        pod: target_pod.to_owned(),
+        restore: restore.name_any(),
     }
 }
 
@@ -1539,11 +1554,11 @@ mod tests {
             ),
             row(
                 "a StatefulSet pod is never moved unchecked (its source is deleted before the restore): the agents \
-                 are waited for, before its name is fenced",
+                 are waited for",
                 new(),
                 Observed {
                     compatible: Some(Ok(unchecked())),
-                    ..after(60).checked(sts)
+                    ..after(60).checked(sts).fence(Fence::Enforced)
                 },
                 Step::Requeue(Duration::from_secs(5)),
             ),
@@ -1552,7 +1567,7 @@ mod tests {
                 new(),
                 Observed {
                     compatible: Some(Ok(unchecked())),
-                    ..after(61).checked(sts)
+                    ..after(61).checked(sts).fence(Fence::Enforced)
                 },
                 failed(
                     reasons::NO_COMPATIBLE_NODE,
@@ -1801,6 +1816,16 @@ mod tests {
                     .restore(Some(held_target(false)))
                     .released(Released::Thawed),
                 Step::Look(Look::RestoredPod("web-restored".into())),
+            ),
+            row(
+                "finalizing and its PodCheckpoint deleted: the held target is let run before the migration fails",
+                finalizing(RS),
+                after(20).checkpoint(None).restore(Some(held_target(false))),
+                Step::ContinueTarget {
+                    node: "node-2".into(),
+                    pod: "web-restored".into(),
+                    restore: "move-restore".into(),
+                },
             ),
             row(
                 "continued, the target then failed: the source is gone for good, so the migration fails keeping \
@@ -2173,9 +2198,15 @@ mod tests {
                 succeed(" under StatefulSet/db"),
             ),
             row(
-                "checkpoint deleted while finalizing",
+                "checkpoint deleted while finalizing: the restore is read first (a held target must run)",
                 finalizing(BARE),
                 after(30).checkpoint(None),
+                Step::Look(Look::Restore("move-restore".into())),
+            ),
+            row(
+                "checkpoint deleted while finalizing, the target running",
+                finalizing(BARE),
+                after(30).checkpoint(None).restore(Some(target("Ready"))),
                 failed(
                     reasons::MIGRATION_FAILED,
                     "the migration's PodCheckpoint was deleted while it ran",
