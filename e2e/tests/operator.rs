@@ -847,7 +847,10 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
         "the target: counter captured {captured}, highest seen {target_highest:?}; seen held {held_seen} times, \
          running while held: {running_while_held:?}"
     );
-    assert!(held_seen > 0, "the target was seen held stopped");
+    // Held: its PodRestore recorded it (the window before the release found the source
+    // ran on can be too short for the watch to catch).
+    let stage = restore.status.as_ref().and_then(|s| s.stage.clone());
+    assert_eq!(stage.as_deref(), Some("HeldStopped"), "the target was held stopped");
     assert!(
         running_while_held.is_empty(),
         "processes ran while held: {running_while_held:?}"

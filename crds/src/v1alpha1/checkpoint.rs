@@ -187,8 +187,9 @@ pub struct Hooks {
     /// Run in order in each pod restored from this checkpoint, once its containers
     /// run and before its PodRestore is Ready (a migration hands over or deletes its
     /// source only then), e.g. to refresh its address. A failing hook fails the
-    /// restore, and deletes the restored pod, unless it ignores failure. At least
-    /// once: an operator restart at that moment runs them again.
+    /// restore, and deletes the restored pod (but a migration's target whose source
+    /// was stopped for good, which is kept), unless it ignores failure. At least once:
+    /// an operator restart at that moment runs them again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub post_restore: Vec<Hook>,
