@@ -849,8 +849,12 @@ async fn a_migration_whose_source_ran_on_keeps_the_source_and_fails() {
     );
     // Held: its PodRestore recorded it (the window before the release found the source
     // ran on can be too short for the watch to catch).
-    let stage = restore.status.as_ref().and_then(|s| s.stage.clone());
-    assert_eq!(stage.as_deref(), Some("HeldStopped"), "the target was held stopped");
+    let held_stage = restore.status.as_ref().and_then(|s| s.stage.clone());
+    assert_eq!(
+        held_stage.as_deref(),
+        Some("HeldStopped"),
+        "the target was held stopped"
+    );
     assert!(
         running_while_held.is_empty(),
         "processes ran while held: {running_while_held:?}"
