@@ -89,7 +89,7 @@ awk -v t="$TESTBED" '$5 == t || index($5, t "/") == 1 {print $5}' /proc/self/mou
 done
 
 # node.sh made these mount points for its private mounts; empty ones go.
-rmdir /run/containerd /var/lib/cryopod 2>/dev/null || true
+rmdir /run/containerd /run/nri /var/lib/cryopod 2>/dev/null || true
 find "$TESTBED" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
 ((failed == 0)) || die "some cgroups could not be removed; see above"
 log "cluster down"

@@ -19,9 +19,11 @@ ctr=(ctr --address "$sock" --namespace k8s.io)
 readlink /proc/self/ns/mnt > "$PIDS/$node.mntns"
 # Mounts made by containerd and kubelet propagate within this namespace only.
 mount --make-rshared /
-# containerd keeps pod network namespaces in /run/netns and shim sockets and FIFOs in
-# /run/containerd; private tmpfs copies keep them per node and gone with the node.
-for d in /run/netns /run/containerd; do
+# containerd keeps pod network namespaces in /run/netns, shim sockets and FIFOs in
+# /run/containerd and its NRI socket in /run/nri; private tmpfs copies keep them per
+# node and gone with the node (two nodes' containerd starting at once once raced for
+# one /run/nri/nri.sock: "bind: address already in use").
+for d in /run/netns /run/containerd /run/nri; do
   mkdir -p "$d"
   mount -t tmpfs -o mode=0755 "cryopod-$node" "$d"
 done
