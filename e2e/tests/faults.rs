@@ -552,38 +552,45 @@ async fn criu_killed_while_dumping() {
     case.done().await;
 }
 
-/// The first CRIU among the descendants of `ancestor`: a process whose command is
-/// `criu` (on the host nodes it runs through its own loader, so its name is the
-/// loader's and `criu` is an argument).
+/// The first CRIU among the descendants of `ancestor`.
 fn descendant_criu(ancestor: i32) -> Option<i32> {
-    let parent = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
-    };
-    let is_criu = |pid: i32| {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-            cmdline
-                .split(|b| *b == 0)
-                .take(8)
-                .any(|arg| arg == b"criu" || arg.ends_with(b"/criu"))
-        })
-    };
+    criu_where(|pid| {
+        let mut up = proc_parent(pid).unwrap_or(0);
+        while up > 1 {
+            if up == ancestor {
+                return true;
+            }
+            up = proc_parent(up).unwrap_or(0);
+        }
+        false
+    })
+}
+
+/// The parent of process `pid`.
+fn proc_parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The command line of process `pid` (empty once it is gone).
+fn proc_cmdline(pid: i32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
+/// The first CRIU process for which `chosen` holds: a process whose command is `criu`
+/// (on the host nodes it runs through its own loader, so its name is the loader's and
+/// `criu` is an argument).
+fn criu_where(chosen: impl Fn(i32) -> bool) -> Option<i32> {
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .find(|&pid| {
-            if !is_criu(pid) {
-                return false;
-            }
-            let mut up = parent(pid).unwrap_or(0);
-            while up > 1 {
-                if up == ancestor {
-                    return true;
-                }
-                up = parent(up).unwrap_or(0);
-            }
-            false
+            proc_cmdline(pid)
+                .split(|b| *b == 0)
+                .take(8)
+                .any(|arg| arg == b"criu" || arg.ends_with(b"/criu"))
+                && chosen(pid)
         })
 }
 
@@ -777,37 +784,19 @@ async fn the_disk_full_while_fetching() {
 /// id is `restore_id` (runc's `--image-path` names it): found by an ancestor's
 /// command line.
 fn criu_restoring(restore_id: &str) -> Option<i32> {
-    let parent = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()
-    };
-    let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let is_criu = |pid: i32| {
-        cmdline(pid)
-            .split(|b| *b == 0)
-            .take(8)
-            .any(|arg| arg == b"criu" || arg.ends_with(b"/criu"))
-    };
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|&pid| {
-            if !is_criu(pid) {
-                return false;
+    criu_where(|pid| {
+        let mut up = proc_parent(pid).unwrap_or(0);
+        for _ in 0..6 {
+            if up <= 1 {
+                break;
             }
-            let mut up = parent(pid).unwrap_or(0);
-            for _ in 0..6 {
-                if up <= 1 {
-                    break;
-                }
-                if String::from_utf8_lossy(&cmdline(up)).contains(restore_id) {
-                    return true;
-                }
-                up = parent(up).unwrap_or(0);
+            if String::from_utf8_lossy(&proc_cmdline(up)).contains(restore_id) {
+                return true;
             }
-            false
-        })
+            up = proc_parent(up).unwrap_or(0);
+        }
+        false
+    })
 }
 
 /// CRIU killed (SIGKILL) while the runtime handler restores a container of a

@@ -48,6 +48,13 @@ pub struct RestoredPod {
     pub start_stopped: bool,
 }
 
+/// The pod the prepared restore in `dir` is bound to, if its binding reads.
+fn restored_pod_of(dir: &Path) -> Option<RestoredPod> {
+    std::fs::read(dir.join(RESTORED_POD_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 /// The handler's settings: `<handler binary>.json` beside the binary.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -178,9 +185,7 @@ pub fn decide_create(spec: &serde_json::Value, restores: &Path) -> Result<Create
             dir.display()
         ));
     }
-    let bound: Option<RestoredPod> = std::fs::read(dir.join(RESTORED_POD_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let bound = restored_pod_of(&dir);
     let (namespace, pod) = (
         annotations[SANDBOX_NAMESPACE].as_str().unwrap_or_default(),
         annotations[SANDBOX_NAME].as_str().unwrap_or_default(),
@@ -356,10 +361,7 @@ impl ContainerRestore<'_> {
         // close some connections and keep others, so then all come back closed.
         let close_tcp = !manifest.pod_ip_connections.is_empty();
         let shared_pids = joined_pid_namespace(&spec);
-        let start_stopped = std::fs::read(self.dir.join(RESTORED_POD_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<RestoredPod>(&b).ok())
-            .is_some_and(|bound| bound.start_stopped);
+        let start_stopped = restored_pod_of(self.dir).is_some_and(|bound| bound.start_stopped);
         let result = self.restore(
             &mut spec,
             &spec_path,

@@ -258,6 +258,18 @@ pub fn thawed_freeze(operation_id: &str, asked: Option<&str>, end: &crate::journ
 /// How long a Thaw waits for the watchdogs it woke to thaw and record it.
 const THAW_WAIT: Duration = Duration::from_secs(10);
 
+impl<R: ContainerRuntime> NodeAgent<R> {
+    /// The pod of UID `pod_uid` running on this node, as the runtime reports it.
+    async fn running_pod(&self, pod_uid: &str) -> Result<crate::discovery::PodRuntime, Status> {
+        crate::discovery::discover(&self.runtime, pod_uid)
+            .await
+            .map_err(|e| match e {
+                DiscoveryError::PodNotRunning { .. } => Status::not_found(e.to_string()),
+                _ => Status::unavailable(with_causes(&e)),
+            })
+    }
+}
+
 impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
     async fn checkpoint(
         &self,
@@ -305,12 +317,7 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
             std::fs::write(dir.join(crate::handler::CONTINUED_FILE), b"")
                 .map_err(|e| Status::internal(format!("cannot mark restore {restore_id} continued: {e}")))?;
         }
-        let pod = crate::discovery::discover(&self.runtime, pod_uid)
-            .await
-            .map_err(|e| match e {
-                DiscoveryError::PodNotRunning { .. } => Status::not_found(e.to_string()),
-                _ => Status::unavailable(with_causes(&e)),
-            })?;
+        let pod = self.running_pod(pod_uid).await?;
         let mut namespaces = std::collections::BTreeSet::new();
         let mut total = 0;
         for container in &pod.containers {
@@ -328,12 +335,7 @@ impl<R: ContainerRuntime + 'static> AgentBackend for NodeAgent<R> {
     }
 
     async fn run_hooks(&self, pod_uid: &str, hooks: Vec<Hook>) -> Result<Vec<String>, Status> {
-        let pod = crate::discovery::discover(&self.runtime, pod_uid)
-            .await
-            .map_err(|e| match e {
-                DiscoveryError::PodNotRunning { .. } => Status::not_found(e.to_string()),
-                _ => Status::unavailable(with_causes(&e)),
-            })?;
+        let pod = self.running_pod(pod_uid).await?;
         crate::hooks::run_hooks(&hooks, &pod, &self.runtime)
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))
@@ -542,7 +544,6 @@ pub fn advance(op: &mut pb::Operation, stage: Stage) {
     }
 }
 
-/// Builds the store a request names.
 /// The embedded store's directory (the CRD's default `local.path`): the local root
 /// an agent allows when its admin names none.
 pub const EMBEDDED_LOCAL_ROOT: &str = "/var/lib/cryopod/checkpoints";
@@ -757,6 +758,26 @@ struct Tracked {
     ended: Arc<std::sync::atomic::AtomicBool>,
     /// The pod a checkpoint freezes ("" for a restore): what Thaw looks for.
     pod_uid: String,
+}
+
+impl Tracked {
+    /// Ends a running operation as cancelled, `why`, if its task has not claimed its
+    /// end first: aborts the task and publishes the end. Whether it did.
+    fn cancel(&mut self, why: &str) -> bool {
+        if terminal(&self.state.borrow()) || self.ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.state.send_modify(|op| {
+            op.state = pb::State::Cancelled as i32;
+            op.error_code = Code::Cancelled as i32;
+            op.failure = pb::Failure::Cancelled as i32;
+            op.error_message = why.to_owned();
+        });
+        true
+    }
 }
 
 /// The service. Operations are kept in memory for the agent's lifetime so callers can
@@ -1277,19 +1298,10 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let tracked = ops
             .get_mut(&id)
             .ok_or_else(|| Status::not_found(format!("no operation {id} on this agent")))?;
-        if !terminal(&tracked.state.borrow()) && !tracked.ended.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // Dropping the checkpoint's future drops its frozen pod, which thaws it.
-            if let Some(task) = tracked.task.take() {
-                task.abort();
-            }
+        // Dropping the checkpoint's future drops its frozen pod, which thaws it.
+        if tracked.cancel("cancelled by the caller") {
             self.metrics.finished("operation", "cancelled");
             tracing::info!(operation_id = %id, "checkpoint cancelled; the pod is thawed");
-            tracked.state.send_modify(|op| {
-                op.state = pb::State::Cancelled as i32;
-                op.error_code = Code::Cancelled as i32;
-                op.failure = pb::Failure::Cancelled as i32;
-                op.error_message = "cancelled by the caller".to_owned();
-            });
             // Replaces its start record: asked again after a restart, it is cancelled,
             // not interrupted.
             if let Err(e) = self.agent.record_outcome(&tracked.state.borrow()) {
@@ -1403,19 +1415,8 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         crate::journal::Journal::check_operation_id(&id)
             .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
         // A preparation still under way stops first; its partial directory is swept.
-        if let Some(tracked) = self.lock()?.get_mut(&id)
-            && !terminal(&tracked.state.borrow())
-            && !tracked.ended.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            if let Some(task) = tracked.task.take() {
-                task.abort();
-            }
-            tracked.state.send_modify(|op| {
-                op.state = pb::State::Cancelled as i32;
-                op.error_code = Code::Cancelled as i32;
-                op.failure = pb::Failure::Cancelled as i32;
-                op.error_message = "discarded by the caller".to_owned();
-            });
+        if let Some(tracked) = self.lock()?.get_mut(&id) {
+            tracked.cancel("discarded by the caller");
         }
         let discarded = self
             .agent

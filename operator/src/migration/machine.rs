@@ -759,10 +759,7 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
         // Continued, the target is the only copy (the source was stopped for good):
         // nothing to roll back to, and the restore kept its pod.
         Some(RestorePhase::Failed) if crate::restore::committed(restore) => {
-            let cause = status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY))
-                .map(|c| c.message.clone())
-                .unwrap_or_else(|| format!("PodRestore {} failed", restore.name_any()));
+            let cause = restore_failure(restore);
             fail(
                 reasons::MIGRATION_FAILED,
                 format!(
@@ -773,10 +770,7 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
             )
         }
         Some(RestorePhase::Failed) => {
-            let cause = status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY))
-                .map(|c| c.message.clone())
-                .unwrap_or_else(|| format!("PodRestore {} failed", restore.name_any()));
+            let cause = restore_failure(restore);
             roll_back(
                 state,
                 moving,
@@ -804,6 +798,16 @@ fn let_target_run(moving: &Moving, target_pod: &str, restore: &PodRestore, seen:
         pod: target_pod.to_owned(),
         restore: restore.name_any(),
     }
+}
+
+/// Why the restore failed, as its Ready condition says.
+fn restore_failure(restore: &PodRestore) -> String {
+    restore
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_READY))
+        .map(|c| c.message.clone())
+        .unwrap_or_else(|| format!("PodRestore {} failed", restore.name_any()))
 }
 
 /// Whether the restore's pod is restored and waits, stopped, to be continued.
