@@ -2,8 +2,11 @@
 //! pure Rust: no `protoc` is needed on the machine.
 
 /// Messages of the agent API whose derived Debug would print a secret.
-const SECRET_MESSAGES: [&str; 6] = [
+const SECRET_MESSAGES: [&str; 9] = [
     "S3Storage",
+    "PeerStorage",
+    "GrantReadResponse",
+    "ReadObjectRequest",
     "GcsStorage",
     "AzureStorage",
     "CheckpointRequest",

@@ -53,6 +53,31 @@ mod redacted {
         }
     }
 
+    impl Debug for pb::PeerStorage {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("PeerStorage")
+                .field("endpoint", &self.endpoint)
+                .field("server_name", &self.server_name)
+                .field("token", &HIDDEN)
+                .finish()
+        }
+    }
+
+    impl Debug for pb::GrantReadResponse {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("GrantReadResponse").field("token", &HIDDEN).finish()
+        }
+    }
+
+    impl Debug for pb::ReadObjectRequest {
+        fn fmt(&self, f: &mut Formatter<'_>) -> Result {
+            f.debug_struct("ReadObjectRequest")
+                .field("token", &HIDDEN)
+                .field("key", &self.key)
+                .finish()
+        }
+    }
+
     impl Debug for pb::CheckpointRequest {
         fn fmt(&self, f: &mut Formatter<'_>) -> Result {
             f.debug_struct("CheckpointRequest")

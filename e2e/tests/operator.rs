@@ -563,17 +563,7 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
         captured[0],
         now[0]
     );
-    let heard: Vec<u64> = wait_until("the conversation to go on", Duration::from_secs(20), || async {
-        let all: Vec<u64> = std::fs::read_to_string(data.join("heard"))
-            .ok()?
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        (all.len() > 5 && all.windows(2).all(|w| w[1] == w[0] + 1)).then_some(all)
-    })
-    .await
-    .unwrap();
-    assert_eq!(heard[0], 1, "the same conversation from its start");
+    assert_the_conversation_goes_on(&data).await;
     let events = event_reasons(&tb, &ns.name, "move");
     assert!(events.contains("MigrationCompleted"), "{events}");
     let v1 = cryopod_e2e::compat::V1_CGROUPFS;
@@ -595,6 +585,135 @@ async fn a_pod_migration_moves_a_stateful_pod_once_across_an_operator_restart() 
     );
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// `transfer: Direct`: the checkpoint is staged on the source node and read by the
+/// target's agent from the source's over TLS, with no object store at all. The
+/// stateful pod (counters, /dev/shm, emptyDir, a loopback conversation, a flock) goes
+/// on on the target, once, and the staged copy is gone when the migration ends.
+#[tokio::test]
+async fn a_direct_migration_moves_a_stateful_pod_agent_to_agent() {
+    use cryopod_crds::v1alpha1::{MigrationPhase, PodMigration};
+    let tb = Testbed::from_env().unwrap();
+    let client = tb.client().await.unwrap();
+    tb.install_crds().unwrap();
+    let ns = TestNamespace::create(&tb, &client, "e2e-direct").await.unwrap();
+    let (source, target) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    let pods = ns.pods(&client);
+    let source_pod = pods.create(&Default::default(), &stateful_pod(&source)).await.unwrap();
+    ns.wait_ready(&client, "stateful", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let Control {
+        state,
+        log,
+        agents: [agent_1, agent_2],
+        _operator,
+        tls: _tls,
+    } = start_control(&tb, &ns.name).await;
+    // The source's counter, well under way: a target that started afresh would count
+    // from 1 again.
+    let source_data = pod_data(&tb, &source_pod);
+    let number = |dir: &std::path::Path, name: &str| -> u64 {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = wait_until("the source to count past 40", Duration::from_secs(30), || async {
+        let n = number(&source_data, "a");
+        (n > 40).then_some(n)
+    })
+    .await
+    .unwrap();
+    kubectl_apply(
+        &tb,
+        &ns.name,
+        &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "move"},
+                "spec": {"sourcePodName": "stateful", "transfer": "Direct", "target": {"nodeName": target}}}),
+    );
+    kubectl_wait_ready(&tb, &ns.name, "podmigration/move", &log);
+    let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns.name);
+    let status = migrations.get("move").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(MigrationPhase::Succeeded));
+    let target_pod = status.target_pod_name.clone().unwrap();
+    println!(
+        "direct migration {source} -> {target}: target pod {target_pod}, downtime {:?} ms",
+        status.downtime_millis
+    );
+    // The target's agent read the checkpoint from the source's, by a grant.
+    let source_log = std::fs::read_to_string(&agent_1.log).unwrap();
+    assert!(
+        source_log.contains("read of a local checkpoint granted"),
+        "the source agent lent the checkpoint:\n{source_log}"
+    );
+    assert!(
+        scrape(agent_2.metrics_port).contains(r#"cryopod_agent_operations_total{kind="restore",result="succeeded"} 1"#)
+    );
+
+    // One pod, on the target, counting on from where the source was.
+    wait_until("the source pod to go", Duration::from_secs(30), || async {
+        pods.get_opt("stateful").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    let all = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "one pod: the target");
+    let moved = &all[0];
+    assert_eq!(moved.spec.as_ref().unwrap().node_name.as_deref(), Some(target.as_str()));
+    assert!(ns.ready_without_restarts(&client, &target_pod).await.unwrap());
+    let data = pod_data(&tb, moved);
+    let now = wait_until("the moved counter to go on", Duration::from_secs(20), || async {
+        let now = number(&data, "a");
+        (now > before).then_some(now)
+    })
+    .await
+    .unwrap();
+    println!("moved counter: {before} before the migration, now {now}");
+    assert_the_conversation_goes_on(&data).await;
+
+    // Its staged copy went with its checkpoint: nothing of the pod stays on the source.
+    let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
+    wait_until(
+        "the staged checkpoint to be deleted",
+        Duration::from_secs(30),
+        || async {
+            checkpoints
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let v1 = cryopod_e2e::compat::V1_CGROUPFS;
+    record_compat(
+        &tb,
+        "migrate (Direct)",
+        (v1, v1),
+        "",
+        "operator::a_direct_migration_moves_a_stateful_pod_agent_to_agent",
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The stateful pod's loopback conversation, heard in `data`, goes on unbroken from
+/// its first line: the same connection, not a new one.
+async fn assert_the_conversation_goes_on(data: &std::path::Path) {
+    let heard: Vec<u64> = wait_until("the conversation to go on", Duration::from_secs(20), || async {
+        let all: Vec<u64> = std::fs::read_to_string(data.join("heard"))
+            .ok()?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        (all.len() > 5 && all.windows(2).all(|w| w[1] == w[0] + 1)).then_some(all)
+    })
+    .await
+    .unwrap();
+    assert_eq!(heard[0], 1, "the same conversation from its start");
 }
 
 /// The stage of the migration tests below: a stateful pod on node-1, both agents and

@@ -28,6 +28,7 @@ pub mod install;
 pub mod journal;
 pub mod metrics;
 pub mod package;
+pub mod peer;
 pub mod restore;
 pub mod run;
 pub mod safe_fs;

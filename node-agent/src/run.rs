@@ -435,9 +435,14 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         // Served all the same (TLS has accepted it); only its expiry goes unwatched.
         tracing::warn!(%problem, "cannot read the served certificate's validity for the metrics");
     }
+    let ca_pem = read("ca.crt")?;
+    // Optional at the TLS layer so another agent (whose certificate is a server's) can
+    // read a granted checkpoint; the operator API still requires the operator's
+    // certificate (`only_client`).
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert_pem, key_pem))
-        .client_ca_root(Certificate::from_pem(read("ca.crt")?));
+        .client_ca_root(Certificate::from_pem(ca_pem.clone()))
+        .client_auth_optional(true);
     let manifest_key =
         crate::signing::ManifestKey::from_file(&config.manifest_key_file).map_err(|problem| RunError::Config {
             variable: "CRYOPOD_MANIFEST_KEY_FILE",
@@ -476,7 +481,10 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         metrics_journal,
     ));
     tracing::info!(listen = %config.listen, metrics = %config.metrics_listen, node = %config.node_name, "serving");
-    let service = AgentService::new(agent, metrics).with_local_roots(config.local_roots.clone());
+    let service = AgentService::new(agent, metrics)
+        .with_local_roots(config.local_roots.clone())
+        .with_peer_ca(ca_pem);
+    let peer = service.peer_service();
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let drain = service.drain_handle();
     let drain_limit = config.drain;
@@ -532,6 +540,9 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         .add_service(NodeAgentServer::with_interceptor(
             service,
             crate::server::only_client(config.client_name.clone()),
+        ))
+        .add_service(cryopod_agent_api::pb::peer_transfer_server::PeerTransferServer::new(
+            peer,
         ))
         .serve_with_shutdown(config.listen, shutdown);
     // Graceful shutdown waits for open streams; a few seconds after the drain, the

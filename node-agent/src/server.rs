@@ -383,13 +383,23 @@ pub fn restore_code_of(err: &RestoreError) -> Code {
 pub fn restore_request(
     req: pb::PrepareRestoreRequest,
     roots: &[PathBuf],
+    peer_ca: Option<&[u8]>,
 ) -> Result<(RestoreRequest, Arc<dyn ObjectStore>), Status> {
     crate::journal::Journal::check_operation_id(&req.operation_id)
         .map_err(|e| Status::invalid_argument(format!("operation_id: {e}")))?;
     let storage = req
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
-    let store = store_for(&storage, roots)?;
+    // Another node's local storage is read through its agent, for a restore only.
+    let store: Arc<dyn ObjectStore> = match (&storage.backend, peer_ca) {
+        (Some(pb::storage::Backend::Peer(peer)), Some(ca)) => Arc::new(crate::peer::peer_store(peer, ca)?),
+        (Some(pb::storage::Backend::Peer(_)), None) => {
+            return Err(Status::failed_precondition(
+                "storage.peer: this agent has no CA to check another agent's certificate with",
+            ));
+        }
+        _ => store_for(&storage, roots)?,
+    };
     if req.prefix.is_empty() || !req.prefix.ends_with('/') {
         return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
     }
@@ -625,6 +635,9 @@ pub fn store_for(storage: &pb::Storage, roots: &[PathBuf]) -> Result<Arc<dyn Obj
                 .map_err(|e| Status::invalid_argument(format!("storage.azure: {e}")))?;
             Ok(Arc::new(store))
         }
+        Some(pb::storage::Backend::Peer(_)) => Err(Status::invalid_argument(
+            "storage.peer: another node's storage can only be read, by PrepareRestore",
+        )),
         None => Err(Status::invalid_argument("storage: one backend is required")),
     }
 }
@@ -794,6 +807,11 @@ pub struct AgentService<C> {
     admit: Arc<tokio::sync::Mutex<()>>,
     /// The directories local checkpoint storage may use.
     local_roots: Arc<Vec<PathBuf>>,
+    /// What other agents may read of the local storage (shared with the PeerTransfer
+    /// service).
+    grants: crate::peer::Grants,
+    /// The cluster CA, to check another agent's certificate with when reading from it.
+    peer_ca: Option<Arc<Vec<u8>>>,
 }
 
 /// The shutdown side of a service: once draining, it starts no new operation, while
@@ -889,6 +907,23 @@ impl<C: AgentBackend> AgentService<C> {
             draining: Arc::default(),
             admit: Arc::default(),
             local_roots: Arc::new(vec![PathBuf::from(EMBEDDED_LOCAL_ROOT)]),
+            grants: crate::peer::Grants::default(),
+            peer_ca: None,
+        }
+    }
+
+    /// Reads other agents' local storage with `ca_pem` as the CA their certificates
+    /// must chain to.
+    #[must_use]
+    pub fn with_peer_ca(mut self, ca_pem: Vec<u8>) -> Self {
+        self.peer_ca = Some(Arc::new(ca_pem));
+        self
+    }
+
+    /// The service other agents read granted checkpoints through.
+    pub fn peer_service(&self) -> crate::peer::PeerService {
+        crate::peer::PeerService {
+            grants: self.grants.clone(),
         }
     }
 
@@ -1084,7 +1119,7 @@ impl<C: AgentBackend> AgentService<C> {
 
     fn start_restore(&self, req: pb::PrepareRestoreRequest) -> Result<watch::Receiver<pb::Operation>, Status> {
         self.refuse_when_draining()?;
-        let (request, store) = restore_request(req, &self.local_roots)?;
+        let (request, store) = restore_request(req, &self.local_roots, self.peer_ca.as_deref().map(Vec::as_slice))?;
         let span = tracing::info_span!("restore", operation_id = %request.restore_id, prefix = %request.prefix);
         let (agent, metrics) = (self.agent.clone(), self.metrics.clone());
         let restore_id = request.restore_id.clone();
@@ -1440,6 +1475,34 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
         let continued = self.agent.continue_restored(&pod.uid, &req.restore_id).await?;
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), pod_uid = %pod.uid, continued, "restored pod continued");
         Ok(Response::new(pb::ContinueRestoredResponse { continued }))
+    }
+
+    async fn grant_read(
+        &self,
+        request: Request<pb::GrantReadRequest>,
+    ) -> Result<Response<pb::GrantReadResponse>, Status> {
+        let req = request.into_inner();
+        let local = req.local.ok_or_else(|| Status::invalid_argument("local is required"))?;
+        if !under_a_root(&local.path, &self.local_roots) {
+            return Err(Status::invalid_argument(format!(
+                "local.path {}: not under a local checkpoint root of this agent: refused",
+                local.path
+            )));
+        }
+        if req.prefix.is_empty() || !req.prefix.ends_with('/') || object_store::path::Path::parse(&req.prefix).is_err()
+        {
+            return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
+        }
+        if req.ttl_seconds == 0 {
+            return Err(Status::invalid_argument("ttl_seconds: must be positive"));
+        }
+        let token = self.grants.grant(
+            PathBuf::from(&local.path),
+            req.prefix.clone(),
+            Duration::from_secs(u64::from(req.ttl_seconds)),
+        )?;
+        tracing::info!(path = %local.path, prefix = %req.prefix, ttl_seconds = req.ttl_seconds, "read of a local checkpoint granted");
+        Ok(Response::new(pb::GrantReadResponse { token }))
     }
 
     async fn run_hooks(&self, request: Request<pb::RunHooksRequest>) -> Result<Response<pb::RunHooksResponse>, Status> {

@@ -211,6 +211,17 @@ impl Agents {
         self.locator.nodes().await
     }
 
+    /// How another node's agent reaches `node`'s: its URL and the name its
+    /// certificate must have.
+    pub async fn peer_of(&self, node: &str) -> Result<(String, String), AgentError> {
+        let url = self
+            .locator
+            .endpoint(node)
+            .await?
+            .ok_or_else(|| AgentError::NoAgent { node: node.to_owned() })?;
+        Ok((url, self.server_name_of(node)))
+    }
+
     /// A client of the node's agent.
     pub async fn client(&self, node: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
         let url = self

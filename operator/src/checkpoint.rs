@@ -170,6 +170,7 @@ async fn resolve_for(
         .map_err(kube_err("list CheckpointStorages"))?
         .items;
     let chosen = match choose(cp.spec.storage.as_deref(), &all) {
+        Ok(_) if staged_on_node(cp) => None,
         Ok(chosen) => chosen,
         Err(StorageProblem(message)) => return Ok(Err((reasons::STORAGE_NOT_FOUND, message))),
     };
@@ -925,6 +926,18 @@ pub fn held_for_migration(cp: &PodCheckpoint) -> bool {
             .iter()
             .any(|o| o.kind == "PodMigration" && o.controller == Some(true) && &o.name == migration)
     })
+}
+
+/// How a migration's checkpoint travels (`Direct` or `ViaStore`), set by the
+/// migration controller on its PodCheckpoint.
+pub const TRANSFER_ANNOTATION: &str = "cryopod.io/transfer";
+
+/// A migration's checkpoint for a `Direct` transfer: staged in its node's local store
+/// (the embedded one), whatever the default storage is, for the target's agent to read
+/// from the source's. Only on a checkpoint held for a migration, which only the
+/// operator makes.
+pub fn staged_on_node(cp: &PodCheckpoint) -> bool {
+    held_for_migration(cp) && cp.annotations().get(TRANSFER_ANNOTATION).map(String::as_str) == Some("Direct")
 }
 
 /// Why a recorded location is not this checkpoint's own, if it is not. The location is

@@ -526,6 +526,7 @@ async fn start_migration(evacuation: &NodeEvacuation, entry: &mut EvacuatedPod, 
             failure_policy: MigrationFailurePolicy::Rollback,
             storage: spec.storage.clone(),
             tcp: TcpSpec::default(),
+            transfer: spec.transfer,
         },
     );
     let mut annotations = BTreeMap::new();

@@ -246,6 +246,7 @@ async fn take(
             downtime_millis,
             message,
         } => {
+            drop_staged_checkpoint(migration, ctx).await?;
             lift_fence(migration, ctx).await?;
             let mut status = migration.status.clone().unwrap_or_default();
             status.phase = Some(MigrationPhase::Succeeded);
@@ -282,6 +283,7 @@ async fn take(
             return fail(migration, ctx, reasons::SOURCE_RESUMED, message).await.map(Some);
         }
         Step::RollBack { reason, message } => {
+            drop_staged_checkpoint(migration, ctx).await?;
             lift_fence(migration, ctx).await?;
             let mut status = migration.status.clone().unwrap_or_default();
             status.phase = Some(MigrationPhase::RolledBack);
@@ -292,6 +294,28 @@ async fn take(
         Step::Rest => return Ok(Some(Action::await_change())),
     }
     Ok(None)
+}
+
+/// Deletes a `Direct` migration's checkpoint as it ends: its copy staged on the
+/// source node (the pod's memory, on that node's disk) has no use once the target
+/// runs or the source is back. Its finalizer deletes the staged objects.
+async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
+    if migration.spec.transfer != Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct) {
+        return Ok(());
+    }
+    let Some(name) = migration.status.as_ref().and_then(|s| s.checkpoint_name.clone()) else {
+        return Ok(());
+    };
+    let checkpoints: Api<PodCheckpoint> =
+        Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    match checkpoints.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: "delete the checkpoint a Direct migration staged on its source node",
+            source,
+        }),
+    }
 }
 
 /// Reads what `look` names into `seen`.
@@ -506,7 +530,14 @@ async fn create_checkpoint(
         owner_references: Some(vec![owner(migration)]),
         annotations: Some(on_behalf(
             migration,
-            [(HOLD_ANNOTATION.to_owned(), migration.name_any())].into(),
+            [
+                (HOLD_ANNOTATION.to_owned(), migration.name_any()),
+                (
+                    crate::checkpoint::TRANSFER_ANNOTATION.to_owned(),
+                    format!("{:?}", spec.transfer.unwrap_or_default()),
+                ),
+            ]
+            .into(),
         )),
         ..ObjectMeta::default()
     };

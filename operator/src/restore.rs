@@ -256,7 +256,9 @@ pub fn choose_node(
     let status = checkpoint.status.clone().unwrap_or_default();
     let source = status.node_name.unwrap_or_default();
     let target = restore.spec.target.clone().unwrap_or_default();
-    let local_only = status
+    // A node-local checkpoint is read where it is, or from its node's agent by
+    // another node's (a Direct transfer): its own node first, it needs no copy.
+    let local = status
         .checkpoint_location
         .as_ref()
         .is_some_and(|l| l.type_ == CheckpointLocationType::NodeLocal);
@@ -268,11 +270,10 @@ pub fn choose_node(
                 .node_selector
                 .as_ref()
                 .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            && (!local_only || *name == source)
     };
     let mut candidates: Vec<&String> = nodes.iter().filter(|n| fits(n)).map(|n| &n.0).collect();
-    // Another node than the source first: a restore is most often a move.
-    candidates.sort_by_key(|n| (**n == source, (*n).clone()));
+    // Else another node than the source first: a restore is most often a move.
+    candidates.sort_by_key(|n| ((**n == source) != local, (*n).clone()));
     candidates.first().map(|n| (*n).clone()).ok_or_else(|| {
         let mut why = Vec::new();
         if let Some(n) = &target.node_name {
@@ -285,11 +286,6 @@ pub fn choose_node(
                 "no ready node with a cryopod agent whose taints the pod tolerates matches spec.target.nodeSelector"
                     .to_owned(),
             );
-        }
-        if local_only {
-            why.push(format!(
-                "the checkpoint is node-local and can only be restored on node {source}"
-            ));
         }
         if why.is_empty() {
             why.push("no ready node runs a cryopod agent".to_owned());
@@ -484,6 +480,55 @@ pub fn prepare_failure_reason(op: &pb::Operation) -> &'static str {
     }
 }
 
+/// The node whose local storage holds the checkpoint, when that is not `node`: the
+/// restore then reads it from that node's agent.
+pub fn peer_node(checkpoint: &PodCheckpoint, node: &str) -> Option<String> {
+    let location = checkpoint.status.as_ref()?.checkpoint_location.as_ref()?;
+    let held_on = &location.node_local.as_ref()?.node_name;
+    (location.type_ == CheckpointLocationType::NodeLocal && held_on != node).then(|| held_on.clone())
+}
+
+/// `storage` as the target reads it: a node-local checkpoint on another node through
+/// that node's agent, with a read grant for this checkpoint alone.
+async fn read_from_peer(
+    restore: &PodRestore,
+    checkpoint: &PodCheckpoint,
+    ctx: &Context,
+    node: &str,
+    storage: pb::Storage,
+    prefix: &str,
+) -> Result<pb::Storage, String> {
+    let (Some(source), Some(pb::storage::Backend::Local(local))) = (peer_node(checkpoint, node), &storage.backend)
+    else {
+        return Ok(storage);
+    };
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!("the checkpoint is in node {source}'s local storage and its agent cannot lend it: {e}")
+    };
+    let (endpoint, server_name) = ctx.agents.peer_of(&source).await.map_err(|e| unreachable(&e))?;
+    let mut client = ctx.agents.client(&source).await.map_err(|e| unreachable(&e))?;
+    // As long as the restore may take, and a minute for the last object.
+    let ttl = u32::try_from(remaining(restore).as_secs() + 60).unwrap_or(u32::MAX);
+    let token = client
+        .grant_read(pb::GrantReadRequest {
+            local: Some(local.clone()),
+            prefix: prefix.to_owned(),
+            ttl_seconds: ttl.min(3600),
+        })
+        .await
+        .map_err(|e| unreachable(&format!("{}: {}", e.code(), e.message())))?
+        .into_inner()
+        .token;
+    tracing::info!(restore = %restore.name_any(), source = %source, "reading the checkpoint from its node's agent");
+    Ok(pb::Storage {
+        backend: Some(pb::storage::Backend::Peer(pb::PeerStorage {
+            endpoint,
+            server_name,
+            token,
+        })),
+    })
+}
+
 fn remaining(restore: &PodRestore) -> Duration {
     let started = restore
         .status
@@ -508,6 +553,10 @@ async fn fetch(restore: &PodRestore, ctx: &Context) -> Result<Action, Error> {
     let (storage, prefix) = match stored_at(&checkpoint, ctx).await? {
         Ok(found) => found,
         Err((_, message)) => return fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
+    };
+    let storage = match read_from_peer(restore, &checkpoint, ctx, &node, storage, &prefix).await {
+        Ok(storage) => storage,
+        Err(message) => return fail(restore, ctx, reasons::RESTORE_FAILED, message).await,
     };
     let identities = match &checkpoint.spec.encryption {
         // Sealed by the operator, if it was, with a key in its own namespace; the
@@ -1144,10 +1193,10 @@ mod tests {
             choose_node(&restore(serde_json::json!({})), &local, &nodes()).unwrap(),
             "node-1"
         );
-        let err = choose_node(&restore(serde_json::json!({"nodeName": "node-2"})), &local, &nodes()).unwrap_err();
-        assert!(
-            err.contains("node-local and can only be restored on node node-1"),
-            "{err}"
+        // Elsewhere too: the target's agent reads it from node-1's.
+        assert_eq!(
+            choose_node(&restore(serde_json::json!({"nodeName": "node-2"})), &local, &nodes()).unwrap(),
+            "node-2"
         );
     }
 

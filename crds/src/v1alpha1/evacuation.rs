@@ -65,6 +65,7 @@ pub mod evacuation_reasons {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable after creation; create a new NodeEvacuation instead"))]
+#[x_kube(validation = Rule::new("!has(self.storage) || !has(self.transfer) || self.transfer != 'Direct'").message("spec.storage: a Direct transfer keeps no copy in a CheckpointStorage; omit storage or use transfer ViaStore"))]
 pub struct NodeEvacuationSpec {
     /// The node to empty.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
@@ -96,6 +97,10 @@ pub struct NodeEvacuationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub storage: Option<String>,
+
+    /// Each migration's `spec.transfer` (see PodMigration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<super::MigrationTransfer>,
 }
 
 fn default_max_concurrent() -> i32 {

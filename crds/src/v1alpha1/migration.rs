@@ -65,6 +65,7 @@ pub mod migration_reasons {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable after creation; create a new PodMigration instead"))]
+#[x_kube(validation = Rule::new("!has(self.storage) || !has(self.transfer) || self.transfer != 'Direct'").message("spec.storage: a Direct transfer keeps no copy in a CheckpointStorage; omit storage or use transfer ViaStore"))]
 pub struct PodMigrationSpec {
     /// Name of the pod to move, in the PodMigration's own namespace.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
@@ -97,6 +98,29 @@ pub struct PodMigrationSpec {
     /// What happens to established TCP connections (see PodCheckpoint).
     #[serde(default)]
     pub tcp: TcpSpec,
+
+    /// How the checkpoint goes from the source node to the target (docs/design.md,
+    /// "Transfer modes"): `ViaStore` through the CheckpointStorage, `Direct` from the
+    /// source's agent to the target's over TLS, without an object store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<MigrationTransfer>,
+}
+
+/// How a migration moves its checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MigrationTransfer {
+    /// Stored in the CheckpointStorage (`spec.storage`, else the default one) and
+    /// fetched from it by the target: three passes through the store while the source
+    /// is frozen, and a copy that outlives the migration until its checkpoint is
+    /// deleted. Works wherever both nodes reach the store.
+    #[default]
+    ViaStore,
+    /// Staged in the source node's local store and read by the
+    /// target's agent from the source's agent over TLS (the source's certificate
+    /// checked, a read grant for this checkpoint alone). No copy is kept in a
+    /// CheckpointStorage; the staged one is deleted with the migration's checkpoint.
+    /// The agents' port must be reachable from node to node.
+    Direct,
 }
 
 fn default_timeout_seconds() -> i32 {
