@@ -117,9 +117,13 @@ async fn run(args: Args) -> Result<(), String> {
             let median = |f: fn(&migration::MigrationSample) -> f64| {
                 report::Summary::of(&samples.iter().map(f).collect::<Vec<_>>()).map(|s| s.median.round())
             };
-            if let (Some(skew), Some(restore)) = (median(|s| s.capture_skew_ms), median(|s| s.restore_ms)) {
+            if let (Some(skew), Some(restore), Some(direct)) = (
+                median(|s| s.capture_skew_ms),
+                median(|s| s.restore_ms),
+                median(|s| s.direct_restore_ms),
+            ) {
                 skews.push(format!("{skew} ms at 2 × {} MiB", mib / 2));
-                restores.push(format!("{restore} ms at 2 × {} MiB", mib / 2));
+                restores.push(format!("{restore} ms (Direct: {direct} ms) at 2 × {} MiB", mib / 2));
             }
             all.extend(migration_rows(mib, &samples));
         }
@@ -140,7 +144,12 @@ async fn run(args: Args) -> Result<(), String> {
     let png = args.out.join("performance.png");
     report::plot(
         &all,
-        &["freeze window", "checkpoint", "migration downtime"],
+        &[
+            "freeze window",
+            "checkpoint",
+            "migration downtime, ViaStore",
+            "migration downtime, Direct",
+        ],
         Box::leak(font.into_boxed_slice()),
         &png,
     )?;
@@ -167,9 +176,10 @@ async fn run(args: Args) -> Result<(), String> {
          PodCheckpoint already created, to the last one Ready. The plain client keeps 16 requests in flight."
             .to_owned(),
         "Migration downtime is cryopod's PodMigration through the chart as installed by Helm, to the \
-         other node through the S3 server: `status.downtimeMillis`, from the freeze on the source to \
-         the restored pod Ready on the target. Each restored pod is checked to have gone on: no restart, \
-         and neither container filled its memory again."
+         other node: `status.downtimeMillis`, from the freeze on the source to the restored pod Ready on \
+         the target. `ViaStore` goes through the S3 server; `Direct` is staged on the source node and read \
+         by the target's agent from the source's over TLS. Each restored pod is checked to have gone on: \
+         no restart, and neither container filled its memory again."
             .to_owned(),
         "The per-container path is what Kubernetes offers: the kubelet's checkpoint API \
          (`POST /checkpoint/{ns}/{pod}/{container}`), one container after the other, then a plain upload \

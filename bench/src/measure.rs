@@ -312,6 +312,7 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
             after: AfterDump::Running,
             pod_ip_connections: PodIpPolicy::Close,
             seal: Seal::Clear,
+            zstd_level: cryopod_node_agent::package::DEFAULT_ZSTD_LEVEL,
             pod_template: None,
         };
         let raw = work.join(format!("raw-{mib}-{repeat}"));

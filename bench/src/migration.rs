@@ -27,10 +27,15 @@ const RELEASE_NS: &str = "cryopod-system";
 /// One repeat's figures, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct MigrationSample {
-    /// cryopod: from the freeze on the source to the restored pod Ready on the target.
+    /// cryopod through the object store (`transfer: ViaStore`): from the freeze on the
+    /// source to the restored pod Ready on the target.
     pub downtime_ms: f64,
-    /// cryopod's restore part: the downtime after the checkpoint was stored.
+    /// Its restore part: the downtime after the checkpoint was stored.
     pub restore_ms: f64,
+    /// cryopod agent to agent (`transfer: Direct`): the same span.
+    pub direct_downtime_ms: f64,
+    /// Its restore part.
+    pub direct_restore_ms: f64,
     /// The kubelet's checkpoints of the containers, one after the other.
     pub kubelet_checkpoints_ms: f64,
     /// The second container's checkpoint began this long after the first's.
@@ -226,10 +231,12 @@ pub async fn migrations(
             match run.one(mib, repeat).await {
                 Ok(sample) => {
                     println!(
-                        "  downtime {:.0} ms (restore part {:.0} ms); per-container path: kubelet checkpoints {:.0} ms \
-                         ({:.0} ms apart), uploads {:.0} ms",
+                        "  downtime ViaStore {:.0} ms (restore part {:.0} ms), Direct {:.0} ms (restore part {:.0} ms); \
+                         per-container path: kubelet checkpoints {:.0} ms ({:.0} ms apart), uploads {:.0} ms",
                         sample.downtime_ms,
                         sample.restore_ms,
+                        sample.direct_downtime_ms,
+                        sample.direct_restore_ms,
                         sample.kubelet_checkpoints_ms,
                         sample.capture_skew_ms,
                         sample.archive_upload_ms
@@ -263,12 +270,15 @@ struct Run<'a> {
 
 impl Run<'_> {
     async fn one(&self, mib: u64, repeat: usize) -> Result<MigrationSample, Failure> {
-        let (downtime_ms, restore_ms) = self.migrate(&format!("m{mib}-{repeat}"), mib).await?;
+        let (downtime_ms, restore_ms) = self.migrate(&format!("m{mib}-{repeat}"), mib, "ViaStore").await?;
+        let (direct_downtime_ms, direct_restore_ms) = self.migrate(&format!("d{mib}-{repeat}"), mib, "Direct").await?;
         let (kubelet_checkpoints_ms, capture_skew_ms, archive_upload_ms) =
             self.per_container(&format!("k{mib}-{repeat}"), mib).await?;
         Ok(MigrationSample {
             downtime_ms,
             restore_ms,
+            direct_downtime_ms,
+            direct_restore_ms,
             kubelet_checkpoints_ms,
             capture_skew_ms,
             archive_upload_ms,
@@ -289,32 +299,53 @@ impl Run<'_> {
         Ok(pods)
     }
 
-    /// cryopod's migration: its downtime and its restore part, in ms. Checks that the
-    /// restored processes went on (each filled its memory once, no restart).
-    async fn migrate(&self, name: &str, mib: u64) -> Result<(f64, f64), Failure> {
+    /// cryopod's migration with `transfer`: its downtime and its restore part, in ms.
+    /// Checks that the restored processes went on (each filled its memory once, no
+    /// restart).
+    async fn migrate(&self, name: &str, mib: u64, transfer: &str) -> Result<(f64, f64), Failure> {
         let pods = self.start(name, mib).await?;
         let ns = self.ns.name.as_str();
         let migration = format!("{name}-move");
         settle_disk();
+        let spec = if transfer == "Direct" {
+            json!({"sourcePodName": name, "transfer": transfer, "target": {"nodeName": self.target}})
+        } else {
+            json!({"sourcePodName": name, "storage": self.storage, "transfer": transfer,
+                   "target": {"nodeName": self.target}})
+        };
         apply(
             self.tb,
             ns,
             &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": migration},
-                    "spec": {"sourcePodName": name, "storage": self.storage, "target": {"nodeName": self.target}}}),
+                    "spec": spec}),
         )?;
         let migrations: Api<PodMigration> = Api::namespaced(self.client.clone(), ns);
+        let checkpoints: Api<PodCheckpoint> = Api::namespaced(self.client.clone(), ns);
+        // A Direct migration deletes its checkpoint as it ends: its freeze window is
+        // read while it runs.
+        let frozen_ms = std::sync::Mutex::new(None::<i64>);
         let ended = wait_until(
             &format!("PodMigration {migration} to end"),
             Duration::from_secs(600),
             || async {
-                migrations.get(&migration).await.ok().filter(|m| {
-                    m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+                let m = migrations.get(&migration).await.ok()?;
+                if let Some(name) = m.status.as_ref().and_then(|s| s.checkpoint_name.as_deref())
+                    && let Ok(cp) = checkpoints.get(name).await
+                    && let Some(window) = cp.status.and_then(|s| s.timings).and_then(|t| t.freeze_window_millis)
+                    && let Ok(mut seen) = frozen_ms.lock()
+                {
+                    *seen = Some(window);
+                }
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| {
                         matches!(
                             p,
                             MigrationPhase::Succeeded | MigrationPhase::RolledBack | MigrationPhase::Failed
                         )
                     })
-                })
+                    .then_some(m)
             },
         )
         .await
@@ -332,17 +363,12 @@ impl Run<'_> {
         let downtime = status
             .downtime_millis
             .ok_or_else(|| format!("PodMigration {migration} has no downtimeMillis"))? as f64;
-        let checkpoints: Api<PodCheckpoint> = Api::namespaced(self.client.clone(), ns);
-        let checkpoint = checkpoints
-            .get(status.checkpoint_name.as_deref().unwrap_or_default())
-            .await
-            .map_err(|e| format!("read the migration's PodCheckpoint: {e}"))?;
         // The migration's checkpoint holds the pod frozen until it is stored.
-        let frozen = checkpoint
-            .status
-            .and_then(|s| s.timings)
-            .and_then(|t| t.freeze_window_millis)
-            .ok_or_else(|| format!("the PodCheckpoint of {migration} has no freeze window"))?
+        let frozen = frozen_ms
+            .lock()
+            .ok()
+            .and_then(|seen| *seen)
+            .ok_or_else(|| format!("the PodCheckpoint of {migration} showed no freeze window"))?
             as f64;
         let restored = status.target_pod_name.unwrap_or_default();
         let pod = pods

@@ -91,6 +91,8 @@ pub struct CheckpointRequest {
     pub pod_ip_connections: PodIpPolicy,
     /// Encryption of the stored objects.
     pub seal: Seal,
+    /// zstd's level for them.
+    pub zstd_level: i32,
     /// The sanitized pod (a `PodTemplateSpec`), kept in the manifest.
     pub pod_template: Option<serde_json::Value>,
 }
@@ -507,6 +509,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             checkpointed_at.clone(),
             req.seal.clone(),
         );
+        let level = req.zstd_level;
         // Each object is packaged and stored on its own, so one's compression overlaps
         // another's upload and read-back.
         let objects_dir = dir.join("objects");
@@ -523,13 +526,13 @@ impl<R: ContainerRuntime> NodeAgent<R> {
                     runtime: "io.containerd.runc.v2",
                     checkpointed_at: &at,
                 };
-                write_container_archive(&objects_dir, &seal, &parts)
+                write_container_archive(&objects_dir, (&seal, level), &parts)
             }));
         }
         for s in shared {
             let (objects_dir, seal) = (objects_dir.clone(), seal.clone());
             jobs.push(Box::new(move || {
-                write_shared_state(&objects_dir, &seal, &s.name, &s.tar)
+                write_shared_state(&objects_dir, (&seal, level), &s.name, &s.tar)
             }));
         }
         // Progress in bytes before compression, against what the work directory holds.
@@ -821,6 +824,7 @@ mod tests {
             after: AfterDump::Running,
             pod_ip_connections: PodIpPolicy::Close,
             seal: Seal::Clear,
+            zstd_level: crate::package::DEFAULT_ZSTD_LEVEL,
             pod_template: None,
         }
     }

@@ -588,7 +588,13 @@ mod tests {
             b.append_dir_all(".", &tree).unwrap();
             b.finish().unwrap();
         }
-        let object: LocalObject = write_shared_state(&dir.path().join("objects"), seal, "shm", &tar_path).unwrap();
+        let object: LocalObject = write_shared_state(
+            &dir.path().join("objects"),
+            (seal, crate::package::DEFAULT_ZSTD_LEVEL),
+            "shm",
+            &tar_path,
+        )
+        .unwrap();
         let manifest = Manifest {
             api_version: MANIFEST_API_VERSION.into(),
             kind: MANIFEST_KIND.into(),

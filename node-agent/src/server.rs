@@ -714,6 +714,11 @@ pub fn checkpoint_request(
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
     let store = store_for(&storage, roots)?;
+    let zstd_level = match req.zstd_level {
+        0 => crate::package::DEFAULT_ZSTD_LEVEL,
+        level @ 1..=19 => level,
+        other => return Err(Status::invalid_argument(format!("zstd_level {other}: 0 or 1 to 19"))),
+    };
     let seal = if req.age_recipients.is_empty() {
         Seal::Clear
     } else {
@@ -757,6 +762,7 @@ pub fn checkpoint_request(
         after,
         pod_ip_connections,
         seal,
+        zstd_level,
         pod_template,
     };
     Ok((request, store))

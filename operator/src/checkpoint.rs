@@ -418,6 +418,8 @@ pub fn agent_request(
         pod_template_json: pod
             .map(|p| serde_json::to_vec(&checkpointed_pod_template(p)).unwrap_or_default())
             .unwrap_or_default(),
+        // Staged for a Direct migration while the source is frozen: speed over size.
+        zstd_level: if staged_on_node(cp) { 1 } else { 0 },
     }
 }
 

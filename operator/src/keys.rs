@@ -105,7 +105,11 @@ pub async fn delete_sealing_key(ctx: &Context, cp: &PodCheckpoint) -> Result<(),
 /// Whether the operator seals `cp` with a key of its own: it names no key, and
 /// encryption is the default or a migration made it.
 pub fn sealed_by_operator(cp: &PodCheckpoint, encrypt_by_default: bool) -> bool {
-    cp.spec.encryption.is_none() && (encrypt_by_default || crate::checkpoint::held_for_migration(cp))
+    // A migration's checkpoint crosses a shared bucket, unless it is staged on its
+    // node for a Direct transfer: it then stays in the agent's root-only directory
+    // and travels over TLS, and sealing it would only lengthen the freeze.
+    let migration_via_store = crate::checkpoint::held_for_migration(cp) && !crate::checkpoint::staged_on_node(cp);
+    cp.spec.encryption.is_none() && (encrypt_by_default || migration_via_store)
 }
 
 #[cfg(test)]
@@ -135,6 +139,15 @@ mod tests {
             "spec": {"sourcePodName": "p"}}),
         );
         assert!(sealed_by_operator(&migrating, false));
+        // Staged on its node for a Direct transfer: sealed only when everything is.
+        let mut direct = migrating.clone();
+        direct
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("cryopod.io/transfer".into(), "Direct".into());
+        assert!(!sealed_by_operator(&direct, false));
+        assert!(sealed_by_operator(&direct, true));
         assert_eq!(sealing_key_name("0b6f"), "cryopod-key-0b6f");
     }
 }

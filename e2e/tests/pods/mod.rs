@@ -251,6 +251,7 @@ pub fn pod_request(
         after: cryopod_node_agent::checkpoint::AfterDump::Running,
         pod_ip_connections: cryopod_node_agent::checkpoint::PodIpPolicy::Close,
         seal: cryopod_node_agent::package::Seal::Clear,
+        zstd_level: cryopod_node_agent::package::DEFAULT_ZSTD_LEVEL,
         pod_template: None,
     }
 }
