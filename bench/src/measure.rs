@@ -313,6 +313,7 @@ pub async fn pod_size(bench: &Bench, mib: u64, repeats: usize) -> Result<Vec<Sam
             pod_ip_connections: PodIpPolicy::Close,
             seal: Seal::Clear,
             zstd_level: cryopod_node_agent::package::DEFAULT_ZSTD_LEVEL,
+            local_root: None,
             pod_template: None,
         };
         let raw = work.join(format!("raw-{mib}-{repeat}"));

@@ -324,6 +324,8 @@ impl Run<'_> {
         // A Direct migration deletes its checkpoint as it ends: its freeze window is
         // read while it runs.
         let frozen_ms = std::sync::Mutex::new(None::<i64>);
+        let parts = std::sync::Mutex::new(String::new());
+        let restores: Api<PodRestore> = Api::namespaced(self.client.clone(), ns);
         let ended = wait_until(
             &format!("PodMigration {migration} to end"),
             Duration::from_secs(600),
@@ -331,10 +333,25 @@ impl Run<'_> {
                 let m = migrations.get(&migration).await.ok()?;
                 if let Some(name) = m.status.as_ref().and_then(|s| s.checkpoint_name.as_deref())
                     && let Ok(cp) = checkpoints.get(name).await
-                    && let Some(window) = cp.status.and_then(|s| s.timings).and_then(|t| t.freeze_window_millis)
-                    && let Ok(mut seen) = frozen_ms.lock()
+                    && let Some(t) = cp.status.and_then(|s| s.timings)
+                    && let Some(window) = t.freeze_window_millis
                 {
-                    *seen = Some(window);
+                    let r = match m.status.as_ref().and_then(|s| s.restore_name.as_deref()) {
+                        Some(name) => restores.get(name).await.ok().and_then(|r| r.status?.timings),
+                        None => None,
+                    };
+                    if let Ok(mut seen) = frozen_ms.lock() {
+                        *seen = Some(window);
+                    }
+                    if let Ok(mut parts) = parts.lock() {
+                        *parts = format!(
+                            "dump {:?} ms, package and store {:?} ms; restore: fetch {:?} ms, restore {:?} ms",
+                            t.dump_millis,
+                            t.upload_millis,
+                            r.as_ref().and_then(|r| r.fetch_millis),
+                            r.as_ref().and_then(|r| r.restore_millis)
+                        );
+                    }
                 }
                 m.status
                     .as_ref()
@@ -370,6 +387,10 @@ impl Run<'_> {
             .and_then(|seen| *seen)
             .ok_or_else(|| format!("the PodCheckpoint of {migration} showed no freeze window"))?
             as f64;
+        println!(
+            "    {transfer}: downtime {downtime} ms: {}",
+            parts.lock().map(|p| p.clone()).unwrap_or_default()
+        );
         let restored = status.target_pod_name.unwrap_or_default();
         let pod = pods
             .get(&restored)

@@ -45,6 +45,28 @@ pub enum OutputFormat {
     Yaml,
 }
 
+/// `--transfer`: how a migration's checkpoint goes to the target (PodMigration
+/// `spec.transfer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transfer {
+    /// Through the CheckpointStorage.
+    #[value(name = "ViaStore")]
+    ViaStore,
+    /// From the source node's agent to the target's, no object store.
+    #[value(name = "Direct")]
+    Direct,
+}
+
+impl Transfer {
+    /// As the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ViaStore => "ViaStore",
+            Self::Direct => "Direct",
+        }
+    }
+}
+
 /// `--unmigratable`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Unmigratable {
@@ -92,8 +114,11 @@ pub enum Command {
         #[arg(long = "to", value_name = "NODE", required = true)]
         to: String,
         /// The CheckpointStorage of the migration's checkpoint.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "transfer")]
         storage: Option<String>,
+        /// How the checkpoint goes to the target (default: the API's, ViaStore).
+        #[arg(long, value_enum)]
+        transfer: Option<Transfer>,
         /// The PodMigration's name; default: generated from the pod's.
         #[arg(long)]
         name: Option<String>,
@@ -108,6 +133,9 @@ pub enum Command {
         /// What happens to pods that cannot migrate.
         #[arg(long, value_enum)]
         unmigratable: Option<Unmigratable>,
+        /// How each migration's checkpoint goes to its target.
+        #[arg(long, value_enum)]
+        transfer: Option<Transfer>,
         /// The NodeEvacuation's name; default: generated from the node's.
         #[arg(long)]
         name: Option<String>,

@@ -61,8 +61,14 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 .map_err(request("PodRestore"))?;
             operate(Api::<PodRestore>::namespaced(client, &ns), object, Kind::Restore, &cli).await
         }
-        Command::Migrate { pod, to, storage, name } => {
-            let object = request::migration(&ns, pod, to, storage.as_deref(), name.as_deref())
+        Command::Migrate {
+            pod,
+            to,
+            storage,
+            transfer,
+            name,
+        } => {
+            let object = request::migration(&ns, pod, to, (storage.as_deref(), *transfer), name.as_deref())
                 .map_err(request("PodMigration"))?;
             operate(
                 Api::<PodMigration>::namespaced(client, &ns),
@@ -76,9 +82,10 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             node,
             max_concurrent,
             unmigratable,
+            transfer,
             name,
         } => {
-            let object = request::evacuation(node, *max_concurrent, *unmigratable, name.as_deref())
+            let object = request::evacuation(node, (*max_concurrent, *unmigratable, *transfer), name.as_deref())
                 .map_err(request("NodeEvacuation"))?;
             operate(Api::<NodeEvacuation>::all(client), object, Kind::Evacuation, &cli).await
         }

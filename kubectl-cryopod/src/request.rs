@@ -4,7 +4,7 @@ use cryopod_crds::v1alpha1::{NodeEvacuation, PodCheckpoint, PodMigration, PodRes
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use crate::cli::Unmigratable;
+use crate::cli::{Transfer, Unmigratable};
 
 /// The longest base of a generated name: the API server adds 5 characters, and the
 /// operator derives names of its own from a migration's.
@@ -90,21 +90,21 @@ pub fn migration(
     namespace: &str,
     pod: &str,
     to: &str,
-    storage: Option<&str>,
+    (storage, transfer): (Option<&str>, Option<Transfer>),
     name: Option<&str>,
 ) -> Result<PodMigration, serde_json::Error> {
     object(
         "PodMigration",
         metadata(name, pod, Some(namespace)),
-        json!({"sourcePodName": pod, "target": {"nodeName": to}, "storage": storage}),
+        json!({"sourcePodName": pod, "target": {"nodeName": to}, "storage": storage,
+               "transfer": transfer.map(Transfer::as_str)}),
     )
 }
 
 /// `evacuate NODE` (cluster-scoped).
 pub fn evacuation(
     node: &str,
-    max_concurrent: Option<i32>,
-    unmigratable: Option<Unmigratable>,
+    (max_concurrent, unmigratable, transfer): (Option<i32>, Option<Unmigratable>, Option<Transfer>),
     name: Option<&str>,
 ) -> Result<NodeEvacuation, serde_json::Error> {
     object(
@@ -117,6 +117,7 @@ pub fn evacuation(
                 Unmigratable::Evict => "Evict",
                 Unmigratable::Skip => "Skip",
             }),
+            "transfer": transfer.map(Transfer::as_str),
         }),
     )
 }
@@ -130,19 +131,25 @@ mod tests {
 
     #[test]
     fn a_migration_names_its_pod_and_target_and_lets_the_server_name_it() {
-        let m = migration("shop", "web-0", "node-2", None, None).unwrap();
+        let m = migration("shop", "web-0", "node-2", (None, None), None).unwrap();
         assert_eq!(m.metadata.generate_name.as_deref(), Some("web-0-"));
         assert_eq!(m.metadata.name, None);
         assert_eq!(m.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(m.spec.source_pod_name, "web-0");
         assert_eq!(m.spec.target.unwrap().node_name.as_deref(), Some("node-2"));
         assert_eq!(m.spec.storage, None);
+        assert_eq!(m.spec.transfer, None);
         // The API's defaults, not the plugin's.
         assert_eq!(m.spec.timeout_seconds, 600);
-        let named = migration("shop", "web-0", "node-2", Some("s3"), Some("move")).unwrap();
+        let named = migration("shop", "web-0", "node-2", (Some("s3"), None), Some("move")).unwrap();
         assert_eq!(named.metadata.name.as_deref(), Some("move"));
         assert_eq!(named.metadata.generate_name, None);
         assert_eq!(named.spec.storage.as_deref(), Some("s3"));
+        let direct = migration("shop", "web-0", "node-2", (None, Some(Transfer::Direct)), None).unwrap();
+        assert_eq!(
+            direct.spec.transfer,
+            Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct)
+        );
     }
 
     #[test]
@@ -157,12 +164,18 @@ mod tests {
         assert_eq!(r.spec.pod_name.as_deref(), Some("back"));
         let anywhere = restore("ns", "counter-1", None, None, None).unwrap();
         assert_eq!(anywhere.spec.target, None);
-        let e = evacuation("node-1", Some(2), Some(Unmigratable::Skip), None).unwrap();
+        let e = evacuation(
+            "node-1",
+            (Some(2), Some(Unmigratable::Skip), Some(Transfer::Direct)),
+            None,
+        )
+        .unwrap();
         assert_eq!(e.metadata.namespace, None, "cluster-scoped");
         assert_eq!(e.spec.node_name, "node-1");
         assert_eq!(e.spec.max_concurrent, 2);
         assert_eq!(e.spec.unmigratable, UnmigratablePolicy::Skip);
-        let defaults = evacuation("node-1", None, None, None).unwrap();
+        assert_eq!(e.spec.transfer, Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct));
+        let defaults = evacuation("node-1", (None, None, None), None).unwrap();
         assert_eq!(defaults.spec.max_concurrent, 1);
         assert_eq!(defaults.spec.unmigratable, UnmigratablePolicy::Evict);
     }

@@ -93,6 +93,9 @@ pub struct CheckpointRequest {
     pub seal: Seal,
     /// zstd's level for them.
     pub zstd_level: i32,
+    /// The local store's directory, when the storage is one: each object is moved
+    /// there (and read back), not copied.
+    pub local_root: Option<std::path::PathBuf>,
     /// The sanitized pod (a `PodTemplateSpec`), kept in the manifest.
     pub pod_template: Option<serde_json::Value>,
 }
@@ -110,7 +113,7 @@ const OBJECTS_AT_ONCE: usize = 3;
 /// every object stored is removed and the first error returned. The objects come back
 /// in job order.
 async fn package_and_store(
-    store: &Arc<dyn ObjectStore>,
+    (store, local_root): (&Arc<dyn ObjectStore>, Option<&std::path::Path>),
     prefix: &str,
     jobs: Vec<PackageJob>,
     stored: &(dyn Fn(u64) + Send + Sync),
@@ -122,7 +125,7 @@ async fn package_and_store(
     // would trip the compiler's Send check of the agent's service.
     let runs: Vec<_> = jobs
         .into_iter()
-        .map(|job| package_then_store(store, prefix, &failed, job, stored))
+        .map(|job| package_then_store((store, local_root), prefix, &failed, job, stored))
         .collect();
     let results: Vec<Result<Option<LocalObject>, CheckpointError>> =
         futures::stream::iter(runs).buffered(OBJECTS_AT_ONCE).collect().await;
@@ -149,7 +152,7 @@ async fn package_and_store(
 /// One job of [`package_and_store`]: nothing once `failed` is set, else the object
 /// packaged and stored; a failure sets `failed`.
 async fn package_then_store(
-    store: &Arc<dyn ObjectStore>,
+    (store, local_root): (&Arc<dyn ObjectStore>, Option<&std::path::Path>),
     prefix: &str,
     failed: &AtomicBool,
     job: PackageJob,
@@ -166,9 +169,12 @@ async fn package_then_store(
         if failed.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        store_object(store, prefix, &object)
-            .await
-            .map_err(|source| CheckpointError::Store { source })?;
+        match local_root {
+            // The local store is a directory on this node: the object moves there.
+            Some(root) => crate::store::place_local_object(root, prefix, &object).await,
+            None => store_object(store, prefix, &object).await,
+        }
+        .map_err(|source| CheckpointError::Store { source })?;
         stored(object.entry.raw_size);
         Ok(Some(object))
     }
@@ -543,7 +549,7 @@ impl<R: ContainerRuntime> NodeAgent<R> {
             let total = total.fetch_max(done, Ordering::Relaxed).max(done);
             progress(Stage::Stored { done, total });
         };
-        let objects = package_and_store(&store, &req.prefix, jobs, &stored).await?;
+        let objects = package_and_store((&store, req.local_root.as_deref()), &req.prefix, jobs, &stored).await?;
 
         if !pod_ip_connections.is_empty() {
             warnings.push(format!(
@@ -723,9 +729,11 @@ mod tests {
             job(dir.path(), "pod/shm.tar.zst", Some(b"shm")),
         ];
         let reported = std::sync::Mutex::new(Vec::new());
-        let objects = package_and_store(&store, "p/", jobs, &|bytes| reported.lock().unwrap().push(bytes))
-            .await
-            .unwrap();
+        let objects = package_and_store((&store, None), "p/", jobs, &|bytes| {
+            reported.lock().unwrap().push(bytes)
+        })
+        .await
+        .unwrap();
         // Each stored object is reported once, with its size before compression.
         let mut reported = reported.into_inner().unwrap();
         reported.sort_unstable();
@@ -745,7 +753,9 @@ mod tests {
             job(dir.path(), "containers/a.tar.zst", Some(b"aaa")),
             job(dir.path(), "containers/b.tar.zst", None),
         ];
-        let err = package_and_store(&store, "q/", jobs, &|_| {}).await.unwrap_err();
+        let err = package_and_store((&store, None), "q/", jobs, &|_| {})
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("containers/b.tar.zst"), "{err}");
         let left: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(Some(&"q/".into())))
             .await
@@ -761,7 +771,7 @@ mod tests {
         assert_eq!(jobs.len(), OBJECTS_AT_ONCE);
         jobs.push(job(dir.path(), "pod/late.tar.zst", Some(b"data")));
         let dropped = dir.path().join("pod_late.tar.zst");
-        assert!(package_and_store(&store, "r/", jobs, &|_| {}).await.is_err());
+        assert!(package_and_store((&store, None), "r/", jobs, &|_| {}).await.is_err());
         assert!(!dropped.exists(), "a job started after the failure");
     }
 
@@ -825,6 +835,7 @@ mod tests {
             pod_ip_connections: PodIpPolicy::Close,
             seal: Seal::Clear,
             zstd_level: crate::package::DEFAULT_ZSTD_LEVEL,
+            local_root: None,
             pod_template: None,
         }
     }

@@ -78,6 +78,24 @@ impl<W: Write> Write for Tally<W> {
     }
 }
 
+/// Counts what passes through: the size before compression, which nothing hashes.
+#[derive(Debug)]
+struct Count<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Count<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// An object ready to upload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -233,9 +251,8 @@ fn write_object(
         }
     };
     let encoder = zstd::Encoder::new(sink, level).map_err(werr)?;
-    let mut raw = Tally {
+    let mut raw = Count {
         inner: encoder,
-        hash: Sha256::new(),
         bytes: 0,
     };
     {

@@ -362,29 +362,58 @@ async fn prepare_in(
     let mut fetched_bytes = manifest_bytes.len() as u64;
     let total = fetched_bytes + manifest.objects.iter().map(|o| o.size).sum::<u64>();
     progress(fetched_bytes, total);
-    let mut fetched = Vec::new();
-    for (n, object) in manifest.objects.iter().enumerate() {
-        let path = fetched_dir.join(n.to_string());
-        fetched_bytes += fetch_verified(store, &req.prefix, object, &path).await?;
-        progress(fetched_bytes, total);
-        fetched.push((object.key.clone(), path));
-    }
+    // A few objects at once: one's transfer overlaps another's hashing and writing.
+    let done = std::sync::atomic::AtomicU64::new(fetched_bytes);
+    let fetches: Vec<_> = manifest
+        .objects
+        .iter()
+        .enumerate()
+        .map(|(n, object)| {
+            let (path, done) = (fetched_dir.join(n.to_string()), &done);
+            async move {
+                let size = fetch_verified(store, &req.prefix, object, &path).await?;
+                let now = done.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
+                progress(now, total);
+                Ok::<_, RestoreError>((object.key.clone(), path))
+            }
+        })
+        .collect();
+    let fetched: Vec<(String, PathBuf)> = futures::stream::iter(fetches)
+        .buffered(FETCHES_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    fetched_bytes = done.into_inner();
     let fetch = fetch_started.elapsed();
 
+    // Everything verified: the objects unpack side by side, each into its own place.
     let unpack_started = Instant::now();
-    let (identities, target) = (req.identities.clone(), partial.to_path_buf());
     let encrypted = manifest.encryption.is_some();
-    tokio::task::spawn_blocking(move || {
-        for (key, path) in &fetched {
-            unpack_object(key, path, encrypted, &identities, &target)?;
-            let _ = std::fs::remove_file(path);
+    let unpacks: Vec<_> = fetched
+        .into_iter()
+        .map(|(key, path)| {
+            let (identities, target) = (req.identities.clone(), partial.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                unpack_object(&key, &path, encrypted, &identities, &target)?;
+                let _ = std::fs::remove_file(&path);
+                Ok::<_, RestoreError>(())
+            })
+        })
+        .collect();
+    // Each ends before any failure is reported: none writes after its caller cleans up.
+    let mut first = Ok(());
+    for unpack in unpacks {
+        let result = unpack.await.unwrap_or_else(|_| {
+            Err(RestoreError::Manifest {
+                detail: "the unpack task died".to_owned(),
+            })
+        });
+        if first.is_ok() {
+            first = result;
         }
-        Ok::<_, RestoreError>(())
-    })
-    .await
-    .map_err(|_| RestoreError::Manifest {
-        detail: "the unpack task died".to_owned(),
-    })??;
+    }
+    first?;
     let _ = std::fs::remove_dir_all(&fetched_dir);
     // The binding the runtime handler checks before it restores into any pod.
     let binding_path = partial.join(RESTORED_POD_FILE);
@@ -407,6 +436,9 @@ async fn prepare_in(
         unpack: unpack_started.elapsed(),
     })
 }
+
+/// Objects fetched at once.
+const FETCHES_AT_ONCE: usize = 3;
 
 /// Streams one object to `path`, checking its size and sha256; returns its size.
 async fn fetch_verified(

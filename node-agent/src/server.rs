@@ -471,7 +471,9 @@ pub fn code_of(err: &CheckpointError) -> Code {
             DumpError::Prepare { .. } | DumpError::Spawn { .. } | DumpError::Wait { .. } => Code::Internal,
         },
         CheckpointError::Store { source } => match source {
-            StoreError::Upload { .. } | StoreError::ReadBack { .. } => Code::Unavailable,
+            StoreError::Upload { .. } | StoreError::ReadBack { .. } | StoreError::PlaceLocal { .. } => {
+                Code::Unavailable
+            }
             StoreError::DigestMismatch { .. } => Code::DataLoss,
             StoreError::ReadLocal { .. } | StoreError::Manifest { .. } => Code::Internal,
             StoreError::Delete { .. } => Code::Unavailable,
@@ -508,7 +510,10 @@ pub fn failure_of(err: &CheckpointError) -> pb::Failure {
         CheckpointError::Store { source } => match source {
             StoreError::DigestMismatch { .. } => F::Corrupt,
             StoreError::ReadLocal { .. } | StoreError::Manifest { .. } => F::Internal,
-            StoreError::Upload { .. } | StoreError::ReadBack { .. } | StoreError::Delete { .. } => F::Storage,
+            StoreError::Upload { .. }
+            | StoreError::ReadBack { .. }
+            | StoreError::PlaceLocal { .. }
+            | StoreError::Delete { .. } => F::Storage,
         },
         CheckpointError::Hook { .. } => F::Hook,
         CheckpointError::BadOperationId { .. }
@@ -714,6 +719,11 @@ pub fn checkpoint_request(
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
     let store = store_for(&storage, roots)?;
+    // store_for checked it lies under a root.
+    let local_root = match &storage.backend {
+        Some(pb::storage::Backend::Local(local)) => Some(PathBuf::from(&local.path)),
+        _ => None,
+    };
     let zstd_level = match req.zstd_level {
         0 => crate::package::DEFAULT_ZSTD_LEVEL,
         level @ 1..=19 => level,
@@ -763,6 +773,7 @@ pub fn checkpoint_request(
         pod_ip_connections,
         seal,
         zstd_level,
+        local_root,
         pod_template,
     };
     Ok((request, store))

@@ -22,6 +22,8 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 pub enum StoreError {
     /// A local object could not be read.
     ReadLocal { key: String, source: std::io::Error },
+    /// A packaged object could not be moved into the local store, or read there.
+    PlaceLocal { key: String, source: std::io::Error },
     /// The store refused or failed an upload.
     Upload { key: String, source: object_store::Error },
     /// Reading an object back failed.
@@ -42,6 +44,7 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::ReadLocal { key, .. } => write!(f, "cannot read the packaged object {key}"),
+            Self::PlaceLocal { key, .. } => write!(f, "cannot place {key} in the local checkpoint storage"),
             Self::Upload { key, .. } => write!(f, "cannot upload {key} to the checkpoint storage"),
             Self::ReadBack { key, .. } => write!(f, "cannot read {key} back from the checkpoint storage"),
             Self::DigestMismatch { key, expected, found } => {
@@ -56,7 +59,7 @@ impl std::fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::ReadLocal { source, .. } => Some(source),
+            Self::ReadLocal { source, .. } | Self::PlaceLocal { source, .. } => Some(source),
             Self::Upload { source, .. } | Self::ReadBack { source, .. } | Self::Delete { source, .. } => Some(source),
             Self::Manifest { source } => Some(source),
             Self::DigestMismatch { .. } => None,
@@ -137,6 +140,58 @@ pub async fn store_object(store: &Arc<dyn ObjectStore>, prefix: &str, object: &L
     .await;
     if result.is_err() {
         let _ = store.delete(&key).await;
+    }
+    result
+}
+
+/// Moves one packaged object into the local store at `root` (a rename; a copy when
+/// the two directories are on different filesystems), then reads it back; a
+/// mismatched object is removed again.
+pub async fn place_local_object(root: &std::path::Path, prefix: &str, object: &LocalObject) -> Result<(), StoreError> {
+    let key = object.entry.key.clone();
+    let dest = root.join(format!("{prefix}{key}"));
+    let from = object.path.clone();
+    let upload = |source| StoreError::PlaceLocal {
+        key: key.clone(),
+        source,
+    };
+    let placed = {
+        let dest = dest.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            match std::fs::rename(&from, &dest) {
+                Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => std::fs::copy(&from, &dest).map(|_| ()),
+                other => other,
+            }?;
+            // Read back like any store's object: the digest of what is there now.
+            let mut file = std::fs::File::open(&dest)?;
+            let (mut hash, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);
+            loop {
+                let n = std::io::Read::read(&mut file, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+            }
+            Ok::<_, std::io::Error>(sha256_hex(hash.finalize()))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+    };
+    let result = match placed {
+        Err(source) => Err(upload(source)),
+        Ok(found) if found != object.entry.sha256 => Err(StoreError::DigestMismatch {
+            key: key.clone(),
+            expected: object.entry.sha256.clone(),
+            found,
+        }),
+        Ok(_) => Ok(()),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&dest);
     }
     result
 }
@@ -339,6 +394,23 @@ mod tests {
             raw_size: data.len() as u64,
         };
         LocalObject { entry, path }
+    }
+
+    #[tokio::test]
+    async fn a_local_store_takes_the_object_itself_and_refuses_a_changed_one() {
+        let (work, root) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let object = local(work.path(), "containers/a.tar.zst", b"aaaa", None);
+        place_local_object(root.path(), "ns/p/u/", &object).await.unwrap();
+        assert_eq!(
+            std::fs::read(root.path().join("ns/p/u/containers/a.tar.zst")).unwrap(),
+            b"aaaa"
+        );
+        assert!(!object.path.exists(), "moved, not copied");
+        // What is there is not what was packaged: nothing stays.
+        let wrong = local(work.path(), "pod/shm.tar.zst", b"s", Some("sha256:00".into()));
+        let err = place_local_object(root.path(), "ns/p/u/", &wrong).await.unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!root.path().join("ns/p/u/pod/shm.tar.zst").exists());
     }
 
     #[tokio::test]

@@ -191,6 +191,15 @@ async fn serve(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics
 
 /// [`serve`], with the handle that drains the service as SIGTERM does.
 async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<AgentMetrics>, Drain) {
+    serve_with_roots(stand, pki, vec!["/var/lib/cryopod/checkpoints".into()]).await
+}
+
+/// [`serve_with_drain`] with local storage under `roots`.
+async fn serve_with_roots(
+    stand: Stand,
+    pki: &Pki,
+    roots: Vec<std::path::PathBuf>,
+) -> (String, Arc<Stand>, Arc<AgentMetrics>, Drain) {
     let stand = Arc::new(stand);
     struct Shared(Arc<Stand>);
     impl AgentBackend for Shared {
@@ -233,11 +242,17 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // As the agent binary serves: a client certificate is optional at the TLS layer
+    // (another agent reads granted checkpoints without one).
     let tls = ServerTlsConfig::new()
         .identity(pki.server.clone())
-        .client_ca_root(Certificate::from_pem(&pki.ca));
+        .client_ca_root(Certificate::from_pem(&pki.ca))
+        .client_auth_optional(true);
     let metrics = Arc::new(AgentMetrics::new());
-    let service = AgentService::new(Shared(stand.clone()), metrics.clone());
+    let service = AgentService::new(Shared(stand.clone()), metrics.clone())
+        .with_local_roots(roots)
+        .with_peer_ca(pki.ca.clone().into_bytes());
+    let peer = service.peer_service();
     let drain = service.drain_handle();
     // As the agent binary serves: only the operator's certificate gets through.
     let service = NodeAgentServer::with_interceptor(
@@ -249,6 +264,7 @@ async fn serve_with_drain(stand: Stand, pki: &Pki) -> (String, Arc<Stand>, Arc<A
             .tls_config(tls)
             .unwrap()
             .add_service(service)
+            .add_service(pb::peer_transfer_server::PeerTransferServer::new(peer))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     (format!("https://localhost:{}", addr.port()), stand, metrics, drain)
@@ -545,6 +561,99 @@ async fn security_only_the_operators_certificate_drives_an_agent() {
     assert_eq!(stand.calls.load(Ordering::SeqCst), 0, "nothing ran");
     let mut operator = client(&url, &pki, Some(&pki.client)).await.unwrap();
     operator.node_info(pb::NodeInfoRequest {}).await.unwrap();
+}
+
+/// A `Direct` migration's read: the operator asks the source's agent for a grant, and
+/// another agent (no operator certificate) reads that checkpoint's objects with it,
+/// and nothing else.
+#[tokio::test]
+async fn security_a_peer_reads_only_what_the_operator_granted() {
+    use cryopod_node_agent::server::pb::peer_transfer_client::PeerTransferClient;
+    use object_store::ObjectStoreExt;
+    let pki = pki();
+    let root = tempfile::tempdir().unwrap();
+    for (key, body) in [
+        ("ns/p/u1/manifest.json", "granted"),
+        ("ns/p/u2/manifest.json", "another's"),
+    ] {
+        let path = root.path().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    std::os::unix::fs::symlink("/etc/hostname", root.path().join("ns/p/u1/link")).unwrap();
+    let (url, _, _, _) = serve_with_roots(stand("ok"), &pki, vec![root.path().to_owned()]).await;
+    let local = pb::LocalStorage {
+        path: root.path().display().to_string(),
+    };
+    let grant = |prefix: &str| pb::GrantReadRequest {
+        local: Some(local.clone()),
+        prefix: prefix.into(),
+        ttl_seconds: 60,
+    };
+    // Only the operator grants, and only under a root.
+    let mut as_agent = client(&url, &pki, Some(&pki.server)).await.unwrap();
+    let refused = as_agent.grant_read(grant("ns/p/u1/")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let mut operator = client(&url, &pki, Some(&pki.client)).await.unwrap();
+    let mut outside = grant("ns/p/u1/");
+    outside.local = Some(pb::LocalStorage { path: "/etc".into() });
+    assert_eq!(
+        operator.grant_read(outside).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let token = operator.grant_read(grant("ns/p/u1/")).await.unwrap().into_inner().token;
+
+    // The reading agent has no certificate to show, only the token.
+    let peer = pb::PeerStorage {
+        endpoint: url.clone(),
+        server_name: "localhost".into(),
+        token: token.clone(),
+    };
+    let store = cryopod_node_agent::peer::peer_store(&peer, pki.ca.as_bytes()).unwrap();
+    let read = store
+        .get(&object_store::path::Path::from("ns/p/u1/manifest.json"))
+        .await
+        .unwrap();
+    assert_eq!(read.meta.size, 7);
+    assert_eq!(read.bytes().await.unwrap().as_ref(), b"granted");
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&pki.ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reader = PeerTransferClient::new(channel.clone());
+    let read = |token: &str, key: &str| pb::ReadObjectRequest {
+        token: token.into(),
+        key: key.into(),
+    };
+    for (token, key, code) in [
+        (token.as_str(), "ns/p/u2/manifest.json", tonic::Code::PermissionDenied),
+        (
+            token.as_str(),
+            "ns/p/u1/../u2/manifest.json",
+            tonic::Code::InvalidArgument,
+        ),
+        (token.as_str(), "ns/p/u1/link", tonic::Code::NotFound),
+        ("0000", "ns/p/u1/manifest.json", tonic::Code::Unauthenticated),
+    ] {
+        let refused = match reader.read_object(read(token, key)).await {
+            Err(status) => status,
+            Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(refused.code(), code, "{key}: {}", refused.message());
+    }
+    // And the operator API stays shut to it.
+    let mut no_cert = NodeAgentClient::new(channel);
+    assert_eq!(
+        no_cert.node_info(pb::NodeInfoRequest {}).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
 }
 
 #[tokio::test]

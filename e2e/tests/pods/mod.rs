@@ -252,6 +252,7 @@ pub fn pod_request(
         pod_ip_connections: cryopod_node_agent::checkpoint::PodIpPolicy::Close,
         seal: cryopod_node_agent::package::Seal::Clear,
         zstd_level: cryopod_node_agent::package::DEFAULT_ZSTD_LEVEL,
+        local_root: None,
         pod_template: None,
     }
 }
