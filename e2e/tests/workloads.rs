@@ -87,10 +87,20 @@ async fn migrated(
 /// on from the checkpoint.
 #[tokio::test]
 async fn a_deployment_pod_moves_and_its_replicaset_adopts_the_restored_pod() {
+    deployment_pod_moves("e2e-deploy", "ViaStore").await;
+}
+
+/// The same agent to agent (`transfer: Direct`).
+#[tokio::test]
+async fn a_deployment_pod_moves_agent_to_agent() {
+    deployment_pod_moves("e2e-deploy-direct", "Direct").await;
+}
+
+async fn deployment_pod_moves(prefix: &str, transfer: &str) {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     tb.install_crds().unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-deploy").await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, prefix).await.unwrap();
     kubectl_apply(
         &tb,
         &ns.name,
@@ -112,6 +122,13 @@ async fn a_deployment_pod_moves_and_its_replicaset_adopts_the_restored_pod() {
     let set_name = source_pod.metadata.owner_references.as_ref().unwrap()[0].name.clone();
     let source = node_of(&source_pod);
     let target = other_node(&tb, &source);
+    let before = wait_until("the counter to count", Duration::from_secs(20), || async {
+        let n = read_number(&pod_data(&tb, &source_pod).join("n"));
+        (n > 20).then_some(n)
+    })
+    .await
+    .unwrap();
+    let started = std::fs::read_to_string(pod_data(&tb, &source_pod).join("started")).unwrap();
     let Control {
         state,
         log,
@@ -120,11 +137,17 @@ async fn a_deployment_pod_moves_and_its_replicaset_adopts_the_restored_pod() {
         tls: _tls,
     } = start_control_on(&tb, &ns.name, &source, &target).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
+    let spec = if transfer == "Direct" {
+        json!({"sourcePodName": source_name, "transfer": transfer, "target": {"nodeName": target}})
+    } else {
+        json!({"sourcePodName": source_name, "storage": storage, "transfer": transfer,
+               "target": {"nodeName": target}})
+    };
     kubectl_apply(
         &tb,
         &ns.name,
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "move"},
-                "spec": {"sourcePodName": source_name, "storage": storage, "target": {"nodeName": target}}}),
+                "spec": spec}),
     );
     let status = migrated(&tb, &client, &ns.name, "move", &log).await;
     assert_eq!(
@@ -159,19 +182,33 @@ async fn a_deployment_pod_moves_and_its_replicaset_adopts_the_restored_pod() {
         event_reasons(&tb, &ns.name, &set_name)
     );
 
-    // The counter goes on from where the checkpoint took it.
+    // The counter goes on from where the checkpoint took it (a Direct migration's
+    // checkpoint is gone with it: from where it was before the move, then).
     let checkpoints: Api<PodCheckpoint> = Api::namespaced(client.clone(), &ns.name);
-    let checkpoint = checkpoints.get(&status.checkpoint_name.clone().unwrap()).await.unwrap();
-    let captured = captured_numbers(&tb, &checkpoint, &["n"]).await[0];
+    let captured = match checkpoints
+        .get_opt(&status.checkpoint_name.clone().unwrap())
+        .await
+        .unwrap()
+    {
+        Some(checkpoint) => Some(captured_numbers(&tb, &checkpoint, &["n"]).await[0]),
+        None => None,
+    };
     let data = pod_data(&tb, &only);
     let now = wait_until("the counter to go on", Duration::from_secs(20), || async {
         let now = read_number(&data.join("n"));
-        (now > captured).then_some(now)
+        (now > captured.unwrap_or(before)).then_some(now)
     })
     .await
     .unwrap();
-    println!("Deployment counter: captured {captured}, now {now}");
-    assert!(now < captured + 400, "the counter went on from {captured}: {now}");
+    println!("Deployment counter: {before} before the move, captured {captured:?}, now {now}");
+    if let Some(captured) = captured {
+        assert!(now < captured + 400, "the counter went on from {captured}: {now}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(data.join("started")).unwrap(),
+        started,
+        "the counting process is the one that started before the move"
+    );
     delete_storage(&tb, &storage);
     let _ = std::fs::remove_dir_all(&state);
 }
@@ -222,10 +259,22 @@ impl Drop for HostVolume {
 /// first, and the fence is gone afterwards.
 #[tokio::test]
 async fn a_statefulset_pod_moves_under_its_name_with_its_volume() {
+    statefulset_pod_moves("e2e-sts", "ViaStore").await;
+}
+
+/// The same agent to agent (`transfer: Direct`): the source is stopped before the
+/// target may take its name, and the target's agent still reads the checkpoint from
+/// the source node's agent.
+#[tokio::test]
+async fn a_statefulset_pod_moves_agent_to_agent() {
+    statefulset_pod_moves("e2e-sts-direct", "Direct").await;
+}
+
+async fn statefulset_pod_moves(prefix: &str, transfer: &str) {
     let tb = Testbed::from_env().unwrap();
     let client = tb.client().await.unwrap();
     tb.install_crds().unwrap();
-    let ns = TestNamespace::create(&tb, &client, "e2e-sts").await.unwrap();
+    let ns = TestNamespace::create(&tb, &client, prefix).await.unwrap();
     let volume = HostVolume::create(&tb, &ns.name, "data-db-0");
     kubectl_apply(
         &tb,
@@ -258,17 +307,22 @@ async fn a_statefulset_pod_moves_under_its_name_with_its_volume() {
         tls: _tls,
     } = start_control_on(&tb, &ns.name, &source, &target).await;
     let storage = s3_checkpoint_storage(&tb, &ns.name);
+    let spec = if transfer == "Direct" {
+        json!({"sourcePodName": "db-0", "transfer": transfer})
+    } else {
+        json!({"sourcePodName": "db-0", "storage": storage, "transfer": transfer})
+    };
     kubectl_apply(
         &tb,
         &ns.name,
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "move"},
-                "spec": {"sourcePodName": "db-0", "storage": storage}}),
+                "spec": spec}),
     );
     let status = migrated(&tb, &client, &ns.name, "move", &log).await;
     assert_eq!(status.source_controller.as_deref(), Some("StatefulSet/db"));
     assert_eq!(status.target_pod_name.as_deref(), Some("db-0"));
     println!(
-        "StatefulSet pod db-0 {source} -> {target}, downtime {:?} ms",
+        "StatefulSet pod db-0 {source} -> {target} ({transfer}), downtime {:?} ms",
         status.downtime_millis
     );
 

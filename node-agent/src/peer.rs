@@ -11,6 +11,7 @@
 //! transport, never trusted for content.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,9 @@ struct Grant {
     expires: Instant,
 }
 
+/// The object a checkpoint has once it is whole: a grant needs it.
+const MANIFEST: &str = "manifest.json";
+
 /// The read grants this agent gave, by the sha256 of their token (the token itself is
 /// never kept, so a lookup leaks nothing of it through timing).
 #[derive(Clone, Debug, Default)]
@@ -54,18 +58,21 @@ fn token_key(token: &str) -> String {
 }
 
 impl Grants {
-    /// A token that reads keys starting with `prefix` under `root` for `ttl`.
+    /// A token that reads keys starting with `prefix` under `root` for `ttl`. One
+    /// grant per checkpoint: a new one replaces the last (a caller that asks again
+    /// has lost it), so asking often fills nothing. When the table is full, the grant
+    /// closest to its end makes room.
     pub fn grant(&self, root: PathBuf, prefix: String, ttl: Duration) -> Result<String, Status> {
         let mut secret = [0u8; 32];
         aws_lc_rs::rand::fill(&mut secret).map_err(|_| Status::internal("no randomness for a token"))?;
         let token = crate::package::hex(secret);
         let now = Instant::now();
         let mut grants = self.0.lock().map_err(|_| Status::internal("grant table poisoned"))?;
-        grants.retain(|_, g| g.expires > now);
-        if grants.len() >= MAX_GRANTS {
-            return Err(Status::resource_exhausted(format!(
-                "{MAX_GRANTS} read grants are open on this agent: refused"
-            )));
+        grants.retain(|_, g| g.expires > now && !(g.root == root && g.prefix == prefix));
+        if grants.len() >= MAX_GRANTS
+            && let Some(oldest) = grants.iter().min_by_key(|(_, g)| g.expires).map(|(k, _)| k.clone())
+        {
+            grants.remove(&oldest);
         }
         grants.insert(
             token_key(&token),
@@ -78,8 +85,8 @@ impl Grants {
         Ok(token)
     }
 
-    /// The file `key` stands for, if `token` grants it.
-    pub fn resolve(&self, token: &str, key: &str) -> Result<PathBuf, Status> {
+    /// The root and the path below it that `key` stands for, if `token` grants it.
+    pub fn resolve(&self, token: &str, key: &str) -> Result<(PathBuf, PathBuf), Status> {
         let grant = self
             .0
             .lock()
@@ -95,8 +102,16 @@ impl Grants {
                 "key {key:?} is not under the granted checkpoint"
             )));
         }
-        Ok(grant.root.join(key))
+        Ok((grant.root, PathBuf::from(key)))
     }
+}
+
+/// Whether `root` holds a whole checkpoint at `prefix` (its manifest, a plain file
+/// reached through no link): a grant is given for nothing else.
+pub fn holds_checkpoint(root: &std::path::Path, prefix: &str) -> bool {
+    crate::safe_fs::open_root(root)
+        .and_then(|dir| crate::safe_fs::open_file_beneath(dir.as_fd(), &PathBuf::from(format!("{prefix}{MANIFEST}"))))
+        .is_ok()
 }
 
 /// Serves granted reads to other agents.
@@ -117,19 +132,25 @@ impl pb::peer_transfer_server::PeerTransfer for PeerService {
         request: Request<pb::ReadObjectRequest>,
     ) -> Result<Response<Self::ReadObjectStream>, Status> {
         let req = request.into_inner();
-        let path = self.grants.resolve(&req.token, &req.key)?;
-        // A link in the store is not followed: the agent alone writes there.
-        let meta = tokio::fs::symlink_metadata(&path).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Status::not_found(format!("{}: no such object", req.key)),
-            _ => Status::internal(format!("{}: {e}", req.key)),
+        let (root, rel) = self.grants.resolve(&req.token, &req.key)?;
+        // Opened beneath the root through no link at all, as a plain file.
+        let key = req.key.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            let dir = crate::safe_fs::open_root(&root)?;
+            crate::safe_fs::open_file_beneath(dir.as_fd(), &rel)
+        })
+        .await
+        .map_err(|_| Status::internal("the open task died"))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Status::not_found(format!("{key}: no such object")),
+            _ => Status::not_found(format!("{key}: not a stored object ({e})")),
         })?;
-        if !meta.is_file() {
-            return Err(Status::not_found(format!("{}: not a stored object", req.key)));
-        }
-        let file = tokio::fs::File::open(&path)
+        let file = tokio::fs::File::from_std(std::fs::File::from(file));
+        let size = file
+            .metadata()
             .await
-            .map_err(|e| Status::internal(format!("{}: {e}", req.key)))?;
-        let size = meta.len();
+            .map_err(|e| Status::internal(format!("{}: {e}", req.key)))?
+            .len();
         tracing::debug!(key = %req.key, size, "serving an object to a peer");
         let stream = futures::stream::try_unfold((file, true, 0u64), move |(mut file, first, sent)| async move {
             let mut buf = vec![0u8; CHUNK];
@@ -191,6 +212,10 @@ pub fn peer_store(peer: &pb::PeerStorage, ca_pem: &[u8]) -> Result<PeerStore, St
         .and_then(|e| e.tls_config(tls))
         .map_err(|e| Status::invalid_argument(format!("storage.peer.endpoint: {e}")))?
         .connect_timeout(Duration::from_secs(10))
+        // A source that dies mid-transfer ends the read, not the restore's deadline.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
@@ -320,7 +345,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             grants.resolve(&token, "ns/p/u1/manifest.json").unwrap(),
-            root.join("ns/p/u1/manifest.json")
+            (root.clone(), PathBuf::from("ns/p/u1/manifest.json"))
         );
         for key in [
             "ns/p/u2/manifest.json",
@@ -337,6 +362,23 @@ mod tests {
             grants.resolve(&other, "ns/p/u1/manifest.json").unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn asking_again_replaces_the_grant_and_a_full_table_makes_room() {
+        let grants = Grants::default();
+        let first = grants.grant("/r".into(), "a/".into(), MAX_GRANT).unwrap();
+        let second = grants.grant("/r".into(), "a/".into(), MAX_GRANT).unwrap();
+        assert!(grants.resolve(&first, "a/b").is_err(), "replaced");
+        assert!(grants.resolve(&second, "a/b").is_ok());
+        let soonest = grants.grant("/r".into(), "z/".into(), Duration::from_secs(1)).unwrap();
+        for n in 0..MAX_GRANTS {
+            grants
+                .grant("/r".into(), format!("p{n}/"), Duration::from_secs(600))
+                .unwrap();
+        }
+        assert!(grants.resolve(&soonest, "z/b").is_err(), "the soonest to end made room");
+        assert!(grants.resolve(&second, "a/b").is_ok());
     }
 
     #[test]

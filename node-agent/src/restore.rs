@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
@@ -378,42 +378,39 @@ async fn prepare_in(
             }
         })
         .collect();
+    // The first failure ends the others (they run in this task, nothing is left
+    // writing): the rest of a tampered checkpoint is not fetched for nothing.
     let fetched: Vec<(String, PathBuf)> = futures::stream::iter(fetches)
         .buffered(FETCHES_AT_ONCE)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+        .try_collect()
+        .await?;
     fetched_bytes = done.into_inner();
     let fetch = fetch_started.elapsed();
 
     // Everything verified: the objects unpack side by side, each into its own place.
     let unpack_started = Instant::now();
     let encrypted = manifest.encryption.is_some();
-    let unpacks: Vec<_> = fetched
-        .into_iter()
-        .map(|(key, path)| {
-            let (identities, target) = (req.identities.clone(), partial.to_path_buf());
+    let unpacks = fetched.into_iter().map(|(key, path)| {
+        let (identities, target) = (req.identities.clone(), partial.to_path_buf());
+        async move {
             tokio::task::spawn_blocking(move || {
                 unpack_object(&key, &path, encrypted, &identities, &target)?;
                 let _ = std::fs::remove_file(&path);
                 Ok::<_, RestoreError>(())
             })
-        })
-        .collect();
-    // Each ends before any failure is reported: none writes after its caller cleans up.
-    let mut first = Ok(());
-    for unpack in unpacks {
-        let result = unpack.await.unwrap_or_else(|_| {
-            Err(RestoreError::Manifest {
-                detail: "the unpack task died".to_owned(),
+            .await
+            .unwrap_or_else(|_| {
+                Err(RestoreError::Manifest {
+                    detail: "the unpack task died".to_owned(),
+                })
             })
-        });
-        if first.is_ok() {
-            first = result;
         }
-    }
-    first?;
+    });
+    // A core each, at most; every one ends before a failure is reported, so none
+    // writes after its caller cleans up.
+    let results: Vec<Result<(), RestoreError>> =
+        futures::stream::iter(unpacks).buffered(UNPACKS_AT_ONCE).collect().await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
     let _ = std::fs::remove_dir_all(&fetched_dir);
     // The binding the runtime handler checks before it restores into any pod.
     let binding_path = partial.join(RESTORED_POD_FILE);
@@ -439,6 +436,8 @@ async fn prepare_in(
 
 /// Objects fetched at once.
 const FETCHES_AT_ONCE: usize = 3;
+/// Objects unpacked at once.
+const UNPACKS_AT_ONCE: usize = 2;
 
 /// Streams one object to `path`, checking its size and sha256; returns its size.
 async fn fetch_verified(

@@ -80,6 +80,25 @@ pub fn open_dir_in_root(root: BorrowedFd<'_>, path: &Path) -> std::io::Result<Ow
     )
 }
 
+/// Opens regular file `rel` below `root` for reading, refusing any symlink on the way
+/// or at the end (ELOOP) and anything that leaves `root` (EXDEV).
+pub fn open_file_beneath(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<OwnedFd> {
+    let fd = openat2_retrying(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+    if kind != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", rel.display()),
+        ));
+    }
+    Ok(fd)
+}
+
 /// Opens directory `rel` below `root`, refusing any symlink on the way (ELOOP) and
 /// anything that leaves `root` (EXDEV). An empty `rel` is `root` itself.
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<OwnedFd> {

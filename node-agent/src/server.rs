@@ -574,6 +574,15 @@ pub fn under_a_root(path: &str, roots: &[PathBuf]) -> bool {
         && roots.iter().any(|root| path.starts_with(root))
 }
 
+/// Whether `prefix` is a plain relative key prefix ending in `/` (no empty, `.` or
+/// `..` segment, no leading `/`): a local store joins it to its root as it is.
+pub fn plain_prefix(prefix: &str) -> bool {
+    let Some(stem) = prefix.strip_suffix('/') else {
+        return false;
+    };
+    object_store::path::Path::parse(stem).is_ok_and(|p| p.as_ref() == stem && !stem.is_empty())
+}
+
 /// The store `storage` names. A local path must lie under one of `roots`, the
 /// directories this node's admin gave the agent for checkpoints: the agent writes and
 /// deletes there as root.
@@ -719,6 +728,12 @@ pub fn checkpoint_request(
         .storage
         .ok_or_else(|| Status::invalid_argument("storage is required"))?;
     let store = store_for(&storage, roots)?;
+    if !plain_prefix(&req.prefix) {
+        return Err(Status::invalid_argument(format!(
+            "prefix {:?}: must be a relative key prefix ending in / with no empty, . or .. segment",
+            req.prefix
+        )));
+    }
     // store_for checked it lies under a root.
     let local_root = match &storage.backend {
         Some(pb::storage::Backend::Local(local)) => Some(PathBuf::from(&local.path)),
@@ -1506,12 +1521,22 @@ impl<C: AgentBackend> pb::node_agent_server::NodeAgent for AgentService<C> {
                 local.path
             )));
         }
-        if req.prefix.is_empty() || !req.prefix.ends_with('/') || object_store::path::Path::parse(&req.prefix).is_err()
-        {
+        if !plain_prefix(&req.prefix) {
             return Err(Status::invalid_argument("prefix: must be a key prefix ending in /"));
         }
         if req.ttl_seconds == 0 {
             return Err(Status::invalid_argument("ttl_seconds: must be positive"));
+        }
+        // Only a whole checkpoint is lent, so grants cannot be asked for anything else.
+        let (root, prefix) = (PathBuf::from(&local.path), req.prefix.clone());
+        let whole = tokio::task::spawn_blocking(move || crate::peer::holds_checkpoint(&root, &prefix))
+            .await
+            .unwrap_or(false);
+        if !whole {
+            return Err(Status::not_found(format!(
+                "{}{}: no whole checkpoint (its manifest) is stored there",
+                local.path, req.prefix
+            )));
         }
         let token = self.grants.grant(
             PathBuf::from(&local.path),

@@ -158,13 +158,16 @@ pub async fn place_local_object(root: &std::path::Path, prefix: &str, object: &L
     let placed = {
         let dest = dest.clone();
         tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            // A pod's memory, unsealed when staged for a Direct transfer: for root only.
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
             }
             match std::fs::rename(&from, &dest) {
                 Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => std::fs::copy(&from, &dest).map(|_| ()),
                 other => other,
             }?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600))?;
             // Read back like any store's object: the digest of what is there now.
             let mut file = std::fs::File::open(&dest)?;
             let (mut hash, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);

@@ -28,8 +28,8 @@ use std::time::Duration;
 use cryopod_agent_api::pb;
 use cryopod_crds::common::{CONDITION_SOURCE_FROZEN, ConditionStatus, NodeTarget, find_condition, set_condition};
 use cryopod_crds::v1alpha1::{
-    MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodCheckpointStatus, PodMigration, PodMigrationStatus,
-    PodRestore, PodRestoreSpec, PostCheckpointState, migration_reasons as reasons,
+    MigrationFailurePolicy, MigrationPhase, PodCheckpoint, PodCheckpointSpec, PodCheckpointStatus, PodMigration,
+    PodMigrationStatus, PodRestore, PodRestoreSpec, PostCheckpointState, migration_reasons as reasons,
 };
 use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -296,9 +296,10 @@ async fn take(
     Ok(None)
 }
 
-/// Deletes a `Direct` migration's checkpoint as it ends: its copy staged on the
-/// source node (the pod's memory, on that node's disk) has no use once the target
-/// runs or the source is back. Its finalizer deletes the staged objects.
+/// Deletes a `Direct` migration's checkpoint as it ends (but for a failure under
+/// `Retain`): its copy staged on the source node (the pod's memory, unsealed, on that
+/// node's disk) has no use once the target runs or the source is back. Its finalizer
+/// deletes the staged objects.
 async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
     if migration.spec.transfer != Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct) {
         return Ok(());
@@ -400,6 +401,11 @@ where
 }
 
 async fn fail(migration: &PodMigration, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
+    // Retain leaves everything for inspection, the staged copy too (it may be the
+    // only one of a stopped source's memory).
+    if migration.spec.failure_policy != MigrationFailurePolicy::Retain {
+        drop_staged_checkpoint(migration, ctx).await?;
+    }
     lift_fence(migration, ctx).await?;
     fail_with(migration, ctx, reason, message).await?;
     Ok(Action::await_change())
