@@ -148,6 +148,18 @@ async fn take(
             }
             return Ok(Some(Action::requeue(SOON)));
         }
+        Step::ShowRestoreProgress => {
+            let mut status = migration.status.clone().unwrap_or_default();
+            let restore = seen
+                .restore
+                .as_ref()
+                .and_then(|r| r.as_ref())
+                .and_then(|r| r.status.as_ref());
+            if restore_mirrored(&mut status, restore) {
+                write_status(migration, ctx, &status).await?;
+            }
+            return Ok(Some(Action::requeue(SOON)));
+        }
         Step::Release {
             node,
             operation_id,
@@ -646,6 +658,27 @@ pub fn mirrored(status: &mut PodMigrationStatus, checkpoint: Option<&PodCheckpoi
     *status != before
 }
 
+/// Takes the restore's stage (`Transferring` while the target fetches the checkpoint)
+/// and byte counts into the migration's status; whether anything changed.
+pub fn restore_mirrored(
+    status: &mut PodMigrationStatus,
+    restore: Option<&cryopod_crds::v1alpha1::PodRestoreStatus>,
+) -> bool {
+    let Some(restore) = restore else { return false };
+    let before = status.clone();
+    match restore.stage.as_deref() {
+        Some("Fetching") => {
+            status.stage = Some("Transferring".to_owned());
+            if restore.progress.is_some() {
+                status.progress = restore.progress;
+            }
+        }
+        Some(stage) => status.stage = Some(stage.to_owned()),
+        None => {}
+    }
+    *status != before
+}
+
 /// The source was killed by its release: no longer frozen.
 fn source_stopped(status: &mut PodMigrationStatus, generation: Option<i64>) {
     set_condition(
@@ -784,6 +817,15 @@ mod tests {
         );
         assert!(!mirrored(&mut status, Some(&checkpoint)), "nothing new");
         assert!(!mirrored(&mut status, None));
+        // Then the target's fetch, as the transfer.
+        let fetching: cryopod_crds::v1alpha1::PodRestoreStatus = serde_json::from_value(serde_json::json!({
+            "stage": "Fetching", "progress": {"bytesDone": 7, "bytesTotal": 9}
+        }))
+        .unwrap();
+        assert!(restore_mirrored(&mut status, Some(&fetching)));
+        assert_eq!(status.stage.as_deref(), Some("Transferring"));
+        assert_eq!(status.progress.unwrap().bytes_done, 7);
+        assert!(!restore_mirrored(&mut status, Some(&fetching)), "nothing new");
         source_stopped(&mut status, Some(1));
         assert_eq!(
             find_condition(&status.conditions, CONDITION_SOURCE_FROZEN)

@@ -174,7 +174,9 @@ pub struct PodMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_millis: Option<i64>,
     /// What the node agent is doing now: `Discovering`, `Freezing`, `Dumping`,
-    /// `Storing`, `Thawed` (a checkpoint); `Restoring`, `Releasing` (a migration).
+    /// `Storing`, `Thawed` (a checkpoint); `Transferring` (the target fetches the
+    /// checkpoint; `progress` counts its bytes), `Restoring`, `HeldStopped`,
+    /// `Releasing` (a migration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
 

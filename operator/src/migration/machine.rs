@@ -321,6 +321,9 @@ pub enum Step {
     /// Show the checkpoint's stage, bytes and freeze in the status (written only if
     /// that changes it), and look again in 1 s.
     ShowProgress,
+    /// Show the restore's stage (`Transferring` while the target fetches) and bytes
+    /// in the status (written only if that changes it), and look again in 1 s.
+    ShowRestoreProgress,
     /// Ask the agent on `node` to end the hold `operation_id`, stopping the source
     /// for good or thawing it, then decide again with its answer.
     Release {
@@ -780,7 +783,8 @@ fn restoring(state: &State, moving: &Moving, restore: &str, target_pod: Option<&
                 &format!("the restore failed ({cause})"),
             )
         }
-        _ => Step::Requeue(SOON),
+        // Still fetching or restoring: its stage and bytes where SREs look.
+        _ => Step::ShowRestoreProgress,
     }
 }
 
@@ -1789,7 +1793,7 @@ mod tests {
                 "an operator restarted after continuing it waits for it to be Ready",
                 finalizing(BARE),
                 after(20).ready().restore(Some(held_target(true))),
-                SOON,
+                Step::ShowRestoreProgress,
             ),
             row(
                 "a ReplicaSet's target the same",
@@ -1896,7 +1900,7 @@ mod tests {
                 "restore under way",
                 restoring(BARE),
                 after(20).ready().restore(Some(target("Restoring"))),
-                SOON,
+                Step::ShowRestoreProgress,
             ),
             row(
                 "target Ready: the source is released for good",
@@ -2059,7 +2063,7 @@ mod tests {
                 "59 s in is on time",
                 restoring(BARE),
                 after(59).ready().restore(late_target()),
-                SOON,
+                Step::ShowRestoreProgress,
             ),
             row(
                 "late: the restored pod is looked for",
@@ -2302,7 +2306,7 @@ mod tests {
                     self.status["phase"] = "Finalizing".into();
                     self.status["targetPodName"] = target_pod.into();
                 }
-                Step::Requeue(_) => return true,
+                Step::Requeue(_) | Step::ShowRestoreProgress => return true,
                 end @ (Step::Succeed { .. }
                 | Step::Fail { .. }
                 | Step::SourceResumed { .. }
