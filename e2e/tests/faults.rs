@@ -314,7 +314,11 @@ impl Drop for Proxy {
 
 impl Proxy {
     async fn start(tb: &Testbed, budget: u64, spent: Spent) -> Self {
-        let upstream = tb.s3.endpoint.trim_start_matches("http://").to_owned();
+        Self::start_to(tb.s3.endpoint.trim_start_matches("http://").to_owned(), budget, spent).await
+    }
+
+    /// A proxy to `upstream` (`host:port`).
+    async fn start_to(upstream: String, budget: u64, spent: Spent) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let carried = Arc::new(AtomicU64::new(0));
@@ -744,6 +748,77 @@ async fn the_agent_killed_while_fetching() {
         recovered,
         test,
     );
+    case.done().await;
+}
+
+/// A Direct transfer whose source agent is cut off while the target reads from it
+/// (a proxy between them stops): the restore fails naming the transfer, nothing
+/// prepared is left, and the staged checkpoint stays whole on the source.
+#[tokio::test]
+async fn the_source_agent_cut_off_while_transferring() {
+    let test = "the_source_agent_cut_off_while_transferring";
+    let mut case = case("e2e-f-peer-cut", false).await;
+    // Staged in the agent's own local store, as a Direct migration's checkpoint is.
+    let local = pb::LocalStorage {
+        path: "/var/lib/cryopod/checkpoints".into(),
+    };
+    let staged = std::path::Path::new(&local.path).join(case.prefix());
+    let mut request = case.checkpoint_request(pb::Storage {
+        backend: Some(pb::storage::Backend::Local(local.clone())),
+    });
+    request.operation_id = format!("staged-{}", case.ns.name);
+    request.post_checkpoint_state = pb::PostCheckpointState::Running as i32;
+    let (done, _) = ended(case.agent.checkpoint(request).await.unwrap().into_inner()).await;
+    assert_eq!(done.state, pb::State::Succeeded as i32, "{}", done.error_message);
+    let digest = done.result.unwrap().manifest_digest;
+    let token = case
+        .agent
+        .grant_read(pb::GrantReadRequest {
+            local: Some(local),
+            prefix: case.prefix(),
+            ttl_seconds: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    // The target reads through a proxy that stops once the manifest has passed.
+    let proxy = Proxy::start_to(format!("127.0.0.1:{}", case.process.port), PROXY_BUDGET, Spent::Cut).await;
+    let peer = pb::Storage {
+        backend: Some(pb::storage::Backend::Peer(pb::PeerStorage {
+            endpoint: format!("https://localhost:{}", proxy.port),
+            server_name: "localhost".into(),
+            token,
+        })),
+    };
+    let request = case.restore_request(peer, &digest);
+    let id = request.operation_id.clone();
+    let (end, stages) = ended(case.agent.prepare_restore(request).await.unwrap().into_inner()).await;
+    let cut = proxy.cut_at().expect("the proxy stopped");
+    println!(
+        "source agent cut off while transferring: {} after {:?}",
+        end.error_message,
+        stages.iter().map(|s| stage_name(*s)).collect::<Vec<_>>()
+    );
+    assert_eq!(end.state, pb::State::Failed as i32, "{end:?}");
+    case.nothing_prepared(&id);
+    assert!(
+        staged.join("manifest.json").is_file(),
+        "the staged checkpoint stays whole"
+    );
+    let recovered = cut.elapsed();
+    case.record(
+        "restore",
+        "fetching",
+        "the source agent cut off (Direct transfer)",
+        &format!(
+            "Failed ({:?}), naming the object it was reading; nothing prepared is left; the staged checkpoint stays whole on the source",
+            tonic::Code::from(end.error_code)
+        ),
+        recovered,
+        test,
+    );
+    let _ = std::fs::remove_dir_all(&staged);
     case.done().await;
 }
 

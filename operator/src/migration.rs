@@ -258,7 +258,6 @@ async fn take(
             downtime_millis,
             message,
         } => {
-            drop_staged_checkpoint(migration, ctx).await?;
             lift_fence(migration, ctx).await?;
             let mut status = migration.status.clone().unwrap_or_default();
             status.phase = Some(MigrationPhase::Succeeded);
@@ -295,7 +294,6 @@ async fn take(
             return fail(migration, ctx, reasons::SOURCE_RESUMED, message).await.map(Some);
         }
         Step::RollBack { reason, message } => {
-            drop_staged_checkpoint(migration, ctx).await?;
             lift_fence(migration, ctx).await?;
             let mut status = migration.status.clone().unwrap_or_default();
             status.phase = Some(MigrationPhase::RolledBack);
@@ -303,17 +301,23 @@ async fn take(
             finish(migration, ctx, status, Ending::RolledBack, reason, message).await?;
             return Ok(Some(Action::await_change()));
         }
-        Step::Rest => return Ok(Some(Action::await_change())),
+        Step::Rest => {
+            drop_staged_checkpoint(migration, ctx).await?;
+            return Ok(Some(Action::await_change()));
+        }
     }
     Ok(None)
 }
 
-/// Deletes a `Direct` migration's checkpoint as it ends (but for a failure under
-/// `Retain`): its copy staged on the source node (the pod's memory, unsealed, on that
-/// node's disk) has no use once the target runs or the source is back. Its finalizer
-/// deletes the staged objects.
+/// Deletes an ended `Direct` migration's checkpoint: its copy staged on the source
+/// node (the pod's memory, unsealed, on that node's disk) has no use once the target
+/// runs or the source is back. Only once the end is recorded (the next pass, on the
+/// ended migration): deleted before, a pass that must decide again (its status write
+/// lost a race) would find the checkpoint gone and fail a migration that succeeded.
+/// A failure under `Retain` keeps it with everything else (it may be the only copy
+/// of a stopped source's memory). Its finalizer deletes the staged objects.
 async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
-    if migration.spec.transfer != Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct) {
+    if !staged_copy_dropped(migration) {
         return Ok(());
     }
     let Some(name) = migration.status.as_ref().and_then(|s| s.checkpoint_name.clone()) else {
@@ -329,6 +333,18 @@ async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Resu
             source,
         }),
     }
+}
+
+/// Whether the migration's staged copy goes now: a Direct migration's, once its end
+/// is recorded, but for a failure under `Retain`.
+pub fn staged_copy_dropped(migration: &PodMigration) -> bool {
+    let direct = migration.spec.transfer == Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct);
+    direct
+        && match migration.status.as_ref().and_then(|s| s.phase) {
+            Some(MigrationPhase::Succeeded | MigrationPhase::RolledBack) => true,
+            Some(MigrationPhase::Failed) => migration.spec.failure_policy != MigrationFailurePolicy::Retain,
+            _ => false,
+        }
 }
 
 /// Reads what `look` names into `seen`.
@@ -413,11 +429,6 @@ where
 }
 
 async fn fail(migration: &PodMigration, ctx: &Context, reason: &'static str, message: String) -> Result<Action, Error> {
-    // Retain leaves everything for inspection, the staged copy too (it may be the
-    // only one of a stopped source's memory).
-    if migration.spec.failure_policy != MigrationFailurePolicy::Retain {
-        drop_staged_checkpoint(migration, ctx).await?;
-    }
     lift_fence(migration, ctx).await?;
     fail_with(migration, ctx, reason, message).await?;
     Ok(Action::await_change())
@@ -785,6 +796,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_direct_migrations_staged_copy_goes_only_once_its_end_is_recorded() {
+        let migration = |spec: serde_json::Value, phase: Option<&str>| -> PodMigration {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration", "metadata": {"name": "m"},
+                "spec": spec, "status": {"phase": phase}
+            }))
+            .unwrap()
+        };
+        let direct = serde_json::json!({"sourcePodName": "p", "transfer": "Direct"});
+        let retain = serde_json::json!({"sourcePodName": "p", "transfer": "Direct", "failurePolicy": "Retain"});
+        let via_store = serde_json::json!({"sourcePodName": "p"});
+        // Still running (Finalizing: a pass that lost a status race decides again).
+        for phase in [None, Some("Checkpointing"), Some("Restoring"), Some("Finalizing")] {
+            assert!(!staged_copy_dropped(&migration(direct.clone(), phase)), "{phase:?}");
+        }
+        for phase in ["Succeeded", "RolledBack", "Failed"] {
+            assert!(staged_copy_dropped(&migration(direct.clone(), Some(phase))), "{phase}");
+        }
+        assert!(!staged_copy_dropped(&migration(retain.clone(), Some("Failed"))));
+        assert!(staged_copy_dropped(&migration(retain, Some("Succeeded"))));
+        assert!(!staged_copy_dropped(&migration(via_store, Some("Succeeded"))));
+    }
 
     #[test]
     fn a_migration_shows_its_checkpoints_progress_and_freeze() {
