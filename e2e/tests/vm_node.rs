@@ -156,7 +156,7 @@ async fn a_non_root_pod_on_the_cgroup_v2_node_checkpoints_and_restores_with_its_
         &json!({"apiVersion": "cryopod.io/v1alpha1", "kind": "PodRestore", "metadata": {"name": "nonroot-back"},
                 "spec": {"checkpointName": "nonroot-cp", "target": {"nodeName": vm.name}}}),
     );
-    kubectl_wait_ready(&tb, &ns.name, "podrestore/nonroot-back", &log);
+    kubectl_wait_ready_within(&tb, &ns.name, "podrestore/nonroot-back", &log, 300);
     let restores: Api<PodRestore> = Api::namespaced(client.clone(), &ns.name);
     let status = restores.get("nonroot-back").await.unwrap().status.unwrap();
     assert_eq!(status.node_name.as_deref(), Some(vm.name.as_str()));

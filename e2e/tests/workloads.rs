@@ -292,13 +292,14 @@ async fn statefulset_pod_moves(prefix: &str, transfer: &str) {
     let set_uid = controller_uid(&source_pod).unwrap();
     let source = node_of(&source_pod);
     let target = other_node(&tb, &source);
-    let started = std::fs::read_to_string(volume.path.join("started")).unwrap();
     let before = wait_until("the counter to count", Duration::from_secs(20), || async {
         let n = read_number(&volume.path.join("n"));
         (n > 20).then_some(n)
     })
     .await
     .unwrap();
+    // Written before the first count: read once counting is under way.
+    let started = std::fs::read_to_string(volume.path.join("started")).unwrap();
     let Control {
         state,
         log,

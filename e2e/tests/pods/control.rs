@@ -160,9 +160,16 @@ pub async fn start_control_on(tb: &Testbed, ns: &str, source: &str, target: &str
 /// `kubectl wait --for=condition=Ready` on `resource`; on failure, says why with the
 /// operator's log and the resource's events.
 pub fn kubectl_wait_ready(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path) {
+    kubectl_wait_ready_within(tb, ns, resource, operator_log, 120);
+}
+
+/// [`kubectl_wait_ready`] with its own deadline, in seconds: for the emulated VM node,
+/// whose CRIU runs many times slower than on the host.
+pub fn kubectl_wait_ready_within(tb: &Testbed, ns: &str, resource: &str, operator_log: &std::path::Path, seconds: u32) {
+    let timeout = format!("--timeout={seconds}s");
     let wait = tb
         .kubectl()
-        .args(["wait", "-n", ns, "--for=condition=Ready", "--timeout=120s", resource])
+        .args(["wait", "-n", ns, "--for=condition=Ready", &timeout, resource])
         .output()
         .unwrap();
     let name = resource.rsplit('/').next().unwrap_or(resource);
