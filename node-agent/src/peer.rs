@@ -11,7 +11,6 @@
 //! transport, never trusted for content.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -95,9 +94,8 @@ impl Grants {
             .filter(|g| g.expires > Instant::now())
             .cloned()
             .ok_or_else(|| Status::unauthenticated("the read token is unknown or expired"))?;
-        let path = ObjectPath::parse(key).map_err(|e| Status::invalid_argument(format!("key {key:?}: {e}")))?;
-        // parse() refuses empty, `.` and `..` segments: the key stays under the root.
-        if !key.starts_with(&grant.prefix) || path.as_ref() != key {
+        ObjectPath::parse(key).map_err(|e| Status::invalid_argument(format!("key {key:?}: {e}")))?;
+        if !key.starts_with(&grant.prefix) || !plain_key(key) {
             return Err(Status::permission_denied(format!(
                 "key {key:?} is not under the granted checkpoint"
             )));
@@ -106,12 +104,17 @@ impl Grants {
     }
 }
 
+/// Whether `key` is a plain relative object key: `ObjectPath::parse` takes it as it is
+/// (no empty, `.` or `..` segment, no leading or trailing `/`), so joined to a root it
+/// stays below it.
+pub fn plain_key(key: &str) -> bool {
+    !key.is_empty() && ObjectPath::parse(key).is_ok_and(|p| p.as_ref() == key)
+}
+
 /// Whether `root` holds a whole checkpoint at `prefix` (its manifest, a plain file
 /// reached through no link): a grant is given for nothing else.
 pub fn holds_checkpoint(root: &std::path::Path, prefix: &str) -> bool {
-    crate::safe_fs::open_root(root)
-        .and_then(|dir| crate::safe_fs::open_file_beneath(dir.as_fd(), &PathBuf::from(format!("{prefix}{MANIFEST}"))))
-        .is_ok()
+    crate::safe_fs::open_file_in(root, std::path::Path::new(&format!("{prefix}{MANIFEST}"))).is_ok()
 }
 
 /// Serves granted reads to other agents.
@@ -135,16 +138,13 @@ impl pb::peer_transfer_server::PeerTransfer for PeerService {
         let (root, rel) = self.grants.resolve(&req.token, &req.key)?;
         // Opened beneath the root through no link at all, as a plain file.
         let key = req.key.clone();
-        let file = tokio::task::spawn_blocking(move || {
-            let dir = crate::safe_fs::open_root(&root)?;
-            crate::safe_fs::open_file_beneath(dir.as_fd(), &rel)
-        })
-        .await
-        .map_err(|_| Status::internal("the open task died"))?
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Status::not_found(format!("{key}: no such object")),
-            _ => Status::not_found(format!("{key}: not a stored object ({e})")),
-        })?;
+        let file = tokio::task::spawn_blocking(move || crate::safe_fs::open_file_in(&root, &rel))
+            .await
+            .map_err(|_| Status::internal("the open task died"))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Status::not_found(format!("{key}: no such object")),
+                _ => Status::not_found(format!("{key}: not a stored object ({e})")),
+            })?;
         let file = tokio::fs::File::from_std(std::fs::File::from(file));
         let size = file
             .metadata()
@@ -152,7 +152,7 @@ impl pb::peer_transfer_server::PeerTransfer for PeerService {
             .map_err(|e| Status::internal(format!("{}: {e}", req.key)))?
             .len();
         tracing::debug!(key = %req.key, size, "serving an object to a peer");
-        let stream = futures::stream::try_unfold((file, true, 0u64), move |(mut file, first, sent)| async move {
+        let stream = futures::stream::try_unfold((file, true), move |(mut file, first)| async move {
             let mut buf = vec![0u8; CHUNK];
             let n = file
                 .read(&mut buf)
@@ -166,7 +166,7 @@ impl pb::peer_transfer_server::PeerTransfer for PeerService {
                 data: buf,
                 size: if first { size } else { 0 },
             };
-            Ok(Some((chunk, (file, false, sent + n as u64))))
+            Ok(Some((chunk, (file, false))))
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -99,6 +99,11 @@ pub fn open_file_beneath(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<Ow
     Ok(fd)
 }
 
+/// [`open_file_beneath`] the directory at `root`.
+pub fn open_file_in(root: &Path, rel: &Path) -> std::io::Result<OwnedFd> {
+    open_file_beneath(open_root(root)?.as_fd(), rel)
+}
+
 /// Opens directory `rel` below `root`, refusing any symlink on the way (ELOOP) and
 /// anything that leaves `root` (EXDEV). An empty `rel` is `root` itself.
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<OwnedFd> {

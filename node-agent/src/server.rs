@@ -577,10 +577,7 @@ pub fn under_a_root(path: &str, roots: &[PathBuf]) -> bool {
 /// Whether `prefix` is a plain relative key prefix ending in `/` (no empty, `.` or
 /// `..` segment, no leading `/`): a local store joins it to its root as it is.
 pub fn plain_prefix(prefix: &str) -> bool {
-    let Some(stem) = prefix.strip_suffix('/') else {
-        return false;
-    };
-    object_store::path::Path::parse(stem).is_ok_and(|p| p.as_ref() == stem && !stem.is_empty())
+    prefix.strip_suffix('/').is_some_and(crate::peer::plain_key)
 }
 
 /// The store `storage` names. A local path must lie under one of `roots`, the
