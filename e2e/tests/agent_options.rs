@@ -107,7 +107,12 @@ async fn hooks_run_in_order_before_the_freeze() {
             "containers": [
                 {"name": "app", "image": BUSYBOX, "imagePullPolicy": "Never",
                  "command": ["sh", "-c", cgi],
-                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                 // Ready once httpd listens, seen in /proc (port 8080 is 1F90, LISTEN is
+                 // 0A; IPv4 or IPv6), not by connecting: a probe's connection still in
+                 // the listen queue at the freeze makes CRIU refuse the dump
+                 // ("In-flight connection"), which failed a CI run.
+                 "readinessProbe": {"exec": {"command": ["sh", "-c", "grep -qs ':1F90 0*:0000 0A' /proc/net/tcp /proc/net/tcp6"]},
+                                    "periodSeconds": 1},
                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
                 {"name": "sig", "image": BUSYBOX, "imagePullPolicy": "Never",
                  "command": ["sh", "-c", "trap 'echo usr1 > /data/signal-hook' USR1; while :; do sleep 0.05; done"],
