@@ -314,8 +314,8 @@ async fn take(
 /// runs or the source is back. Only once the end is recorded (the next pass, on the
 /// ended migration): deleted before, a pass that must decide again (its status write
 /// lost a race) would find the checkpoint gone and fail a migration that succeeded.
-/// A failure under `Retain` keeps it with everything else (it may be the only copy
-/// of a stopped source's memory). Its finalizer deletes the staged objects.
+/// A failure or rollback under `Retain` keeps it with everything else (it may be the
+/// only copy of a stopped source's memory). Its finalizer deletes the staged objects.
 async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Result<(), Error> {
     if !staged_copy_dropped(migration) {
         return Ok(());
@@ -325,7 +325,26 @@ async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Resu
     };
     let checkpoints: Api<PodCheckpoint> =
         Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    match checkpoints.delete(&name, &DeleteParams::default()).await {
+    // status.checkpointName is status, which others may write: only the checkpoint
+    // this migration made and controls goes, by its UID.
+    let Some(checkpoint) = checkpoints
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("read the checkpoint a Direct migration staged"))?
+    else {
+        return Ok(());
+    };
+    if !staged_by(&checkpoint, migration) {
+        return Ok(());
+    }
+    let delete = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: checkpoint.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match checkpoints.delete(&name, &delete).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(source) => Err(Error::Kube {
@@ -336,15 +355,29 @@ async fn drop_staged_checkpoint(migration: &PodMigration, ctx: &Context) -> Resu
 }
 
 /// Whether the migration's staged copy goes now: a Direct migration's, once its end
-/// is recorded, but for a failure under `Retain`.
+/// is recorded, but for a failure or a rollback under `Retain`.
 pub fn staged_copy_dropped(migration: &PodMigration) -> bool {
     let direct = migration.spec.transfer == Some(cryopod_crds::v1alpha1::MigrationTransfer::Direct);
     direct
         && match migration.status.as_ref().and_then(|s| s.phase) {
-            Some(MigrationPhase::Succeeded | MigrationPhase::RolledBack) => true,
-            Some(MigrationPhase::Failed) => migration.spec.failure_policy != MigrationFailurePolicy::Retain,
+            Some(MigrationPhase::Succeeded) => true,
+            // A StatefulSet's source, stopped before its restore, ends RolledBack even
+            // under Retain: the staged copy may be its memory's only one.
+            Some(MigrationPhase::RolledBack | MigrationPhase::Failed) => {
+                migration.spec.failure_policy != MigrationFailurePolicy::Retain
+            }
             _ => false,
         }
+}
+
+/// Whether `checkpoint` is the one `migration` made: held for it, and controlled by
+/// it (its UID, not only its name).
+pub fn staged_by(checkpoint: &PodCheckpoint, migration: &PodMigration) -> bool {
+    crate::checkpoint::held_for_migration(checkpoint)
+        && checkpoint
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && o.kind == "PodMigration" && Some(&o.uid) == migration.uid().as_ref())
 }
 
 /// Reads what `look` names into `seen`.
@@ -798,6 +831,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn security_only_the_checkpoint_a_migration_made_is_dropped_as_its_staged_copy() {
+        let migration: PodMigration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
+            "metadata": {"name": "m", "uid": "mig-uid"}, "spec": {"sourcePodName": "p", "transfer": "Direct"}
+        }))
+        .unwrap();
+        let checkpoint = |annotations: serde_json::Value, owner_uid: &str| -> PodCheckpoint {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cryopod.io/v1alpha1", "kind": "PodCheckpoint",
+                "metadata": {"name": "m-checkpoint", "annotations": annotations,
+                             "ownerReferences": [{"apiVersion": "cryopod.io/v1alpha1", "kind": "PodMigration",
+                                                  "name": "m", "uid": owner_uid, "controller": true}]},
+                "spec": {"sourcePodName": "p"}
+            }))
+            .unwrap()
+        };
+        let held = serde_json::json!({"cryopod.io/hold-for-migration": "m"});
+        assert!(staged_by(&checkpoint(held.clone(), "mig-uid"), &migration));
+        // Another migration's of the same name, or a tenant's own checkpoint.
+        assert!(!staged_by(&checkpoint(held, "other-uid"), &migration));
+        assert!(!staged_by(&checkpoint(serde_json::json!({}), "mig-uid"), &migration));
+    }
+
+    #[test]
     fn a_direct_migrations_staged_copy_goes_only_once_its_end_is_recorded() {
         let migration = |spec: serde_json::Value, phase: Option<&str>| -> PodMigration {
             serde_json::from_value(serde_json::json!({
@@ -817,6 +874,7 @@ mod tests {
             assert!(staged_copy_dropped(&migration(direct.clone(), Some(phase))), "{phase}");
         }
         assert!(!staged_copy_dropped(&migration(retain.clone(), Some("Failed"))));
+        assert!(!staged_copy_dropped(&migration(retain.clone(), Some("RolledBack"))));
         assert!(staged_copy_dropped(&migration(retain, Some("Succeeded"))));
         assert!(!staged_copy_dropped(&migration(via_store, Some("Succeeded"))));
     }
